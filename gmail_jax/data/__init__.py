@@ -1,0 +1,1 @@
+"""Input side: sources, pairing, CLIP preprocessing, Grain pipeline, bad-input policy."""

@@ -1,0 +1,1 @@
+"""Evaluators: retrieval, zero-shot, modality gaps, clustering, plots."""

@@ -1,0 +1,53 @@
+"""Dense layer shared by every CLIP projection, with an optional LoRA adapter.
+
+The adapter lives *inside* the layer (``lora_a``/``lora_b`` as ``nnx.LoRAParam``) so that
+the frozen ``kernel``/``bias`` keep the same state paths with or without LoRA: the teacher
+(base weights) and the student (base + LoRA) are two graphdefs over ONE frozen state.
+``models/lora.py`` decides which layers get an adapter; this module only computes
+
+    y = x @ W + b + (alpha / rank) * dropout(x) @ A @ B        (Hu et al., 2021)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Dense(nnx.Module):
+  """``x @ kernel + bias`` with kernel [in, out] (HF ``weight`` transposed)."""
+
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      *,
+      use_bias: bool = True,
+      dtype: jnp.dtype | None = None,
+      param_dtype: jnp.dtype = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
+    init = nnx.initializers.lecun_normal()
+    self.in_features = in_features
+    self.out_features = out_features
+    self.dtype = dtype
+    self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+    # LoRA adapter, absent until models/lora.py attaches one.
+    self.lora_a: nnx.LoRAParam | None = None
+    self.lora_b: nnx.LoRAParam | None = None
+    self.lora_scale: float = 0.0
+    self.lora_dropout: nnx.Dropout | None = None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = self.dtype or x.dtype
+    x = x.astype(dtype)
+    y = x @ self.kernel[...].astype(dtype)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(dtype)
+    if self.lora_a is not None:
+      h = self.lora_dropout(x) if self.lora_dropout is not None else x
+      delta = (h @ self.lora_a[...].astype(dtype)) @ self.lora_b[...].astype(dtype)
+      y = y + (self.lora_scale * delta).astype(dtype)
+    return y
