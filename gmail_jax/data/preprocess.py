@@ -1,0 +1,82 @@
+"""CLIP image preprocessing, identical to transformers' ``CLIPImageProcessor``.
+
+Per image (HF ``PilBackend``, ``size={"shortest_edge": S}``, ``crop_size=S``):
+
+  1. convert to RGB; transparency is composited onto white (HF ``convert_to_rgb``);
+  2. resize with PIL bicubic so the short side is S and the long side is
+     ``int(S * long / short)`` (HF ``get_resize_output_image_size`` truncates, it does not round);
+  3. center crop S x S with ``top = (h - S) // 2``, ``left = (w - S) // 2``;
+  4. ``x / 255`` then ``(x - CLIP_MEAN) / CLIP_STD`` per channel.
+
+Steps 1-3 run on the host and give uint8 (what data pipelines ship to the device);
+step 4 is :func:`normalize`, which also runs on ``jax.Array`` inside a jitted step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import PIL.Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def to_rgb(image: PIL.Image.Image | np.ndarray) -> PIL.Image.Image:
+  """An RGB PIL image; alpha (or palette transparency) is composited onto white like HF."""
+  if isinstance(image, np.ndarray):
+    if image.dtype != np.uint8:
+      raise ValueError(f"numpy images must be uint8 [H,W], [H,W,3] or [H,W,4], got {image.dtype}")
+    if image.ndim == 3 and image.shape[-1] == 1:
+      image = image[..., 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
+      raise ValueError(f"numpy images must be [H,W], [H,W,3] or [H,W,4], got shape {image.shape}")
+    image = PIL.Image.fromarray(image)
+  if not isinstance(image, PIL.Image.Image):
+    raise TypeError(f"expected a PIL image or a uint8 numpy array, got {type(image).__name__}")
+  if "A" in image.getbands() or image.info.get("transparency") is not None:
+    rgba = image.convert("RGBA")
+    background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return PIL.Image.alpha_composite(background, rgba).convert("RGB")
+  return image.convert("RGB")
+
+
+def resize_output_size(height: int, width: int, size: int) -> tuple[int, int]:
+  """(new_h, new_w): short side -> ``size``, long side -> ``int(size * long / short)`` (HF)."""
+  if width <= height:
+    return int(size * height / width), size
+  return size, int(size * width / height)
+
+
+def resize_center_crop(image: PIL.Image.Image | np.ndarray, size: int) -> np.ndarray:
+  """uint8 [size, size, 3] RGB: HF shortest-edge bicubic resize, then center crop."""
+  rgb = to_rgb(image)
+  width, height = rgb.size
+  if width < 1 or height < 1:
+    raise ValueError(f"empty image of size {width}x{height}")
+  new_h, new_w = resize_output_size(height, width, size)
+  out = np.asarray(rgb.resize((new_w, new_h), resample=PIL.Image.Resampling.BICUBIC))
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  return np.ascontiguousarray(out[top : top + size, left : left + size])
+
+
+def normalize(images):
+  """``(x / 255 - CLIP_MEAN) / CLIP_STD`` in float32, channels last; numpy in -> numpy out,
+  ``jax.Array`` in -> ``jax.Array`` out (so it can run on device inside jit)."""
+  if isinstance(images, np.ndarray):
+    xp = np
+  else:
+    import jax.numpy as xp  # lazily: host-only pipelines need not import jax
+  mean = xp.asarray(CLIP_MEAN, dtype=xp.float32)
+  std = xp.asarray(CLIP_STD, dtype=xp.float32)
+  x = xp.asarray(images).astype(xp.float32) * xp.float32(1.0 / 255.0)
+  return (x - mean) / std
+
+
+def preprocess(images: Sequence[PIL.Image.Image | np.ndarray], size: int) -> np.ndarray:
+  """float32 [N, size, size, 3], CLIP-normalised NHWC, equal to CLIPImageProcessor (NCHW there)."""
+  if len(images) == 0:
+    return np.zeros((0, size, size, 3), np.float32)
+  crops = np.stack([resize_center_crop(im, size) for im in images])
+  return normalize(crops)
