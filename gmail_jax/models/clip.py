@@ -1,0 +1,393 @@
+"""CLIP (Radford et al., 2021) in Flax NNX, with the OpenAI / Hugging Face layout.
+
+Vision tower (pixels ``[N, S, S, 3]``, CLIP-normalised NHWC):
+
+    h = [class_embedding; patch_embed(pixels)] + pos_embedding        # [N, 1 + (S/p)^2, D]
+    h = ln_pre(h)                                                      # HF ``pre_layrnorm``
+    h = h + attn(ln1(h)); h = h + mlp(ln2(h))                          # per block, pre-norm
+    z = proj(ln_post(h[:, 0]))                                         # class token, [N, embed_dim]
+
+Text tower (ids ``[N, L]``, L <= context_length):
+
+    h = token_embedding(ids) + pos_embedding[:L]; causal blocks; h = ln_final(h)
+    z = proj(h[n, eot_n])   eot_n = argmax(ids == eos_token_id)   (first EOT, HF >= #24773)
+                            eot_n = argmax(ids)                   (legacy HF, eos_token_id == 2)
+
+    attn(x) = out_proj(softmax(q k^T / sqrt(d_head) + mask) v),   mlp(x) = fc2(act(fc1(x)))
+    quick_gelu(x) = x * sigmoid(1.702 x);  gelu = exact (erf) GELU as HF's "gelu"
+    logits_per_image = exp(logit_scale) * norm(z_img) @ norm(z_txt)^T
+
+Precision: ``dtype`` is the compute dtype (e.g. bf16) of every matmul; params stay ``param_dtype``
+(fp32). LayerNorm and the attention softmax always run in fp32 and the projected embeddings are
+returned in fp32. Measured for random-init B/32, batch 2, on CPU (tests/test_models_clip_parity.py):
+bf16 vs fp32 normalised embeddings have cosine >= 0.9999 and max abs diff ~3e-3; the test asserts
+cosine > 0.999 and max abs diff < 2e-2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gmail_jax.models.layers import Dense
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  image_size: int = 224
+  patch_size: int = 32
+  width: int = 768
+  layers: int = 12
+  heads: int = 12
+  mlp_dim: int = 3072
+  act: str = "quick_gelu"
+  ln_eps: float = 1e-5
+
+  def __post_init__(self):
+    if self.image_size % self.patch_size:
+      raise ValueError(
+        f"VisionConfig: image_size {self.image_size} is not a multiple of patch_size "
+        f"{self.patch_size}"
+      )
+    if self.width % self.heads:
+      raise ValueError(f"VisionConfig: width {self.width} not divisible by heads {self.heads}")
+    _check_act(self.act)
+
+  @property
+  def num_positions(self) -> int:
+    return (self.image_size // self.patch_size) ** 2 + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  vocab_size: int = 49408
+  context_length: int = 77
+  width: int = 512
+  layers: int = 12
+  heads: int = 8
+  mlp_dim: int = 2048
+  act: str = "quick_gelu"
+  ln_eps: float = 1e-5
+  eos_token_id: int = 49407
+
+  def __post_init__(self):
+    if self.width % self.heads:
+      raise ValueError(f"TextConfig: width {self.width} not divisible by heads {self.heads}")
+    _check_act(self.act)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+  text: TextConfig = dataclasses.field(default_factory=TextConfig)
+  embed_dim: int = 512
+  logit_scale_init: float = math.log(1 / 0.07)
+
+
+_ACTS = {
+  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+def _check_act(act: str) -> None:
+  if act not in _ACTS:
+    raise ValueError(f"unknown activation {act!r}; expected one of {sorted(_ACTS)}")
+
+
+def _vit(image, patch, width, layers, heads):
+  return VisionConfig(image, patch, width, layers, heads, 4 * width)
+
+
+VARIANTS: dict[str, CLIPConfig] = {
+  # OpenAI widths/depths/heads (HF openai/clip-vit-*).
+  "B/32": CLIPConfig(_vit(224, 32, 768, 12, 12), TextConfig(), 512),
+  "B/16": CLIPConfig(_vit(224, 16, 768, 12, 12), TextConfig(), 512),
+  "L/14": CLIPConfig(
+    _vit(224, 14, 1024, 24, 16), TextConfig(width=768, heads=12, mlp_dim=3072), 768
+  ),
+  "L/14-336": CLIPConfig(
+    _vit(336, 14, 1024, 24, 16), TextConfig(width=768, heads=12, mlp_dim=3072), 768
+  ),
+  # Test variants: real vocabulary and context length (so the real tokenizer works), tiny widths.
+  "tiny": CLIPConfig(
+    VisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp_dim=256),
+    TextConfig(width=64, layers=2, heads=4, mlp_dim=256),
+    embed_dim=64,
+  ),
+  "mu": CLIPConfig(
+    VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2, mlp_dim=64),
+    TextConfig(width=32, layers=1, heads=2, mlp_dim=64),
+    embed_dim=32,
+  ),
+}
+
+
+def clip_config(variant: str, **overrides) -> CLIPConfig:
+  """A named config; ``overrides`` replace top-level fields, ``vision_*`` / ``text_*`` tower fields.
+
+  ``clip_config('B/32', vision_layers=2, text_layers=1, embed_dim=256)``
+  """
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown CLIP variant {variant!r}; known: {sorted(VARIANTS)}")
+  cfg = VARIANTS[variant]
+  vision = {k[7:]: v for k, v in overrides.items() if k.startswith("vision_")}
+  text = {k[5:]: v for k, v in overrides.items() if k.startswith("text_")}
+  top = {k: v for k, v in overrides.items() if not k.startswith(("vision_", "text_"))}
+  try:
+    return dataclasses.replace(
+      cfg,
+      vision=dataclasses.replace(cfg.vision, **vision),
+      text=dataclasses.replace(cfg.text, **text),
+      **top,
+    )
+  except TypeError as e:
+    raise ValueError(f"clip_config({variant!r}): bad override: {e}") from None
+
+
+class LayerNorm(nnx.Module):
+  """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis, computed in fp32 and cast
+  back to the input dtype (params ``scale``/``bias`` as in ``nnx.LayerNorm``; eps 1e-5 like HF)."""
+
+  def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, rngs=None):
+    del rngs  # deterministic init; kept for a uniform constructor signature
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = x.astype(jnp.float32)
+    mean = h.mean(-1, keepdims=True)
+    var = jnp.square(h - mean).mean(-1, keepdims=True)
+    h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+    h = h * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return h.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention; softmax in fp32."""
+
+  def __init__(self, width: int, heads: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.heads = heads
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = Dense(width, width, **kw)
+    self.k_proj = Dense(width, width, **kw)
+    self.v_proj = Dense(width, width, **kw)
+    self.out_proj = Dense(width, width, **kw)
+
+  def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
+    n, t, d = x.shape
+    split = lambda y: y.reshape(n, t, self.heads, d // self.heads)
+    q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+    q = q * jnp.asarray((d // self.heads) ** -0.5, q.dtype)
+    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k).astype(jnp.float32)
+    if causal:
+      mask = jnp.tril(jnp.ones((t, t), bool))
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, t, d)
+    return self.out_proj(out)
+
+
+class MLP(nnx.Module):
+  def __init__(self, width: int, mlp_dim: int, act: str, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.act = act
+    self.fc1 = Dense(width, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc2 = Dense(mlp_dim, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(_ACTS[self.act](self.fc1(x)))
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
+
+  def __init__(self, cfg: VisionConfig | TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(param_dtype=param_dtype, rngs=rngs)
+    self.ln1 = LayerNorm(cfg.width, cfg.ln_eps, **kw)
+    self.attn = Attention(cfg.width, cfg.heads, dtype=dtype, **kw)
+    self.ln2 = LayerNorm(cfg.width, cfg.ln_eps, **kw)
+    self.mlp = MLP(cfg.width, cfg.mlp_dim, cfg.act, dtype=dtype, **kw)
+
+  def __call__(self, x: jax.Array, causal: bool = False) -> jax.Array:
+    x = x + self.attn(self.ln1(x), causal)
+    return x + self.mlp(self.ln2(x))
+
+
+def _run_blocks(blocks: nnx.List, x: jax.Array, causal: bool, remat: bool) -> jax.Array:
+  for block in blocks:
+    if remat:
+      x = nnx.remat(lambda b, y: b(y, causal))(block, x)
+    else:
+      x = block(x, causal)
+  return x
+
+
+class VisionTower(nnx.Module):
+  """ViT image encoder; ``__call__(pixels [N,S,S,3]) -> [N, embed_dim]`` (fp32, not normalised)."""
+
+  def __init__(
+    self,
+    cfg: VisionConfig,
+    embed_dim: int,
+    *,
+    dtype=None,
+    param_dtype=jnp.float32,
+    remat: bool = False,
+    rngs: nnx.Rngs,
+  ):
+    self.config = cfg
+    self.dtype = dtype
+    self.remat = remat
+    d, p = cfg.width, cfg.patch_size
+    self.patch_embed = nnx.Conv(
+      3,
+      d,
+      kernel_size=(p, p),
+      strides=(p, p),
+      padding="VALID",
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
+    std = d**-0.5
+    self.class_embedding = nnx.Param(std * jax.random.normal(rngs.params(), (d,), param_dtype))
+    self.pos_embedding = nnx.Param(
+      std * jax.random.normal(rngs.params(), (cfg.num_positions, d), param_dtype)
+    )
+    self.ln_pre = LayerNorm(d, cfg.ln_eps, param_dtype=param_dtype, rngs=rngs)
+    self.blocks = nnx.List(
+      [Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.layers)]
+    )
+    self.ln_post = LayerNorm(d, cfg.ln_eps, param_dtype=param_dtype, rngs=rngs)
+    self.proj = Dense(d, embed_dim, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def check_pixels(self, shape: tuple[int, ...]) -> None:
+    """Raise a one-line ValueError unless ``shape == [N, S, S, 3]`` with S = config.image_size."""
+    s = self.config.image_size
+    if len(shape) != 4 or shape[-1] != 3:
+      raise ValueError(f"CLIP vision tower expects pixels [N,{s},{s},3] (NHWC), got shape {shape}")
+    if shape[1] != shape[2]:
+      raise ValueError(
+        f"CLIP vision tower expects square images of {s}x{s}, got non-square {shape[1]}x{shape[2]}"
+        " (resize/center-crop first, e.g. gmail_jax.data.preprocess.preprocess)"
+      )
+    if shape[1] != s:
+      raise ValueError(
+        f"CLIP vision tower was built for {s}x{s} images, got {shape[1]}x{shape[2]}"
+        " (resize/center-crop first, e.g. gmail_jax.data.preprocess.preprocess)"
+      )
+
+  def __call__(self, pixels: jax.Array) -> jax.Array:
+    self.check_pixels(tuple(pixels.shape))
+    dtype = self.dtype or jnp.float32
+    x = self.patch_embed(pixels.astype(dtype))  # [N, S/p, S/p, D]
+    n, d = x.shape[0], x.shape[-1]
+    x = x.reshape(n, -1, d)
+    cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (n, 1, d))
+    x = jnp.concatenate([cls, x], axis=1) + self.pos_embedding[...].astype(x.dtype)
+    x = self.ln_pre(x)
+    x = _run_blocks(self.blocks, x, causal=False, remat=self.remat)
+    return self.proj(self.ln_post(x[:, 0])).astype(jnp.float32)
+
+
+class TextTower(nnx.Module):
+  """Causal text transformer; ``__call__(ids [N,L]) -> [N, embed_dim]`` (fp32, not normalised)."""
+
+  def __init__(
+    self,
+    cfg: TextConfig,
+    embed_dim: int,
+    *,
+    dtype=None,
+    param_dtype=jnp.float32,
+    remat: bool = False,
+    rngs: nnx.Rngs,
+  ):
+    self.config = cfg
+    self.dtype = dtype
+    self.remat = remat
+    d = cfg.width
+    self.token_embedding = nnx.Embed(
+      cfg.vocab_size,
+      d,
+      embedding_init=nnx.initializers.normal(0.02),
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
+    self.pos_embedding = nnx.Param(
+      0.01 * jax.random.normal(rngs.params(), (cfg.context_length, d), param_dtype)
+    )
+    self.blocks = nnx.List(
+      [Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.layers)]
+    )
+    self.ln_final = LayerNorm(d, cfg.ln_eps, param_dtype=param_dtype, rngs=rngs)
+    self.proj = Dense(d, embed_dim, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    if ids.ndim != 2 or not 0 < ids.shape[1] <= self.config.context_length:
+      raise ValueError(
+        f"CLIP text tower expects token ids [N, L<={self.config.context_length}], "
+        f"got shape {tuple(ids.shape)}"
+      )
+    dtype = self.dtype or jnp.float32
+    ids = ids.astype(jnp.int32)
+    length = ids.shape[1]
+    x = self.token_embedding(ids).astype(dtype) + self.pos_embedding[:length].astype(dtype)
+    x = _run_blocks(self.blocks, x, causal=True, remat=self.remat)
+    x = self.ln_final(x)
+    if self.config.eos_token_id == 2:  # legacy HF configs: EOT has the largest id
+      eot = jnp.argmax(ids, axis=-1)
+    else:
+      eot = jnp.argmax(ids == self.config.eos_token_id, axis=-1)
+    pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
+    return self.proj(pooled).astype(jnp.float32)
+
+
+class CLIP(nnx.Module):
+  """Both towers plus ``logit_scale`` (log-space, like HF)."""
+
+  def __init__(
+    self,
+    config: CLIPConfig,
+    *,
+    dtype=None,
+    param_dtype=jnp.float32,
+    remat: bool = False,
+    rngs: nnx.Rngs,
+  ):
+    self.config = config
+    kw = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+    self.vision = VisionTower(config.vision, config.embed_dim, **kw)
+    self.text = TextTower(config.text, config.embed_dim, **kw)
+    self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init, param_dtype))
+
+  @property
+  def image_size(self) -> int:
+    return self.config.vision.image_size
+
+  def encode_image(self, pixels: jax.Array) -> jax.Array:
+    """[N,S,S,3] CLIP-normalised NHWC -> [N, embed_dim], projected, NOT L2-normalised."""
+    return self.vision(pixels)
+
+  def encode_text(self, ids: jax.Array) -> jax.Array:
+    """int [N, context_length] -> [N, embed_dim], projected, NOT L2-normalised."""
+    return self.text(ids)
+
+  def __call__(self, pixels: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(logits_per_image [Ni,Nt], logits_per_text [Nt,Ni]) = exp(logit_scale) * cosines."""
+    img = l2_normalize(self.encode_image(pixels))
+    txt = l2_normalize(self.encode_text(ids))
+    logits_per_text = jnp.exp(self.logit_scale[...].astype(jnp.float32)) * (txt @ img.T)
+    return logits_per_text.T, logits_per_text
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """``x / max(||x||, eps)`` along the last axis."""
+  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+  return x / jnp.maximum(norm, eps)
