@@ -1,0 +1,139 @@
+"""Figures: t-SNE of real vs generated embeddings (GMAIL Fig. 3 style) and training curves.
+
+matplotlib with the Agg backend (no display needed); every function writes one PNG and returns
+its path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gmail_jax.evaluators import common  # noqa: E402
+
+# Training-curve panels: (title, predicate on a metric key). Keys follow metrics.py's namespaces.
+_CURVE_PANELS = (
+  ("loss", lambda k: k.endswith("loss") or "/loss" in k),
+  ("pair accuracy", lambda k: "acc" in k),
+  ("learning rate", lambda k: k.endswith("lr") or "learning_rate" in k),
+  ("alignment α / gaps", lambda k: "alpha" in k or "gap" in k or "cma" in k),
+)
+
+
+def project_2d(z: np.ndarray, method: str = "tsne", seed: int = 0, perplexity: float = 30.0):
+  """[N, 2] embedding of z [N, D]: t-SNE (sklearn, PCA init), or PCA when asked or N is tiny.
+
+  t-SNE needs perplexity < N; with fewer than 4 points or method='pca' the top-2 principal
+  components are used instead.
+  """
+  z = common.to_numpy(z)
+  if method not in ("tsne", "pca"):
+    raise ValueError(f"project_2d: method must be 'tsne' or 'pca', got {method!r}")
+  if method == "tsne" and len(z) >= 4:
+    from sklearn.manifold import TSNE
+
+    perp = min(perplexity, (len(z) - 1) / 3)
+    return TSNE(2, perplexity=perp, init="pca", random_state=seed).fit_transform(z)
+  zc = z - z.mean(0)
+  _, _, vt = np.linalg.svd(zc, full_matrices=False)
+  out = zc @ vt[:2].T
+  return np.pad(out, ((0, 0), (0, 2 - out.shape[1])))
+
+
+def plot_embeddings(
+  path: str,
+  panels: Sequence[tuple[str, Any, Any]],
+  *,
+  method: str = "tsne",
+  seed: int = 0,
+  labels: Sequence[str] = ("real", "generated"),
+) -> str:
+  """One scatter panel per (title, real_emb [N, D], gen_emb [M, D]), e.g. before/after alignment.
+
+  Each panel runs its own projection of the L2-normalised union (GMAIL Fig. 3: one t-SNE per model).
+  """
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.6), squeeze=False)
+  for ax, (title, real, gen) in zip(axes[0], panels, strict=True):
+    real = common.l2_normalize(common.to_numpy(real))
+    gen = common.l2_normalize(common.to_numpy(gen))
+    p = project_2d(np.concatenate([real, gen]), method=method, seed=seed)
+    ax.scatter(p[: len(real), 0], p[: len(real), 1], s=6, alpha=0.6, c="tab:blue", label=labels[0])
+    ax.scatter(p[len(real) :, 0], p[len(real) :, 1], s=6, alpha=0.6, c="tab:red", label=labels[1])
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(loc="best", markerscale=3)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def plot_alignment_tsne(
+  path: str, real_before, gen_before, real_after, gen_after, *, method: str = "tsne", seed: int = 0
+) -> str:
+  """Two panels, 'before alignment' and 'after alignment', of real vs generated embeddings."""
+  return plot_embeddings(
+    path,
+    [("before alignment", real_before, gen_before), ("after alignment", real_after, gen_after)],
+    method=method,
+    seed=seed,
+  )
+
+
+def read_metrics_jsonl(path: str) -> list[dict]:
+  """Rows of a metrics.jsonl; a malformed line raises naming the file and line number."""
+  rows = []
+  with open(path) as f:
+    for i, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          rows.append(json.loads(line))
+        except ValueError as e:
+          raise ValueError(f"{path}:{i}: not JSON: {e}") from None
+  return rows
+
+
+def plot_training_curves(metrics_jsonl: str, path: str, step_key: str = "step") -> str:
+  """Training curves PNG: loss, pair accuracy, lr, and any α / gap / cma keys found.
+
+  Panels without a matching numeric key are omitted; a key goes in the first panel it matches.
+  """
+  rows = read_metrics_jsonl(metrics_jsonl)
+  keys = sorted(
+    {k for r in rows for k, v in r.items() if k != step_key and isinstance(v, int | float)}
+  )
+  used: set[str] = set()
+  panels = []
+  for title, match in _CURVE_PANELS:
+    ks = [k for k in keys if k not in used and match(k.lower())]
+    used.update(ks)
+    if ks:
+      panels.append((title, ks))
+  if not panels:
+    raise ValueError(f"{metrics_jsonl}: no loss/accuracy/lr/alpha/gap metrics to plot")
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+  for ax, (title, ks) in zip(axes[0], panels, strict=True):
+    for k in ks:
+      pts = [
+        (r.get(step_key, i), r[k]) for i, r in enumerate(rows) if isinstance(r.get(k), int | float)
+      ]
+      xs, ys = zip(*pts, strict=True)
+      ax.plot(xs, ys, label=k, marker="." if len(pts) < 30 else None)
+    ax.set_title(title)
+    ax.set_xlabel(step_key)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

@@ -1,0 +1,182 @@
+"""Image-text retrieval Recall@K (COCO 5k / Flickr 1k protocols, several captions per image).
+
+GMAIL (Mo & Yun, ICML 2025) Tables 3-4 and TPC-CMA (arXiv 2604.00279) report zero-shot COCO and
+Flickr30k retrieval R@1/5/10 in both directions. Scores are dot products of the given embeddings:
+pass L2-normalised embeddings (what `encode_images` / `encode_texts` return) to rank by cosine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from gmail_jax.evaluators import common
+from gmail_jax.evaluators.common import embed_sharded  # noqa: F401  (re-exported helper)
+
+
+@jax.jit
+def _i2t_counts(sims: jax.Array, positive: jax.Array) -> jax.Array:
+  """Per image row: #negative texts scoring >= the best positive text (pessimistic ties)."""
+  best = jnp.max(jnp.where(positive, sims, -jnp.inf), axis=1, keepdims=True)
+  return jnp.sum((sims >= best) & ~positive, axis=1)
+
+
+@jax.jit
+def _t2i_counts(sims: jax.Array, target: jax.Array) -> jax.Array:
+  """Per text row: #other images scoring >= the caption's own image (pessimistic ties)."""
+  onehot = jnp.arange(sims.shape[1])[None, :] == target[:, None]
+  own = jnp.sum(jnp.where(onehot, sims, 0.0), axis=1, keepdims=True)
+  return jnp.sum((sims >= own) & ~onehot, axis=1)
+
+
+def recall_at_k(
+  image_emb: Any,
+  text_emb: Any,
+  text_to_image: Any,
+  ks: Sequence[int] = (1, 5, 10),
+  *,
+  chunk: int = 1024,
+) -> dict[str, float]:
+  """Recall@K in both directions, as fractions in [0, 1] (not percent).
+
+  s_ij = <image_i, text_j> (pass L2-normalised embeddings for cosine). P(i) = {j : text_to_image[j]
+  == i} are image i's captions (several per image: COCO 5, Flickr 5).
+
+      image→text: rank_i = #{j ∉ P(i) : s_ij ≥ max_{p ∈ P(i)} s_ip}     hit@k ⇔ rank_i < k
+      text→image: rank_j = #{i' ≠ i(j) : s_i'j ≥ s_i(j)j}                 hit@k ⇔ rank_j < k
+      i2t_rK = mean_i hit@K,  t2i_rK = mean_j hit@K
+
+  i.e. an image is a hit if ANY of its captions is in the top K, and a caption if its image is.
+  Ties are pessimistic and deterministic: every negative scoring exactly equal to the (best)
+  positive is ranked ahead of it (so a constant model scores 0, not chance). An image with no
+  caption is skipped with an error rather than counted as a miss.
+
+  Args:
+    image_emb: [Ni, D] (numpy or jax).
+    text_emb: [Nt, D].
+    text_to_image: int [Nt], index into image_emb of each caption's image.
+    ks: the K values.
+    chunk: query rows per similarity block (bounds device memory: chunk × N scores).
+
+  Returns:
+    {'i2t_r1': ..., 'i2t_r5': ..., 'i2t_r10': ..., 't2i_r1': ..., ...} as Python floats.
+  """
+  img = np.asarray(common.to_numpy(image_emb, np.float32))
+  txt = np.asarray(common.to_numpy(text_emb, np.float32))
+  t2i = np.asarray(text_to_image, np.int64).reshape(-1)
+  if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1]:
+    raise ValueError(f"recall_at_k: need [Ni, D] and [Nt, D], got {img.shape} and {txt.shape}")
+  if t2i.shape[0] != txt.shape[0]:
+    raise ValueError(
+      f"recall_at_k: text_to_image has {t2i.shape[0]} entries for {txt.shape[0]} texts"
+    )
+  if t2i.size and (t2i.min() < 0 or t2i.max() >= img.shape[0]):
+    raise ValueError(f"recall_at_k: text_to_image out of range [0, {img.shape[0]})")
+  n_caps = np.bincount(t2i, minlength=img.shape[0])
+  if (n_caps == 0).any():
+    raise ValueError(f"recall_at_k: images without captions: {np.flatnonzero(n_caps == 0)[:10]}")
+
+  img_j, txt_j, t2i_j = jnp.asarray(img), jnp.asarray(txt), jnp.asarray(t2i, jnp.int32)
+  i2t_rank = []
+  for lo in range(0, img.shape[0], chunk):
+    rows = jnp.arange(lo, min(lo + chunk, img.shape[0]))
+    sims = img_j[rows] @ txt_j.T
+    i2t_rank.append(np.asarray(_i2t_counts(sims, t2i_j[None, :] == rows[:, None])))
+  t2i_rank = []
+  for lo in range(0, txt.shape[0], chunk):
+    sims = txt_j[lo : lo + chunk] @ img_j.T
+    t2i_rank.append(np.asarray(_t2i_counts(sims, t2i_j[lo : lo + chunk])))
+  i2t_rank, t2i_rank = np.concatenate(i2t_rank), np.concatenate(t2i_rank)
+  out = {}
+  for k in ks:
+    out[f"i2t_r{k}"] = float(np.mean(i2t_rank < k))
+  for k in ks:
+    out[f"t2i_r{k}"] = float(np.mean(t2i_rank < k))
+  return out
+
+
+def load_coco_captions(
+  images_dir: str, captions_json: str, *, max_images: int | None = None
+) -> tuple[list[str], list[str], np.ndarray]:
+  """(image paths, captions, text_to_image) for COCO-format captions whose image file exists.
+
+  Images are taken in the JSON's `images` order (sorted by id), restricted to files present in
+  `images_dir`, then truncated to `max_images`.
+  """
+  try:
+    with open(captions_json) as f:
+      data = json.load(f)
+    images, annotations = data["images"], data["annotations"]
+  except (OSError, ValueError, KeyError) as e:
+    raise ValueError(f"retrieval: cannot read COCO captions {captions_json}: {e}") from None
+  present = set(os.listdir(images_dir)) if os.path.isdir(images_dir) else set()
+  if not present:
+    raise ValueError(f"retrieval: no images in {images_dir}")
+  chosen = [im for im in sorted(images, key=lambda im: im["id"]) if im["file_name"] in present]
+  caps_by_id: dict[int, list[str]] = {}
+  for ann in annotations:
+    caps_by_id.setdefault(ann["image_id"], []).append(ann["caption"].strip())
+  chosen = [im for im in chosen if caps_by_id.get(im["id"])][:max_images]
+  if not chosen:
+    raise ValueError(f"retrieval: no image in {images_dir} has a caption in {captions_json}")
+  paths, captions, t2i = [], [], []
+  for i, im in enumerate(chosen):
+    paths.append(os.path.join(images_dir, im["file_name"]))
+    for c in caps_by_id[im["id"]]:
+      captions.append(c)
+      t2i.append(i)
+  return paths, captions, np.asarray(t2i, np.int64)
+
+
+def load_images(paths: Sequence[str]) -> list[Image.Image]:
+  out = []
+  for p in paths:
+    try:
+      with Image.open(p) as im:
+        out.append(im.convert("RGB"))
+    except OSError as e:
+      raise ValueError(f"cannot read image {p}: {e}") from None
+  return out
+
+
+class RetrievalEvaluator(common.Evaluator):
+  """`config.evals.<name> = dict(type='retrieval', every_steps=..., images_dir=...,
+  captions_json=..., max_images=None, batch_size=64, ks=(1, 5, 10), prefix='z/<name>/')`.
+
+  Loads the images once (at construction), embeds them with `encode_images` and the captions with
+  `encode_texts`, and reports recall_at_k (fractions in [0, 1]).
+  """
+
+  def __init__(
+    self,
+    name: str,
+    *,
+    images_dir: str,
+    captions_json: str,
+    max_images: int | None = None,
+    batch_size: int = 64,
+    ks: Sequence[int] = (1, 5, 10),
+    every_steps: int = 0,
+    prefix: str | None = None,
+  ):
+    super().__init__(name, every_steps=every_steps, prefix=prefix)
+    paths, self.captions, self.text_to_image = load_coco_captions(
+      images_dir, captions_json, max_images=max_images
+    )
+    self.images = load_images(paths)
+    self.batch_size = batch_size
+    self.ks = tuple(ks)
+
+  def compute(self, encoder) -> dict[str, float]:
+    img = common.encode_in_batches(encoder.encode_images, self.images, self.batch_size)
+    txt = common.encode_in_batches(encoder.encode_texts, self.captions, self.batch_size)
+    return recall_at_k(
+      common.l2_normalize(img), common.l2_normalize(txt), self.text_to_image, self.ks
+    )

@@ -1,0 +1,272 @@
+"""Zero-shot classification with prompt ensembles (CLIP, Radford et al. 2021, §3.1.4).
+
+Each class c gets w_c = normalise(mean_t normalise(h(template_t(c)))) over the prompt templates;
+an image is classified by argmax_c <normalise(f(x)), w_c>. Top-1 / top-5 accuracy are reported as
+fractions in [0, 1]. Works with any encoder exposing encode_images / encode_texts (common.py).
+
+Data: class-folder datasets (`<root>/<class>/<image>`), as a directory or a zip whose entries end
+in `<class>/<image>` (e.g. the CIFAR-10 test zip `test/<class>/NNNN.jpg`); the label is the folder.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from gmail_jax.evaluators import common
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+# CLIP's CIFAR-10 classes and 18 prompts (openai/CLIP data/prompts.md).
+CIFAR10_CLASSES = (
+  "airplane",
+  "automobile",
+  "bird",
+  "cat",
+  "deer",
+  "dog",
+  "frog",
+  "horse",
+  "ship",
+  "truck",
+)
+CIFAR10_TEMPLATES = (
+  "a photo of a {}.",
+  "a blurry photo of a {}.",
+  "a black and white photo of a {}.",
+  "a low contrast photo of a {}.",
+  "a high contrast photo of a {}.",
+  "a bad photo of a {}.",
+  "a good photo of a {}.",
+  "a photo of a small {}.",
+  "a photo of a big {}.",
+  "a photo of the {}.",
+  "a blurry photo of the {}.",
+  "a black and white photo of the {}.",
+  "a low contrast photo of the {}.",
+  "a high contrast photo of the {}.",
+  "a bad photo of the {}.",
+  "a good photo of the {}.",
+  "a photo of the small {}.",
+  "a photo of the big {}.",
+)
+# CLIP's 80 ImageNet prompts (same source).
+IMAGENET_TEMPLATES = (
+  "a bad photo of a {}.",
+  "a photo of many {}.",
+  "a sculpture of a {}.",
+  "a photo of the hard to see {}.",
+  "a low resolution photo of the {}.",
+  "a rendering of a {}.",
+  "graffiti of a {}.",
+  "a bad photo of the {}.",
+  "a cropped photo of the {}.",
+  "a tattoo of a {}.",
+  "the embroidered {}.",
+  "a photo of a hard to see {}.",
+  "a bright photo of a {}.",
+  "a photo of a clean {}.",
+  "a photo of a dirty {}.",
+  "a dark photo of the {}.",
+  "a drawing of a {}.",
+  "a photo of my {}.",
+  "the plastic {}.",
+  "a photo of the cool {}.",
+  "a close-up photo of a {}.",
+  "a black and white photo of the {}.",
+  "a painting of the {}.",
+  "a painting of a {}.",
+  "a pixelated photo of the {}.",
+  "a sculpture of the {}.",
+  "a bright photo of the {}.",
+  "a cropped photo of a {}.",
+  "a plastic {}.",
+  "a photo of the dirty {}.",
+  "a jpeg corrupted photo of a {}.",
+  "a blurry photo of the {}.",
+  "a photo of the {}.",
+  "a good photo of the {}.",
+  "a rendering of the {}.",
+  "a {} in a video game.",
+  "a photo of one {}.",
+  "a doodle of a {}.",
+  "a close-up photo of the {}.",
+  "a photo of a {}.",
+  "the origami {}.",
+  "the {} in a video game.",
+  "a sketch of a {}.",
+  "a doodle of the {}.",
+  "a origami {}.",
+  "a low resolution photo of a {}.",
+  "the toy {}.",
+  "a rendition of the {}.",
+  "a photo of the clean {}.",
+  "a photo of a large {}.",
+  "a rendition of a {}.",
+  "a photo of a nice {}.",
+  "a photo of a weird {}.",
+  "a blurry photo of a {}.",
+  "a cartoon {}.",
+  "art of a {}.",
+  "a sketch of the {}.",
+  "a embroidered {}.",
+  "a pixelated photo of a {}.",
+  "itap of the {}.",
+  "a jpeg corrupted photo of the {}.",
+  "a good photo of a {}.",
+  "a plushie {}.",
+  "a photo of the nice {}.",
+  "a photo of the small {}.",
+  "a photo of the weird {}.",
+  "the cartoon {}.",
+  "art of the {}.",
+  "a drawing of the {}.",
+  "a photo of the large {}.",
+  "a black and white photo of a {}.",
+  "the plushie {}.",
+  "a dark photo of a {}.",
+  "itap of a {}.",
+  "graffiti of the {}.",
+  "a toy {}.",
+  "itap of my {}.",
+  "a photo of a cool {}.",
+  "a photo of a small {}.",
+  "a tattoo of the {}.",
+)
+TEMPLATES = {
+  "cifar10": CIFAR10_TEMPLATES,
+  "imagenet": IMAGENET_TEMPLATES,
+  "simple": ("a photo of a {}.",),
+}
+
+
+def class_text_embeddings(
+  encode_texts, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256
+) -> np.ndarray:
+  """[C, D] classifier: w_c = normalise(mean_t normalise(encode_texts(template_t.format(c))))."""
+  if not templates:
+    raise ValueError("zeroshot: empty template list")
+  texts = [t.format(c) for c in classnames for t in templates]
+  emb = common.l2_normalize(common.encode_in_batches(encode_texts, texts, batch_size))
+  emb = emb.reshape(len(classnames), len(templates), -1).mean(1)
+  return common.l2_normalize(emb)
+
+
+def zeroshot_accuracy(
+  image_emb: Any, class_emb: Any, labels: Any, ks: Sequence[int] = (1, 5)
+) -> dict[str, float]:
+  """Top-k accuracy (fractions): label among the k highest <normalise(x), w_c> (ties pessimistic).
+
+  A class is counted ahead of the true one when its score is >= the true class's score, as in
+  retrieval.recall_at_k. k larger than the number of classes is clipped.
+  """
+  x = common.l2_normalize(common.to_numpy(image_emb))
+  w = common.to_numpy(class_emb)
+  labels = np.asarray(labels, np.int64)
+  logits = x @ w.T
+  own = logits[np.arange(len(labels)), labels][:, None]
+  rank = np.sum(logits >= own, axis=1) - 1  # the own class is always >= itself
+  return {f"top{k}": float(np.mean(rank < min(k, w.shape[0]))) for k in ks}
+
+
+def load_class_folder(
+  path: str, *, per_class: int | None = None, max_images: int | None = None
+) -> tuple[list[Image.Image], np.ndarray, list[str]]:
+  """(RGB images, int labels, sorted class names) of a class-folder directory or zip.
+
+  Files are taken in sorted order within each class; `per_class` keeps the first n of each class,
+  `max_images` (when per_class is None) keeps the first max_images // n_classes of each class, so
+  subsets are stratified and deterministic.
+  """
+  by_class: dict[str, list[str]] = {}
+  zf = None
+  if os.path.isfile(path) and zipfile.is_zipfile(path):
+    zf = zipfile.ZipFile(path)
+    names = [n for n in zf.namelist() if not n.endswith("/")]
+    for n in names:
+      parts = n.split("/")
+      if len(parts) >= 2 and parts[-1].lower().endswith(IMAGE_EXTS):
+        by_class.setdefault(parts[-2], []).append(n)
+  elif os.path.isdir(path):
+    for c in sorted(os.listdir(path)):
+      d = os.path.join(path, c)
+      if os.path.isdir(d):
+        files = [os.path.join(d, f) for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTS)]
+        if files:
+          by_class[c] = files
+  else:
+    raise ValueError(f"zeroshot: dataset not found (need a class-folder dir or zip): {path}")
+  if not by_class:
+    raise ValueError(f"zeroshot: no <class>/<image> files in {path}")
+  classnames = sorted(by_class)
+  if per_class is None and max_images is not None:
+    per_class = max(1, max_images // len(classnames))
+  images, labels = [], []
+  try:
+    for label, c in enumerate(classnames):
+      for n in sorted(by_class[c])[:per_class]:
+        try:
+          if zf is not None:
+            im = Image.open(io.BytesIO(zf.read(n)))
+          else:
+            im = Image.open(n)
+          images.append(im.convert("RGB"))
+        except OSError as e:
+          raise ValueError(f"zeroshot: cannot read image {n} in {path}: {e}") from None
+        labels.append(label)
+  finally:
+    if zf is not None:
+      zf.close()
+  return images, np.asarray(labels, np.int64), classnames
+
+
+class ZeroShotEvaluator(common.Evaluator):
+  """`config.evals.<name> = dict(type='zeroshot', every_steps=..., dataset=<dir or zip>,
+  templates='cifar10'|'imagenet'|'simple'|[...], classnames=None, per_class=None, max_images=None,
+  batch_size=64, prefix='z/<name>/')` -> {top1, top5}.
+
+  `classnames` overrides the folder names in prompts (same sorted order); by default folder names
+  with '_' replaced by spaces.
+  """
+
+  def __init__(
+    self,
+    name: str,
+    *,
+    dataset: str,
+    templates: str | Sequence[str] = "imagenet",
+    classnames: Sequence[str] | None = None,
+    per_class: int | None = None,
+    max_images: int | None = None,
+    batch_size: int = 64,
+    every_steps: int = 0,
+    prefix: str | None = None,
+  ):
+    super().__init__(name, every_steps=every_steps, prefix=prefix)
+    if isinstance(templates, str):
+      if templates not in TEMPLATES:
+        raise ValueError(f"config.evals.{name}.templates: one of {sorted(TEMPLATES)} or a list")
+      templates = TEMPLATES[templates]
+    self.templates = tuple(templates)
+    self.images, self.labels, folders = load_class_folder(
+      dataset, per_class=per_class, max_images=max_images
+    )
+    if classnames is not None and len(classnames) != len(folders):
+      raise ValueError(
+        f"config.evals.{name}.classnames: {len(classnames)} names for {len(folders)} class folders"
+      )
+    self.classnames = list(classnames or [f.replace("_", " ") for f in folders])
+    self.batch_size = batch_size
+
+  def compute(self, encoder) -> dict[str, float]:
+    w = class_text_embeddings(
+      encoder.encode_texts, self.classnames, self.templates, self.batch_size
+    )
+    x = common.encode_in_batches(encoder.encode_images, self.images, self.batch_size)
+    return zeroshot_accuracy(x, w, self.labels)
