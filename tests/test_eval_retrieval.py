@@ -1,0 +1,155 @@
+"""Recall@K vs a brute-force numpy reference; sharded embedding helper; evaluator wiring."""
+
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gmail_jax.evaluators import common, retrieval
+
+
+def _brute_force(img, txt, t2i, ks):
+  """Sort every row by (score desc, negatives before positives at equal score)."""
+  sims = img.astype(np.int64) @ txt.astype(np.int64).T  # integer embeddings: exact ties
+  out = {}
+  i2t_first = []
+  for i in range(len(img)):
+    pos = (t2i == i).astype(int)
+    order = np.lexsort((pos, -sims[i]))  # primary: -score; ties: negatives (0) first
+    i2t_first.append(np.flatnonzero(pos[order])[0])
+  t2i_first = []
+  for j in range(len(txt)):
+    pos = (np.arange(len(img)) == t2i[j]).astype(int)
+    order = np.lexsort((pos, -sims[:, j]))
+    t2i_first.append(np.flatnonzero(pos[order])[0])
+  for k in ks:
+    out[f"i2t_r{k}"] = float(np.mean(np.array(i2t_first) < k))
+  for k in ks:
+    out[f"t2i_r{k}"] = float(np.mean(np.array(t2i_first) < k))
+  return out
+
+
+@pytest.mark.parametrize("caps_per_image", [1, 5])
+def test_recall_matches_brute_force_with_ties(caps_per_image):
+  rng = np.random.default_rng(caps_per_image)
+  n_img, d = 40, 3
+  img = rng.integers(-1, 2, size=(n_img, d))  # {-1,0,1}^3: only 27 distinct rows -> many exact ties
+  t2i = np.repeat(np.arange(n_img), caps_per_image)
+  rng.shuffle(t2i)
+  txt = rng.integers(-1, 2, size=(len(t2i), d))
+  txt[::3] = img[t2i[::3]]  # some captions equal their image
+  ks = (1, 5, 10)
+  got = retrieval.recall_at_k(img, txt, t2i, ks, chunk=7)  # chunking crosses the row blocks
+  want = _brute_force(img, txt, t2i, ks)
+  assert got == want
+  assert set(got) == {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"}
+  assert all(0.0 <= v <= 1.0 for v in got.values())
+
+
+def test_recall_pessimistic_ties_constant_model():
+  # Every score equal: the positive is ranked behind all negatives.
+  img, txt = np.ones((20, 4)), np.ones((100, 4))
+  t2i = np.repeat(np.arange(20), 5)
+  r = retrieval.recall_at_k(img, txt, t2i, (1, 10))
+  assert r == {"i2t_r1": 0.0, "i2t_r10": 0.0, "t2i_r1": 0.0, "t2i_r10": 0.0}
+
+
+def test_recall_perfect_model_and_bad_input():
+  rng = np.random.default_rng(0)
+  img = common.l2_normalize(rng.normal(size=(50, 64)))
+  t2i = np.repeat(np.arange(50), 5)
+  txt = img[t2i]
+  r = retrieval.recall_at_k(jnp.asarray(img), txt, t2i)
+  assert all(v == 1.0 for v in r.values())
+  with pytest.raises(ValueError, match="without captions"):
+    retrieval.recall_at_k(img, txt[:5], t2i[:5])
+  with pytest.raises(ValueError, match="out of range"):
+    retrieval.recall_at_k(img, txt, t2i + 1)
+
+
+@pytest.mark.parametrize("mesh_shape", [(8,), (4, 2)])
+def test_embed_sharded_equals_unsharded(mesh_shape):
+  assert jax.device_count() == 8
+  names = ("data", "fsdp")[: len(mesh_shape)]
+  mesh = jax.make_mesh(mesh_shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+  x = rng.normal(size=(37, 6)).astype(np.float32)  # 37 rows: last batch of 16 is padded
+  ids = rng.integers(0, 9, size=(37, 3)).astype(np.int32)
+
+  @jax.jit
+  def fn(batch):
+    return jnp.tanh(batch["x"] @ w) + batch["ids"].sum(-1, keepdims=True)
+
+  got = common.embed_sharded(fn, {"x": x, "ids": ids}, batch_size=16, mesh=mesh, batch_axes=names)
+  want = np.asarray(fn({"x": x, "ids": ids}))
+  assert got.shape == (37, 5)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="divide"):
+    common.embed_sharded(fn, {"x": x, "ids": ids}, batch_size=12, mesh=mesh, batch_axes=names)
+
+
+def test_embed_sharded_default_mesh_is_sharded():
+  seen = []
+
+  @jax.jit
+  def fn(x):
+    return x * 2.0
+
+  def spy(x):
+    seen.append(len(x.sharding.device_set))
+    return fn(x)
+
+  x = np.arange(20, dtype=np.float32).reshape(10, 2)
+  np.testing.assert_array_equal(common.embed_sharded(spy, x, batch_size=8), 2 * x)
+  assert seen == [8, 8]
+
+
+class _PerfectEncoder:
+  """Image -> random vector keyed by its pixels; caption -> the vector of its image."""
+
+  def __init__(self, ev):
+    rng = np.random.default_rng(0)
+    self.table = {}
+    keys = [hashlib.sha1(np.asarray(im).tobytes()).hexdigest() for im in ev.images]
+    vecs = rng.normal(size=(len(keys), 32))
+    self.table = dict(zip(keys, vecs, strict=True))
+    self.caption = {c: vecs[i] for c, i in zip(ev.captions, ev.text_to_image, strict=True)}
+
+  def encode_images(self, images):
+    return np.stack(
+      [self.table[hashlib.sha1(np.asarray(im).tobytes()).hexdigest()] for im in images]
+    )
+
+  def encode_texts(self, texts):
+    return np.stack([self.caption[t] for t in texts])
+
+
+def test_retrieval_evaluator_from_config_on_coco_mini(shared):
+  cfg = {
+    "coco": dict(
+      type="retrieval",
+      every_steps=100,
+      images_dir=str(shared("coco-mini", "val2017")),
+      captions_json=str(shared("coco-captions-val2017", "captions_val2017.json")),
+      max_images=12,
+      batch_size=5,
+    )
+  }
+  (ev,) = common.from_config(cfg)
+  assert ev.should_run(200) and not ev.should_run(150)
+  assert len(ev.images) == 12 and len(ev.captions) >= 60
+  m = ev.run(_PerfectEncoder(ev), step=200)
+  assert m == {f"z/coco/{d}_r{k}": 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10)}
+  # Shuffled captions -> a bad model, well below 1.
+  enc = _PerfectEncoder(ev)
+  enc.caption = dict(
+    zip(enc.caption, np.random.default_rng(1).permutation(list(enc.caption.values())), strict=True)
+  )
+  assert ev.run(enc)["z/coco/t2i_r1"] < 0.5
+  with pytest.raises(ValueError, match="config.evals.coco: unknown keys"):
+    common.from_config({"coco": dict(cfg["coco"], foo=1)})
+  with pytest.raises(ValueError, match="config.evals.x.type"):
+    common.from_config({"x": dict(type="nope")})
