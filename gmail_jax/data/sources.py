@@ -107,7 +107,10 @@ def _codes(column) -> np.ndarray:
   """Integer id per row, ids in order of first appearance."""
   import pyarrow.compute as pc
 
-  return np.asarray(pc.dictionary_encode(column).combine_chunks().indices, dtype=np.int64)
+  codes = pc.dictionary_encode(column)
+  if hasattr(codes, "combine_chunks"):
+    codes = codes.combine_chunks()
+  return np.asarray(codes.indices, dtype=np.int64)
 
 
 class ManifestSource:
