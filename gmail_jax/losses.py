@@ -15,6 +15,129 @@ import jax.numpy as jnp
 # ---------------------------------------------------------------------------------------------
 
 
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps) along the last axis, in float32."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def false_negative_mask(group: jax.Array | None, n: int) -> jax.Array | None:
+  """mask[i, j] = True where column j must leave row i's denominator.
+
+      mask[i, j] = (group_i == group_j) and i != j
+
+  Rows that share a group id (same real image, or same class) are not each other's negatives;
+  the diagonal (the positive) always stays. None when ``group`` is None.
+  """
+  if group is None:
+    return None
+  same = group[:, None] == group[None, :]
+  return same & ~jnp.eye(n, dtype=bool)
+
+
+def _row_infonce(logits: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """Per-row -log softmax(logits)[i, i] with masked columns removed, and row accuracy."""
+  if mask is not None:
+    logits = jnp.where(mask, -jnp.inf, logits)
+  diag = jnp.diagonal(logits)
+  nll = jax.nn.logsumexp(logits, axis=-1) - diag
+  acc = (jnp.argmax(logits, axis=-1) == jnp.arange(logits.shape[0])).astype(jnp.float32)
+  return nll, acc
+
+
+def gen_real_infonce(
+    z_gen: jax.Array,
+    z_real: jax.Array,
+    temperature: float | jax.Array = 0.07,
+    *,
+    group: jax.Array | None = None,
+    symmetric: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """GMAIL cross-modality alignment loss (Mo & Yun 2025, Eq. 1).
+
+      L = -(1/|B|) sum_i log [ exp(s_ii / tau) / sum_{j not in M_i} exp(s_ij / tau) ]
+      s_ij = cos(f_g(x_g,i), f_r(x_r,j)),   M_i = {j != i : group_j == group_i}
+
+  One-directional gen->real: anchors are the student embeddings of generated images, the positive
+  is the paired real image under the frozen teacher, negatives are all other real images of the
+  (global) batch. ``symmetric`` averages it with the real->gen direction (columns, same mask).
+  With ``group=None`` nothing is masked, which is literally Eq. 1.
+
+  Args:
+    z_gen: [B, D] student embeddings of generated images (any scale; normalised here).
+    z_real: [B, D] teacher embeddings of the paired real images.
+    temperature: tau > 0 (fixed 0.07 in the paper, or exp(-learned log-scale)).
+    group: optional int [B] false-negative group ids.
+    symmetric: also add the real->gen direction.
+
+  Returns:
+    (loss, {'pair_acc': fraction of rows whose argmax is the positive,
+            'pos_cos': mean cosine of the positive pairs}).
+  """
+  zg, zr = l2_normalize(z_gen), l2_normalize(z_real)
+  sim = zg @ zr.T
+  logits = sim / temperature
+  mask = false_negative_mask(group, sim.shape[0])
+  nll, acc = _row_infonce(logits, mask)
+  loss = jnp.mean(nll)
+  if symmetric:
+    nll_t, _ = _row_infonce(logits.T, None if mask is None else mask.T)
+    loss = 0.5 * (loss + jnp.mean(nll_t))
+  return loss, {"pair_acc": jnp.mean(acc), "pos_cos": jnp.mean(jnp.diagonal(sim))}
+
+
+def clip_loss(
+    z_image: jax.Array,
+    z_text: jax.Array,
+    logit_scale: float | jax.Array,
+    *,
+    group: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Symmetric CLIP InfoNCE (Radford et al., 2021) with a linear logit scale.
+
+      L = 1/2 [ CE(scale * I T^T, diag) + CE(scale * T I^T, diag) ]       (I, T L2-normalised)
+
+  Used as GMAIL's optional text term between the student's generated-image embeddings and the
+  frozen text tower's caption embeddings. ``logit_scale`` is exp(CLIP's log-scale), i.e. 1/tau.
+  ``group`` masks false negatives exactly as in ``gen_real_infonce``.
+  """
+  zi, zt = l2_normalize(z_image), l2_normalize(z_text)
+  logits = logit_scale * (zi @ zt.T)
+  mask = false_negative_mask(group, logits.shape[0])
+  nll_i, acc_i = _row_infonce(logits, mask)
+  nll_t, _ = _row_infonce(logits.T, None if mask is None else mask.T)
+  loss = 0.5 * (jnp.mean(nll_i) + jnp.mean(nll_t))
+  return loss, {"text_acc": jnp.mean(acc_i)}
+
+
+def gmail_loss(
+    z_gen: jax.Array,
+    z_real: jax.Array,
+    *,
+    temperature: float | jax.Array = 0.07,
+    group: jax.Array | None = None,
+    symmetric: bool = False,
+    z_text: jax.Array | None = None,
+    text_weight: float = 0.0,
+    text_logit_scale: float | jax.Array = 1.0 / 0.07,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """GMAIL objective:  L = L_align(z_gen, z_real; tau) + lambda * L_CLIP(z_gen, z_text).
+
+  lambda = ``text_weight``; lambda = 0 (or ``z_text=None``) is literally Algorithm 1. Returns the
+  total loss and per-term metrics ('align_loss', 'pair_acc', 'pos_cos', and with the text term
+  'text_loss', 'text_acc').
+  """
+  align, aux = gen_real_infonce(z_gen, z_real, temperature, group=group, symmetric=symmetric)
+  aux = {"align_loss": align, **aux}
+  loss = align
+  if z_text is not None and text_weight:
+    text, text_aux = clip_loss(z_gen, z_text, text_logit_scale, group=group)
+    loss = loss + text_weight * text
+    aux.update(text_loss=text, **text_aux)
+  return loss, aux
+
+
+
 # ---------------------------------------------------------------------------------------------
 # TPC-CMA: centroid and distribution alignment terms.
 # ---------------------------------------------------------------------------------------------

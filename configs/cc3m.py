@@ -1,0 +1,19 @@
+r"""GMAIL scaled to CC3M captions (3.3M generated/real pairs, paper §4 scaling study).
+
+Command (TPU pod; see launch/tpu_pod.sh):
+  python -m gmail_jax.main --config=configs/cc3m.py:B/16 --workdir=gs://BUCKET/gmail_cc3m \
+      --config.data.source=array_record --config.data.root=gs://BUCKET/cc3m_pairs
+Hardware: TPU v4-64 (or 4 nodes x 8 A100 via launch/slurm_multinode.sbatch); ~1 day for 100k steps.
+Expected: larger retrieval/captioning gains than COCO-only alignment (paper scaling table:
+CC3M > COCO, CC12M > CC3M).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  return common.paper_config(arg, manifest="/data/cc3m_gen/manifest.parquet", total_steps=100_000)

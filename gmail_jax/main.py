@@ -1,0 +1,77 @@
+r"""Entry point: ``python -m gmail_jax.main --config=configs/NAME.py --workdir=DIR``.
+
+Thin on purpose (flax examples): flags, multi-process init, then ``train.train_and_evaluate``.
+Overrides: ``--config.batch_size=64 --config.lora.rank=8``; ``configs/coco.py:L/14`` passes an arg.
+Multi-process: set ``--coordinator_address/--num_processes/--process_id`` (or the JAX_COORDINATOR_
+ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables); on TPU pods and SLURM the flag
+``--distributed`` lets JAX auto-detect them. Errors from bad input end the run with one line
+(``GMAIL_TRACEBACK=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+_DISTRIBUTED = flags.DEFINE_bool(
+  "distributed", False, "Call jax.distributed.initialize() with auto-detection (TPU pod, SLURM)."
+)
+_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
+_PID = flags.DEFINE_integer("process_id", None, "Index of this process.")
+_CPU_COLLECTIVES = flags.DEFINE_string(
+  "cpu_collectives", "gloo", "Cross-process collectives for CPU-only multi-process runs."
+)
+
+
+def _maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize when flags or JAX_* env vars ask for several processes."""
+  import jax  # noqa: PLC0415
+
+  coord = _COORD.value or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  num = _NUM.value or os.environ.get("JAX_NUM_PROCESSES")
+  pid = _PID.value if _PID.value is not None else os.environ.get("JAX_PROCESS_ID")
+  if coord and num is not None and pid is not None:
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+      jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
+    jax.distributed.initialize(
+      coordinator_address=coord, num_processes=int(num), process_id=int(pid)
+    )
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _maybe_initialize_distributed()
+  import jax  # noqa: PLC0415
+
+  from gmail_jax import train  # noqa: PLC0415
+
+  logging.info(
+    "process %d/%d, devices: %d local / %d global (%s)",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].platform,
+  )
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FloatingPointError, FileNotFoundError) as e:
+    if os.environ.get("GMAIL_TRACEBACK"):
+      raise
+    logging.error("%s: %s", type(e).__name__, e)
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,93 @@
+"""One metrics API for training: JSONL + TensorBoard (process 0) and a progress/ETA line.
+
+``WORKDIR/metrics.jsonl`` gets one JSON object per logged step: ``{"step": s, "train/loss": ...}``.
+Values are fetched from the device only on log steps (the loop hands over device arrays).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+  """``WORKDIR/config.json`` (process 0): what api.load_student rebuilds the model from."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  with open(path + ".tmp", "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(path + ".tmp", path)
+
+
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: missing (not a gmail_jax training workdir?)")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _scalar(x: Any) -> float:
+  return float(np.asarray(x))
+
+
+class MetricWriter:
+  """``write(step, metrics)`` → JSONL line + TensorBoard scalars + a console progress line."""
+
+  def __init__(self, workdir: str | os.PathLike, *, total_steps: int, first_step: int = 0):
+    self.main = jax.process_index() == 0
+    self.total_steps = total_steps
+    self._t0, self._s0 = time.monotonic(), first_step
+    self._jsonl = self._tb = None
+    if self.main:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      from tensorboardX import SummaryWriter  # noqa: PLC0415 (heavy import, process 0 only)
+
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def timing(self, step: int) -> dict[str, float]:
+    """steps/s since this writer started and the ETA in seconds."""
+    dt = max(time.monotonic() - self._t0, 1e-9)
+    rate = (step - self._s0) / dt
+    eta = (self.total_steps - step) / rate if rate > 0 else math.inf
+    return {"steps_per_sec": rate, "eta_sec": eta}
+
+  def write(self, step: int, metrics: Mapping[str, Any], *, console: bool = True) -> dict:
+    """Fetches ``metrics`` (device arrays are fine) and writes them; returns the float dict."""
+    values = {k: _scalar(v) for k, v in jax.device_get(dict(metrics)).items()}
+    if not self.main:
+      return values
+    self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+    self._jsonl.flush()
+    for k, v in values.items():
+      if math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
+    self._tb.flush()
+    if console:
+      t = self.timing(step)
+      eta = "?"
+      if math.isfinite(t["eta_sec"]):
+        eta = time.strftime("%H:%M:%S", time.gmtime(t["eta_sec"]))
+      shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in values.items() if "/" in k)
+      logging.info(
+        "[%d/%d] %.2f steps/s ETA %s | %s", step, self.total_steps, t["steps_per_sec"], eta, shown
+      )
+    return values
+
+  def close(self) -> None:
+    if self._jsonl:
+      self._jsonl.close()
+    if self._tb:
+      self._tb.close()
