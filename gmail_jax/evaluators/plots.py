@@ -19,6 +19,8 @@ import numpy as np  # noqa: E402
 
 from gmail_jax.evaluators import common  # noqa: E402
 
+EXACT_TSNE_MAX = 2500
+
 # Training-curve panels: (title, predicate on a metric key). Keys follow metrics.py's namespaces.
 _CURVE_PANELS = (
   ("loss", lambda k: k.endswith("loss") or "/loss" in k),
@@ -28,11 +30,13 @@ _CURVE_PANELS = (
 )
 
 
-def project_2d(z: np.ndarray, method: str = "tsne", seed: int = 0, perplexity: float = 30.0):
+def project_2d(
+  z: np.ndarray, method: str = "tsne", seed: int = 0, perplexity: float = 30.0, max_iter: int = 1000
+):
   """[N, 2] embedding of z [N, D]: t-SNE (sklearn, PCA init), or PCA when asked or N is tiny.
 
   t-SNE needs perplexity < N; with fewer than 4 points or method='pca' the top-2 principal
-  components are used instead.
+  components are used instead. max_iter (>= 250) bounds the t-SNE optimisation time.
   """
   z = common.to_numpy(z)
   if method not in ("tsne", "pca"):
@@ -41,7 +45,16 @@ def project_2d(z: np.ndarray, method: str = "tsne", seed: int = 0, perplexity: f
     from sklearn.manifold import TSNE
 
     perp = min(perplexity, (len(z) - 1) / 3)
-    return TSNE(2, perplexity=perp, init="pca", random_state=seed).fit_transform(z)
+    return TSNE(
+      2,
+      perplexity=perp,
+      init="pca",
+      random_state=seed,
+      max_iter=max_iter,
+      # Exact gradients up to a few thousand points (GMAIL Fig. 3 uses 1000 pairs): no OpenMP
+      # Barnes-Hut threads, which crawl on oversubscribed CPUs.
+      method="exact" if len(z) <= EXACT_TSNE_MAX else "barnes_hut",
+    ).fit_transform(z)
   zc = z - z.mean(0)
   _, _, vt = np.linalg.svd(zc, full_matrices=False)
   out = zc @ vt[:2].T
@@ -54,6 +67,7 @@ def plot_embeddings(
   *,
   method: str = "tsne",
   seed: int = 0,
+  max_iter: int = 1000,
   labels: Sequence[str] = ("real", "generated"),
 ) -> str:
   """One scatter panel per (title, real_emb [N, D], gen_emb [M, D]), e.g. before/after alignment.
@@ -64,7 +78,7 @@ def plot_embeddings(
   for ax, (title, real, gen) in zip(axes[0], panels, strict=True):
     real = common.l2_normalize(common.to_numpy(real))
     gen = common.l2_normalize(common.to_numpy(gen))
-    p = project_2d(np.concatenate([real, gen]), method=method, seed=seed)
+    p = project_2d(np.concatenate([real, gen]), method=method, seed=seed, max_iter=max_iter)
     ax.scatter(p[: len(real), 0], p[: len(real), 1], s=6, alpha=0.6, c="tab:blue", label=labels[0])
     ax.scatter(p[len(real) :, 0], p[len(real) :, 1], s=6, alpha=0.6, c="tab:red", label=labels[1])
     ax.set_title(title)
@@ -79,7 +93,15 @@ def plot_embeddings(
 
 
 def plot_alignment_tsne(
-  path: str, real_before, gen_before, real_after, gen_after, *, method: str = "tsne", seed: int = 0
+  path: str,
+  real_before,
+  gen_before,
+  real_after,
+  gen_after,
+  *,
+  method: str = "tsne",
+  seed: int = 0,
+  max_iter: int = 1000,
 ) -> str:
   """Two panels, 'before alignment' and 'after alignment', of real vs generated embeddings."""
   return plot_embeddings(
@@ -87,6 +109,7 @@ def plot_alignment_tsne(
     [("before alignment", real_before, gen_before), ("after alignment", real_after, gen_after)],
     method=method,
     seed=seed,
+    max_iter=max_iter,
   )
 
 
