@@ -1,7 +1,9 @@
 """Zero-shot: templates, class-folder reader (CIFAR-10 zip), toy models, a real ClipEncoder."""
 
 import hashlib
+import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -85,3 +87,64 @@ def test_zeroshot_and_clustering_evaluators_perfect_model(shared):
   x = enc.encode_images(cl.images)
   y = enc.encode_texts(cl.class_texts)[cl.labels]
   assert clustering.joint_ari(x, y, cl.labels, 10) == pytest.approx(1.0)
+
+
+def _save_tiny_hf_clip(path):
+  """A random tiny HF CLIPModel + CLIPTokenizer files (vocab.json/merges.txt), saved offline."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from gmail_jax.models import tokenizer as tk
+
+  cfg = transformers.CLIPConfig(
+    text_config=dict(
+      vocab_size=49408,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=1,
+      num_attention_heads=4,
+      max_position_embeddings=77,
+    ),
+    vision_config=dict(
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=1,
+      num_attention_heads=4,
+      image_size=32,
+      patch_size=8,
+    ),
+    projection_dim=16,
+  )
+  torch.manual_seed(0)
+  transformers.CLIPModel(cfg).save_pretrained(path)
+  vocab, merges = tk.vocab_from_bpe_gz(tk.default_bpe_path())
+  (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+  (path / "merges.txt").write_text(
+    "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+  )
+  return path
+
+
+def test_zeroshot_cifar10_end_to_end_tiny_clip(tmp_path, shared):
+  """CIFAR-10 (200 test images) through api.load_clip on a random tiny CLIP: runs, ~chance."""
+  from gmail_jax import api
+
+  clip = api.load_clip(str(_save_tiny_hf_clip(tmp_path / "tiny")), batch_size=50)
+  (ev,) = common.from_config(
+    {
+      "cifar10": dict(
+        type="zeroshot", dataset=str(shared(*CIFAR_ZIP)), templates="cifar10", max_images=200
+      )
+    },
+    batch_size=50,
+  )
+  t0 = time.time()
+  m = ev.run(clip, step=0)
+  print(f"tiny random CLIP, CIFAR-10 200 imgs: {m} in {time.time() - t0:.1f}s")
+  assert set(m) == {"z/cifar10/top1", "z/cifar10/top5"}
+  # A random model is near chance (10% / 50%); only sanity bounds, never a quality claim.
+  assert 0.0 <= m["z/cifar10/top1"] <= 0.35 and 0.2 <= m["z/cifar10/top5"] <= 0.8
+  assert m["z/cifar10/top1"] <= m["z/cifar10/top5"]
+  # Same numbers from the functional path (embeddings computed outside, then scored).
+  w = zeroshot.class_text_embeddings(clip.encode_texts, ev.classnames, ev.templates)
+  acc = zeroshot.zeroshot_accuracy(clip.encode_images(ev.images), w, ev.labels)
+  assert acc["top1"] == pytest.approx(m["z/cifar10/top1"])
