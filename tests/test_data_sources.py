@@ -1,0 +1,217 @@
+"""Sources: manifest formats, ArrayRecord via prepare (manifest, class folders, webdataset tars),
+synthetic, TFDS (only if installed), config defaults."""
+
+import io
+import json
+import tarfile
+
+import ml_collections
+import numpy as np
+import PIL.Image
+import pytest
+
+from gmail_jax.data import pipeline, prepare
+from gmail_jax.data.config import default_data_config
+from gmail_jax.data.records import pack_pair, unpack_pair
+from gmail_jax.data.sources import ArrayRecordSource, ManifestSource, SyntheticSource
+
+
+def make_config(**data):
+  c = ml_collections.ConfigDict()
+  c.seed = 5
+  c.batch_size = 4
+  c.data = default_data_config()
+  c.data.image_size = 24
+  c.data.read_threads = 2
+  c.data.update(data)
+  return c
+
+
+def batches(config, workdir, **kw):
+  return list(
+    pipeline.make_eval_iterator(
+      config, tokenizer=None, workdir=workdir, shuffle=True, batch_size=3, **kw
+    )
+  )
+
+
+def coco_rows(shared, n=6):
+  coco = shared("coco-mini")
+  ann = json.loads((coco / "annotations" / "captions_val2017.json").read_text())
+  images = sorted(ann["images"], key=lambda im: im["id"])[:n]
+  caps = {}
+  for a in sorted(ann["annotations"], key=lambda a: a["id"]):
+    caps.setdefault(a["image_id"], []).append(a["caption"].strip())
+  rows = []
+  for i, im in enumerate(images):
+    for cap in caps[im["id"]][:2]:
+      rows.append(
+        {
+          "caption": cap,
+          "real_path": f"val2017/{im['file_name']}",
+          "gen_path": f"val2017/{images[(i + 2) % n]['file_name']}",
+          "group": f"g{i // 2}",
+        }
+      )
+  return coco, rows
+
+
+def test_default_data_config_keys():
+  c = default_data_config()
+  for key in (
+    "source manifest root on_bad_input num_workers image_size gens_per_caption augment_generated"
+    " prefetch"
+  ).split():
+    assert key in c
+  assert (c.source, c.on_bad_input, c.gens_per_caption, c.image_size) == (
+    "manifest",
+    "skip",
+    1,
+    224,
+  )
+
+
+def test_manifest_formats_agree(shared, tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  coco, rows = coco_rows(shared)
+  (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+  import csv
+
+  with open(tmp_path / "m.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  srcs = [ManifestSource(tmp_path / f"m.{ext}", root=coco) for ext in ("csv", "jsonl", "parquet")]
+  for s in srcs[1:]:
+    assert len(s) == len(srcs[0]) == len(rows)
+    np.testing.assert_array_equal(s.group, srcs[0].group)
+    np.testing.assert_array_equal(s.real_id, srcs[0].real_id)
+    assert [s.row_fields(i) for i in range(len(rows))] == [
+      srcs[0].row_fields(i) for i in range(len(rows))
+    ]
+  assert srcs[0].group.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]  # from the group column
+  assert srcs[0].real_id.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+
+
+def test_manifest_to_array_record_same_pairs(shared, tmp_path):
+  coco, rows = coco_rows(shared)
+  (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  direct = make_config(source="manifest", manifest=str(tmp_path / "m.jsonl"), root=str(coco))
+  meta = prepare.prepare(
+    str(tmp_path / "m.jsonl"), str(tmp_path / "ar"), root=str(coco), shard_size=5
+  )
+  assert meta["num_records"] == len(rows) and meta["num_shards"] == 3 and meta["num_rejected"] == 0
+  via_ar = make_config(source="array_record", root=str(tmp_path / "ar"))
+  a, b = batches(direct, tmp_path / "wd1"), batches(via_ar, tmp_path / "wd2")
+  assert len(a) == len(b) == 4
+  for x, y in zip(a, b, strict=True):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_prepare_class_folders(shared, tmp_path):
+  src = shared("cifake-sd14-test-sample")
+  root = tmp_path / "cf"
+  for split in ("real", "generated"):
+    for cls in ("frog", "truck"):
+      d = root / split / cls
+      d.mkdir(parents=True)
+      for f in sorted((src / split / cls).glob("*.jpg"))[:3]:
+        (d / f.name).symlink_to(f)
+  meta = prepare.main([f"--src={root}", f"--out={tmp_path / 'ar'}"])
+  assert meta == 0
+  ar = ArrayRecordSource(tmp_path / "ar")
+  assert len(ar) == 6
+  pair = ar.get(4, 0)
+  assert pair.caption == "a photo of a truck." and pair.group == 1
+  cfg = make_config(source="class_folders", root=str(root))
+  direct = batches(cfg, tmp_path / "wd", process_index=0, process_count=1)
+  assert sum(len(b["group"]) for b in direct) == 6
+
+
+def _jpeg(color):
+  buf = io.BytesIO()
+  PIL.Image.new("RGB", (20, 12), color).save(buf, "JPEG")
+  return buf.getvalue()
+
+
+def test_prepare_webdataset_tars(tmp_path):
+  def add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+  (tmp_path / "tars").mkdir()
+  with tarfile.open(tmp_path / "tars" / "00000.tar", "w") as tar:
+    # GMAIL pairs inside the tar: KEY.real.jpg + KEY.gen[.N].jpg + KEY.txt (+ KEY.json)
+    add(tar, "000.real.jpg", _jpeg((255, 0, 0)))
+    add(tar, "000.gen.0.jpg", _jpeg((250, 10, 0)))
+    add(tar, "000.gen.1.jpg", _jpeg((240, 20, 0)))
+    add(tar, "000.txt", b"a red square")
+    add(tar, "000.json", json.dumps({"group": "red"}).encode())
+    add(tar, "001.real.jpg", _jpeg((0, 255, 0)))
+    add(tar, "001.txt", b"no generated image for this one")
+    add(tar, "002.real.jpg", _jpeg((0, 0, 255)))
+    add(tar, "002.gen.jpg", b"not a jpeg")
+    add(tar, "002.txt", b"corrupt generated image")
+  gen_dir = tmp_path / "gen"
+  gen_dir.mkdir()
+  (gen_dir / "100.jpg").write_bytes(_jpeg((9, 9, 9)))
+  with tarfile.open(tmp_path / "tars" / "00001.tar", "w") as tar:
+    # plain img2dataset output: KEY.jpg + KEY.txt + KEY.json; generated image from --gen_dir
+    add(tar, "100.jpg", _jpeg((10, 10, 10)))
+    add(tar, "100.txt", b"a grey square")
+    add(tar, "100.json", b'{"url": "http://example.com/100.jpg"}')
+  meta = prepare.prepare(str(tmp_path / "tars"), str(tmp_path / "ar"), gen_dir=str(gen_dir))
+  assert meta["kind"] == "wds" and meta["num_records"] == 3 and meta["num_rejected"] == 2
+  ar = ArrayRecordSource(tmp_path / "ar", gens_per_caption=0)
+  pairs = [ar.get(i, 0) for i in range(len(ar))]
+  assert [p.caption for p in pairs] == ["a red square", "a red square", "a grey square"]
+  assert [p.real_id for p in pairs] == [0, 0, 2]
+  assert pairs[0].group == pairs[1].group != pairs[2].group
+  assert len(ArrayRecordSource(tmp_path / "ar", gens_per_caption=1)) == 2
+  rejects = [json.loads(x) for x in (tmp_path / "ar" / "rejects.jsonl").read_text().splitlines()]
+  assert sorted(r["reason"].split(":")[0] for r in rejects) == [
+    "no generated image (KEY.gen.jpg in the tar or --gen_dir/KEY.jpg)",
+    "not an image",
+  ]
+
+
+def test_record_roundtrip_and_truncation():
+  rec = pack_pair(
+    caption="é", real=b"RR", gen=b"GGG", real_name="r", gen_name="g", group=3, real_id=4, item=5
+  )
+  out = unpack_pair(rec)
+  assert (out["caption"], out["real"], out["gen"], out["group"], out["real_id"]) == (
+    "é",
+    b"RR",
+    b"GGG",
+    3,
+    4,
+  )
+  with pytest.raises(ValueError, match="truncated"):
+    unpack_pair(rec[:-1])
+
+
+def test_synthetic_source_deterministic(tmp_path):
+  a, b = SyntheticSource(10, image_size=8, seed=1), SyntheticSource(10, image_size=8, seed=1)
+  np.testing.assert_array_equal(a.get(3, 0).gen, b.get(3, 0).gen)
+  assert not np.array_equal(a.get(3, 0).gen, a.get(4, 0).gen)
+  cfg = make_config(source="synthetic", synthetic_size=10, synthetic_image_size=8)
+  got = batches(cfg, tmp_path)
+  assert sum(len(x["real_id"]) for x in got) == 10 and got[0]["gen_image"].shape[1:] == (24, 24, 3)
+
+
+def test_tfds_missing_is_a_clear_error_or_works(tmp_path):
+  try:
+    import tensorflow_datasets  # noqa: F401
+  except ImportError:
+    cfg = make_config(source="tfds", tfds_name="my_pairs")
+    with pytest.raises(ImportError, match=r"pip install -e \.\[tfds\]"):
+      pipeline.make_dataset(cfg, tokenizer=None, workdir=tmp_path)
+    pytest.skip("tensorflow-datasets not installed (optional extra [tfds])")
+  pytest.skip("tensorflow-datasets installed but no prepared pair dataset is available offline")
