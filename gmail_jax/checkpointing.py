@@ -68,6 +68,7 @@ class Checkpointer:
       max_to_keep=keep,
       enable_async_checkpointing=async_save,
       create=True,
+      cleanup_tmp_directories=True,  # a save interrupted by SIGKILL must not block the rerun
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 

@@ -124,6 +124,29 @@ def _model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {"dtype": DTYPES[config.model.dtype], "remat": bool(config.model.remat)}
 
 
+def model_config(config: ml_collections.ConfigDict) -> clip_lib.CLIPConfig:
+  """The CLIP architecture a config trains (without loading any weights)."""
+  if config.get("teacher_pretrain"):
+    from gmail_jax import pretrain  # noqa: PLC0415
+
+    return pretrain.teacher_config(config)
+  return clip_lib.clip_config(config.model.variant)
+
+
+def abstract_train_state(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Shapes only (jax.eval_shape): frozen state, LoRA, trainable params and optimizer state.
+
+  Used by the config tests and by ``api.load_student`` to build a restore target.
+  """
+  cfg = model_config(config)
+  teacher = nnx.eval_shape(lambda: clip_lib.CLIP(cfg, rngs=nnx.Rngs(0), **_model_kwargs(config)))
+  models, lora, rng, frozen = make_student(config, teacher)
+  tx, _ = optim.make_optimizer(config.optim, config.total_steps)
+  params = jax.eval_shape(lambda f: initial_params(config, models, lora, f), frozen)
+  state = jax.eval_shape(lambda p: train_step.init_train_state(p, tx), params)
+  return {"models": models, "frozen": frozen, "rng": rng, "state": state}
+
+
 def build_teacher(
   config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, *, fsdp: bool
 ) -> nnx.Module:
@@ -140,7 +163,7 @@ def build_teacher(
 
     model = convert.load_pretrained(config.init, **kw)
   else:
-    cfg = clip_lib.clip_config(config.model.variant)
+    cfg = model_config(config)
 
     def make():
       return clip_lib.CLIP(cfg, rngs=nnx.Rngs(params=config.seed), **kw)

@@ -158,8 +158,9 @@ def make_train_step(
 
   ``batch``: global arrays sharded on ('data', 'fsdp'): ``gen_image``, ``real_image`` uint8
   [B,S,S,3], ``text`` int32 [B,77], ``group`` int32 [B], optional ``teacher_emb`` [B,D] (then the
-  teacher forward is skipped). ``loss_fn`` defaults to ``compose_loss`` (tests may wrap it).
+  teacher forward is skipped). ``loss_fn`` defaults to ``compose_loss`` (looked up at call time).
   """
+  loss_fn = loss_fn or compose_loss
   k = int(config.optim.accum_steps)
   loss_cfg = config.loss
   use_text = bool(loss_cfg.text_weight)

@@ -98,7 +98,7 @@ def apply_lora(
     layer = layers[path]
     if layer.lora_a is not None:
       raise ValueError(f"lora: {path} already has an adapter")
-    dtype = layer.kernel[...].dtype
+    dtype = jax.tree.leaves(layer.kernel)[0].dtype  # also works on abstract (eval_shape) models
     bound = 1.0 / math.sqrt(layer.in_features)
     a = jax.random.uniform(rngs.params(), (layer.in_features, rank), dtype, -bound, bound)
     # nnx.data: Dense declares these as (static) None until an adapter is attached.
