@@ -1,0 +1,183 @@
+"""Evaluation sets: image–caption sets (several captions per image) and class-labelled sets.
+
+* COCO-format captions JSON (``images``, ``annotations``) + image dir  -> :class:`CaptionSet`
+* Flickr30k / COCO Karpathy JSON (``images[].sentences[].raw``, ``split``) -> :class:`CaptionSet`
+* class folders ``<root>/<class>/*`` or a zip of ``.../<class>/<file>`` -> :class:`ClassSet`
+
+Images are decoded to RGB PIL, or to uint8 ``[size, size, 3]`` center crops when ``image_size`` is
+given (the same ``resize_center_crop`` as training). Bad files are an error naming the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import zipfile
+
+import numpy as np
+
+from gmail_jax.data.images import decode_image
+from gmail_jax.data.preprocess import resize_center_crop
+from gmail_jax.data.rejects import BadInput
+from gmail_jax.data.sources import IMAGE_EXTS
+
+
+@dataclasses.dataclass
+class CaptionSet:
+  """``text_to_image[j]`` = index of the image caption ``j`` describes."""
+
+  paths: list[str]
+  images: list  # PIL images, or uint8 [S,S,3] arrays when image_size was given
+  captions: list[str]
+  text_to_image: np.ndarray
+
+  @property
+  def image_to_texts(self) -> list[np.ndarray]:
+    return [np.flatnonzero(self.text_to_image == i) for i in range(len(self.paths))]
+
+
+@dataclasses.dataclass
+class ClassSet:
+  images: list
+  labels: np.ndarray
+  classnames: list[str]
+  paths: list[str]
+
+
+def _load(data: bytes, name: str, image_size: int | None):
+  try:
+    image = decode_image(data, name)
+  except BadInput as e:
+    raise ValueError(f"eval set: bad image {e.path}: {e.reason}") from None
+  return resize_center_crop(image, image_size) if image_size else image
+
+
+def _read(path: str) -> bytes:
+  try:
+    return pathlib.Path(path).read_bytes()
+  except OSError as e:
+    raise ValueError(f"eval set: cannot read {path}: {e.strerror or e}") from None
+
+
+def _caption_set(entries, images_dir, image_size, max_images) -> CaptionSet:
+  entries = [(f, caps) for f, caps in entries if caps][:max_images]
+  if not entries:
+    raise ValueError(f"eval set: no captioned images for {images_dir}")
+  paths, images, captions, t2i = [], [], [], []
+  for i, (file_name, caps) in enumerate(entries):
+    path = os.path.join(images_dir, file_name)
+    paths.append(path)
+    images.append(_load(_read(path), path, image_size))
+    captions += caps
+    t2i += [i] * len(caps)
+  return CaptionSet(paths, images, captions, np.asarray(t2i, np.int64))
+
+
+def load_coco_captions(
+  captions_json: str | os.PathLike,
+  images_dir: str | os.PathLike,
+  *,
+  image_size: int | None = None,
+  max_images: int | None = None,
+  only_present: bool = True,
+) -> CaptionSet:
+  """Images sorted by id (those present in ``images_dir`` if ``only_present``), captions by
+  annotation id."""
+  try:
+    data = json.loads(pathlib.Path(captions_json).read_text())
+    images, anns = data["images"], data["annotations"]
+  except (OSError, ValueError, KeyError) as e:
+    raise ValueError(f"eval set: cannot read COCO captions {captions_json}: {e}") from None
+  caps: dict[int, list[str]] = {}
+  for a in sorted(anns, key=lambda a: a["id"]):
+    caps.setdefault(a["image_id"], []).append(" ".join(a["caption"].split()))
+  images = sorted(images, key=lambda im: im["id"])
+  if only_present:
+    images = [im for im in images if os.path.exists(os.path.join(images_dir, im["file_name"]))]
+  entries = [(im["file_name"], caps.get(im["id"], [])) for im in images]
+  return _caption_set(entries, str(images_dir), image_size, max_images)
+
+
+def load_karpathy(
+  karpathy_json: str | os.PathLike,
+  images_dir: str | os.PathLike,
+  *,
+  split: str = "test",
+  image_size: int | None = None,
+  max_images: int | None = None,
+) -> CaptionSet:
+  """Karpathy-split JSON (``dataset_flickr30k.json`` / ``dataset_coco.json``) of one split."""
+  try:
+    data = json.loads(pathlib.Path(karpathy_json).read_text())["images"]
+  except (OSError, ValueError, KeyError) as e:
+    raise ValueError(f"eval set: cannot read Karpathy JSON {karpathy_json}: {e}") from None
+  entries = []
+  for im in data:
+    if im.get("split") != split:
+      continue
+    name = os.path.join(im.get("filepath", ""), im["filename"])
+    entries.append((name, [" ".join(s["raw"].split()) for s in im.get("sentences", [])]))
+  return _caption_set(entries, str(images_dir), image_size, max_images)
+
+
+def load_class_set(
+  path: str | os.PathLike,
+  *,
+  image_size: int | None = None,
+  per_class: int | None = None,
+) -> ClassSet:
+  """Class-labelled images from ``path/<class>/*`` or a zip whose members end ``<class>/<file>``
+  (e.g. the CIFAR-10 test zip, read in place). Classes sorted by name; files sorted; the first
+  ``per_class`` of each class when given."""
+  path = str(path)
+  by_class: dict[str, list[str]] = {}
+  zf = zipfile.ZipFile(path) if os.path.isfile(path) and zipfile.is_zipfile(path) else None
+  try:
+    if zf is not None:
+      for n in zf.namelist():
+        parts = n.split("/")
+        if len(parts) >= 2 and os.path.splitext(parts[-1])[1].lower() in IMAGE_EXTS:
+          by_class.setdefault(parts[-2], []).append(n)
+    elif os.path.isdir(path):
+      for d in sorted(pathlib.Path(path).iterdir()):
+        files = (
+          sorted(str(f) for f in d.glob("*") if f.suffix.lower() in IMAGE_EXTS)
+          if d.is_dir()
+          else []
+        )
+        if files:
+          by_class[d.name] = files
+    else:
+      raise ValueError(f"eval set: {path} is neither a class-folder directory nor a zip")
+    if not by_class:
+      raise ValueError(f"eval set: no <class>/<image> files in {path}")
+    classnames = sorted(by_class)
+    images, labels, paths = [], [], []
+    for label, c in enumerate(classnames):
+      for n in sorted(by_class[c])[:per_class]:
+        data = zf.read(n) if zf is not None else _read(n)
+        name = f"{path}:{n}" if zf is not None else n
+        images.append(_load(data, name, image_size))
+        labels.append(label)
+        paths.append(name)
+  finally:
+    if zf is not None:
+      zf.close()
+  return ClassSet(images, np.asarray(labels, np.int64), classnames, paths)
+
+
+def class_prompts(classnames: list[str], template: str = "a photo of a {class}.") -> list[str]:
+  """One prompt per class (underscores shown as spaces), same template as class-folder training."""
+  return [template.format(**{"class": c.replace("_", " ")}) for c in classnames]
+
+
+__all__ = [
+  "CaptionSet",
+  "ClassSet",
+  "load_coco_captions",
+  "load_karpathy",
+  "load_class_set",
+  "class_prompts",
+]
