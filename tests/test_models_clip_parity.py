@@ -1,0 +1,220 @@
+"""NNX CLIP loaded from a HF checkpoint == transformers' PyTorch CLIPModel (fp32 <= 1e-4).
+
+Also: bf16 compute vs fp32 for random-init B/32, batch 2. Measured on CPU (jax 0.10.2): cosine of
+the normalised embeds >= 0.9999 (image 0.99998, text 0.99999) and max abs diff ~2.5e-3; asserted:
+cosine > 0.999 and max abs diff < 2e-2.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gmail_jax import api
+from gmail_jax.models import clip as clip_lib
+from gmail_jax.models import convert
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TEXTS = [
+  "a photo of a cat",
+  "Two dogs playing with a frisbee on the beach at sunset!",
+  "",
+  "an extremely long caption " * 30,
+  "émoji 🐱 &amp; stuff",
+]
+
+
+def _tiny_hf(act="quick_gelu", eos_token_id=49407, **vision):
+  vcfg = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    hidden_act=act,
+  )
+  vcfg.update(vision)
+  return transformers.CLIPConfig(
+    text_config=dict(
+      vocab_size=49408,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      max_position_embeddings=77,
+      hidden_act=act,
+      eos_token_id=eos_token_id,
+    ),
+    vision_config=vcfg,
+    projection_dim=16,
+  )
+
+
+def _b32_widths_hf(act):
+  """Full ViT-B/32 widths (vision 768/3072/12 heads, text 512/2048/8 heads), 1-2 layers."""
+  return transformers.CLIPConfig(
+    text_config=dict(num_hidden_layers=1, hidden_act=act),
+    vision_config=dict(num_hidden_layers=2, hidden_act=act),
+    projection_dim=512,
+  )
+
+
+def _build(cfg, seed=0):
+  torch.manual_seed(seed)
+  model = transformers.CLIPModel(cfg).eval()
+  with torch.no_grad():  # a non-default logit scale, so the mapping of logit_scale is tested
+    model.logit_scale.fill_(3.1)
+  return model
+
+
+def _hf_outputs(model, pixels_nhwc, ids):
+  with torch.no_grad():
+    out = model(
+      input_ids=torch.from_numpy(ids.astype(np.int64)),
+      pixel_values=torch.from_numpy(np.ascontiguousarray(pixels_nhwc.transpose(0, 3, 1, 2))),
+    )
+  return out.image_embeds.numpy(), out.text_embeds.numpy(), out.logits_per_image.numpy()
+
+
+_forward = nnx.jit(lambda m, px, ids: m(px, ids))
+_image_features = nnx.jit(lambda m, px: m.encode_image(px))
+_text_features = nnx.jit(lambda m, ids: m.encode_text(ids))
+
+
+def _check_parity(hf_model, ckpt_dir, n_images=3, seed=0):
+  enc = api.load_clip(str(ckpt_dir))
+  s = enc.image_size
+  rng = np.random.default_rng(seed)
+  pixels = rng.standard_normal((n_images, s, s, 3)).astype(np.float32)
+  ids = enc.tokenize(TEXTS)
+  ref_img, ref_txt, ref_logits = _hf_outputs(hf_model, pixels, ids)
+  img, txt = enc.encode_images(pixels), enc.encode_texts(TEXTS)
+  logits_per_image, logits_per_text = _forward(enc.model, jnp.asarray(pixels), jnp.asarray(ids))
+  diffs = {
+    "image": float(np.abs(img - ref_img).max()),
+    "text": float(np.abs(txt - ref_txt).max()),
+    "logits": float(np.abs(np.asarray(logits_per_image) - ref_logits).max()),
+  }
+  np.testing.assert_allclose(np.asarray(logits_per_text), np.asarray(logits_per_image).T)
+  assert all(d <= 1e-4 for d in diffs.values()), diffs
+  # Unnormalised projections are also HF's (image_embeds before normalisation).
+  with torch.no_grad():
+    feats = hf_model.get_image_features(
+      pixel_values=torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+    )
+  feats = getattr(feats, "pooler_output", feats).numpy()
+  ours = np.asarray(_image_features(enc.model, jnp.asarray(pixels)))
+  assert np.abs(ours - feats).max() <= 1e-4 * max(1.0, np.abs(feats).max())
+  return enc, diffs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """A tiny quick_gelu HF CLIPModel saved with save_pretrained, and our encoder loaded from it."""
+  path = tmp_path_factory.mktemp("tiny_clip")
+  hf = _build(_tiny_hf("quick_gelu"))
+  hf.save_pretrained(path)
+  assert (path / "model.safetensors").exists()
+  enc, _ = _check_parity(hf, path)
+  return hf, path, enc
+
+
+def test_tiny_parity_gelu(tmp_path):
+  hf = _build(_tiny_hf("gelu"), seed=3)
+  hf.save_pretrained(tmp_path)
+  enc, _ = _check_parity(hf, tmp_path, seed=3)
+  assert enc.model.config.vision.act == "gelu" and enc.model.config.text.act == "gelu"
+
+
+def test_tiny_parity_quick_gelu_and_image_inputs(tiny):
+  _, _, enc = tiny
+  assert enc.model.config.vision.act == "quick_gelu" and enc.model.config.embed_dim == 16
+  # Vision tower alone, and uint8 images of any size go through HF-exact preprocessing.
+  vision = nnx.jit(lambda v, x: v(x))
+  assert vision(enc.model.vision, jnp.zeros((2, 32, 32, 3))).shape == (2, 16)
+  rng = np.random.default_rng(1)
+  photos = rng.integers(0, 256, (2, 45, 60, 3), dtype=np.uint8)
+  proc = transformers.CLIPImageProcessorPil(
+    size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+  )
+  ref_px = proc(images=list(photos), return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(
+    enc.encode_images(photos), enc.encode_images(ref_px.astype(np.float32)), atol=1e-5
+  )
+  # Batching with a padded last chunk gives the same embeddings as one big batch.
+  small = api.ClipEncoder(enc.model, enc.tokenizer, batch_size=2)
+  np.testing.assert_allclose(small.encode_texts(TEXTS), enc.encode_texts(TEXTS), atol=1e-5)
+
+
+def test_b32_widths_parity(tmp_path):
+  hf = _build(_b32_widths_hf("quick_gelu"), seed=1)
+  hf.save_pretrained(tmp_path)
+  enc, _ = _check_parity(hf, tmp_path, n_images=2, seed=1)
+  assert enc.image_size == 224 and enc.model.config.vision.width == 768
+  assert enc.model.config.text.width == 512 and enc.model.config.embed_dim == 512
+
+
+def test_bin_checkpoint_and_legacy_eos(tmp_path):
+  """pytorch_model.bin via torch.load(weights_only=True); eos_token_id == 2 pools at argmax(ids)."""
+  hf = _build(_tiny_hf("gelu", eos_token_id=2), seed=2)
+  hf.config.to_json_file(str(tmp_path / "config.json"))
+  sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+  sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]  # old checkpoints had it
+  torch.save(sd, tmp_path / "pytorch_model.bin")
+  model = convert.load_pretrained(str(tmp_path))
+  assert model.config.text.eos_token_id == 2
+  rng = np.random.default_rng(2)
+  ids = rng.integers(0, 1000, (4, 77)).astype(np.int32)
+  ids[:, 10] = 49407  # argmax position differs from "first EOT" only for legacy configs
+  ids[:, 30] = 49407
+  ids[0, 5] = 2
+  pixels = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+  _, ref_txt, ref_logits = _hf_outputs(hf, pixels, ids)
+  txt = np.asarray(clip_lib.l2_normalize(_text_features(model, jnp.asarray(ids))))
+  assert np.abs(txt - ref_txt).max() <= 1e-4
+  logits, _ = _forward(model, jnp.asarray(pixels), jnp.asarray(ids))
+  assert np.abs(np.asarray(logits) - ref_logits).max() <= 1e-4
+
+
+def test_non_square_rejected(tiny):
+  hf, _, enc = tiny
+  cfg = json.loads(hf.config.to_json_string())
+  cfg["vision_config"]["image_size"] = [32, 48]
+  with pytest.raises(convert.CheckpointError, match="not square"):
+    convert.clip_config_from_hf(cfg)
+  with pytest.raises(ValueError, match="non-square 32x48"):
+    enc.encode_images(np.zeros((1, 32, 48, 3), np.float32))
+  with pytest.raises(ValueError, match="built for 32x32 images, got 64x64"):
+    _image_features(enc.model, jnp.zeros((1, 64, 64, 3)))
+  with pytest.raises(ValueError, match=r"\[N,32,32,3\] \(NHWC\)"):
+    _image_features(enc.model, jnp.zeros((1, 3, 32, 32)))
+  # uint8 images of any shape are resized + center-cropped, so they are accepted.
+  assert enc.encode_images(np.zeros((1, 32, 48, 3), np.uint8)).shape == (1, 16)
+
+
+def test_bf16_close_to_fp32_b32():
+  cfg = clip_lib.clip_config("B/32")
+  fp32 = clip_lib.CLIP(cfg, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(fp32)
+  abstract = nnx.eval_shape(lambda: clip_lib.CLIP(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+  bf16 = nnx.merge(nnx.graphdef(abstract), state)  # same fp32 params, bf16 compute
+  assert bf16.vision.blocks[0].attn.q_proj.kernel[...].dtype == jnp.float32
+  rng = np.random.default_rng(0)
+  pixels = jnp.asarray(rng.standard_normal((2, 224, 224, 3)), jnp.float32)
+  ids = jnp.asarray(api.ClipEncoder(fp32).tokenize(["a photo of a cat", "a dog on a skateboard"]))
+  worst_cos, worst_diff = 1.0, 0.0
+  for name in ("encode_image", "encode_text"):
+    x = pixels if name == "encode_image" else ids
+    a = clip_lib.l2_normalize(jax.jit(lambda m, x, n=name: getattr(m, n)(x))(fp32, x))
+    b = clip_lib.l2_normalize(jax.jit(lambda m, x, n=name: getattr(m, n)(x))(bf16, x))
+    assert b.dtype == jnp.float32
+    worst_cos = min(worst_cos, float(jnp.sum(a * b, -1).min()))
+    worst_diff = max(worst_diff, float(jnp.abs(a - b).max()))
+  print(f"bf16 vs fp32 B/32: min cosine {worst_cos:.6f}, max abs diff {worst_diff:.2e}")
+  assert worst_cos > 0.999 and worst_diff < 2e-2, (worst_cos, worst_diff)
