@@ -1,0 +1,237 @@
+r"""Evaluate a run: ``python -m gmail_jax.evaluate --config=configs/NAME.py --workdir=DIR``.
+
+Loads the frozen teacher exactly as training built it (``config.init``, the quickstart's cached
+``config.teacher_pretrain``, or the seeded random init) and the student from DIR's latest Orbax
+checkpoint (LoRA merged), runs every evaluator of ``config.evals`` on three encoders, and writes
+
+  DIR/eval/metrics.json         {'step', 'encoders': {name: {metric: value}}, 'gap_reduction': ...}
+  DIR/eval/tsne_gen_real.png    t-SNE of real vs generated embeddings, before/after alignment
+                                (when config.evals has a ``type='gap', pairs='gen_real'`` set)
+  DIR/eval/training_curves.png  from DIR/metrics.jsonl (when present)
+
+Encoders (the evaluators.common interface):
+  teacher      f_r for every image, frozen text tower              (before alignment)
+  student      generated images through f_g, real images through f_r, frozen text tower
+               (GMAIL Algorithm 1 inference path; what 'gen_real' gaps measure)
+  student_all  f_g for every image (the documented variant, and TPC-CMA's image-text setting)
+``gap_reduction[enc][eval]`` = 100·(1 − G_enc / G_teacher) per gap kind (gap evaluators only).
+
+``--config`` defaults to DIR/config.json (written by training); ``--step`` picks a checkpoint.
+Errors from bad input end the run with one line (``GMAIL_TRACEBACK=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from gmail_jax import checkpointing, train
+from gmail_jax import metrics as metrics_lib
+from gmail_jax import sharding as shd
+
+ENCODERS = ("teacher", "student", "student_all")
+
+
+@dataclasses.dataclass
+class Loaded:
+  """Teacher and merged student of a run, on ``mesh``, plus what evaluators need."""
+
+  teacher: nnx.Module
+  student: nnx.Module
+  step: int
+  mesh: jax.sharding.Mesh
+  tokenizer: Any
+
+
+def load_run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None) -> Loaded:
+  """Builds the teacher as training did and restores the student from DIR/checkpoints.
+
+  The restore target and the merge are the trainer's own (``train.build``,
+  ``train.merged_student``), so evaluation sees exactly the trained model; the checkpoint's teacher
+  fingerprint must match the teacher built here.
+  """
+  from gmail_jax.models.tokenizer import Tokenizer  # noqa: PLC0415
+
+  workdir = os.path.abspath(workdir)
+  train.validate_config(config)
+  mesh = shd.make_mesh(config.mesh)
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints, async_save=False)
+  try:
+    if (step if step is not None else ckpt.latest_step()) is None:
+      raise FileNotFoundError(f"{ckpt.directory}: no checkpoint (train first with gmail_jax.main)")
+    with jax.set_mesh(mesh):
+      built = train.build(config, workdir, mesh)
+      models, frozen, rng, state = built["models"], built["frozen"], built["rng"], built["state"]
+      abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+      )
+      state, meta = ckpt.restore(abstract, step=step)
+      teacher_id = {
+        **train.teacher_source(config),
+        "checksum": checkpointing.frozen_checksum(frozen),
+      }
+      checkpointing.check_teacher(meta.get("teacher", {}), teacher_id, ckpt.directory)
+      teacher = nnx.merge(models.teacher, frozen)
+      student = train.merged_student(models, state["params"], frozen, rng)
+  finally:
+    ckpt.close()
+  tokenizer = Tokenizer(context_length=built["text_context"])
+  return Loaded(teacher, student, int(meta["step"]), mesh, tokenizer)
+
+
+def encoders(run: Loaded) -> dict[str, train.TrainEncoder]:
+  """The three views of ENCODERS (see the module docstring)."""
+  t, s, tok, mesh = run.teacher, run.student, run.tokenizer, run.mesh
+  return {
+    "teacher": train.TrainEncoder(t, t, tok, mesh),
+    "student": train.TrainEncoder(t, s, tok, mesh),
+    "student_all": train.TrainEncoder(s, s, tok, mesh),
+  }
+
+
+def _unprefix(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+  return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def tsne_gen_real(path: str, gap_ev, encs: dict, *, max_points: int = 500, seed: int = 0) -> str:
+  """Before (teacher on both) / after (student on generated) t-SNE of a gen_real gap eval set."""
+  from gmail_jax.evaluators import common, plots  # noqa: PLC0415
+
+  n = len(gap_ev.x_items)
+  idx = np.sort(np.random.default_rng(seed).permutation(n)[:max_points])
+  gen = [gap_ev.x_items[i] for i in idx]
+  real = [gap_ev.y_items[i] for i in idx]
+  bs = gap_ev.batch_size
+  teacher, student = encs["teacher"], encs["student"]
+  real_t = common.encode_in_batches(teacher.encode_images, real, bs)
+  gen_t = common.encode_in_batches(teacher.encode_generated, gen, bs)
+  gen_s = common.encode_in_batches(student.encode_generated, gen, bs)
+  return plots.plot_alignment_tsne(path, real_t, gen_t, real_t, gen_s, seed=seed)
+
+
+def evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  step: int | None = None,
+  which: tuple[str, ...] = ENCODERS,
+  plots: bool = True,
+  tsne_points: int = 500,
+) -> dict[str, Any]:
+  """Runs config.evals on the run's encoders; writes and returns DIR/eval/metrics.json's dict."""
+  from gmail_jax.evaluators import common, gap  # noqa: PLC0415
+  from gmail_jax.evaluators import plots as plots_lib  # noqa: PLC0415
+
+  unknown = [w for w in which if w not in ENCODERS]
+  if unknown:
+    raise ValueError(f"--encoders: unknown {unknown}; choose from {list(ENCODERS)}")
+  workdir = os.path.abspath(workdir)
+  evaluators = common.from_config(config.get("evals"))
+  if not evaluators:
+    raise ValueError("config.evals: empty; nothing to evaluate (add e.g. a 'gap' evaluator)")
+  run = load_run(config, workdir, step=step)
+  encs = encoders(run)
+  results: dict[str, dict[str, float]] = {}
+  with jax.set_mesh(run.mesh):
+    for name in which:
+      out: dict[str, float] = {}
+      for ev in evaluators:
+        out.update(ev.run(encs[name], run.step))
+      results[name] = out
+
+  reduction: dict[str, dict[str, dict[str, float]]] = {}
+  gap_evs = [ev for ev in evaluators if isinstance(ev, gap.GapEvaluator)]
+  if "teacher" in results:
+    for name in (w for w in which if w != "teacher"):
+      reduction[name] = {
+        ev.name: gap.gap_reduction(
+          _unprefix(results["teacher"], ev.prefix), _unprefix(results[name], ev.prefix)
+        )
+        for ev in gap_evs
+      }
+  report: dict[str, Any] = {
+    "step": run.step,
+    "workdir": workdir,
+    "encoders": results,
+    "gap_reduction": reduction,
+    "plots": [],
+  }
+  out_dir = os.path.join(workdir, "eval")
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    if plots:
+      gen_real = [ev for ev in gap_evs if ev.pairs == "gen_real"]
+      if gen_real:
+        with jax.set_mesh(run.mesh):
+          p = tsne_gen_real(
+            os.path.join(out_dir, "tsne_gen_real.png"), gen_real[0], encs, max_points=tsne_points
+          )
+        report["plots"].append(p)
+      curves = os.path.join(workdir, "metrics.jsonl")
+      if os.path.exists(curves):
+        p = plots_lib.plot_training_curves(curves, os.path.join(out_dir, "training_curves.png"))
+        report["plots"].append(p)
+    path = os.path.join(out_dir, "metrics.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump(report, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+  return report
+
+
+# ---------------------------------------------------------------------------------------------
+# absl entry point.
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv) -> None:
+  from absl import app, flags, logging  # noqa: PLC0415
+
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  try:
+    config = f.config if f.config is not None else metrics_lib.read_config(f.workdir)
+    which = tuple(w.strip() for w in f.encoders.split(",") if w.strip())
+    report = evaluate(
+      config, f.workdir, step=f.step, which=which, plots=f.plots, tsne_points=f.tsne_points
+    )
+  except (ValueError, FileNotFoundError) as e:
+    if os.environ.get("GMAIL_TRACEBACK"):
+      raise
+    logging.error("%s: %s", type(e).__name__, e)
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(1)
+  if jax.process_index() == 0:
+    for name, m in report["encoders"].items():
+      print(f"[{name}] " + " ".join(f"{k}={v:.4g}" for k, v in sorted(m.items())))
+    print(f"wrote {os.path.join(report['workdir'], 'eval', 'metrics.json')}")
+
+
+def _define_flags() -> None:
+  from absl import flags  # noqa: PLC0415
+  from ml_collections import config_flags  # noqa: PLC0415
+
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file (default: WORKDIR/config.json).", lock_config=True
+  )
+  flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/, metrics.jsonl).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("encoders", ",".join(ENCODERS), "Comma list of " + ", ".join(ENCODERS))
+  flags.DEFINE_bool("plots", True, "Write the t-SNE and training-curve PNGs.")
+  flags.DEFINE_integer("tsne_points", 500, "Pairs in the t-SNE plot (subsampled).")
+  flags.mark_flags_as_required(["workdir"])
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  _define_flags()
+  app.run(main)
