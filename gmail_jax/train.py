@@ -218,7 +218,7 @@ def initial_params(config, models: train_step.Models, lora, frozen) -> dict[str,
   """The trainable pytree: LoRA [+ a COPY of the vision projection] [+ log 1/tau]."""
   params: dict[str, Any] = {"lora": lora}
   if config.lora.train_proj:
-    proj = nnx.state(nnx.merge(models.teacher, frozen).vision.proj, nnx.Param)
+    proj, _ = nnx.split_state(frozen, train_step.is_proj, ...)
     params["proj"] = jax.tree.map(jnp.copy, proj)  # own buffer: the state is donated
   if config.loss.learn_temperature:
     params["log_scale"] = jnp.asarray(math.log(1.0 / config.loss.temperature), jnp.float32)
@@ -254,10 +254,9 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
 
 def merged_student(models: train_step.Models, params: dict, frozen, rng) -> nnx.Module:
   """A plain CLIP with LoRA (and a trained projection) folded in: the deployable student."""
-  fresh = lambda t: jax.tree.map(lambda x: x, t)  # new Variable containers, same buffers
-  student = nnx.merge(models.student, fresh(params["lora"]), fresh(rng), fresh(frozen))
-  if "proj" in params:
-    nnx.update(student.vision.proj, params["proj"])
+  states = train_step.student_state(params, frozen, rng)
+  # New Variable containers (same buffers): merging in place must not touch the shared state.
+  student = nnx.merge(models.student, *(jax.tree.map(lambda x: x, s) for s in states))
   lora_lib.merge_lora(student)
   return student
 
@@ -370,6 +369,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       rng_shardings=jax.tree.map(lambda x: x.sharding, rng),
     )
 
+    # ------------------------------------------------------- teacher-embedding cache (optional)
+    from gmail_jax import teacher_cache  # noqa: PLC0415
+
+    cache = teacher_cache.from_config(
+      config,
+      models=models,
+      frozen=frozen,
+      mesh=mesh,
+      workdir=workdir,
+      model_config=model_config(config),
+    )
+
     # ---------------------------------------------------------------------------------- evals
     evaluators = []
     if config.get("evals"):
@@ -396,7 +407,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last: dict[str, float] = {}
     try:
       for step in range(first_step + 1, config.total_steps + 1):
-        batch = pipeline.global_batch(next(data_iter), mesh)
+        local = next(data_iter)
+        if cache is not None:  # teacher_emb from the cache; the step skips the teacher
+          local = teacher_cache.attach(local, *cache)
+        batch = pipeline.global_batch(local, mesh)
         state, m = step_fn(state, frozen, rng, batch)
         is_last = step == config.total_steps
         log_now = step % config.log_every_steps == 0 or is_last
@@ -418,6 +432,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if ev:
           last.update(writer.write(step, ev))
     finally:
+      if cache is not None:
+        cache[0].flush()
       ckpt.close()
       writer.close()
       close = getattr(data_iter, "close", None)

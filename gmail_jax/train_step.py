@@ -65,12 +65,22 @@ def dropout_rngs(rng: nnx.State, index: jax.Array) -> nnx.State:
   return jax.tree.map(one, rng)
 
 
+def is_proj(path, _value) -> bool:
+  """Filter for the vision projection (``vision/proj/*``), trainable with lora.train_proj."""
+  return tuple(str(p) for p in path[:2]) == ("vision", "proj")
+
+
+def student_state(params: dict, frozen: nnx.State, rng: nnx.State) -> tuple[nnx.State, ...]:
+  """The student's states: LoRA, dropout rngs, frozen weights (trained projection swapped in)."""
+  if "proj" in params:
+    _, rest = nnx.split_state(frozen, is_proj, ...)
+    return params["lora"], rng, rest, params["proj"]
+  return params["lora"], rng, frozen
+
+
 def student_embed(models: Models, params: dict, frozen: nnx.State, rng: nnx.State, pixels):
   """f_g: frozen weights + LoRA (+ trained projection) on normalised pixels -> [N, D] fp32."""
-  student = nnx.merge(models.student, params["lora"], rng, frozen)
-  if "proj" in params:
-    nnx.update(student.vision.proj, params["proj"])
-  return student.vision(pixels)
+  return nnx.merge(models.student, *student_state(params, frozen, rng)).vision(pixels)
 
 
 def teacher_model(models: Models, frozen: nnx.State) -> nnx.Module:
@@ -232,7 +242,7 @@ def make_train_step(
     grads = {**g_enc, **g_head}
     updates, opt = tx.update(grads, state["opt"], params)
     new_params = optax.apply_updates(params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
 
     # Non-finite guard: keep the last good params/opt and remember the first bad step.
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -249,8 +259,8 @@ def make_train_step(
       **aux,
       "lr": schedule(step),
       "grad_norm": grad_norm,
-      "param_norm": optax.global_norm(params),
-      "update_norm": optax.global_norm(updates),
+      "param_norm": optax.tree.norm(params),
+      "update_norm": optax.tree.norm(updates),
     }
     return new_state, metrics
 

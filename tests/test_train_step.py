@@ -1,0 +1,139 @@
+"""The jitted GMAIL step: LoRA-only updates, 1 vs 8 devices, exact gradient accumulation."""
+
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+from flax import nnx
+
+from gmail_jax import sharding, train, train_step
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def tiny_config(**loss):
+  spec = importlib.util.spec_from_file_location("cfg_tiny", CONFIGS / "tiny.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.model.variant = "mu"
+  c.data.image_size = 16
+  c.optim.lr = 3e-3
+  c.loss.update(loss)
+  return c
+
+
+def batches(n, b=16, s=16, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    real = rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8)
+    noise = rng.integers(-20, 21, real.shape)
+    gen = np.clip(real.astype(np.int64) + noise, 0, 255).astype(np.uint8)
+    out.append(
+      {
+        "gen_image": gen,
+        "real_image": real,
+        "text": rng.integers(1, 1000, (b, 77)).astype(np.int32),
+        "group": (np.arange(b) // 2).astype(np.int32),  # pairs share a real image
+        "real_id": np.arange(b, dtype=np.int32),
+      }
+    )
+  return out
+
+
+def run(config, mesh, data, tmp_path):
+  with jax.set_mesh(mesh):
+    built = train.build(config, str(tmp_path), mesh)
+    state, frozen, rng = built["state"], built["frozen"], built["rng"]
+    step = train_step.make_train_step(
+      config,
+      built["models"],
+      built["tx"],
+      built["schedule"],
+      mesh,
+      state_shardings=jax.tree.map(lambda x: x.sharding, state),
+      frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen),
+      rng_shardings=jax.tree.map(lambda x: x.sharding, rng),
+    )
+    frozen_before = [np.asarray(x).copy() for x in jax.tree.leaves(frozen)]
+    lora_before = [np.asarray(x).copy() for x in jax.tree.leaves(state["params"])]
+    losses = []
+    for b in data:
+      glob = {k: sharding.put_global(v, sharding.batch_sharding(mesh)) for k, v in b.items()}
+      state, m = step(state, frozen, rng, glob)
+      losses.append(float(m["loss"]))
+    return {
+      "losses": np.array(losses),
+      "state": jax.device_get(state),
+      "frozen": frozen,
+      "frozen_before": frozen_before,
+      "lora_before": lora_before,
+      "built": built,
+    }
+
+
+def test_only_lora_moves_and_frozen_is_bitwise_unchanged(tmp_path):
+  config = tiny_config(text_weight=0.5, learn_temperature=True)
+  config.lora.train_proj = True
+  mesh = sharding.make_mesh(config.mesh)
+  out = run(config, mesh, batches(4), tmp_path)
+  # Frozen weights: bitwise identical after training, and never donated (still readable).
+  after = [np.asarray(x) for x in jax.tree.leaves(out["frozen"])]
+  for a, b in zip(out["frozen_before"], after, strict=True):
+    np.testing.assert_array_equal(a, b)
+  # Trainable: LoRA (+ the projection copy, + log-scale) moved.
+  moved = [
+    not np.array_equal(a, np.asarray(b))
+    for a, b in zip(out["lora_before"], jax.tree.leaves(out["state"]["params"]), strict=True)
+  ]
+  assert all(moved)
+  # Optimizer state exists only for the trainable pytree.
+  n_params = sum(x.size for x in jax.tree.leaves(out["state"]["params"]))
+  n_opt = sum(np.size(x) for x in jax.tree.leaves(out["state"]["opt"]))
+  assert n_opt <= 2 * n_params + 8
+  assert set(out["state"]["params"]) == {"lora", "proj", "log_scale"}
+  assert np.all(np.isfinite(out["losses"]))
+  assert int(out["state"]["step"]) == 4 and int(out["state"]["bad_step"]) == -1
+
+
+def test_student_equals_teacher_at_step0(tmp_path):
+  config = tiny_config()
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    built = train.build(config, str(tmp_path), mesh)
+    models, frozen = built["models"], built["frozen"]
+    x = np.random.default_rng(0).normal(size=(8, 16, 16, 3)).astype(np.float32)
+    t = nnx.merge(models.teacher, frozen).vision(x)
+    s = train_step.student_embed(models, built["state"]["params"], frozen, built["rng"], x)
+    np.testing.assert_array_equal(np.asarray(t), np.asarray(s))
+
+
+def test_one_vs_eight_devices_same_losses(tmp_path):
+  config = tiny_config(symmetric=True)
+  data = batches(2)
+  one = run(config, sharding.make_mesh(config.mesh, jax.devices()[:1]), data, tmp_path / "a")
+  eight = run(config, sharding.make_mesh(config.mesh), data, tmp_path / "b")
+  np.testing.assert_allclose(one["losses"], eight["losses"], atol=1e-5, rtol=0)
+  for a, b in zip(
+    jax.tree.leaves(one["state"]["params"]), jax.tree.leaves(eight["state"]["params"]), strict=True
+  ):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_grad_accumulation_is_exact_under_fsdp(tmp_path):
+  fsdp = 2
+  data = batches(2)
+  base = tiny_config(symmetric=True, text_weight=0.5)
+  base.mesh.fsdp = fsdp
+  acc = tiny_config(symmetric=True, text_weight=0.5)
+  acc.mesh.fsdp = fsdp
+  acc.optim.accum_steps = 2
+  a = run(base, sharding.make_mesh(base.mesh), data, tmp_path / "a")
+  b = run(acc, sharding.make_mesh(acc.mesh), data, tmp_path / "b")
+  np.testing.assert_allclose(a["losses"], b["losses"], atol=1e-5, rtol=0)
+  for x, y in zip(
+    jax.tree.leaves(a["state"]["params"]), jax.tree.leaves(b["state"]["params"]), strict=True
+  ):
+    np.testing.assert_allclose(x, y, atol=2e-5)
