@@ -1,0 +1,156 @@
+"""Train / held-out test split views of a class-folder dataset, materialised under WORKDIR/data.
+
+The small-scale reproductions (configs/quickstart.py, configs/cifake.py) must never evaluate on an
+image they trained on. The regular pipeline (``class_folders`` source) reads every image under
+``config.data.root``, so we give it a view that holds only the training split::
+
+    WORKDIR/data/train/{real,generated}/<class>/<file>    alignment (pipeline), teacher, probes
+    WORKDIR/data/test/{real,generated}/<class>/<file>     held out: probe test set, gap pairs
+
+``config.splits.kind``:
+  'digits'        : render the quickstart dataset (gmail_jax/data/digits.py) straight into the view.
+  'class_folders' : split SOURCE/{real,generated}/<class>/* (SOURCE = config.data.root as given by
+                    the user, e.g. the CIFAKE sample) per class with a fixed seed; the view holds
+                    symlinks (or copies where links are unavailable), never modified originals.
+
+``materialize`` then points ``config.data.root`` at the train view (the original is kept in
+``config.splits.source``). The split depends only on ``config.splits`` (not ``config.seed``), so
+runs with different seeds are evaluated on the same held-out images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+
+import ml_collections
+import numpy as np
+
+from gmail_jax.data import digits
+
+KINDS = ("digits", "class_folders")
+MODALITIES = ("real", "generated")
+_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def split_root(
+  config: ml_collections.ConfigDict, workdir: str | pathlib.Path, split: str
+) -> pathlib.Path:
+  """WORKDIR/data/<split> (split in 'train', 'test')."""
+  if split not in ("train", "test"):
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  del config
+  return pathlib.Path(workdir) / "data" / split
+
+
+def source_root(config: ml_collections.ConfigDict) -> str:
+  """The user's dataset root (config.splits.source, else config.data.root)."""
+  src = config.splits.get("source") or config.data.get("root")
+  if not src:
+    raise ValueError("config.data.root: set it to the dataset root (with real/ and generated/)")
+  return str(src)
+
+
+def _class_files(root: pathlib.Path) -> dict[str, list[pathlib.Path]]:
+  if not root.is_dir():
+    raise FileNotFoundError(f"config.data.root: missing folder {root}")
+  out = {}
+  for d in sorted(p for p in root.iterdir() if p.is_dir()):
+    files = sorted(f for f in d.iterdir() if f.suffix.lower() in _EXTS)
+    if files:
+      out[d.name] = files
+  if not out:
+    raise FileNotFoundError(f"config.data.root: no images under {root}/<class>/")
+  return out
+
+
+def _place(src: pathlib.Path, dst: pathlib.Path) -> None:
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    os.symlink(src.resolve(), dst)
+  except OSError:
+    shutil.copyfile(src, dst)
+
+
+def split_class_folders(
+  source: str | pathlib.Path,
+  out: str | pathlib.Path,
+  *,
+  test_per_class: int,
+  train_per_class: int = 0,
+  seed: int = 0,
+) -> dict[str, int]:
+  """Split SOURCE/{real,generated}/<class>/* into OUT/{train,test}/... per class and modality.
+
+  ``test_per_class`` files of each (modality, class) go to test, drawn with ``seed``; the rest (at
+  most ``train_per_class`` when > 0) to train. Returns file counts per split/modality.
+  """
+  source, out = pathlib.Path(source), pathlib.Path(out)
+  counts = {f"{s}/{m}": 0 for s in ("train", "test") for m in MODALITIES}
+  for m_i, modality in enumerate(MODALITIES):
+    files = _class_files(source / modality)
+    for c_i, (cls, paths) in enumerate(files.items()):
+      if len(paths) <= test_per_class:
+        raise ValueError(
+          f"{source / modality / cls}: {len(paths)} images, need more than "
+          f"splits.test_per_class={test_per_class}"
+        )
+      perm = np.random.default_rng([seed, m_i, c_i]).permutation(len(paths))
+      test = sorted(perm[:test_per_class])
+      train = sorted(perm[test_per_class:])
+      if train_per_class > 0:
+        train = train[:train_per_class]
+      for split, idx in (("train", train), ("test", test)):
+        for i in idx:
+          _place(paths[i], out / split / modality / cls / paths[i].name)
+        counts[f"{split}/{modality}"] += len(idx)
+  return counts
+
+
+def materialize(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Create WORKDIR/data/{train,test} (idempotent) and point config.data.root at the train view."""
+  sp = config.splits
+  if sp.kind not in KINDS:
+    raise ValueError(f"config.splits.kind: {sp.kind!r} not in {KINDS}")
+  out = pathlib.Path(workdir) / "data"
+  train = split_root(config, workdir, "train")
+  if sp.kind == "digits":
+    meta = digits.materialize(
+      out,
+      generated_per_class=sp.generated_per_class,
+      test_fraction=sp.test_fraction,
+      seed=sp.seed,
+    )
+  else:
+    if config.data.get("root") and pathlib.Path(config.data.root).resolve() == train.resolve():
+      source = source_root(config)
+    else:
+      source = config.data.get("root") or source_root(config)
+    spec = {
+      "source": str(pathlib.Path(source).resolve()),
+      "test_per_class": sp.test_per_class,
+      "train_per_class": sp.get("train_per_class", 0),
+      "seed": sp.seed,
+    }
+    marker = out / "split.json"
+    if marker.exists() and json.loads(marker.read_text()).get("spec") == spec:
+      meta = json.loads(marker.read_text())
+    else:
+      if out.exists():
+        for split in ("train", "test"):
+          shutil.rmtree(out / split, ignore_errors=True)
+      counts = split_class_folders(
+        source,
+        out,
+        test_per_class=sp.test_per_class,
+        train_per_class=spec["train_per_class"],
+        seed=sp.seed,
+      )
+      meta = {"spec": spec, "counts": counts}
+      out.mkdir(parents=True, exist_ok=True)
+      marker.write_text(json.dumps(meta, indent=2))
+    sp.source = str(source)
+  config.data.root = str(train)
+  return meta
