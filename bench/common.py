@@ -1,0 +1,148 @@
+"""Shared benchmark helpers: timing, thread setup, analytic FLOPs of the GMAIL step, JSON output.
+
+Nothing here imports jax or torch at module level, so a benchmark can set ``XLA_FLAGS`` /
+thread counts before either framework initialises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def cpu_count() -> int:
+  """Cores this process may run on (respects taskset / cgroup affinity, unlike os.cpu_count)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # pragma: no cover - non-Linux
+    return os.cpu_count() or 1
+
+
+def load_average() -> float:
+  """1-minute load average (context for noisy numbers on a shared machine)."""
+  try:
+    return os.getloadavg()[0]
+  except OSError:  # pragma: no cover
+    return float("nan")
+
+
+@dataclasses.dataclass
+class Timing:
+  """Per-iteration wall times (seconds) of ``repeats`` timed windows of ``iters`` calls each."""
+
+  per_iter: list[float]
+
+  @property
+  def best(self) -> float:
+    return min(self.per_iter)
+
+  @property
+  def median(self) -> float:
+    return statistics.median(self.per_iter)
+
+  def as_dict(self, prefix: str = "") -> dict[str, float]:
+    return {
+      f"{prefix}best_s": self.best,
+      f"{prefix}median_s": self.median,
+      f"{prefix}spread": (max(self.per_iter) - self.best) / self.best,
+    }
+
+
+def time_windows(
+  run: Callable[[], Any], sync: Callable[[Any], Any], *, iters: int, repeats: int
+) -> Timing:
+  """Time ``repeats`` windows of ``iters`` back-to-back calls; one sync at the end of each window.
+
+  Syncing only at window ends measures pipelined steady-state throughput (what a training loop with
+  no host syncs sees). ``run`` must already be warmed up (compiled).
+  """
+  out = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    r = None
+    for _ in range(iters):
+      r = run()
+    sync(r)
+    out.append((time.perf_counter() - t0) / iters)
+  return Timing(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Analytic FLOPs (multiply-add = 2 FLOPs) of the CLIP ViT image tower and the GMAIL step.
+# ---------------------------------------------------------------------------------------------
+
+
+def vit_forward_flops(
+  *,
+  image_size: int,
+  patch_size: int,
+  width: int,
+  layers: int,
+  mlp_dim: int,
+  embed_dim: int,
+  lora_rank: int = 0,
+  lora_layers_per_block: int = 4,
+) -> dict[str, float]:
+  """Forward FLOPs of one image through a CLIP ViT tower (matmuls only; LN/softmax/GELU ignored).
+
+  P = (S/p)², N = P + 1 (class token), W width, M mlp_dim, L layers, E embed_dim
+  patch = 2·P·(3p²)·W
+  block = 8·N·W² (q,k,v,out) + 4·N²·W (QKᵀ and A·V) + 4·N·W·M (fc1, fc2)
+  lora  = k·4·N·W·r per block (x·A then ·B on k adapted W×W projections)
+  proj  = 2·W·E (class token only)
+  F     = patch + L·(block + lora) + proj
+  """
+  p = (image_size // patch_size) ** 2
+  n = p + 1
+  patch = 2.0 * p * (3 * patch_size * patch_size) * width
+  block = 8.0 * n * width * width + 4.0 * n * n * width + 4.0 * n * width * mlp_dim
+  lora = lora_layers_per_block * 4.0 * n * width * lora_rank
+  proj = 2.0 * width * embed_dim
+  return {
+    "patch": patch,
+    "block": block,
+    "lora_per_block": lora,
+    "proj": proj,
+    "forward": patch + layers * (block + lora) + proj,
+    "forward_no_lora": patch + layers * block + proj,
+  }
+
+
+def gmail_step_flops_per_pair(**vit: Any) -> dict[str, float]:
+  """FLOPs per (generated, real) pair of one GMAIL training step with a frozen base + LoRA.
+
+      teacher forward (real image, no LoRA)        F₀
+      student forward (generated image, LoRA)      F
+      student backward, activations only           F − patch      (frozen W: dX = dY·Wᵀ costs one
+                                                                    forward matmul; no dW; pixels
+                                                                    need no gradient, so the patch
+                                                                    embedding has no backward)
+      LoRA weight grads                            L·lora          (dA, dB: same cost as forward)
+      step = F₀ + 2F − patch + L·lora              ≈ 3·F for ViT-B/32 (loss/optimizer negligible)
+
+  The loss (B² logits) and AdamW on the ~0.1% LoRA params are ignored (<1e-4 of the total).
+  """
+  f = vit_forward_flops(**vit)
+  layers = vit["layers"]
+  teacher = f["forward_no_lora"]
+  student_fwd = f["forward"]
+  student_bwd = f["forward"] - f["patch"] + layers * f["lora_per_block"]
+  return {
+    "teacher_forward": teacher,
+    "student_forward": student_fwd,
+    "student_backward": student_bwd,
+    "total": teacher + student_fwd + student_bwd,
+    "total_cached_teacher": student_fwd + student_bwd,
+  }
+
+
+def emit(result: dict[str, Any]) -> None:
+  """Print the result as one JSON object on the last line of stdout."""
+  sys.stdout.flush()
+  print(json.dumps(result, sort_keys=False, default=float), flush=True)

@@ -1,0 +1,445 @@
+"""Teacher-embedding cache: z_r = f_r(x_r) once per real image, then train without the teacher.
+
+Real images are never augmented (only generated ones are, ``data.augment_generated``), so the
+frozen teacher's embedding of a real image is a fixed function of (teacher weights, compute dtype,
+architecture, crop size, image). The cache stores it per ``real_id``:
+
+    DIR/meta.json        {"key": sha256(teacher weights + architecture + dtype + image size),
+                          "data": {source, manifest/root/..., image_size}, "dim": D, ...}
+    DIR/embeddings.npy   float32 [capacity, D], row = real_id
+    DIR/filled.npy       bool [capacity]
+
+DIR is ``config.teacher_cache.path``, by default
+``<data dir>/teacher_cache/<variant>-<dtype>-<size>``
+("beside the data": the manifest's directory, ``data.root`` or ``data.tfds_data_dir``).
+A cache whose key or data description differs from the current run is *stale* and refused
+(``StaleCacheError``) unless ``config.teacher_cache.rebuild`` is set.
+
+Filling: ``precompute`` runs one unshuffled pass of the pairs (epoch 0) through the jitted teacher,
+batch-sharded over the training mesh; rows missed by it (e.g. class-folder pairings draw other real
+images in later epochs) are computed on first sight by ``attach`` and written back. In training,
+``attach`` adds ``teacher_emb`` [b, D] to the per-process batch and drops ``real_image``; the
+train step then skips the teacher forward (train_step.make_train_step). Process 0 owns the files
+(the data dir is assumed shared by all processes); the others keep copy-on-write views and fill
+them from the same all-gathered rows, so every process holds the same cache.
+
+Weights fingerprint (``weights_fingerprint``): per leaf, two order-sensitive 32-bit integer sums
+``Σ_i mix(bits(w_i) ⊕ mix(i + c))`` with wrap-around arithmetic. Integer addition is associative,
+so the fingerprint is exact and independent of the mesh/sharding the weights live on (a float
+checksum is not: its reduction order depends on the sharding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+META = "meta.json"
+EMB = "embeddings.npy"
+FILLED = "filled.npy"
+VERSION = 1
+
+
+class StaleCacheError(ValueError):
+  """The cache on disk was built for another teacher (or other data) than this run's."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprint of the teacher.
+# ---------------------------------------------------------------------------------------------
+
+
+def _mix32(h: jax.Array) -> jax.Array:
+  """murmur3 finalizer on uint32 (wrap-around multiply)."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _bits_u32(x: jax.Array) -> jax.Array:
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize)
+  if width is None:  # 64-bit leaves (only with jax_enable_x64): fold the halves
+    lo = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return lo[..., 0] ^ _mix32(lo[..., 1])
+  return jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+
+
+def _leaf_sums(x: jax.Array) -> jax.Array:
+  """uint32 [2]: Σ_i mix(bits_i ⊕ mix(i + c_k)) for two constants c_k (mod 2³²)."""
+  bits = _bits_u32(x)
+  idx = jnp.arange(bits.size, dtype=jnp.uint32).reshape(bits.shape)
+  out = [jnp.sum(_mix32(bits ^ _mix32(idx + jnp.uint32(c))), dtype=jnp.uint32) for c in (1, 7919)]
+  return jnp.stack(out)
+
+
+def weights_fingerprint(state: Any) -> str:
+  """sha256 hex of (path, shape, dtype, exact integer checksums) of every leaf of ``state``.
+
+  Exact (any single bit flip changes it) and the same for any sharding of the same values.
+  """
+  leaves = jax.tree_util.tree_leaves_with_path(state)
+  sums = jax.jit(lambda xs: [_leaf_sums(x) for x in xs])([x for _, x in leaves])
+  h = hashlib.sha256()
+  for (path, x), s in zip(leaves, sums, strict=True):
+    h.update(f"{jax.tree_util.keystr(path)}|{tuple(x.shape)}|{x.dtype}|".encode())
+    h.update(np.asarray(jax.device_get(s), np.uint32).tobytes())
+  return h.hexdigest()
+
+
+def teacher_key(frozen: nnx.State, *, model_config: Any, dtype: str, image_size: int) -> str:
+  """The cache key: weights fingerprint + everything else the teacher embedding depends on.
+
+  Only the vision tower's weights are fingerprinted (the text tower does not touch z_r).
+  """
+  vision = frozen["vision"] if "vision" in frozen else frozen
+  desc = json.dumps(
+    {
+      "weights": weights_fingerprint(vision),
+      "vision": dataclasses.asdict(model_config.vision),
+      "embed_dim": model_config.embed_dim,
+      "dtype": dtype,
+      "image_size": int(image_size),
+    },
+    sort_keys=True,
+  )
+  return hashlib.sha256(desc.encode()).hexdigest()
+
+
+def data_description(data) -> dict[str, Any]:
+  """What ``real_id`` refers to: the source and where it lives (absolute paths), and crop size."""
+  out: dict[str, Any] = {"source": data.source, "image_size": int(data.image_size)}
+  for key in ("manifest", "root", "tfds_name", "tfds_split", "tfds_data_dir", "tfds_real_key"):
+    value = data.get(key)
+    if value:
+      out[key] = os.path.abspath(value) if key in ("manifest", "root", "tfds_data_dir") else value
+  if data.source == "synthetic":
+    out["synthetic"] = [int(data.synthetic_size), int(data.synthetic_image_size)]
+  return out
+
+
+def run_description(config) -> dict[str, Any]:
+  """``data_description`` plus the seed (the synthetic source draws its images from it)."""
+  out = data_description(config.data)
+  if config.data.source == "synthetic":
+    out["seed"] = int(config.get("seed", 0))
+  return out
+
+
+def default_directory(config, workdir: str | os.PathLike) -> str:
+  """``<data dir>/teacher_cache/<variant>-<dtype>-<size>`` (synthetic data: under the workdir)."""
+  data = config.data
+  if data.source == "manifest" and data.get("manifest") and not data.get("root"):
+    base = os.path.dirname(os.path.abspath(data.manifest))
+  elif data.get("root"):
+    base = os.path.abspath(data.root)
+  elif data.source == "tfds" and data.get("tfds_data_dir"):
+    base = os.path.abspath(data.tfds_data_dir)
+  else:
+    base = os.path.abspath(workdir)
+  tag = f"{config.model.variant.replace('/', '')}-{config.model.dtype}-{int(data.image_size)}"
+  return os.path.join(base, "teacher_cache", tag)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache.
+# ---------------------------------------------------------------------------------------------
+
+
+class TeacherCache:
+  """Rows of teacher embeddings by ``real_id`` (memory-mapped; grows on demand)."""
+
+  def __init__(self, directory: str, *, key: str, data: dict, dim: int, writer: bool):
+    self.directory, self.key, self.data, self.dim, self.writer = directory, key, data, dim, writer
+    self.hits = self.misses = 0
+    self._emb = self._filled = None
+    if os.path.exists(os.path.join(directory, EMB)):
+      self._map()
+
+  # --------------------------------------------------------------------------------- open/create
+  @classmethod
+  def open(
+    cls,
+    directory: str | os.PathLike,
+    *,
+    key: str,
+    data: dict,
+    dim: int,
+    rebuild: bool = False,
+    writer: bool | None = None,
+  ) -> TeacherCache:
+    """Opens (or creates) the cache at ``directory`` for teacher ``key`` and data ``data``.
+
+    Raises StaleCacheError (naming the directory and both keys) when the cache on disk belongs to
+    another teacher or data and ``rebuild`` is False; ``rebuild=True`` starts it afresh.
+    """
+    directory = os.fspath(directory)
+    writer = jax.process_index() == 0 if writer is None else writer
+    meta_path = os.path.join(directory, META)
+    if os.path.exists(meta_path):
+      try:
+        with open(meta_path) as f:
+          meta = json.load(f)
+      except (OSError, ValueError) as e:
+        raise StaleCacheError(f"teacher cache {meta_path}: unreadable ({e}); delete it") from None
+      problem = None
+      if meta.get("key") != key:
+        problem = (
+          f"was built with teacher {str(meta.get('key'))[:16]}…, this run's teacher is {key[:16]}…"
+          " (other weights, architecture, dtype or image size)"
+        )
+      elif meta.get("data") != data:
+        problem = f"was built for data {meta.get('data')}, this run reads {data}"
+      elif int(meta.get("dim", -1)) != dim or meta.get("version") != VERSION:
+        problem = f"has dim {meta.get('dim')} / version {meta.get('version')}, expected {dim}"
+      if problem and not rebuild:
+        raise StaleCacheError(
+          f"stale teacher cache {directory}: it {problem}. Delete the directory, set"
+          " config.teacher_cache.rebuild=True, or point config.teacher_cache.path elsewhere"
+        )
+      if problem or rebuild:
+        cls._wipe(directory, writer)
+    if writer:
+      try:
+        os.makedirs(directory, exist_ok=True)
+        if not os.path.exists(meta_path):
+          _write_json(meta_path, {"version": VERSION, "key": key, "data": data, "dim": dim})
+      except OSError as e:
+        raise OSError(
+          f"config.teacher_cache.path: cannot write the teacher cache at {directory} ({e});"
+          " set config.teacher_cache.path to a writable directory"
+        ) from None
+    if jax.process_count() > 1:  # the others open only after process 0 created/wiped the files
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+
+      multihost_utils.sync_global_devices(f"teacher_cache_open:{directory}")
+    return cls(directory, key=key, data=data, dim=dim, writer=writer)
+
+  @staticmethod
+  def _wipe(directory: str, writer: bool) -> None:
+    if writer:
+      for name in (EMB, FILLED, META):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+          os.remove(path)
+
+  def _map(self) -> None:
+    mode = "r+" if self.writer else "c"  # non-writers: private copy-on-write view
+    self._emb = np.load(os.path.join(self.directory, EMB), mmap_mode=mode)
+    self._filled = np.load(os.path.join(self.directory, FILLED), mmap_mode=mode)
+
+  @property
+  def capacity(self) -> int:
+    return 0 if self._filled is None else int(self._filled.shape[0])
+
+  @property
+  def num_filled(self) -> int:
+    return 0 if self._filled is None else int(np.count_nonzero(self._filled))
+
+  def _grow(self, needed: int) -> None:
+    """Capacity >= ``needed`` rows (doubling; rewrites the files once per doubling)."""
+    if needed <= self.capacity:
+      return
+    cap = max(needed, 2 * self.capacity, 1024)
+    emb = np.zeros((cap, self.dim), np.float32)
+    filled = np.zeros((cap,), bool)
+    if self._filled is not None:
+      emb[: self.capacity] = self._emb
+      filled[: self.capacity] = self._filled
+    if self.writer:
+      self._emb = self._filled = None
+      _save_npy(os.path.join(self.directory, EMB), emb)
+      _save_npy(os.path.join(self.directory, FILLED), filled)
+      self._map()
+    else:
+      self._emb, self._filled = emb, filled
+
+  # ----------------------------------------------------------------------------------- rows
+  def lookup(self, real_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings float32 [b, D], hit mask [b]) for ``real_id`` [b]; misses are zero rows."""
+    ids = np.asarray(real_id, np.int64).reshape(-1)
+    if np.any(ids < 0):
+      raise ValueError(f"teacher cache: negative real_id in batch: {ids[ids < 0][:4]}")
+    hit = np.zeros(ids.shape, bool)
+    emb = np.zeros((ids.size, self.dim), np.float32)
+    inside = ids < self.capacity
+    if np.any(inside):
+      hit[inside] = self._filled[ids[inside]]
+      emb[hit] = self._emb[ids[hit]]
+    self.hits += int(hit.sum())
+    self.misses += int((~hit).sum())
+    return emb, hit
+
+  def put(self, real_id: np.ndarray, emb: np.ndarray) -> None:
+    ids = np.asarray(real_id, np.int64).reshape(-1)
+    emb = np.asarray(emb, np.float32).reshape(ids.size, self.dim)
+    self._grow(int(ids.max()) + 1 if ids.size else 0)
+    self._emb[ids] = emb
+    self._filled[ids] = True
+
+  def flush(self) -> None:
+    if self.writer and self._emb is not None:
+      self._emb.flush()
+      self._filled.flush()
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+  tmp = path + ".tmp.npy"
+  np.save(tmp, array)
+  os.replace(tmp, path)
+
+
+def _write_json(path: str, obj: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher forward, precompute, and the training-batch hook.
+# ---------------------------------------------------------------------------------------------
+
+
+def make_teacher_embed(models, frozen: nnx.State, mesh) -> Callable[[dict], np.ndarray]:
+  """``embed(local_real_uint8 [b,S,S,3]) -> np.float32 [b_global, D]`` on every process.
+
+  The same computation as the train step's teacher branch (normalize on device, frozen teacher
+  vision tower), jitted with the batch sharded over the mesh; rows are all-gathered so every
+  process can fill its cache with the global batch.
+  """
+  from gmail_jax import train_step  # noqa: PLC0415 (train_step imports the model stack)
+  from gmail_jax.data import pipeline, preprocess  # noqa: PLC0415
+
+  fn = jax.jit(
+    lambda frozen, real: train_step.teacher_model(models, frozen).vision(
+      preprocess.normalize(real)
+    ),
+    out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+  )
+
+  def embed(local_real: np.ndarray) -> np.ndarray:
+    real = pipeline.global_batch({"real_image": local_real}, mesh)["real_image"]
+    return np.asarray(jax.device_get(fn(frozen, real)), np.float32)
+
+  return embed
+
+
+def _allgather_rows(local: np.ndarray) -> np.ndarray:
+  """Per-process rows [b, ...] -> all processes' rows [P*b, ...] in process order."""
+  if jax.process_count() == 1:
+    return np.asarray(local)
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
+
+
+def attach(local: dict, cache: TeacherCache, embed: Callable[[np.ndarray], np.ndarray]) -> dict:
+  """Adds ``teacher_emb`` [b, D] (float32) to a per-process batch and drops ``real_image``.
+
+  Misses (in any process: the decision is collective) run the teacher on this batch's real images
+  once and are written to the cache; later epochs hit.
+  """
+  emb, hit = cache.lookup(local["real_id"])
+  any_miss = bool(np.any(_allgather_rows(np.asarray([not hit.all()]))))
+  if any_miss:
+    rows = embed(local["real_image"])  # global batch, process order
+    ids = _allgather_rows(local["real_id"])
+    cache.put(ids, rows)
+    b = emb.shape[0]
+    start = jax.process_index() * b
+    emb = rows[start : start + b]
+  out = {k: v for k, v in local.items() if k != "real_image"}
+  out["teacher_emb"] = emb
+  return out
+
+
+def precompute(
+  config,
+  cache: TeacherCache,
+  embed: Callable[[np.ndarray], np.ndarray],
+  *,
+  workdir: str | os.PathLike | None,
+  batch_size: int | None = None,
+) -> int:
+  """One unshuffled pass (epoch 0) of the pairs through the teacher; returns rows written.
+
+  Batches of ``batch_size`` per process (default the training per-process batch), padded to full
+  size by repeating the last row (so the jitted forward compiles once and shards evenly); all
+  processes step together until every one has run out of data.
+  """
+  from gmail_jax.data import pipeline  # noqa: PLC0415
+
+  b = int(batch_size or config.batch_size // jax.process_count())
+  it = pipeline.make_eval_iterator(
+    config, tokenizer=None, workdir=workdir, batch_size=b, keep_caption=False
+  )
+  written = 0
+  try:
+    while True:
+      local = next(it, None)
+      done = local is None
+      if all(_allgather_rows(np.asarray([done]))):
+        break
+      if done:  # this process is out of data; keep stepping with a dummy batch
+        size = config.data.image_size
+        real = np.zeros((b, size, size, 3), np.uint8)
+        ids = np.full((b,), -1, np.int64)
+      else:
+        n = len(local["real_id"])
+        pad = np.r_[np.arange(n), np.full(b - n, n - 1)].astype(np.int64)
+        real, ids = local["real_image"][pad], np.asarray(local["real_id"], np.int64)[pad]
+      rows = embed(real)
+      all_ids = _allgather_rows(ids)
+      keep = all_ids >= 0
+      cache.put(all_ids[keep], rows[keep])
+      written += int(np.unique(all_ids[keep]).size)
+  finally:
+    close = getattr(it, "close", None)
+    if close is not None:
+      close()
+  cache.flush()
+  return written
+
+
+def from_config(
+  config, *, models, frozen: nnx.State, mesh, workdir: str | os.PathLike, model_config
+) -> tuple[TeacherCache, Callable[[np.ndarray], np.ndarray]] | None:
+  """The cache and teacher-embed function for a run, or None when ``config.teacher_cache`` is off.
+
+  ``config.teacher_cache``: ``enabled`` (bool), ``path`` ('' = beside the data), ``rebuild``
+  (bool), ``precompute`` (bool: fill with one pass before training; else fill on first sight).
+  Refuses augmented *real* images (none of our pipelines augment them) and stale caches.
+  """
+  tc = config.get("teacher_cache")
+  if not tc or not tc.get("enabled", False):
+    return None
+  directory = tc.get("path") or default_directory(config, workdir)
+  key = teacher_key(
+    frozen, model_config=model_config, dtype=config.model.dtype, image_size=config.data.image_size
+  )
+  cache = TeacherCache.open(
+    directory,
+    key=key,
+    data=run_description(config),
+    dim=int(model_config.embed_dim),
+    rebuild=bool(tc.get("rebuild", False)),
+  )
+  embed = make_teacher_embed(models, frozen, mesh)
+  if tc.get("precompute", True) and cache.num_filled == 0:
+    precompute(config, cache, embed, workdir=workdir)
+  return cache, embed

@@ -1,0 +1,132 @@
+"""Teacher-embedding cache: same losses with and without it; stale caches refused; exact key."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gmail_jax import sharding, teacher_cache, train
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def tiny_config(**overrides):
+  spec = importlib.util.spec_from_file_location("cfg_tiny", CONFIGS / "tiny.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.model.variant = "mu"
+  c.data.image_size = 16
+  c.data.synthetic_image_size = 16
+  c.data.synthetic_size = 32
+  c.total_steps = 4
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 4
+  c.async_checkpoints = False
+  c.optim.lr = 3e-3
+  c.update(overrides)
+  return c
+
+
+def losses(workdir):
+  rows = [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
+  return np.array([r["train/loss"] for r in rows if "train/loss" in r])
+
+
+def test_cached_and_uncached_training_give_the_same_losses(tmp_path):
+  plain = tiny_config()
+  train.train_and_evaluate(plain, str(tmp_path / "plain"))
+
+  cached = tiny_config()
+  cached.teacher_cache.enabled = True
+  cached.teacher_cache.path = str(tmp_path / "cache")
+  train.train_and_evaluate(cached, str(tmp_path / "cached"))
+
+  a, b = losses(tmp_path / "plain"), losses(tmp_path / "cached")
+  assert len(a) == len(b) == 4
+  np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+  # The precompute pass filled one row per real image (synthetic: real_id = 0..31).
+  filled = np.load(tmp_path / "cache" / teacher_cache.FILLED)
+  assert filled[:32].all() and not filled[32:].any()
+  meta = json.loads((tmp_path / "cache" / teacher_cache.META).read_text())
+  assert meta["dim"] == 32 and meta["data"]["source"] == "synthetic"
+
+
+def _teacher(config, mesh, tmp_path):
+  built = train.build(config, str(tmp_path), mesh)
+  return built["models"], built["frozen"]
+
+
+def test_stale_cache_is_refused_and_rebuild_replaces_it(tmp_path):
+  config = tiny_config()
+  config.teacher_cache.enabled = True
+  config.teacher_cache.path = str(tmp_path / "cache")
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    models, frozen = _teacher(config, mesh, tmp_path / "w")
+    kw = dict(mesh=mesh, workdir=str(tmp_path / "w"), model_config=train.model_config(config))
+    cache, _ = teacher_cache.from_config(config, models=models, frozen=frozen, **kw)
+    assert cache.num_filled == 32
+
+    # One frozen weight nudged: a different teacher -> refused with a clear error.
+    other = jax.tree.map_with_path(
+      lambda p, x: x + 1e-3 if "proj" in jax.tree_util.keystr(p) else x, frozen
+    )
+    with pytest.raises(teacher_cache.StaleCacheError, match="stale teacher cache .*teacher"):
+      teacher_cache.from_config(config, models=models, frozen=other, **kw)
+
+    # Other data under the same cache directory is refused as well.
+    config.data.synthetic_size = 48
+    with pytest.raises(teacher_cache.StaleCacheError, match="built for data"):
+      teacher_cache.from_config(config, models=models, frozen=frozen, **kw)
+    config.data.synthetic_size = 32
+
+    # rebuild=True discards the stale cache and recomputes it for the new teacher.
+    config.teacher_cache.rebuild = True
+    old_rows = cache.lookup(np.arange(32))[0].copy()
+    cache2, _ = teacher_cache.from_config(config, models=models, frozen=other, **kw)
+    new_rows, hit = cache2.lookup(np.arange(32))
+    assert hit.all() and not np.allclose(old_rows, new_rows, atol=1e-6)
+
+
+def test_attach_fills_misses_and_drops_real_images(tmp_path):
+  config = tiny_config()
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    models, frozen = _teacher(config, mesh, tmp_path / "w")
+    cache = teacher_cache.TeacherCache.open(tmp_path / "c", key="k", data={}, dim=32)
+    embed = teacher_cache.make_teacher_embed(models, frozen, mesh)
+    rng = np.random.default_rng(0)
+    local = {
+      "real_image": rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
+      "gen_image": rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
+      "real_id": np.arange(100, 116, dtype=np.int32),
+    }
+    out = teacher_cache.attach(local, cache, embed)
+    assert "real_image" not in out and out["teacher_emb"].shape == (16, 32)
+    assert cache.misses == 16 and cache.hits == 0
+    again = teacher_cache.attach(local, cache, lambda x: pytest.fail("teacher ran on a hit"))
+    assert cache.hits == 16
+    np.testing.assert_array_equal(again["teacher_emb"], out["teacher_emb"])
+    np.testing.assert_allclose(out["teacher_emb"], embed(local["real_image"]), atol=1e-6)
+
+
+def test_weights_fingerprint_is_exact_and_sharding_independent():
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+  w = jax.random.normal(jax.random.key(0), (64, 32))
+  tree = {"w": w, "b": jnp.arange(5, dtype=jnp.int32), "h": w[:8].astype(jnp.bfloat16)}
+  base = teacher_cache.weights_fingerprint(tree)
+  sharded = dict(tree, w=jax.device_put(w, NamedSharding(mesh, P("x"))))
+  assert teacher_cache.weights_fingerprint(sharded) == base
+  flipped = np.asarray(w).copy().view(np.uint32)
+  flipped[7, 3] ^= 1  # one mantissa bit
+  flipped = jnp.asarray(flipped.view(np.float32))
+  assert teacher_cache.weights_fingerprint(dict(tree, w=flipped)) != base
+  swapped = dict(tree, w=w[::-1])  # same multiset of values, other positions
+  assert teacher_cache.weights_fingerprint(swapped) != base
