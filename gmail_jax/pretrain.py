@@ -224,6 +224,16 @@ def teacher_config(config: ml_collections.ConfigDict) -> clip_lib.CLIPConfig:
   return clip_lib.clip_config(config.model.variant, **overrides)
 
 
+def default_zip(source: str | pathlib.Path) -> str:
+  """<source>/../cifar10-test-jpeg/cifar10_test_jpeg.zip (the shared data layout), if present."""
+  path = pathlib.Path(source).parent / "cifar10-test-jpeg" / "cifar10_test_jpeg.zip"
+  if not path.is_file():
+    raise ValueError(
+      f"config.teacher_pretrain.path: not set and {path} does not exist; pass the CIFAR-10 zip"
+    )
+  return str(path)
+
+
 def teacher_data(
   config: ml_collections.ConfigDict, workdir: str | pathlib.Path
 ) -> tuple[np.ndarray, list[str], list[str]]:
@@ -244,13 +254,12 @@ def teacher_data(
     paths, classes = list_class_folder(root)
     images = load_images(paths, size)
   elif tp.source == "zip":
-    if not tp.get("path"):
-      raise ValueError("config.teacher_pretrain.path: set it to the CIFAR-10 test zip")
     source = splits.source_root(config)
+    zip_path = tp.get("path") or default_zip(source)
     real = pathlib.Path(source) / "real"
     exclude = {(c, p.name) for p, c in zip(*list_class_folder(real), strict=True)}
     images, classes = load_zip_class_images(
-      tp.path, size, prefix=tp.get("zip_prefix", "test"), exclude=exclude
+      zip_path, size, prefix=tp.get("zip_prefix", "test"), exclude=exclude
     )
   else:
     raise ValueError(f"config.teacher_pretrain.source: {tp.source!r} not in ('folder', 'zip')")

@@ -30,6 +30,7 @@ std, ddof=1) of every number over runs (seeds) as a Markdown table and writes it
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import sys
@@ -209,14 +210,16 @@ def markdown(report: dict, title: str = "GMAIL small-scale reproduction") -> str
 # ---------------------------------------------------------------------------------------------
 
 
-def image_encoder(tower: nnx.Module, batch_size: int = 256) -> Callable[[np.ndarray], np.ndarray]:
-  """uint8 [N, S, S, 3] -> L2-normalised float [N, D] through ``tower`` (jitted, fixed batch)."""
-  graphdef, state = nnx.split(tower)
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_batch(graphdef, state, x: jax.Array) -> jax.Array:
+  z = nnx.merge(graphdef, state)(preprocess.normalize(x))
+  return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
 
-  @jax.jit
-  def f(state, x):
-    z = nnx.merge(graphdef, state)(preprocess.normalize(x))
-    return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+
+def image_encoder(tower: nnx.Module, batch_size: int = 256) -> Callable[[np.ndarray], np.ndarray]:
+  """uint8 [N, S, S, 3] -> L2-normalised float [N, D] through ``tower`` (jitted, fixed batch;
+  towers with the same structure share one compilation)."""
+  graphdef, state = nnx.split(tower)
 
   def encode(images: np.ndarray) -> np.ndarray:
     out = []
@@ -225,15 +228,18 @@ def image_encoder(tower: nnx.Module, batch_size: int = 256) -> Callable[[np.ndar
       pad = batch_size - len(chunk)
       if pad:
         chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-      out.append(np.asarray(f(state, chunk))[: batch_size - pad])
+      out.append(np.asarray(_encode_batch(graphdef, state, chunk))[: batch_size - pad])
     return np.concatenate(out).astype(np.float64)
 
   return encode
 
 
 def _eval_copy(model: nnx.Module) -> nnx.Module:
+  """A copy with any LoRA folded into the kernels (no dropout; the teacher's structure)."""
+  from gmail_jax.models import lora as lora_lib
+
   m = nnx.clone(model)
-  m.eval()  # LoRA dropout off
+  lora_lib.merge_lora(m)
   return m
 
 
@@ -363,6 +369,7 @@ def write_report(
     emb["teacher/test_gen"][gi[sel]],
     emb["teacher/test_real"][ri[sel]],
     emb["student/test_gen"][gi[sel]],
+    method=rc.get("tsne_method", "tsne"),
     seed=seed,
   )
   _curves(workdir)

@@ -1,0 +1,160 @@
+"""Quickstart: the digits dataset, the teacher's contrastive loss, the probe/report maths, and the
+whole `python -m gmail_jax.main --config=configs/quickstart.py:smoke` run (subprocess)."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def smoke_env(cache_dir: pathlib.Path) -> dict:
+  """One CPU device (faster than the 8 simulated ones here) and a shared compilation cache."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def report_fields():
+  from gmail_jax.report import STAGE_FIELDS
+
+  return STAGE_FIELDS
+
+
+def run_main(config: str, workdir: pathlib.Path, *flags: str, cache_dir: pathlib.Path) -> dict:
+  cmd = [sys.executable, "-m", "gmail_jax.main", f"--config={config}", f"--workdir={workdir}"]
+  proc = subprocess.run(
+    [*cmd, *flags], cwd=ROOT, env=smoke_env(cache_dir), capture_output=True, text=True
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads((workdir / "report.json").read_text())
+
+
+def test_rendered_digits_are_deterministic_scan_like():
+  from gmail_jax.data import digits
+
+  a, ya = digits.generated_digits(2, seed=3)
+  b, yb = digits.generated_digits(2, seed=3)
+  c, _ = digits.generated_digits(2, seed=4)
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(ya, np.repeat(np.arange(10), 2))
+  assert not np.array_equal(a, c)
+  assert a.shape == (20, 8, 8) and a.dtype == np.uint8
+  # Like the UCI scans: ink counts 0..16 of 4x4 blocks, scaled to 0..255.
+  levels = np.unique(np.rint(a.astype(np.float64) * 16 / 255))
+  assert set(levels) <= set(range(17))
+  real, y = digits.real_digits()
+  assert real.shape == (1797, 8, 8) and set(np.unique(y)) == set(range(10))
+  assert digits.caption(7) == "a photo of the digit seven."
+
+
+def test_split_is_stratified_and_disjoint():
+  from gmail_jax.data import digits
+
+  y = np.repeat(np.arange(10), 20)
+  test = digits.split_indices(y, 0.3, seed=0)
+  assert np.all(np.bincount(y[test]) == 6)
+  np.testing.assert_array_equal(test, digits.split_indices(y, 0.3, seed=0))
+
+
+def test_group_clip_loss_reduces_to_clip_loss_and_handles_shared_groups():
+  import jax.numpy as jnp
+
+  from gmail_jax.pretrain import group_clip_loss
+
+  rng = np.random.default_rng(0)
+  img, txt = rng.normal(size=(5, 8)), rng.normal(size=(5, 8))
+  scale = math.log(10.0)
+
+  def ref(img, txt, targets):
+    i = img / np.linalg.norm(img, axis=1, keepdims=True)
+    t = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    s = 10.0 * i @ t.T
+
+    def ce(s):
+      logp = s - np.log(np.exp(s).sum(1, keepdims=True))
+      return -(targets * logp).sum(1).mean()
+
+    return 0.5 * (ce(s) + ce(s.T))
+
+  distinct = group_clip_loss(jnp.asarray(img), jnp.asarray(txt), jnp.float32(scale), jnp.arange(5))
+  np.testing.assert_allclose(float(distinct), ref(img, txt, np.eye(5)), rtol=1e-5)
+  g = np.array([0, 0, 1, 2, 2])
+  t = (g[:, None] == g[None, :]).astype(float)
+  t /= t.sum(1, keepdims=True)
+  shared = group_clip_loss(jnp.asarray(img), jnp.asarray(txt), jnp.float32(scale), jnp.asarray(g))
+  np.testing.assert_allclose(float(shared), ref(img, txt, t), rtol=1e-5)
+
+
+def test_assemble_probe_and_gaps_on_known_embeddings():
+  from gmail_jax import report
+
+  rng = np.random.default_rng(0)
+  centres = rng.normal(size=(3, 16)) * 3
+  y = np.repeat(np.arange(3), 20)
+
+  def emb(shift, noise=0.5):
+    return centres[y] + shift + noise * rng.normal(size=(len(y), 16))
+
+  shift = rng.normal(size=16) * 4  # a "modality gap" on generated embeddings
+  e = {
+    "teacher/train_gen": emb(shift),
+    "teacher/test_gen": emb(shift),
+    "teacher/train_real": emb(0),
+    "teacher/test_real": emb(0),
+    "student/train_gen": emb(0),  # an aligned student: no shift
+    "student/test_gen": emb(0),
+    "student/test_real": emb(0),
+  }
+  labels = {k: y for k in ("train_gen", "train_real", "test_gen", "test_real")}
+  r = report.assemble(e, labels)
+  assert r["test_pairs"] == 60
+  assert r["after"]["paired_cosine"] > r["before"]["paired_cosine"]
+  assert r["after"]["centroid_gap"] < r["before"]["centroid_gap"]
+  for stage in ("before", "after"):
+    s = r[stage]
+    assert s["raw_gap"] ** 2 == pytest.approx(s["centroid_gap"] ** 2 + s["distribution_gap"] ** 2)
+  assert r["after"]["transfer_accuracy"] == 1.0
+  assert r["baselines"]["real_upper"]["transfer_accuracy"] == 1.0
+  agg = report.aggregate([{"after": {"x": 1.0}, "seed": 0}, {"after": {"x": 3.0}, "seed": 1}])
+  assert agg["after"]["x"]["mean"] == 2.0
+  assert agg["after"]["x"]["std"] == pytest.approx(math.sqrt(2.0))
+  assert agg["seeds"] == [0, 1]
+
+
+def test_quickstart_smoke_runs_main_and_alignment_raises_paired_cosine(tmp_path):
+  workdir = tmp_path / "qs"
+  r = run_main("configs/quickstart.py:smoke", workdir, cache_dir=tmp_path / "jax_cache")
+  for stage in ("before", "after"):
+    for key in report_fields():
+      assert math.isfinite(r[stage][key]), (stage, key)
+  for name in ("teacher_direct", "real_upper"):
+    assert math.isfinite(r["baselines"][name]["transfer_accuracy"])
+  assert r["after"]["paired_cosine"] > r["before"]["paired_cosine"] + 0.02
+  assert r["after"]["raw_gap"] < r["before"]["raw_gap"]
+  # The teacher learned something from its real scans (10 classes: chance = 0.1).
+  assert r["teacher_zeroshot_real"] > 0.3
+  for f in ("report.md", "tsne.png", "curves.png", "metrics.jsonl", "teacher/params.npz"):
+    assert (workdir / f).exists(), f
+  # Held-out images never reach the training view.
+  train = {p.name for p in (workdir / "data" / "train" / "real").rglob("*.png")}
+  test = {p.name for p in (workdir / "data" / "test" / "real").rglob("*.png")}
+  assert train and test and not train & test
+  # Aggregation CLI over runs.
+  from gmail_jax import report
+
+  out = tmp_path / "a.json"
+  assert report.main(["--aggregate", str(workdir), str(workdir), "--out", str(out)]) == 0
+  agg = json.loads(out.read_text())
+  assert agg["after"]["paired_cosine"]["std"] == 0.0
