@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gmail_jax import losses
+from gmail_jax import losses, tpc_cma
 from gmail_jax import sharding as shd
 from gmail_jax.data import preprocess
 
@@ -95,7 +95,7 @@ def temperature_of(params: dict, loss_cfg: ml_collections.ConfigDict) -> jax.Arr
 
 
 # ---------------------------------------------------------------------------------------------
-# Loss composition: the ONE place that combines terms (TPC-CMA adds alpha(t) * L_CMA here).
+# Loss composition: the ONE place that combines GMAIL terms (TPC-CMA: tpc_cma.loss_and_grads).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -162,7 +162,7 @@ def make_train_step(
   state_shardings: Any,
   frozen_shardings: Any,
   rng_shardings: Any,
-  loss_fn: Callable[..., tuple[jax.Array, dict]] = compose_loss,
+  loss_fn: Callable[..., tuple[jax.Array, dict]] | None = None,
 ):
   """Returns ``step(state, frozen, rng, batch) -> (state, metrics)``, jitted, state donated.
 
@@ -174,6 +174,10 @@ def make_train_step(
   k = int(config.optim.accum_steps)
   loss_cfg = config.loss
   use_text = bool(loss_cfg.text_weight)
+  # TPC-CMA mode (tpc_cma.py): L_NCE + alpha_eff(t) * L_CMA; image_text pairs need the text tower.
+  cma = config.cma if tpc_cma.mode_of(config) == "tpc_cma" else None
+  image_text = cma is not None and cma.pairs == "image_text"
+  use_text = use_text or image_text
 
   def step_fn(state, frozen, rng, batch):
     step = state["step"]
@@ -208,7 +212,26 @@ def make_train_step(
         step=step,
       )
 
-    if k == 1:
+    if cma is not None:
+      y = z_text if image_text else z_real
+      mask = group if loss_cfg.mask_groups else None
+
+      def cma_terms(z, head):
+        return tpc_cma.loss_terms(cma, loss_cfg, temperature_of(head, loss_cfg), z, y, group=mask)
+
+      loss, aux, g_enc, g_head = tpc_cma.loss_and_grads(
+        config,
+        cma_terms,
+        lambda e, i, x: student_embed(models, e, frozen, dropout_rngs(rng, i), x),
+        enc,
+        head,
+        preprocess.normalize(batch["real_image"]) if image_text else gen,
+        step=step,
+        split=lambda x: _microbatches(x, k, mesh),
+        rows=_rows,
+      )
+      aux = {**aux, "temperature": temperature_of(head, loss_cfg)}
+    elif k == 1:
       r = dropout_rngs(rng, step)
 
       def full_loss(enc, head):

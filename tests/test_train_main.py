@@ -1,0 +1,153 @@
+"""End to end via ``python -m gmail_jax.main``: resume after SIGKILL, multi-process, NaN stop."""
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import portpicker
+import pytest
+
+from gmail_jax import checkpointing, train, train_step
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 8
+FLAGS = [
+  "--config=configs/tiny.py",
+  f"--config.total_steps={STEPS}",
+  "--config.checkpoint_every_steps=2",
+  "--config.log_every_steps=1",
+  "--config.model.variant=mu",
+  "--config.data.image_size=16",
+  "--config.data.synthetic_image_size=16",
+]
+
+
+def env(devices: int) -> dict:
+  e = dict(os.environ)
+  e.update(
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    GMAIL_TRACEBACK="1",
+  )
+  return e
+
+
+def start(workdir, devices=8, extra=()):
+  cmd = [sys.executable, "-m", "gmail_jax.main", *FLAGS, f"--workdir={workdir}", *extra]
+  return subprocess.Popen(
+    cmd, cwd=ROOT, env=env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
+
+
+def finish(proc, timeout=300):
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def final_params(workdir, like=None) -> list[np.ndarray]:
+  """Final trainable params as numpy; ``like`` (a restored tree) for another device topology."""
+  mgr = ocp.CheckpointManager(checkpointing.checkpoint_dir(workdir))
+  assert mgr.latest_step() == STEPS
+  args = ocp.args.StandardRestore(like)
+  r = mgr.restore(STEPS, args=ocp.args.Composite(state=args))
+  mgr.close()
+  return r["state"]
+
+
+def leaves(tree) -> list[np.ndarray]:
+  return [np.asarray(x) for x in jax.tree.leaves(tree["params"])]
+
+
+def losses(workdir) -> dict[int, float]:
+  rows = [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
+  return {r["step"]: r["train/loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("reference")
+  finish(start(workdir))
+  return workdir
+
+
+def test_sigkill_then_rerun_is_bitwise_equal(reference, tmp_path):
+  kill_at = random.Random(time.time_ns()).randint(3, STEPS - 2)
+  proc = start(tmp_path)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    ckpts = tmp_path / "checkpoints"
+    committed = ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
+    if committed and metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, f"run ended before SIGKILL at step {kill_at}"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert 0 < ocp.CheckpointManager(checkpointing.checkpoint_dir(tmp_path)).latest_step() < STEPS
+  out = finish(start(tmp_path))
+  assert "resumed from step" in out
+  for a, b in zip(leaves(final_params(reference)), leaves(final_params(tmp_path)), strict=True):
+    np.testing.assert_array_equal(a, b, err_msg=f"killed at step {kill_at}")
+  assert json.loads((tmp_path / "config.json").read_text())["lora"]["rank"] == 4
+
+
+def test_two_processes_match_one_process(reference, tmp_path):
+  port = portpicker.pick_unused_port()
+  procs = [
+    start(
+      tmp_path,
+      devices=4,
+      extra=[f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+    )
+    for i in range(2)
+  ]
+  for p in procs:
+    finish(p)
+  ref, got = losses(reference), losses(tmp_path)
+  assert sorted(got) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose(
+    [got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)], atol=1e-5, rtol=0
+  )
+  ref_state = jax.tree.map(np.asarray, final_params(reference))
+  got = final_params(tmp_path, like=ref_state)
+  for a, b in zip(leaves(ref_state), leaves(got), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  """In-process: the loss turns NaN from step 5 on (a wrapped compose_loss)."""
+  original = train_step.compose_loss
+
+  def poisoned(*args, step, **kw):
+    loss, aux = original(*args, step=step, **kw)
+    return jnp.where(step >= 4, jnp.nan, loss), aux
+
+  monkeypatch.setattr(train_step, "compose_loss", poisoned)
+  from importlib import util
+
+  spec = util.spec_from_file_location("cfg_tiny", ROOT / "configs" / "tiny.py")
+  module = util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  cfg.total_steps, cfg.checkpoint_every_steps, cfg.log_every_steps = STEPS, 2, 3
+  cfg.model.variant, cfg.data.image_size, cfg.data.synthetic_image_size = "mu", 16, 16
+  with pytest.raises(FloatingPointError, match="non-finite loss at step 5"):
+    train.train_and_evaluate(cfg, str(tmp_path))
+  ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
+  assert ckpt.latest_step() == 4
+  mgr = ckpt.manager
+  r = mgr.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  leaves = jax.tree.leaves(r["state"]["params"])
+  assert leaves and all(np.all(np.isfinite(x)) for x in leaves)
+  ckpt.close()
