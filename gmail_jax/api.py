@@ -133,3 +133,38 @@ def load_clip(src: str, *, dtype=None, batch_size: int = 64) -> ClipEncoder:
 # Trained students (LoRA merged) from an Orbax workdir: `load_student(workdir, step=None)` is added
 # below by the training helper; it returns a ClipEncoder built from the merged in-memory model.
 # ------------------------------------------------------------------------------------------------
+
+
+def load_student(workdir: str | os.PathLike, step: int | None = None, *, batch_size: int = 64):
+  """The trained GMAIL student f_g as a :class:`ClipEncoder` (LoRA merged into a plain CLIP).
+
+  Rebuilds the frozen teacher exactly as training did (from WORKDIR/config.json: ``config.init``,
+  the cached quickstart teacher, or the seeded random init), restores the trainable state of
+  ``step`` (default: latest) from WORKDIR/checkpoints, checks it was trained on that teacher, and
+  folds the adapters (and a trained projection) into the weights. Runs on one local device.
+  """
+  from gmail_jax import checkpointing, train  # noqa: PLC0415 (training stack, heavy)
+  from gmail_jax import metrics as metrics_lib  # noqa: PLC0415
+  from gmail_jax import sharding as shd  # noqa: PLC0415
+
+  workdir = os.path.abspath(os.fspath(workdir))
+  config = metrics_lib.read_config(workdir)
+  mesh = shd.make_mesh({"data": 1, "fsdp": 1}, jax.local_devices()[:1])
+  with jax.set_mesh(mesh):
+    built = train.build(config, workdir, mesh)
+    ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+    try:
+      abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), built["state"]
+      )
+      state, meta = ckpt.restore(abstract, step=step)
+    finally:
+      ckpt.close()
+    teacher_id = {
+      **train.teacher_source(config),
+      "checksum": checkpointing.frozen_checksum(built["frozen"]),
+    }
+    checkpointing.check_teacher(meta.get("teacher", {}), teacher_id, ckpt.directory)
+    model = train.merged_student(built["models"], state["params"], built["frozen"], built["rng"])
+  ctx = model.config.text.context_length
+  return ClipEncoder(model, Tokenizer(context_length=ctx), batch_size=batch_size)

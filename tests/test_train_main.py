@@ -151,3 +151,16 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   leaves = jax.tree.leaves(r["state"]["params"])
   assert leaves and all(np.all(np.isfinite(x)) for x in leaves)
   ckpt.close()
+
+
+def test_load_student_merges_lora(reference):
+  from gmail_jax import api
+
+  student = api.load_student(reference)
+  teacher_like = api.load_student(reference, step=STEPS - 2)
+  x = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+  a, b = student.encode_images(x), teacher_like.encode_images(x)
+  assert a.shape == (4, 32)
+  np.testing.assert_allclose(np.linalg.norm(a, axis=-1), 1.0, rtol=1e-5)
+  assert not np.allclose(a, b)  # different steps -> different adapters merged
+  assert student.model.vision.blocks[0].attn.q_proj.lora_a is None  # plain CLIP
