@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from gmail_jax import checkpointing, optim, train_step
+from gmail_jax import checkpointing, optim, tpc_cma, train_step
 from gmail_jax import metrics as metrics_lib
 from gmail_jax import sharding as shd
 from gmail_jax.data import preprocess
@@ -37,7 +37,7 @@ DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}  # None = float32 compute
 KNOWN = {
   "model": {"variant", "dtype", "remat"},
   "lora": {"rank", "alpha", "dropout", "targets", "mlp", "train_proj"},
-  "loss": {"temperature", "learn_temperature", "symmetric", "text_weight", "mask_groups"},
+  "loss": {"temperature", "learn_temperature", "symmetric", "text_weight", "mask_groups", "mode"},
   "optim": {
     "name",
     "lr",
@@ -94,6 +94,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.loss.temperature: must be > 0, got {config.loss.temperature}")
   if config.loss.text_weight < 0:
     raise ValueError(f"config.loss.text_weight: must be >= 0, got {config.loss.text_weight}")
+  tpc_cma.validate(config)  # loss.mode, and config.cma in the TPC-CMA mode
   if int(config.optim.accum_steps) < 1:
     raise ValueError(f"config.optim.accum_steps: must be >= 1, got {config.optim.accum_steps}")
   optim.make_schedule(config.optim, config.total_steps)  # validates schedule keys
