@@ -1,0 +1,103 @@
+"""`python -m gmail_jax.evaluate`: teacher + student of a tiny run -> eval/metrics.json + plots."""
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from configs import tiny
+from gmail_jax import evaluate, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+N_PAIRS = 16
+
+
+def _gen_real_manifest(root: pathlib.Path) -> str:
+  """N_PAIRS random 32x32 real images and noisy 'generated' copies, as a gen_path/real_path CSV."""
+  rng = np.random.default_rng(0)
+  (root / "img").mkdir(parents=True)
+  rows = []
+  for i in range(N_PAIRS):
+    real = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    gen = np.clip(real.astype(int) + rng.integers(-60, 61, real.shape), 0, 255).astype(np.uint8)
+    PIL.Image.fromarray(real).save(root / "img" / f"r{i}.png")
+    PIL.Image.fromarray(gen).save(root / "img" / f"g{i}.png")
+    rows.append({"caption": f"im {i}", "real_path": f"img/r{i}.png", "gen_path": f"img/g{i}.png"})
+  path = root / "pairs.csv"
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  return str(path)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  return subprocess.run(
+    [sys.executable, "-m", "gmail_jax.evaluate", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("evaluate")
+  c = tiny.get_config()
+  c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 4, 2, 4
+  c.async_checkpoints = False
+  manifest = _gen_real_manifest(root)
+  c.evals.pairs = dict(type="gap", pairs="gen_real", manifest=manifest, batch_size=8)
+  workdir = root / "run"
+  train.train_and_evaluate(c, str(workdir))
+  return c, workdir
+
+
+def test_cli_writes_metrics_and_plots(run):
+  _, workdir = run
+  res = _cli(f"--workdir={workdir}", "--tsne_points=12")  # config read back from config.json
+  assert res.returncode == 0, res.stderr[-2000:]
+  out = json.loads((workdir / "eval" / "metrics.json").read_text())
+  assert out["step"] == 4
+  assert set(out["encoders"]) == set(evaluate.ENCODERS)
+  keys = {f"z/pairs/{k}" for k in ("raw", "centroid", "distribution", "frechet", "paired_cosine")}
+  for name, metrics in out["encoders"].items():
+    assert keys <= set(metrics), name
+    m = {k: metrics[f"z/pairs/{k}"] for k in ("raw", "centroid", "distribution")}
+    assert m["raw"] ** 2 == pytest.approx(m["centroid"] ** 2 + m["distribution"] ** 2, rel=1e-6)
+  # 'student' differs from 'teacher' only in the generated images' tower (trained LoRA).
+  assert out["encoders"]["student"] != out["encoders"]["teacher"]
+  t, s = out["encoders"]["teacher"]["z/pairs/raw"], out["encoders"]["student"]["z/pairs/raw"]
+  assert out["gap_reduction"]["student"]["pairs"]["raw"] == pytest.approx(100 * (1 - s / t))
+  for png in ("tsne_gen_real.png", "training_curves.png"):
+    p = workdir / "eval" / png
+    assert p.stat().st_size > 1000 and str(p) in out["plots"]
+
+
+def test_in_process_matches_cli_and_restores_checkpoint(run):
+  c, workdir = run
+  loaded = evaluate.load_run(c, str(workdir))
+  assert loaded.step == 4
+  out = evaluate.evaluate(c, str(workdir), which=("teacher", "student"), plots=False)
+  cli = json.loads((workdir / "eval" / "metrics.json").read_text())
+  for name in ("teacher", "student"):
+    for k, v in out["encoders"][name].items():
+      assert v == pytest.approx(cli["encoders"][name][k], rel=1e-5, abs=1e-7), (name, k)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+  res = _cli(f"--workdir={tmp_path}")
+  assert res.returncode == 1
+  assert "config.json: missing" in res.stderr.strip().splitlines()[-1]
+  res = _cli("--config=configs/tiny.py", f"--workdir={tmp_path}")
+  assert res.returncode == 1
+  assert "config.evals: empty" in res.stderr.strip().splitlines()[-1]
