@@ -93,6 +93,17 @@ def class_pairs(gen_y: np.ndarray, real_y: np.ndarray) -> tuple[np.ndarray, np.n
   return gi, ri
 
 
+def _same_class_shift(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(a, b): each item a paired with the next item b of its class (cyclically)."""
+  a, b = [], []
+  for c in np.unique(y):
+    idx = np.flatnonzero(y == c)
+    if len(idx) > 1:
+      a.append(idx)
+      b.append(np.roll(idx, -1))
+  return np.concatenate(a), np.concatenate(b)
+
+
 def gap_fields(gen_emb: np.ndarray, real_emb: np.ndarray) -> dict[str, float]:
   """paired_cosine, raw_gap, centroid_gap, distribution_gap (evaluators.gap.gap_metrics)."""
   from gmail_jax.evaluators.gap import gap_metrics
@@ -142,6 +153,11 @@ def assemble(
     syn = gap_fields(emb["synthetic/test_gen"][gi], emb["synthetic/test_real"][ri])
     syn["transfer_accuracy"] = probe(emb["synthetic/train_gen"], emb["synthetic/test_real"])
     baselines["synthetic_finetune"] = syn
+  # Ceiling for class-level pairs: two different held-out real images of the same class under
+  # f_r (the k-th paired with the (k+1)-th of its class) are not identical either.
+  rr_a, rr_b = _same_class_shift(y_te_r)
+  real = emb[f"{t}/test_real"]
+  baselines["real_real_reference"] = gap_fields(real[rr_a], real[rr_b])
   variants = {
     "after_student_real": {
       **gap_fields(emb[f"{s}/test_gen"][gi], emb[f"{s}/test_real"][ri]),
@@ -177,6 +193,8 @@ def markdown(report: dict, title: str = "GMAIL small-scale reproduction") -> str
   v = report.get("variants", {})
   if "after_student_real" in v:
     rows.append(("variant: f_g on both (§3.2 path)", v["after_student_real"]))
+  if "real_real_reference" in b:
+    rows.append(("reference: two real images of a class, f_r", b["real_real_reference"]))
   if "real_upper" in b:
     rows.append(("upper reference: probe trained on real", b["real_upper"]))
   lines = [
