@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from gmail_jax.data import eval_sets
 from gmail_jax.evaluators import clustering, common, zeroshot
 
 CIFAR_ZIP = ("cifar10-test-jpeg", "cifar10_test_jpeg.zip")
@@ -41,13 +42,13 @@ def test_accuracy_ties_and_topk_clip():
   assert r == {"top1": 0.5, "top2": 0.75, "top5": 1.0}
 
 
-def test_load_class_folder_zip_subset(shared):
-  images, labels, names = zeroshot.load_class_folder(str(shared(*CIFAR_ZIP)), max_images=200)
-  assert names == list(zeroshot.CIFAR10_CLASSES)
-  assert len(images) == 200 and np.bincount(labels).tolist() == [20] * 10
-  assert images[0].size == (32, 32) and images[0].mode == "RGB"
+def test_load_class_set_zip_subset(shared):
+  s = eval_sets.load_class_set(str(shared(*CIFAR_ZIP)), max_images=200)
+  assert s.classnames == list(zeroshot.CIFAR10_CLASSES)
+  assert len(s.images) == 200 and np.bincount(s.labels).tolist() == [20] * 10
+  assert s.images[0].size == (32, 32) and s.images[0].mode == "RGB"
   with pytest.raises(ValueError, match="not found"):
-    zeroshot.load_class_folder("/nonexistent/dir")
+    eval_sets.load_class_set("/nonexistent/dir")
 
 
 class _OracleEncoder:

@@ -61,30 +61,35 @@ def _read(path: str) -> bytes:
     raise ValueError(f"eval set: cannot read {path}: {e.strerror or e}") from None
 
 
-def _caption_set(entries, images_dir, image_size, max_images) -> CaptionSet:
+def load_images(paths: list[str], *, image_size: int | None = None) -> list:
+  """RGB PIL images (alpha on white, like training), or uint8 ``[size, size, 3]`` center crops."""
+  return [_load(_read(p), p, image_size) for p in paths]
+
+
+def _caption_index(entries, images_dir, max_images) -> tuple[list[str], list[str], np.ndarray]:
+  """(image paths, captions, text_to_image) of the first ``max_images`` captioned entries
+  ``(file_name, captions)``."""
   entries = [(f, caps) for f, caps in entries if caps][:max_images]
   if not entries:
     raise ValueError(f"eval set: no captioned images for {images_dir}")
-  paths, images, captions, t2i = [], [], [], []
+  paths, captions, t2i = [], [], []
   for i, (file_name, caps) in enumerate(entries):
-    path = os.path.join(images_dir, file_name)
-    paths.append(path)
-    images.append(_load(_read(path), path, image_size))
+    paths.append(os.path.join(images_dir, file_name))
     captions += caps
     t2i += [i] * len(caps)
-  return CaptionSet(paths, images, captions, np.asarray(t2i, np.int64))
+  return paths, captions, np.asarray(t2i, np.int64)
 
 
-def load_coco_captions(
+def coco_captions(
   captions_json: str | os.PathLike,
   images_dir: str | os.PathLike,
   *,
-  image_size: int | None = None,
   max_images: int | None = None,
   only_present: bool = True,
-) -> CaptionSet:
-  """Images sorted by id (those present in ``images_dir`` if ``only_present``), captions by
-  annotation id."""
+) -> tuple[list[str], list[str], np.ndarray]:
+  """(image paths, captions, text_to_image) without decoding: images sorted by id (those present
+  in ``images_dir`` if ``only_present``) that have a caption, the first ``max_images`` of them;
+  each image's captions by annotation id, whitespace collapsed."""
   try:
     data = json.loads(pathlib.Path(captions_json).read_text())
     images, anns = data["images"], data["annotations"]
@@ -97,7 +102,22 @@ def load_coco_captions(
   if only_present:
     images = [im for im in images if os.path.exists(os.path.join(images_dir, im["file_name"]))]
   entries = [(im["file_name"], caps.get(im["id"], [])) for im in images]
-  return _caption_set(entries, str(images_dir), image_size, max_images)
+  return _caption_index(entries, str(images_dir), max_images)
+
+
+def load_coco_captions(
+  captions_json: str | os.PathLike,
+  images_dir: str | os.PathLike,
+  *,
+  image_size: int | None = None,
+  max_images: int | None = None,
+  only_present: bool = True,
+) -> CaptionSet:
+  """:func:`coco_captions` with the images decoded (see :func:`load_images`)."""
+  paths, captions, t2i = coco_captions(
+    captions_json, images_dir, max_images=max_images, only_present=only_present
+  )
+  return CaptionSet(paths, load_images(paths, image_size=image_size), captions, t2i)
 
 
 def load_karpathy(
@@ -119,7 +139,8 @@ def load_karpathy(
       continue
     name = os.path.join(im.get("filepath", ""), im["filename"])
     entries.append((name, [" ".join(s["raw"].split()) for s in im.get("sentences", [])]))
-  return _caption_set(entries, str(images_dir), image_size, max_images)
+  paths, captions, t2i = _caption_index(entries, str(images_dir), max_images)
+  return CaptionSet(paths, load_images(paths, image_size=image_size), captions, t2i)
 
 
 def load_class_set(
@@ -127,10 +148,12 @@ def load_class_set(
   *,
   image_size: int | None = None,
   per_class: int | None = None,
+  max_images: int | None = None,
 ) -> ClassSet:
   """Class-labelled images from ``path/<class>/*`` or a zip whose members end ``<class>/<file>``
   (e.g. the CIFAR-10 test zip, read in place). Classes sorted by name; files sorted; the first
-  ``per_class`` of each class when given."""
+  ``per_class`` of each class when given, else ``max_images // n_classes`` of each (a stratified,
+  deterministic subset) when ``max_images`` is given."""
   path = str(path)
   by_class: dict[str, list[str]] = {}
   zf = zipfile.ZipFile(path) if os.path.isfile(path) and zipfile.is_zipfile(path) else None
@@ -149,11 +172,15 @@ def load_class_set(
         )
         if files:
           by_class[d.name] = files
+    elif not os.path.exists(path):
+      raise ValueError(f"eval set: class-folder dataset not found: {path}")
     else:
       raise ValueError(f"eval set: {path} is neither a class-folder directory nor a zip")
     if not by_class:
       raise ValueError(f"eval set: no <class>/<image> files in {path}")
     classnames = sorted(by_class)
+    if per_class is None and max_images is not None:
+      per_class = max(1, max_images // len(classnames))
     images, labels, paths = [], [], []
     for label, c in enumerate(classnames):
       for n in sorted(by_class[c])[:per_class]:
@@ -176,7 +203,9 @@ def class_prompts(classnames: list[str], template: str = "a photo of a {class}."
 __all__ = [
   "CaptionSet",
   "ClassSet",
+  "coco_captions",
   "load_coco_captions",
+  "load_images",
   "load_karpathy",
   "load_class_set",
   "class_prompts",

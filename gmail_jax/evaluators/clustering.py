@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from sklearn.cluster import KMeans
 
+from gmail_jax.data import eval_sets
 from gmail_jax.evaluators import common
 
 
@@ -101,11 +102,8 @@ class ClusteringEvaluator(common.Evaluator):
     prefix: str | None = None,
   ):
     super().__init__(name, every_steps=every_steps, prefix=prefix)
-    from gmail_jax.evaluators import zeroshot
-
-    self.images, self.labels, folders = zeroshot.load_class_folder(
-      dataset, per_class=per_class, max_images=max_images
-    )
+    data = eval_sets.load_class_set(dataset, per_class=per_class, max_images=max_images)
+    self.images, self.labels, folders = data.images, data.labels, data.classnames
     names = list(classnames or [f.replace("_", " ") for f in folders])
     if len(names) != len(folders):
       raise ValueError(f"config.evals.{name}.classnames: {len(names)} for {len(folders)} classes")

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from gmail_jax.data import eval_sets
 from gmail_jax.evaluators import common
 
 GAP_KEYS = ("raw", "centroid", "distribution", "frechet", "frechet_distribution")
@@ -134,23 +135,21 @@ class GapEvaluator(common.Evaluator):
     prefix: str | None = None,
   ):
     super().__init__(name, every_steps=every_steps, prefix=prefix)
-    from gmail_jax.evaluators import retrieval
-
     self.pairs, self.batch_size = pairs, batch_size
     if pairs == "image_text":
       if not (images_dir and captions_json):
         raise ValueError(f"config.evals.{name}: pairs='image_text' needs images_dir, captions_json")
-      paths, captions, t2i = retrieval.load_coco_captions(
-        images_dir, captions_json, max_images=max_pairs
+      paths, captions, t2i = eval_sets.coco_captions(
+        captions_json, images_dir, max_images=max_pairs
       )
       first = np.searchsorted(t2i, np.arange(len(paths)))  # captions are grouped by image
-      self.x_items = retrieval.load_images(paths)
+      self.x_items = eval_sets.load_images(paths)
       self.y_items = [captions[i] for i in first]
     elif pairs == "gen_real":
       if not manifest:
         raise ValueError(f"config.evals.{name}: pairs='gen_real' needs manifest")
       gen, real = load_pairs_manifest(manifest, root, max_pairs=max_pairs)
-      self.x_items, self.y_items = retrieval.load_images(gen), retrieval.load_images(real)
+      self.x_items, self.y_items = eval_sets.load_images(gen), eval_sets.load_images(real)
     else:
       raise ValueError(f"config.evals.{name}.pairs: 'image_text' or 'gen_real', got {pairs!r}")
 

@@ -7,16 +7,15 @@ pass L2-normalised embeddings (what `encode_images` / `encode_texts` return) to 
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
+from gmail_jax.data import eval_sets
+from gmail_jax.data.eval_sets import load_images  # noqa: F401  (re-exported: gmail_jax.sweep)
 from gmail_jax.evaluators import common
 from gmail_jax.evaluators.common import embed_sharded  # noqa: F401  (re-exported helper)
 
@@ -102,50 +101,6 @@ def recall_at_k(
   return out
 
 
-def load_coco_captions(
-  images_dir: str, captions_json: str, *, max_images: int | None = None
-) -> tuple[list[str], list[str], np.ndarray]:
-  """(image paths, captions, text_to_image) for COCO-format captions whose image file exists.
-
-  Images are taken in the JSON's `images` order (sorted by id), restricted to files present in
-  `images_dir`, then truncated to `max_images`.
-  """
-  try:
-    with open(captions_json) as f:
-      data = json.load(f)
-    images, annotations = data["images"], data["annotations"]
-  except (OSError, ValueError, KeyError) as e:
-    raise ValueError(f"retrieval: cannot read COCO captions {captions_json}: {e}") from None
-  present = set(os.listdir(images_dir)) if os.path.isdir(images_dir) else set()
-  if not present:
-    raise ValueError(f"retrieval: no images in {images_dir}")
-  chosen = [im for im in sorted(images, key=lambda im: im["id"]) if im["file_name"] in present]
-  caps_by_id: dict[int, list[str]] = {}
-  for ann in annotations:
-    caps_by_id.setdefault(ann["image_id"], []).append(ann["caption"].strip())
-  chosen = [im for im in chosen if caps_by_id.get(im["id"])][:max_images]
-  if not chosen:
-    raise ValueError(f"retrieval: no image in {images_dir} has a caption in {captions_json}")
-  paths, captions, t2i = [], [], []
-  for i, im in enumerate(chosen):
-    paths.append(os.path.join(images_dir, im["file_name"]))
-    for c in caps_by_id[im["id"]]:
-      captions.append(c)
-      t2i.append(i)
-  return paths, captions, np.asarray(t2i, np.int64)
-
-
-def load_images(paths: Sequence[str]) -> list[Image.Image]:
-  out = []
-  for p in paths:
-    try:
-      with Image.open(p) as im:
-        out.append(im.convert("RGB"))
-    except OSError as e:
-      raise ValueError(f"cannot read image {p}: {e}") from None
-  return out
-
-
 class RetrievalEvaluator(common.Evaluator):
   """`config.evals.<name> = dict(type='retrieval', every_steps=..., images_dir=...,
   captions_json=..., max_images=None, batch_size=64, ks=(1, 5, 10), prefix='z/<name>/')`.
@@ -167,10 +122,10 @@ class RetrievalEvaluator(common.Evaluator):
     prefix: str | None = None,
   ):
     super().__init__(name, every_steps=every_steps, prefix=prefix)
-    paths, self.captions, self.text_to_image = load_coco_captions(
-      images_dir, captions_json, max_images=max_images
+    paths, self.captions, self.text_to_image = eval_sets.coco_captions(
+      captions_json, images_dir, max_images=max_images
     )
-    self.images = load_images(paths)
+    self.images = eval_sets.load_images(paths)
     self.batch_size = batch_size
     self.ks = tuple(ks)
 

@@ -10,18 +10,13 @@ in `<class>/<image>` (e.g. the CIFAR-10 test zip `test/<class>/NNNN.jpg`); the l
 
 from __future__ import annotations
 
-import io
-import os
-import zipfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from gmail_jax.data import eval_sets
 from gmail_jax.evaluators import common
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 # CLIP's CIFAR-10 classes and 18 prompts (openai/CLIP data/prompts.md).
 CIFAR10_CLASSES = (
@@ -175,57 +170,6 @@ def zeroshot_accuracy(
   return {f"top{k}": float(np.mean(rank < min(k, w.shape[0]))) for k in ks}
 
 
-def load_class_folder(
-  path: str, *, per_class: int | None = None, max_images: int | None = None
-) -> tuple[list[Image.Image], np.ndarray, list[str]]:
-  """(RGB images, int labels, sorted class names) of a class-folder directory or zip.
-
-  Files are taken in sorted order within each class; `per_class` keeps the first n of each class,
-  `max_images` (when per_class is None) keeps the first max_images // n_classes of each class, so
-  subsets are stratified and deterministic.
-  """
-  by_class: dict[str, list[str]] = {}
-  zf = None
-  if os.path.isfile(path) and zipfile.is_zipfile(path):
-    zf = zipfile.ZipFile(path)
-    names = [n for n in zf.namelist() if not n.endswith("/")]
-    for n in names:
-      parts = n.split("/")
-      if len(parts) >= 2 and parts[-1].lower().endswith(IMAGE_EXTS):
-        by_class.setdefault(parts[-2], []).append(n)
-  elif os.path.isdir(path):
-    for c in sorted(os.listdir(path)):
-      d = os.path.join(path, c)
-      if os.path.isdir(d):
-        files = [os.path.join(d, f) for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTS)]
-        if files:
-          by_class[c] = files
-  else:
-    raise ValueError(f"zeroshot: dataset not found (need a class-folder dir or zip): {path}")
-  if not by_class:
-    raise ValueError(f"zeroshot: no <class>/<image> files in {path}")
-  classnames = sorted(by_class)
-  if per_class is None and max_images is not None:
-    per_class = max(1, max_images // len(classnames))
-  images, labels = [], []
-  try:
-    for label, c in enumerate(classnames):
-      for n in sorted(by_class[c])[:per_class]:
-        try:
-          if zf is not None:
-            im = Image.open(io.BytesIO(zf.read(n)))
-          else:
-            im = Image.open(n)
-          images.append(im.convert("RGB"))
-        except OSError as e:
-          raise ValueError(f"zeroshot: cannot read image {n} in {path}: {e}") from None
-        labels.append(label)
-  finally:
-    if zf is not None:
-      zf.close()
-  return images, np.asarray(labels, np.int64), classnames
-
-
 class ZeroShotEvaluator(common.Evaluator):
   """`config.evals.<name> = dict(type='zeroshot', every_steps=..., dataset=<dir or zip>,
   templates='cifar10'|'imagenet'|'simple'|[...], classnames=None, per_class=None, max_images=None,
@@ -254,9 +198,8 @@ class ZeroShotEvaluator(common.Evaluator):
         raise ValueError(f"config.evals.{name}.templates: one of {sorted(TEMPLATES)} or a list")
       templates = TEMPLATES[templates]
     self.templates = tuple(templates)
-    self.images, self.labels, folders = load_class_folder(
-      dataset, per_class=per_class, max_images=max_images
-    )
+    data = eval_sets.load_class_set(dataset, per_class=per_class, max_images=max_images)
+    self.images, self.labels, folders = data.images, data.labels, data.classnames
     if classnames is not None and len(classnames) != len(folders):
       raise ValueError(
         f"config.evals.{name}.classnames: {len(classnames)} names for {len(folders)} class folders"
