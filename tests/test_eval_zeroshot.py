@@ -1,12 +1,12 @@
 """Zero-shot: templates, class-folder reader (CIFAR-10 zip), toy models, a real ClipEncoder."""
 
 import hashlib
-import json
 import re
 import time
 
 import numpy as np
 import pytest
+from hf_tiny import save_tiny_hf_clip
 
 from gmail_jax.data import eval_sets
 from gmail_jax.evaluators import clustering, common, zeroshot
@@ -90,46 +90,11 @@ def test_zeroshot_and_clustering_evaluators_perfect_model(shared):
   assert clustering.joint_ari(x, y, cl.labels, 10) == pytest.approx(1.0)
 
 
-def _save_tiny_hf_clip(path):
-  """A random tiny HF CLIPModel + CLIPTokenizer files (vocab.json/merges.txt), saved offline."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  from gmail_jax.models import tokenizer as tk
-
-  cfg = transformers.CLIPConfig(
-    text_config=dict(
-      vocab_size=49408,
-      hidden_size=32,
-      intermediate_size=64,
-      num_hidden_layers=1,
-      num_attention_heads=4,
-      max_position_embeddings=77,
-    ),
-    vision_config=dict(
-      hidden_size=32,
-      intermediate_size=64,
-      num_hidden_layers=1,
-      num_attention_heads=4,
-      image_size=32,
-      patch_size=8,
-    ),
-    projection_dim=16,
-  )
-  torch.manual_seed(0)
-  transformers.CLIPModel(cfg).save_pretrained(path)
-  vocab, merges = tk.vocab_from_bpe_gz(tk.default_bpe_path())
-  (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-  (path / "merges.txt").write_text(
-    "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
-  )
-  return path
-
-
 def test_zeroshot_cifar10_end_to_end_tiny_clip(tmp_path, shared):
   """CIFAR-10 (200 test images) through api.load_clip on a random tiny CLIP: runs, ~chance."""
   from gmail_jax import api
 
-  clip = api.load_clip(str(_save_tiny_hf_clip(tmp_path / "tiny")), batch_size=50)
+  clip = api.load_clip(str(save_tiny_hf_clip(tmp_path / "tiny")), batch_size=50)
   (ev,) = common.from_config(
     {
       "cifar10": dict(

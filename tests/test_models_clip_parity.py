@@ -7,6 +7,7 @@ different random inits); asserted: cosine > 0.999 and max abs diff < 2e-2.
 
 import json
 
+import hf_tiny
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +18,6 @@ from flax import nnx
 from gmail_jax import api
 from gmail_jax.models import clip as clip_lib
 from gmail_jax.models import convert
-from gmail_jax.models import tokenizer as tokenizer_lib
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -31,33 +31,6 @@ TEXTS = [
 ]
 
 
-def _tiny_hf(act="quick_gelu", eos_token_id=49407, **vision):
-  vcfg = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=32,
-    patch_size=8,
-    hidden_act=act,
-  )
-  vcfg.update(vision)
-  return transformers.CLIPConfig(
-    text_config=dict(
-      vocab_size=49408,
-      hidden_size=32,
-      intermediate_size=64,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      max_position_embeddings=77,
-      hidden_act=act,
-      eos_token_id=eos_token_id,
-    ),
-    vision_config=vcfg,
-    projection_dim=16,
-  )
-
-
 def _b32_widths_hf(act):
   """Full ViT-B/32 widths (vision 768/3072/12 heads, text 512/2048/8 heads), 1-2 layers."""
   return transformers.CLIPConfig(
@@ -68,11 +41,8 @@ def _b32_widths_hf(act):
 
 
 def _build(cfg, seed=0):
-  torch.manual_seed(seed)
-  model = transformers.CLIPModel(cfg).eval()
-  with torch.no_grad():  # a non-default logit scale, so the mapping of logit_scale is tested
-    model.logit_scale.fill_(3.1)
-  return model
+  # A non-default logit scale, so the mapping of logit_scale is tested.
+  return hf_tiny.hf_clip(cfg, seed=seed, logit_scale=3.1)
 
 
 def _hf_outputs(model, pixels_nhwc, ids):
@@ -120,7 +90,7 @@ def _check_parity(hf_model, ckpt_dir, n_images=3, seed=0):
 def tiny(tmp_path_factory):
   """A tiny quick_gelu HF CLIPModel saved with save_pretrained, and our encoder loaded from it."""
   path = tmp_path_factory.mktemp("tiny_clip")
-  hf = _build(_tiny_hf("quick_gelu"))
+  hf = _build(hf_tiny.tiny_clip_config(act="quick_gelu"))
   hf.save_pretrained(path)
   assert (path / "model.safetensors").exists()
   enc, _ = _check_parity(hf, path)
@@ -128,12 +98,10 @@ def tiny(tmp_path_factory):
 
 
 def test_tiny_parity_gelu(tmp_path):
-  hf = _build(_tiny_hf("gelu"), seed=3)
+  hf = _build(hf_tiny.tiny_clip_config(act="gelu"), seed=3)
   hf.save_pretrained(tmp_path)
   # A checkpoint's own vocab.json + merges.txt is used when present.
-  vocab, merges = tokenizer_lib.vocab_from_bpe_gz(tokenizer_lib.default_bpe_path())
-  (tmp_path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-  (tmp_path / "merges.txt").write_text("\n".join(" ".join(m) for m in merges), encoding="utf-8")
+  hf_tiny.write_clip_tokenizer_files(tmp_path)
   enc, _ = _check_parity(hf, tmp_path, seed=3)
   assert enc.tokenizer.path == str(tmp_path)
   assert enc.model.config.vision.act == "gelu" and enc.model.config.text.act == "gelu"
@@ -171,7 +139,7 @@ def test_b32_widths_parity(tmp_path):
 
 def test_bin_checkpoint_and_legacy_eos(tmp_path):
   """pytorch_model.bin via torch.load(weights_only=True); eos_token_id == 2 pools at argmax(ids)."""
-  hf = _build(_tiny_hf("gelu", eos_token_id=2), seed=2)
+  hf = _build(hf_tiny.tiny_clip_config(act="gelu", eos_token_id=2), seed=2)
   hf.config.to_json_file(str(tmp_path / "config.json"))
   sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
   sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]  # old checkpoints had it

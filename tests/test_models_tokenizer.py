@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from conftest import shared_path
+from hf_tiny import write_clip_tokenizer_files
 
 from gmail_jax.models import tokenizer as tk
 
@@ -28,12 +29,7 @@ HARD = [
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
   transformers = pytest.importorskip("transformers")
-  vocab, merges = tk.vocab_from_bpe_gz(tk.default_bpe_path())
-  d = tmp_path_factory.mktemp("clip_tok")
-  (d / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-  (d / "merges.txt").write_text(
-    "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
-  )
+  d = write_clip_tokenizer_files(tmp_path_factory.mktemp("clip_tok"))
   hf = transformers.CLIPTokenizer.from_pretrained(str(d), model_max_length=77)
   return tk.Tokenizer(), tk.Tokenizer(str(d)), hf
 
