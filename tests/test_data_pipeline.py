@@ -1,19 +1,19 @@
 """Grain pipeline: exactly-once delivery across simulated processes, resume through Orbax, pairing,
 augmentation, global batches."""
 
+import functools
 import json
 import os
 
 import grain
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import PIL.Image
 import pytest
+from data_helpers import coco_captions, data_config, link_cifake
 
 from gmail_jax.data import pipeline
-from gmail_jax.data.config import default_data_config
 from gmail_jax.data.preprocess import resize_center_crop
 from gmail_jax.data.sources import ClassFolderSource, ManifestSource
 
@@ -31,39 +31,18 @@ class ByteTokenizer:
     return out
 
 
-def make_config(**data) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 3
-  c.batch_size = 4
-  c.data = default_data_config()
-  c.data.image_size = 32
-  c.data.read_threads = 2
-  c.data.update(data)
-  return c
+make_config = functools.partial(data_config, seed=3, image_size=32)
 
 
 @pytest.fixture
 def cifake_subset(shared, tmp_path):
   """3 classes x (8 generated, 4 real) symlinked from the CIFAKE sample (fast; same layout)."""
-  src = shared("cifake-sd14-test-sample")
-  root = tmp_path / "cifake"
-  for cls in CLASSES:
-    for split, n in (("generated", 8), ("real", 4)):
-      d = root / split / cls
-      d.mkdir(parents=True)
-      for f in sorted((src / split / cls).glob("*.jpg"))[:n]:
-        (d / f.name).symlink_to(f)
-  return root
+  return link_cifake(shared, tmp_path / "cifake", CLASSES, {"generated": 8, "real": 4})
 
 
 def coco_manifest(shared, tmp_path, n_images=12, captions_per_image=2):
   """Manifest over coco-mini train2017: rows = (caption, image i, generated := image i+1)."""
-  coco = shared("coco-mini")
-  ann = json.loads((coco / "annotations" / "captions_train2017.json").read_text())
-  images = sorted(ann["images"], key=lambda im: im["id"])[:n_images]
-  caps = {}
-  for a in sorted(ann["annotations"], key=lambda a: a["id"]):
-    caps.setdefault(a["image_id"], []).append(a["caption"].strip())
+  coco, images, caps = coco_captions(shared, "train2017", n_images)
   rows = []
   for i, im in enumerate(images):
     gen = images[(i + 1) % len(images)]

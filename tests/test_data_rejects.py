@@ -1,28 +1,19 @@
 """Bad-input policy: corrupt, truncated, missing, non-image files; incomplete manifest rows."""
 
 import csv
+import functools
 import json
 import shutil
 
-import ml_collections
 import numpy as np
 import pytest
+from data_helpers import data_config, eval_batches
 
 from gmail_jax.data import pipeline
-from gmail_jax.data.config import default_data_config
 from gmail_jax.data.rejects import BadInputError, count_rejects, read_rejects, reject_summary
 from gmail_jax.data.sources import ManifestSource
 
-
-def make_config(**data):
-  c = ml_collections.ConfigDict()
-  c.seed = 1
-  c.batch_size = 4
-  c.data = default_data_config()
-  c.data.image_size = 16
-  c.data.read_threads = 2
-  c.data.update(data)
-  return c
+make_config = functools.partial(data_config, seed=1, image_size=16)
 
 
 @pytest.fixture
@@ -60,16 +51,7 @@ def damaged(shared, tmp_path):
 def delivered_slots(config, workdir, count=1):
   out = []
   for p in range(count):
-    for b in pipeline.make_eval_iterator(
-      config,
-      tokenizer=None,
-      workdir=workdir,
-      shuffle=True,
-      batch_size=3,
-      process_index=p,
-      process_count=count,
-      keep_index=True,
-    ):
+    for b in eval_batches(config, workdir, process_index=p, process_count=count, keep_index=True):
       out += [int(s) for s in b["slot"]]
   return out
 

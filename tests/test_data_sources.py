@@ -1,47 +1,26 @@
 """Sources: manifest formats, ArrayRecord via prepare (manifest, class folders, webdataset tars),
 synthetic, TFDS (only if installed), config defaults."""
 
+import functools
 import io
 import json
 import tarfile
 
-import ml_collections
 import numpy as np
 import PIL.Image
 import pytest
+from data_helpers import coco_captions, data_config, eval_batches, link_cifake
 
 from gmail_jax.data import pipeline, prepare
 from gmail_jax.data.config import default_data_config
 from gmail_jax.data.records import pack_pair, unpack_pair
 from gmail_jax.data.sources import ArrayRecordSource, ManifestSource, SyntheticSource
 
-
-def make_config(**data):
-  c = ml_collections.ConfigDict()
-  c.seed = 5
-  c.batch_size = 4
-  c.data = default_data_config()
-  c.data.image_size = 24
-  c.data.read_threads = 2
-  c.data.update(data)
-  return c
-
-
-def batches(config, workdir, **kw):
-  return list(
-    pipeline.make_eval_iterator(
-      config, tokenizer=None, workdir=workdir, shuffle=True, batch_size=3, **kw
-    )
-  )
+make_config = functools.partial(data_config, seed=5, image_size=24)
 
 
 def coco_rows(shared, n=6):
-  coco = shared("coco-mini")
-  ann = json.loads((coco / "annotations" / "captions_val2017.json").read_text())
-  images = sorted(ann["images"], key=lambda im: im["id"])[:n]
-  caps = {}
-  for a in sorted(ann["annotations"], key=lambda a: a["id"]):
-    caps.setdefault(a["image_id"], []).append(a["caption"].strip())
+  coco, images, caps = coco_captions(shared, "val2017", n)
   rows = []
   for i, im in enumerate(images):
     for cap in caps[im["id"]][:2]:
@@ -105,7 +84,7 @@ def test_manifest_to_array_record_same_pairs(shared, tmp_path):
   )
   assert meta["num_records"] == len(rows) and meta["num_shards"] == 3 and meta["num_rejected"] == 0
   via_ar = make_config(source="array_record", root=str(tmp_path / "ar"))
-  a, b = batches(direct, tmp_path / "wd1"), batches(via_ar, tmp_path / "wd2")
+  a, b = eval_batches(direct, tmp_path / "wd1"), eval_batches(via_ar, tmp_path / "wd2")
   assert len(a) == len(b) == 4
   for x, y in zip(a, b, strict=True):
     assert x.keys() == y.keys()
@@ -114,14 +93,7 @@ def test_manifest_to_array_record_same_pairs(shared, tmp_path):
 
 
 def test_prepare_class_folders(shared, tmp_path):
-  src = shared("cifake-sd14-test-sample")
-  root = tmp_path / "cf"
-  for split in ("real", "generated"):
-    for cls in ("frog", "truck"):
-      d = root / split / cls
-      d.mkdir(parents=True)
-      for f in sorted((src / split / cls).glob("*.jpg"))[:3]:
-        (d / f.name).symlink_to(f)
+  root = link_cifake(shared, tmp_path / "cf", ("frog", "truck"), {"real": 3, "generated": 3})
   meta = prepare.main([f"--src={root}", f"--out={tmp_path / 'ar'}"])
   assert meta == 0
   ar = ArrayRecordSource(tmp_path / "ar")
@@ -129,7 +101,7 @@ def test_prepare_class_folders(shared, tmp_path):
   pair = ar.get(4, 0)
   assert pair.caption == "a photo of a truck." and pair.group == 1
   cfg = make_config(source="class_folders", root=str(root))
-  direct = batches(cfg, tmp_path / "wd", process_index=0, process_count=1)
+  direct = eval_batches(cfg, tmp_path / "wd", process_index=0, process_count=1)
   assert sum(len(b["group"]) for b in direct) == 6
 
 
@@ -202,7 +174,7 @@ def test_synthetic_source_deterministic(tmp_path):
   np.testing.assert_array_equal(a.get(3, 0).gen, b.get(3, 0).gen)
   assert not np.array_equal(a.get(3, 0).gen, a.get(4, 0).gen)
   cfg = make_config(source="synthetic", synthetic_size=10, synthetic_image_size=8)
-  got = batches(cfg, tmp_path)
+  got = eval_batches(cfg, tmp_path)
   assert sum(len(x["real_id"]) for x in got) == 10 and got[0]["gen_image"].shape[1:] == (24, 24, 3)
 
 
