@@ -62,6 +62,8 @@ def main(argv):
     jax.device_count(),
     jax.devices()[0].platform,
   )
+  if logging.get_verbosity() < logging.DEBUG:  # Orbax INFO: ~50 lines/save; --verbosity=1 keeps it
+    logging.get_absl_logger().addFilter(lambda r: r.levelno > 20 or "/orbax/" not in r.pathname)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FloatingPointError, FileNotFoundError) as e:
