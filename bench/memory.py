@@ -1,0 +1,166 @@
+r"""Per-device memory of the GMAIL train step from XLA's ``memory_analysis()`` (no execution).
+
+    python -m bench.memory                                  # B/16 and L/14, batch 256, 8 devices
+    python -m bench.memory --variants L/14 --dtypes bfloat16 --remat both --devices 8
+
+The step (``train.abstract_train_state`` + ``train_step.make_train_step``, exactly what train.py
+compiles) is lowered on abstract arrays for a mesh of ``--devices`` simulated CPU devices, under
+pure data parallel (``{data: N}``: frozen weights replicated) and FSDP (``{data: N/f, fsdp: f}``:
+every large weight sharded on ``fsdp``), then compiled; nothing is allocated or run.
+
+Per device:  total = arguments + outputs − aliased (donated state) + temporaries
+(arguments = frozen weights + LoRA/optimizer state + the batch shard). XLA:CPU's buffer
+assignment is a proxy for TPU/GPU (same HLO, different fusion and layout decisions): treat the
+numbers as ±20%. ``fits_16GiB`` compares the total with a 16 GiB TPU v4/v5e core (no headroom
+subtracted). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+GIB = 2**30
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--variants", default="B/16,L/14")
+  ap.add_argument("--batch", type=int, default=256, help="global batch")
+  ap.add_argument("--devices", type=int, default=8)
+  ap.add_argument("--fsdp", type=int, default=0, help="fsdp axis size for the FSDP row (0 = all)")
+  ap.add_argument("--dtypes", default="bfloat16,float32")
+  ap.add_argument("--remat", default="both", choices=("off", "on", "both"))
+  ap.add_argument("--cached", action="store_true", help="also the cached-teacher step")
+  ap.add_argument("--budget-gib", type=float, default=16.0)
+  return ap.parse_args(argv)
+
+
+def analyse(
+  variant: str, *, batch: int, mesh_cfg: dict, dtype: str, remat: bool, cached: bool, budget: float
+) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+
+  from bench.train_step import gmail_config
+  from gmail_jax import sharding as shd
+  from gmail_jax import train, train_step
+  from gmail_jax.models import clip as clip_lib
+
+  args = argparse.Namespace(variant=variant, dtype=dtype, remat=remat, batch=batch, rank=4)
+  config = gmail_config(args)
+  config.mesh = mesh_cfg
+  cfg = clip_lib.clip_config(variant)
+  config.data.image_size = cfg.vision.image_size
+  mesh = shd.make_mesh(config.mesh)
+  fsdp = mesh.shape["fsdp"] > 1
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    ab = train.abstract_train_state(config)
+    tx, schedule = train.optim.make_optimizer(config.optim, config.total_steps)
+
+    def place(tree, fsdp_rule: bool):
+      shards = shd.param_shardings(tree, mesh, fsdp=fsdp_rule)
+      return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shards
+      )
+
+    frozen = place(ab["frozen"], fsdp)
+    rng = place(ab["rng"], False)
+    state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shd.replicated(mesh)),
+      ab["state"],
+    )
+    state["params"] = place(ab["state"]["params"], fsdp)
+    sh = lambda t: jax.tree.map(lambda x: x.sharding, t)
+    step = train_step.make_train_step(
+      config,
+      ab["models"],
+      tx,
+      schedule,
+      mesh,
+      state_shardings=sh(state),
+      frozen_shardings=sh(frozen),
+      rng_shardings=sh(rng),
+    )
+    s = cfg.vision.image_size
+    bsh: NamedSharding = shd.batch_sharding(mesh)
+    sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=bsh)
+    batch_in = {
+      "gen_image": sds((batch, s, s, 3), jnp.uint8),
+      "real_image": sds((batch, s, s, 3), jnp.uint8),
+      "group": sds((batch,), jnp.int32),
+    }
+    rows = []
+    kinds = [("teacher", batch_in)]
+    if cached:
+      b2 = {k: v for k, v in batch_in.items() if k != "real_image"}
+      kinds.append(("cached", b2 | {"teacher_emb": sds((batch, cfg.embed_dim), jnp.float32)}))
+    for kind, b in kinds:
+      m = step.lower(state, frozen, rng, b).compile().memory_analysis()
+      total = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+      )
+      rows.append(
+        {
+          "step": kind,
+          "arguments_gib": m.argument_size_in_bytes / GIB,
+          "outputs_gib": m.output_size_in_bytes / GIB,
+          "aliased_gib": m.alias_size_in_bytes / GIB,
+          "temp_gib": m.temp_size_in_bytes / GIB,
+          "total_gib": total / GIB,
+          "fits_16GiB": total / GIB <= budget,
+        }
+      )
+  frozen_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(ab["frozen"]))
+  return {
+    "variant": variant,
+    "global_batch": batch,
+    "mesh": dict(mesh.shape),
+    "dtype": dtype,
+    "remat": remat,
+    "frozen_gib_total": frozen_bytes / GIB,
+    "compile_s": time.perf_counter() - t0,
+    "per_device": rows,
+  }
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
+  ).strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from bench import common
+
+  n, f = args.devices, args.fsdp or args.devices
+  meshes = {"data_parallel": {"data": n, "fsdp": 1}, "fsdp": {"data": n // f, "fsdp": f}}
+  remats = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
+  out = []
+  for variant in args.variants.split(","):
+    for dtype in args.dtypes.split(","):
+      for remat in remats:
+        for name, mesh_cfg in meshes.items():
+          r = analyse(
+            variant,
+            batch=args.batch,
+            mesh_cfg=mesh_cfg,
+            dtype=dtype,
+            remat=remat,
+            cached=args.cached,
+            budget=args.budget_gib,
+          )
+          r["parallelism"] = name
+          print(f"{r}", file=sys.stderr, flush=True)
+          out.append(r)
+  common.emit({"devices": args.devices, "budget_gib": args.budget_gib, "results": out})
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,335 @@
+r"""GMAIL training-step throughput: gmail_jax vs the PyTorch + PEFT peer, with FLOPs and MFU.
+
+    python -m bench.train_step --variant B/32 --batch 16                 # CPU, fp32
+    python -m bench.train_step --variant tiny --batch 16 --repeats 2     # smoke
+    python -m bench.train_step --variant L/14 --batch 128 --dtype bfloat16 --remat --gpu   # GPU
+
+Both steps: frozen CLIP ViT teacher on the real image (no gradient), the same weights + LoRA
+(rank r, alpha r, q/k/v/out of every vision block) on the generated image, one-directional InfoNCE
+(τ 0.07) over the batch, AdamW on the LoRA parameters only. Random weights (no download).
+
+gmail_jax: ``train.build`` + ``train_step.make_train_step`` exactly as ``train.py`` runs them
+(the state is donated; no host sync inside the timed loop). ``--cached`` also times the step with
+a precomputed ``teacher_emb`` (gmail_jax/teacher_cache.py: the teacher forward is skipped).
+Peer: transformers ``CLIPVisionModelWithProjection`` + peft ``LoraConfig``, eager and
+``torch.compile`` (bench/torch_peer.py), each with its best thread count (--torch-threads).
+The frameworks run one after the other in this process, each using every core.
+
+FLOPs per pair: analytic (bench/common.gmail_step_flops_per_pair; ≈ 3× the ViT forward) and
+XLA's ``cost_analysis()`` of the compiled step, reported side by side. MFU = achieved FLOP/s /
+the measured matmul peak of this machine (bench/matmul_peak.py) in the same dtype.
+Throughput is the best of ``--repeats`` windows of ``--iters`` steps (the machine is shared:
+the spread is reported too). The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--variant", default="B/32", help="tiny | B/32 | B/16 | L/14 | L/14-336")
+  ap.add_argument("--batch", type=int, default=16, help="global batch (pairs per step)")
+  ap.add_argument("--rank", type=int, default=4)
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  ap.add_argument("--remat", action="store_true", help="rematerialise blocks (gmail_jax)")
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--iters", type=int, default=3, help="steps per timed window")
+  ap.add_argument("--repeats", type=int, default=3, help="timed windows (best is reported)")
+  ap.add_argument("--peer", default="eager,compile", help="peer modes: eager,compile or none")
+  ap.add_argument("--torch-threads", default="", help="e.g. 1,2 (default: all cores)")
+  ap.add_argument("--cached", action="store_true", help="also time the cached-teacher step")
+  ap.add_argument("--gpu", action="store_true", help="peer on cuda; jax on its default backend")
+  ap.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax starts")
+  ap.add_argument("--peak", default="", help="skip the matmul-peak measurement: FLOP/s value")
+  return ap.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# gmail_jax side.
+# ---------------------------------------------------------------------------------------------
+
+
+def gmail_config(args):
+  """The training config of the benchmarked step (configs/common.py defaults, peer-matched)."""
+  from configs import common as cfg_common
+
+  c = cfg_common.get_base_config()
+  c.model.variant = args.variant
+  c.model.dtype = args.dtype
+  c.model.remat = bool(args.remat)
+  c.batch_size = args.batch
+  c.lora.rank = args.rank
+  c.lora.alpha = float(args.rank)  # PEFT lora_alpha = r -> scale 1
+  c.loss.mask_groups = False  # the peer has no group masking
+  c.optim.clip_norm = 0.0  # the peer does not clip
+  c.optim.schedule = "constant"
+  c.optim.warmup_steps = 0
+  c.mesh = {"data": -1, "fsdp": 1}
+  return c
+
+
+class Runner:
+  """A warmed-up step: ``window(iters)`` runs ``iters`` steps, syncs once, returns s/step."""
+
+  def __init__(self, name: str, run, sync, before=None):
+    self.name, self._run, self._sync, self._before = name, run, sync, before
+    self.times: list[float] = []
+
+  def window(self, iters: int) -> float:
+    if self._before is not None:
+      self._before()
+    t0 = time.perf_counter()
+    r = None
+    for _ in range(iters):
+      r = self._run()
+    self._sync(r)
+    dt = (time.perf_counter() - t0) / iters
+    self.times.append(dt)
+    return dt
+
+
+def gmail_runners(args, workdir: str) -> tuple[list[Runner], dict]:
+  """The gmail_jax step (and its cached-teacher variant) built as train.py builds it, warmed up."""
+  import jax
+  import numpy as np
+
+  from gmail_jax import sharding as shd
+  from gmail_jax import train, train_step
+  from gmail_jax.models import clip as clip_lib
+
+  config = gmail_config(args)
+  cfg = clip_lib.clip_config(args.variant)
+  config.data.image_size = cfg.vision.image_size
+  mesh = shd.make_mesh(config.mesh)
+  info: dict = {"devices": jax.device_count(), "backend": jax.default_backend()}
+  ctx = jax.set_mesh(mesh)
+  ctx.__enter__()  # the runners execute later, inside the same mesh context
+  t0 = time.perf_counter()
+  built = train.build(config, workdir, mesh)
+  state, frozen, rng = built["state"], built["frozen"], built["rng"]
+  sh = lambda t: jax.tree.map(lambda x: x.sharding, t)
+  step = train_step.make_train_step(
+    config,
+    built["models"],
+    built["tx"],
+    built["schedule"],
+    mesh,
+    state_shardings=sh(state),
+    frozen_shardings=sh(frozen),
+    rng_shardings=sh(rng),
+  )
+  s = cfg.vision.image_size
+  r = np.random.default_rng(0)
+  put = lambda v: shd.put_global(v, shd.batch_sharding(mesh))
+
+  def make_batch(i):
+    return {
+      "gen_image": put(r.integers(0, 256, (args.batch, s, s, 3), dtype=np.uint8)),
+      "real_image": put(r.integers(0, 256, (args.batch, s, s, 3), dtype=np.uint8)),
+      "group": put(np.arange(args.batch, dtype=np.int32)),
+      "real_id": put(np.arange(args.batch, dtype=np.int32) + i * args.batch),
+    }
+
+  batches = [make_batch(i) for i in range(2)]
+  compiled = step.lower(state, frozen, rng, batches[0]).compile()
+  info["compile_s"] = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  info["xla_flops_per_pair"] = float(cost.get("flops", float("nan"))) / args.batch
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    info["temp_bytes"] = int(mem.temp_size_in_bytes)
+
+  holder = {"state": state, "k": 0}
+
+  def run_one(batch_list):
+    holder["k"] += 1
+    holder["state"], m = step(holder["state"], frozen, rng, batch_list[holder["k"] % 2])
+    return m["loss"]
+
+  sync = lambda x: x.block_until_ready()
+  variants = {"gmail_jax": batches}
+  if args.cached:
+    # Teacher embeddings exactly as the cache delivers them (gmail_jax/teacher_cache.py).
+    from gmail_jax import teacher_cache
+
+    embed = teacher_cache.make_teacher_embed(built["models"], frozen, mesh)
+    variants["gmail_jax_cached"] = [
+      {k: v for k, v in b.items() if k != "real_image"}
+      | {"teacher_emb": put(embed(np.asarray(jax.device_get(b["real_image"]))))}
+      for b in batches
+    ]
+  runners = []
+  for name, bl in variants.items():
+    for _ in range(args.warmup):
+      loss = run_one(bl)
+    info[f"{name}_loss_after_warmup"] = float(loss)
+    runners.append(Runner(name, lambda bl=bl: run_one(bl), sync))
+  info["executables"] = step._cache_size()  # 1 per batch signature: no recompiles in the loop
+  return runners, info
+
+
+def peer_runners(args, pcfg, modes: list[str], threads: list[int]) -> tuple[list[Runner], dict]:
+  """The torch peer, eager and/or compiled, one runner per (mode, thread count), warmed up."""
+  import torch
+
+  from bench import torch_peer as peer_lib
+
+  device = "cuda" if args.gpu else "cpu"
+  runners, info = [], {}
+  for mode in modes:
+    step, make_batch, pinfo = peer_lib.build_peer(pcfg, compile=mode == "compile", device=device)
+    batches = [make_batch(i) for i in range(2)]
+    k = [0]
+
+    def run(step=step, batches=batches, k=k):
+      k[0] += 1
+      return step(*batches[k[0] % 2])
+
+    sync = (lambda r: (torch.cuda.synchronize(), r.item())) if args.gpu else (lambda r: r.item())
+    torch.set_num_threads(max(threads))
+    t0 = time.perf_counter()
+    for _ in range(args.warmup + (1 if mode == "compile" else 0)):
+      loss = run()
+    info[f"{mode}_warmup_s"] = time.perf_counter() - t0
+    info[f"{mode}_loss_after_warmup"] = float(loss.item())
+    info.update(pinfo)
+    for th in threads:
+      runners.append(
+        Runner(f"peer_{mode}_t{th}", run, sync, before=lambda th=th: torch.set_num_threads(th))
+      )
+  return runners, info
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  if args.xla_flags:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+  if not args.gpu:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  import tempfile
+
+  from bench import common, matmul_peak
+  from bench import torch_peer as peer_lib
+  from gmail_jax.models import clip as clip_lib
+
+  cfg = clip_lib.clip_config(args.variant)
+  v = cfg.vision
+  vit = dict(
+    image_size=v.image_size,
+    patch_size=v.patch_size,
+    width=v.width,
+    layers=v.layers,
+    mlp_dim=v.mlp_dim,
+    embed_dim=cfg.embed_dim,
+    lora_rank=args.rank,
+  )
+  flops = common.gmail_step_flops_per_pair(**vit)
+  result: dict = {
+    "variant": args.variant,
+    "batch": args.batch,
+    "rank": args.rank,
+    "dtype": args.dtype,
+    "image_size": v.image_size,
+    "remat": bool(args.remat),
+    "cpu_count": common.cpu_count(),
+    "load_average_1m_start": common.load_average(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+
+  # Build and warm up everything first, then time windows round-robin (gmail_jax, peer eager,
+  # peer compile, ...) so every contender sees the same background load; best window wins.
+  modes = [m for m in args.peer.split(",") if m and m != "none"]
+  threads = [int(t) for t in args.torch_threads.split(",") if t] or [common.cpu_count()]
+  pcfg = peer_lib.PeerConfig(
+    image_size=v.image_size,
+    patch_size=v.patch_size,
+    width=v.width,
+    layers=v.layers,
+    heads=v.heads,
+    mlp_dim=v.mlp_dim,
+    embed_dim=cfg.embed_dim,
+    batch=args.batch,
+    rank=args.rank,
+    alpha=float(args.rank),
+    dtype=args.dtype,
+    act=v.act,
+  )
+  with tempfile.TemporaryDirectory() as wd:
+    g_runners, g_info = gmail_runners(args, wd)
+  print(f"gmail_jax built: {g_info}", file=sys.stderr, flush=True)
+  p_runners, p_info = peer_runners(args, pcfg, modes, threads) if modes else ([], {})
+  print(f"peer built: {p_info}", file=sys.stderr, flush=True)
+  runners = g_runners + p_runners
+  for rep in range(args.repeats):
+    for r in runners:
+      dt = r.window(args.iters)
+      print(f"[{rep}] {r.name}: {dt:.3f} s/step", file=sys.stderr, flush=True)
+  stats = {
+    r.name: {
+      "pairs_per_s": args.batch / min(r.times),
+      "best_s": min(r.times),
+      "median_s": statistics.median(r.times),
+      "spread": max(r.times) / min(r.times) - 1,
+    }
+    for r in runners
+  }
+  peer = {}
+  for mode in modes:
+    mine = {n: st for n, st in stats.items() if n.startswith(f"peer_{mode}_")}
+    best_name = max(mine, key=lambda n: mine[n]["pairs_per_s"])
+    peer[mode] = {**mine[best_name], "threads": int(best_name.rsplit("_t", 1)[1])}
+  g = {**g_info, **stats["gmail_jax"]}
+  if "gmail_jax_cached" in stats:
+    g["cached_pairs_per_s"] = stats["gmail_jax_cached"]["pairs_per_s"]
+    g["cached"] = stats["gmail_jax_cached"]
+
+  # 3. Peak and MFU.
+  if args.peak:
+    peak = float(args.peak)
+  else:
+    peak = matmul_peak.jax_matmul_peak(args.dtype, (1024, 2048), repeats=3)["peak_flops"]
+  achieved = g["pairs_per_s"] * flops["total"]
+  peer_best = max(peer.values(), key=lambda x: x["pairs_per_s"]) if peer else None
+  result.update(
+    gmail_jax_pairs_per_s=g["pairs_per_s"],
+    peer_pairs_per_s=peer_best["pairs_per_s"] if peer_best else None,
+    peer_eager_pairs_per_s=peer.get("eager", {}).get("pairs_per_s"),
+    peer_compile_pairs_per_s=peer.get("compile", {}).get("pairs_per_s"),
+    ratio=g["pairs_per_s"] / peer_best["pairs_per_s"] if peer_best else None,
+    flops_per_pair=flops["total"],
+    flops_per_pair_xla=g["xla_flops_per_pair"],
+    flops_breakdown=flops,
+    achieved_flops=achieved,
+    matmul_peak_flops=peak,
+    mfu=achieved / peak,
+    peer_mfu=peer_best["pairs_per_s"] * flops["total"] / peak if peer_best else None,
+    gmail_jax=g,
+    peer=peer,
+    peer_info=p_info,
+    windows={r.name: r.times for r in runners},
+    load_average_1m_end=common.load_average(),
+  )
+  if "cached_pairs_per_s" in g:
+    result.update(
+      gmail_jax_cached_pairs_per_s=g["cached_pairs_per_s"],
+      cache_speedup=g["cached_pairs_per_s"] / g["pairs_per_s"],
+      cached_mfu=g["cached_pairs_per_s"] * flops["total_cached_teacher"] / peak,
+    )
+  common.emit(result)
+
+
+if __name__ == "__main__":
+  main()
