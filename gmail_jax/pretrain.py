@@ -170,31 +170,50 @@ def load_images(paths: Sequence[str | pathlib.Path], size: int) -> np.ndarray:
   return out
 
 
+def zip_class_members(
+  zf: zipfile.ZipFile,
+  *,
+  prefix: str = "test",
+  exclude: set[tuple[str, str]] = frozenset(),
+  max_per_class: int = 0,
+) -> list[tuple[str, str]]:
+  """Sorted (member name, class) of PREFIX/<class>/<name> images, minus (class, name) in
+  ``exclude``; at most the first ``max_per_class`` of each class when > 0."""
+  members, seen = [], {}
+  for name in sorted(zf.namelist()):
+    parts = name.split("/")
+    if len(parts) != 3 or parts[0] != prefix or not parts[2].lower().endswith(IMAGE_EXTS):
+      continue
+    if (parts[1], parts[2]) in exclude:
+      continue
+    if max_per_class > 0 and seen.get(parts[1], 0) >= max_per_class:
+      continue
+    seen[parts[1]] = seen.get(parts[1], 0) + 1
+    members.append((name, parts[1]))
+  return members
+
+
 def load_zip_class_images(
   zip_path: str | pathlib.Path,
   size: int,
   *,
   prefix: str = "test",
   exclude: set[tuple[str, str]] = frozenset(),
+  max_per_class: int = 0,
 ) -> tuple[np.ndarray, list[str]]:
-  """(uint8 images, classes) of ZIP:PREFIX/<class>/<name>, minus (class, name) in ``exclude``."""
+  """(uint8 images, classes) of the ``zip_class_members`` of ZIP, decoded and resized."""
   zip_path = pathlib.Path(zip_path)
   if not zip_path.is_file():
     raise FileNotFoundError(f"teacher_pretrain.path: zip not found: {zip_path}")
-  images, classes = [], []
   with zipfile.ZipFile(zip_path) as zf:
-    for name in sorted(zf.namelist()):
-      parts = name.split("/")
-      if len(parts) != 3 or parts[0] != prefix or not parts[2].lower().endswith(IMAGE_EXTS):
-        continue
-      if (parts[1], parts[2]) in exclude:
-        continue
+    members = zip_class_members(zf, prefix=prefix, exclude=exclude, max_per_class=max_per_class)
+    if not members:
+      raise FileNotFoundError(f"no images under {zip_path}:{prefix}/<class>/ after exclusions")
+    images = np.empty((len(members), size, size, 3), np.uint8)
+    for i, (name, _) in enumerate(members):
       with zf.open(name) as f, PIL.Image.open(f) as im:
-        images.append(preprocess.resize_center_crop(im, size))
-      classes.append(parts[1])
-  if not images:
-    raise FileNotFoundError(f"no images under {zip_path}:{prefix}/<class>/ after exclusions")
-  return np.stack(images), classes
+        images[i] = preprocess.resize_center_crop(im, size)
+  return images, [c for _, c in members]
 
 
 def class_captions(
@@ -249,6 +268,7 @@ def teacher_data(
 
   tp = config.teacher_pretrain
   size = config.data.image_size
+  cap = int(tp.get("max_per_class", 0) or 0)  # 0 = all; else the first `cap` per class by name
   if tp.source == "folder":
     root = tp.get("path") or splits.split_root(config, workdir, "train") / "real"
     paths, classes = list_class_folder(root)
@@ -259,12 +279,11 @@ def teacher_data(
     real = pathlib.Path(source) / "real"
     exclude = {(c, p.name) for p, c in zip(*list_class_folder(real), strict=True)}
     images, classes = load_zip_class_images(
-      zip_path, size, prefix=tp.get("zip_prefix", "test"), exclude=exclude
+      zip_path, size, prefix=tp.get("zip_prefix", "test"), exclude=exclude, max_per_class=cap
     )
   else:
     raise ValueError(f"config.teacher_pretrain.source: {tp.source!r} not in ('folder', 'zip')")
-  cap = int(tp.get("max_per_class", 0) or 0)
-  if cap > 0:  # the first `cap` of each class (sorted by name): a deterministic subset
+  if cap > 0 and tp.source == "folder":  # the first `cap` of each class (sorted by name)
     seen: dict[str, int] = {}
     keep = [seen.setdefault(c, 0) < cap and not seen.update({c: seen[c] + 1}) for c in classes]
     images, classes = images[np.asarray(keep)], [c for c, k in zip(classes, keep, strict=True) if k]
