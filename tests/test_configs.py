@@ -33,8 +33,11 @@ def test_config_builds_shapes_only(name):
   n_lora = lora.count_params(shapes["state"]["params"]["lora"])
   n_frozen = lora.count_params(shapes["frozen"])
   assert 0 < n_lora < 0.05 * n_frozen
+  # Optimizer state covers the trainable params only (LoRA, plus the projection when trained).
+  n_trainable = lora.count_params(shapes["state"]["params"])
+  assert n_trainable == n_lora or config.lora.train_proj
   opt_leaves = jax.tree.leaves(shapes["state"]["opt"])
-  assert sum(int(np.prod(x.shape)) for x in opt_leaves) <= 2 * n_lora + 16  # LoRA-only state
+  assert sum(int(np.prod(x.shape)) for x in opt_leaves) <= 2 * n_trainable + 16
 
 
 @pytest.mark.parametrize("arg", ["L/14", "variant=B/32,runlocal=True"])
