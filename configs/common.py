@@ -96,6 +96,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optim.accum_steps = 1  # microbatches per step (exact; see train_step.py)
 
   c.data = default_data_config()
+  # Teacher-embedding cache (gmail_jax/teacher_cache.py): real images are not augmented, so
+  # f_r(x_r) is computed once per real_id and the step skips the teacher forward.
+  c.teacher_cache = ml_collections.ConfigDict()
+  c.teacher_cache.enabled = False
+  c.teacher_cache.path = ""  # "" = <data dir>/teacher_cache/<variant>-<dtype>-<size>
+  c.teacher_cache.rebuild = False  # True: discard a stale cache instead of refusing it
+  c.teacher_cache.precompute = True  # one pass before training (else fill on first sight)
   c.evals = ml_collections.ConfigDict()
   return c
 
