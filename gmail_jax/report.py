@@ -219,7 +219,9 @@ def markdown(report: dict, title: str = "GMAIL small-scale reproduction") -> str
     ]
   for key in ("test_pairs", "seeds", "runs"):
     if key in report:
-      lines.append(f"\n{key}: {report[key]}")
+      val = report[key]
+      val = int(val["mean"]) if isinstance(val, dict) and "mean" in val else val
+      lines.append(f"\n{key}: {val}")
   return "\n".join(lines) + "\n"
 
 
