@@ -11,7 +11,8 @@ every large weight sharded on ``fsdp``), then compiled; nothing is allocated or 
 Per device:  total = arguments + outputs − aliased (donated state) + temporaries
 (arguments = frozen weights + LoRA/optimizer state + the batch shard). XLA:CPU's buffer
 assignment is a proxy for TPU/GPU (same HLO, different fusion and layout decisions): treat the
-numbers as ±20%. ``fits_16GiB`` compares the total with a 16 GiB TPU v4/v5e core (no headroom
+numbers as indicative only: measured here, remat changed L/14's temporaries by only ~7%
+(XLA:CPU does not schedule for memory the way the TPU compiler does). ``fits_16GiB`` compares the total with a 16 GiB TPU v4/v5e core (no headroom
 subtracted). Prints one JSON object.
 """
 

@@ -221,7 +221,17 @@ class Block(nnx.Module):
 def _run_blocks(blocks: nnx.List, x: jax.Array, causal: bool, remat: bool) -> jax.Array:
   for block in blocks:
     if remat:
-      x = nnx.remat(lambda b, y: b(y, causal))(block, x)
+      # jax.checkpoint over (graphdef, state): nnx.remat writes state back into the block, which
+      # fails ("Cannot mutate Param from a different trace level") when the block was merged
+      # inside jit/grad, as in the train step. RNG counts (LoRA dropout) are carried out.
+      gdef, state = nnx.split(block)
+
+      def run(s, y, gdef=gdef):
+        b = nnx.merge(gdef, s)
+        return b(y, causal), nnx.state(b, nnx.RngState)
+
+      x, rng_state = jax.checkpoint(run)(state, x)
+      nnx.update(block, rng_state)
     else:
       x = block(x, causal)
   return x
