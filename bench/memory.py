@@ -12,8 +12,8 @@ Per device:  total = arguments + outputs − aliased (donated state) + temporari
 (arguments = frozen weights + LoRA/optimizer state + the batch shard). XLA:CPU's buffer
 assignment is a proxy for TPU/GPU (same HLO, different fusion and layout decisions): treat the
 numbers as indicative only: measured here, remat changed L/14's temporaries by only ~7%
-(XLA:CPU does not schedule for memory the way the TPU compiler does). ``fits_16GiB`` compares the total with a 16 GiB TPU v4/v5e core (no headroom
-subtracted). Prints one JSON object.
+(XLA:CPU does not schedule for memory the way the TPU compiler does). ``fits_16GiB``
+compares the total with a 16 GiB TPU v4/v5e core (no headroom subtracted). Prints one JSON object.
 """
 
 from __future__ import annotations
