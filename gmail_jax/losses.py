@@ -46,12 +46,12 @@ def _row_infonce(logits: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, 
 
 
 def gen_real_infonce(
-    z_gen: jax.Array,
-    z_real: jax.Array,
-    temperature: float | jax.Array = 0.07,
-    *,
-    group: jax.Array | None = None,
-    symmetric: bool = False,
+  z_gen: jax.Array,
+  z_real: jax.Array,
+  temperature: float | jax.Array = 0.07,
+  *,
+  group: jax.Array | None = None,
+  symmetric: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """GMAIL cross-modality alignment loss (Mo & Yun 2025, Eq. 1).
 
@@ -87,11 +87,11 @@ def gen_real_infonce(
 
 
 def clip_loss(
-    z_image: jax.Array,
-    z_text: jax.Array,
-    logit_scale: float | jax.Array,
-    *,
-    group: jax.Array | None = None,
+  z_image: jax.Array,
+  z_text: jax.Array,
+  logit_scale: float | jax.Array,
+  *,
+  group: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Symmetric CLIP InfoNCE (Radford et al., 2021) with a linear logit scale.
 
@@ -111,15 +111,15 @@ def clip_loss(
 
 
 def gmail_loss(
-    z_gen: jax.Array,
-    z_real: jax.Array,
-    *,
-    temperature: float | jax.Array = 0.07,
-    group: jax.Array | None = None,
-    symmetric: bool = False,
-    z_text: jax.Array | None = None,
-    text_weight: float = 0.0,
-    text_logit_scale: float | jax.Array = 1.0 / 0.07,
+  z_gen: jax.Array,
+  z_real: jax.Array,
+  *,
+  temperature: float | jax.Array = 0.07,
+  group: jax.Array | None = None,
+  symmetric: bool = False,
+  z_text: jax.Array | None = None,
+  text_weight: float = 0.0,
+  text_logit_scale: float | jax.Array = 1.0 / 0.07,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """GMAIL objective:  L = L_align(z_gen, z_real; tau) + lambda * L_CLIP(z_gen, z_text).
 
@@ -135,7 +135,6 @@ def gmail_loss(
     loss = loss + text_weight * text
     aux.update(text_loss=text, **text_aux)
   return loss, aux
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,14 +19,14 @@ class Dense(nnx.Module):
   """``x @ kernel + bias`` with kernel [in, out] (HF ``weight`` transposed)."""
 
   def __init__(
-      self,
-      in_features: int,
-      out_features: int,
-      *,
-      use_bias: bool = True,
-      dtype: jnp.dtype | None = None,
-      param_dtype: jnp.dtype = jnp.float32,
-      rngs: nnx.Rngs,
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    use_bias: bool = True,
+    dtype: jnp.dtype | None = None,
+    param_dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
   ):
     init = nnx.initializers.lecun_normal()
     self.in_features = in_features
