@@ -23,9 +23,10 @@ FLOPs per pair: analytic (bench/common.gmail_step_flops_per_pair; ≈ 3× the Vi
 XLA's ``cost_analysis()`` of the compiled step, reported side by side. MFU = achieved FLOP/s /
 the measured matmul peak of this machine (bench/matmul_peak.py) in the same dtype.
 XLA:CPU notes (jax 0.10.2, profiled with jax.profiler on a 4-block B/32 step, batch 16):
-  * the stride-p patch-embedding convolution is lowered to a YNNPACK fusion at ~13 GFLOP/s
-    (2 x 285 ms per step); ``--xla-flags=--xla_cpu_experimental_ynn_fusion_type=`` (YNNPACK
-    fusions off, Eigen/oneDNN paths instead) cut that step from 2.50 to 2.22 s (-11%);
+  * a stride-p convolution for the patch embedding was lowered to a YNNPACK fusion at
+    ~13 GFLOP/s (2 x 285 ms per step); models/clip.py therefore patchifies and runs one matmul
+    (142 -> 49 ms per call), after which ``--xla_cpu_experimental_ynn_fusion_type=`` no longer
+    matters (-0.4%, noise);
   * the residual-stream gradient is emitted as loop fusions with a transposed [768, N·T] output
     (for the LoRA dA/dB dots) that recompute the LayerNorm chain of the blocks above them, so
     their cost grows with depth (14, 64, 124, 195 ms for blocks 4..1). An optimization barrier
