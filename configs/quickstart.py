@@ -32,68 +32,33 @@ from gmail_jax.data import digits
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = common.parse_arg(arg, mode="full")
-  if a.mode not in ("full", "smoke"):
-    raise ValueError(f"configs/quickstart.py:{a.mode}: expected 'full' or 'smoke'")
-  smoke = a.mode == "smoke"
-  c = common.get_base_config()
-  c.seed = 0
+  c, smoke = common.class_pair_experiment(arg, "quickstart")
   c.total_steps = 40 if smoke else 300
-  c.batch_size = 64 if smoke else 128
   c.log_every_steps = 10
   c.checkpoint_every_steps = c.total_steps
-  c.keep_checkpoints = 1
-  c.async_checkpoints = False
 
-  c.model.variant = "tiny"
-  c.lora.rank = 4
-  c.lora.alpha = 4.0
-  # The paper does not name its LoRA targets; on a width-64 ViT, attention-only rank 4 is too
-  # little capacity (quickstart paired cosine 0.67 vs 0.74 with the MLPs too).
-  c.lora.mlp = True
-  c.loss.mask_groups = True  # class-level pairs: same-class reals are not negatives
-  c.optim.lr = 2e-3  # tiny model, few steps (the paper's 1e-4 is for ViT-B/L)
-  c.optim.schedule = "cosine"
   c.optim.warmup_steps = 10 if smoke else 20
-  c.optim.min_lr_ratio = 0.1
 
-  c.data.source = "class_folders"
   c.data.image_size = 8 if smoke else 16
   c.data.caption_template = "a photo of the digit {class}."
-  c.data.num_workers = 0
-  c.data.read_threads = 2
-  c.data.prefetch = 2
 
-  # Train / held-out split views under WORKDIR/data (gmail_jax/data/splits.py).
-  c.splits = ml_collections.ConfigDict()
   c.splits.kind = "digits"
   c.splits.generated_per_class = 60 if smoke else 150
   c.splits.test_fraction = 0.3
-  c.splits.seed = 0
-  c.splits.source = ml_collections.config_dict.placeholder(str)
 
   # Stage 1 (gmail_jax/pretrain.py): the tiny CLIP teacher on real train-split scans.
-  c.teacher_pretrain = ml_collections.ConfigDict()
   c.teacher_pretrain.source = "folder"
   c.teacher_pretrain.path = ""  # "" = WORKDIR/data/train/real
   c.teacher_pretrain.templates = digits.CAPTION_TEMPLATES
   c.teacher_pretrain.steps = 60 if smoke else 250
-  c.teacher_pretrain.batch_size = 64 if smoke else 128
-  c.teacher_pretrain.lr = 2e-3
   c.teacher_pretrain.warmup_steps = 10 if smoke else 25
-  c.teacher_pretrain.weight_decay = 0.05
   c.teacher_pretrain.max_per_class = 0  # 0 = all
   c.teacher_pretrain.clip = ml_collections.ConfigDict(
     {"vision_patch_size": 4, "text_context_length": 16}
   )
 
-  # Stage 3 (gmail_jax/report.py).
-  c.report = ml_collections.ConfigDict()
   c.report.title = "GMAIL quickstart: handwritten scans (real) vs rendered digits (generated)"
   c.report.batch_size = 256
-  c.report.probe_c = 1.0
-  c.report.probe_seed = 0
   c.report.synthetic_baseline = not smoke  # (tests/test_cifake.py covers it)
   c.report.tsne_points = 200 if smoke else 300
-  c.report.tsne_method = "pca" if smoke else "tsne"  # t-SNE takes ~10 s on 2 cores
   return c

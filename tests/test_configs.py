@@ -1,24 +1,13 @@
 """Every config in configs/ builds (shapes only) and bad configs fail before compiling."""
 
-import importlib.util
-import pathlib
-
 import jax
-import ml_collections
 import numpy as np
 import pytest
+from config_helpers import CONFIGS
+from config_helpers import load_config as load
 
 from gmail_jax import sharding, train
 from gmail_jax.models import lora
-
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
-def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
 
 
 def config_names() -> list[str]:

@@ -1,6 +1,5 @@
 """Teacher-embedding cache: same losses with and without it; stale caches refused; exact key."""
 
-import importlib.util
 import json
 import pathlib
 
@@ -8,19 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from config_helpers import load_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gmail_jax import sharding, teacher_cache, train
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
 
 def tiny_config(**overrides):
-  spec = importlib.util.spec_from_file_location("cfg_tiny", CONFIGS / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = load_config("tiny")
   c.model.variant = "mu"
   c.data.image_size = 16
   c.data.synthetic_image_size = 16

@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import portpicker
 import pytest
+from config_helpers import load_config
 
 from gmail_jax import checkpointing, train, train_step
 
@@ -134,12 +135,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     return jnp.where(step >= 4, jnp.nan, loss), aux
 
   monkeypatch.setattr(train_step, "compose_loss", poisoned)
-  from importlib import util
-
-  spec = util.spec_from_file_location("cfg_tiny", ROOT / "configs" / "tiny.py")
-  module = util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+  cfg = load_config("tiny")
   cfg.total_steps, cfg.checkpoint_every_steps, cfg.log_every_steps = STEPS, 2, 3
   cfg.model.variant, cfg.data.image_size, cfg.data.synthetic_image_size = "mu", 16, 16
   with pytest.raises(FloatingPointError, match="non-finite loss at step 5"):

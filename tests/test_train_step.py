@@ -1,22 +1,15 @@
 """The jitted GMAIL step: LoRA-only updates, 1 vs 8 devices, exact gradient accumulation."""
 
-import importlib.util
-import pathlib
-
 import jax
 import numpy as np
+from config_helpers import load_config
 from flax import nnx
 
 from gmail_jax import sharding, train, train_step
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
 
 def tiny_config(**loss):
-  spec = importlib.util.spec_from_file_location("cfg_tiny", CONFIGS / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = load_config("tiny")
   c.model.variant = "mu"
   c.data.image_size = 16
   c.optim.lr = 3e-3
