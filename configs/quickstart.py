@@ -16,11 +16,11 @@ Stages, in one run:
   2. GMAIL: LoRA (rank 4, attention + MLP) student f_g aligned with L_align on generated->real pairs
      of the same class (the regular training loop, same-class negatives masked);
   3. report (gmail_jax/report.py): WORKDIR/report.json, report.md, tsne.png, curves.png.
-Measured (seed 0, see report.md): paired gen-real cosine 0.479 -> 0.671 (ceiling for class-level
+Measured (seed 0, see report.md): paired gen-real cosine 0.480 -> 0.671 (ceiling for class-level
 pairs, two real scans of one class under f_r: 0.852); probe transfer accuracy on held-out real
-scans 0.803 (teacher on both) -> 0.965 (GMAIL: f_g on generated, f_r on real), vs 0.781 for LoRA
-fine-tuning on generated images as if real and 0.970 for a probe trained on real scans.
-Cost: ~190 CPU-seconds in total (user + sys), i.e. under 5 minutes even on one core.
+scans 0.801 (teacher on both) -> 0.963 (GMAIL: f_g on generated, f_r on real), vs 0.783 for LoRA
+fine-tuning on generated images as if real and 0.967 for a probe trained on real scans.
+Cost: 113 s wall, ~200 CPU-seconds in total (user + sys) on 2 cores.
 """
 
 from __future__ import annotations
