@@ -3,7 +3,7 @@ r"""Per-device memory of the GMAIL train step from XLA's ``memory_analysis()`` (
     python -m bench.memory                                  # B/16 and L/14, batch 256, 8 devices
     python -m bench.memory --variants L/14 --dtypes bfloat16 --remat both --devices 8
 
-The step (``train.abstract_train_state`` + ``train_step.make_train_step``, exactly what train.py
+The step (``train.abstract_train_state`` + ``train.make_step``, exactly what train.py
 compiles) is lowered on abstract arrays for a mesh of ``--devices`` simulated CPU devices, under
 pure data parallel (``{data: N}``: frozen weights replicated) and FSDP (``{data: N/f, fsdp: f}``:
 every large weight sharded on ``fsdp``), then compiled; nothing is allocated or run.
@@ -48,7 +48,7 @@ def analyse(
 
   from bench.train_step import gmail_config
   from gmail_jax import sharding as shd
-  from gmail_jax import train, train_step
+  from gmail_jax import train
   from gmail_jax.models import clip as clip_lib
 
   args = argparse.Namespace(variant=variant, dtype=dtype, remat=remat, batch=batch, rank=4)
@@ -76,17 +76,8 @@ def analyse(
       ab["state"],
     )
     state["params"] = place(ab["state"]["params"], fsdp)
-    sh = lambda t: jax.tree.map(lambda x: x.sharding, t)
-    step = train_step.make_train_step(
-      config,
-      ab["models"],
-      tx,
-      schedule,
-      mesh,
-      state_shardings=sh(state),
-      frozen_shardings=sh(frozen),
-      rng_shardings=sh(rng),
-    )
+    built = dict(models=ab["models"], tx=tx, schedule=schedule, state=state, frozen=frozen, rng=rng)
+    step = train.make_step(config, built, mesh)
     s = cfg.vision.image_size
     bsh: NamedSharding = shd.batch_sharding(mesh)
     sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=bsh)

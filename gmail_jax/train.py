@@ -306,6 +306,21 @@ class TrainEncoder:
 # ---------------------------------------------------------------------------------------------
 
 
+def make_step(config: ml_collections.ConfigDict, built: dict[str, Any], mesh: jax.sharding.Mesh):
+  """The jitted update step for ``build``'s output; in/out shardings are read off its arrays."""
+  shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  return train_step.make_train_step(
+    config,
+    built["models"],
+    built["tx"],
+    built["schedule"],
+    mesh,
+    state_shardings=shardings(built["state"]),
+    frozen_shardings=shardings(built["frozen"]),
+    rng_shardings=shardings(built["rng"]),
+  )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the GMAIL student; returns the last logged metrics."""
   workdir = os.path.abspath(workdir)
@@ -335,7 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ------------------------------------------------------------------ model, LoRA, optimizer
     built = build(config, workdir, mesh)
     models, frozen, rng = built["models"], built["frozen"], built["rng"]
-    state, tx, schedule = built["state"], built["tx"], built["schedule"]
+    state = built["state"]
     write_note(
       f"teacher {teacher_source(config)['source']}: {lora_lib.count_params(frozen):,} frozen"
       f" params; trainable {lora_lib.count_params(state['params']):,}"
@@ -348,7 +363,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints
     )
     teacher_id = {**teacher_source(config), "checksum": checkpointing.frozen_checksum(frozen)}
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
     if ckpt.latest_step() is not None:  # 1. auto-resume
       abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
@@ -359,16 +373,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     first_step = int(jax.device_get(state["step"]))
 
     # ----------------------------------------------------------------------------- update step
-    step_fn = train_step.make_train_step(
-      config,
-      models,
-      tx,
-      schedule,
-      mesh,
-      state_shardings=state_shardings,
-      frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen),
-      rng_shardings=jax.tree.map(lambda x: x.sharding, rng),
-    )
+    step_fn = make_step(config, built, mesh)  # the restored state has the built shardings
 
     # ------------------------------------------------------- teacher-embedding cache (optional)
     from gmail_jax import teacher_cache  # noqa: PLC0415

@@ -40,16 +40,7 @@ def run(config, mesh, data, tmp_path):
   with jax.set_mesh(mesh):
     built = train.build(config, str(tmp_path), mesh)
     state, frozen, rng = built["state"], built["frozen"], built["rng"]
-    step = train_step.make_train_step(
-      config,
-      built["models"],
-      built["tx"],
-      built["schedule"],
-      mesh,
-      state_shardings=jax.tree.map(lambda x: x.sharding, state),
-      frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen),
-      rng_shardings=jax.tree.map(lambda x: x.sharding, rng),
-    )
+    step = train.make_step(config, built, mesh)
     frozen_before = [np.asarray(x).copy() for x in jax.tree.leaves(frozen)]
     lora_before = [np.asarray(x).copy() for x in jax.tree.leaves(state["params"])]
     losses = []
