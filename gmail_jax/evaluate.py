@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from typing import Any
 
 import jax
@@ -33,7 +32,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gmail_jax import checkpointing, train
+from gmail_jax import checkpointing, cli, train
 from gmail_jax import metrics as metrics_lib
 from gmail_jax import sharding as shd
 
@@ -192,23 +191,17 @@ def evaluate(
 
 
 def main(argv) -> None:
-  from absl import app, flags, logging  # noqa: PLC0415
+  from absl import app, flags  # noqa: PLC0415
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  try:
+  with cli.one_line_errors():
     config = f.config if f.config is not None else metrics_lib.read_config(f.workdir)
     which = tuple(w.strip() for w in f.encoders.split(",") if w.strip())
     report = evaluate(
       config, f.workdir, step=f.step, which=which, plots=f.plots, tsne_points=f.tsne_points
     )
-  except (ValueError, FileNotFoundError) as e:
-    if os.environ.get("GMAIL_TRACEBACK"):
-      raise
-    logging.error("%s: %s", type(e).__name__, e)
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-    sys.exit(1)
   if jax.process_index() == 0:
     for name, m in report["encoders"].items():
       print(f"[{name}] " + " ".join(f"{k}={v:.4g}" for k, v in sorted(m.items())))

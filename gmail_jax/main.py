@@ -11,7 +11,6 @@ ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables); on TPU pods and SLURM t
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -52,7 +51,7 @@ def main(argv):
   _maybe_initialize_distributed()
   import jax  # noqa: PLC0415
 
-  from gmail_jax import train  # noqa: PLC0415
+  from gmail_jax import cli, train  # noqa: PLC0415
 
   logging.info(
     "process %d/%d, devices: %d local / %d global (%s)",
@@ -64,14 +63,8 @@ def main(argv):
   )
   if logging.get_verbosity() < logging.DEBUG:  # Orbax INFO: ~50 lines/save; --verbosity=1 keeps it
     logging.get_absl_logger().addFilter(lambda r: r.levelno > 20 or "/orbax/" not in r.pathname)
-  try:
+  with cli.one_line_errors():
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FloatingPointError, FileNotFoundError) as e:
-    if os.environ.get("GMAIL_TRACEBACK"):
-      raise
-    logging.error("%s: %s", type(e).__name__, e)
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gmail_jax import evaluate, train
+from gmail_jax import cli, evaluate, train
 from gmail_jax.evaluators import common, gap, zeroshot
 
 SHARED = ("data", "teacher")  # per-workdir artefacts every α run shares (quickstart stages)
@@ -208,22 +207,16 @@ def markdown(table: dict) -> str:
 
 
 def main(argv) -> None:
-  from absl import app, flags, logging  # noqa: PLC0415
+  from absl import app, flags  # noqa: PLC0415
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  try:
+  with cli.one_line_errors():
     alphas = [float(a) for a in f.alphas.split(",") if a.strip()]
     if not alphas:
       raise ValueError("--alphas: empty")
     table = run_sweep(f.config, alphas, f.workdir, extra_arg=f.arg, max_per_class=f.max_per_class)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    if os.environ.get("GMAIL_TRACEBACK"):
-      raise
-    logging.error("%s: %s", type(e).__name__, e)
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-    sys.exit(1)
   print(markdown(table))
 
 

@@ -12,37 +12,29 @@ def _norm(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+def _nce_direction(s, group):
+  """Mean over anchors i of -log softmax_j(s[i, j])[i]; j runs over i and non-group-mates of i."""
+  n = len(s)
+  total = 0.0
+  for i in range(n):
+    keep = [j for j in range(n) if j == i or group is None or group[j] != group[i]]
+    total += -(s[i, i] - np.log(np.sum(np.exp(s[i, keep]))))
+  return total / n
+
+
 def ref_infonce(zg, zr, tau, group=None, symmetric=False):
   """Eq. 1 in float64, written as a loop over anchors (independent of the jnp code path)."""
   s = _norm(zg.astype(np.float64)) @ _norm(zr.astype(np.float64)).T / tau
-  n = len(s)
-
-  def direction(s):
-    total = 0.0
-    for i in range(n):
-      keep = [j for j in range(n) if j == i or group is None or group[j] != group[i]]
-      total += -(s[i, i] - np.log(np.sum(np.exp(s[i, keep]))))
-    return total / n
-
-  out = direction(s)
+  out = _nce_direction(s, group)
   if symmetric:
-    out = 0.5 * (out + direction(s.T))
+    out = 0.5 * (out + _nce_direction(s.T, group))
   return out
 
 
 def ref_clip(zi, zt, scale, group=None):
   """Symmetric CLIP loss in float64."""
   s = scale * (_norm(zi.astype(np.float64)) @ _norm(zt.astype(np.float64)).T)
-  n = len(s)
-
-  def direction(s):
-    total = 0.0
-    for i in range(n):
-      keep = [j for j in range(n) if j == i or group is None or group[j] != group[i]]
-      total += -(s[i, i] - np.log(np.sum(np.exp(s[i, keep]))))
-    return total / n
-
-  return 0.5 * (direction(s) + direction(s.T))
+  return 0.5 * (_nce_direction(s, group) + _nce_direction(s.T, group))
 
 
 @pytest.fixture

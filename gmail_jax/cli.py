@@ -1,0 +1,29 @@
+"""What the command-line entry points share (main, evaluate, sweep)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+from absl import logging
+
+# Bad config, bad input file or checkpoint (all ValueError subclasses), missing path, NaN loss.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+  """Ends the run with one line and exit code 1 on a user-facing error.
+
+  ``GMAIL_TRACEBACK=1`` re-raises instead, for the full traceback.
+  """
+  try:
+    yield
+  except USER_ERRORS as e:
+    if os.environ.get("GMAIL_TRACEBACK"):
+      raise
+    logging.error("%s: %s", type(e).__name__, e)
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(1)
