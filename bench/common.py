@@ -88,29 +88,47 @@ def vit_forward_flops(
   embed_dim: int,
   lora_rank: int = 0,
   lora_layers_per_block: int = 4,
+  pooled_last_block: bool = False,
 ) -> dict[str, float]:
   """Forward FLOPs of one image through a CLIP ViT tower (matmuls only; LN/softmax/GELU ignored).
 
   P = (S/p)², N = P + 1 (class token), W width, M mlp_dim, L layers, E embed_dim
   patch = 2·P·(3p²)·W
-  block = 8·N·W² (q,k,v,out) + 4·N²·W (QKᵀ and A·V) + 4·N·W·M (fc1, fc2)
-  lora  = k·4·N·W·r per block (x·A then ·B on k adapted W×W projections)
+  block(n) = 4·N·W² (k,v) + 4·n·W² (q,out) + 4·n·N·W (QKᵀ and A·V) + 4·n·W·M (fc1, fc2)
+             for n query rows: n = N in every block, except n = 1 in the last one when only the
+             class token is read out (``pooled_last_block``: what gmail_jax computes; HF computes
+             all N rows)
+  lora(n) = 2·(4·N·W·r) + 2·(4·n·W·r)   (x·A then ·B on the k,v and q,out adapters, k = 4)
   proj  = 2·W·E (class token only)
-  F     = patch + L·(block + lora) + proj
+  F     = patch + Σ_blocks (block + lora) + proj
   """
+  assert lora_layers_per_block == 4, "adapters on q, k, v, out"
   p = (image_size // patch_size) ** 2
   n = p + 1
+
+  def block(rows):
+    return (
+      4.0 * n * width * width
+      + 4.0 * rows * width * width
+      + 4.0 * rows * n * width
+      + 4.0 * rows * width * mlp_dim
+    )
+
+  def lora(rows):
+    return 2 * 4.0 * n * width * lora_rank + 2 * 4.0 * rows * width * lora_rank
+
+  last_rows = 1 if pooled_last_block else n
   patch = 2.0 * p * (3 * patch_size * patch_size) * width
-  block = 8.0 * n * width * width + 4.0 * n * n * width + 4.0 * n * width * mlp_dim
-  lora = lora_layers_per_block * 4.0 * n * width * lora_rank
+  blocks = (layers - 1) * block(n) + block(last_rows)
+  loras = (layers - 1) * lora(n) + lora(last_rows)
   proj = 2.0 * width * embed_dim
   return {
     "patch": patch,
-    "block": block,
-    "lora_per_block": lora,
+    "blocks": blocks,
+    "lora": loras,
     "proj": proj,
-    "forward": patch + layers * (block + lora) + proj,
-    "forward_no_lora": patch + layers * block + proj,
+    "forward": patch + blocks + loras + proj,
+    "forward_no_lora": patch + blocks + proj,
   }
 
 
@@ -123,16 +141,15 @@ def gmail_step_flops_per_pair(**vit: Any) -> dict[str, float]:
                                                                     forward matmul; no dW; pixels
                                                                     need no gradient, so the patch
                                                                     embedding has no backward)
-      LoRA weight grads                            L·lora          (dA, dB: same cost as forward)
-      step = F₀ + 2F − patch + L·lora              ≈ 3·F for ViT-B/32 (loss/optimizer negligible)
+      LoRA weight grads                            lora            (dA, dB: same cost as forward)
+      step = F₀ + 2F − patch + lora                ≈ 3·F for ViT-B/32 (loss/optimizer negligible)
 
   The loss (B² logits) and AdamW on the ~0.1% LoRA params are ignored (<1e-4 of the total).
   """
   f = vit_forward_flops(**vit)
-  layers = vit["layers"]
   teacher = f["forward_no_lora"]
   student_fwd = f["forward"]
-  student_bwd = f["forward"] - f["patch"] + layers * f["lora_per_block"]
+  student_bwd = f["forward"] - f["patch"] + f["lora"]
   return {
     "teacher_forward": teacher,
     "student_forward": student_fwd,

@@ -241,7 +241,9 @@ def main(argv=None) -> None:
     embed_dim=cfg.embed_dim,
     lora_rank=args.rank,
   )
-  flops = common.gmail_step_flops_per_pair(**vit)
+  # gmail_jax computes only the class-token row of the last block; the HF peer computes all rows.
+  flops = common.gmail_step_flops_per_pair(**vit, pooled_last_block=True)
+  peer_flops = common.gmail_step_flops_per_pair(**vit)
   result: dict = {
     "variant": args.variant,
     "batch": args.batch,
@@ -329,7 +331,8 @@ def main(argv=None) -> None:
     achieved_flops=achieved,
     matmul_peak_flops=peak,
     mfu=achieved / peak,
-    peer_mfu=peer_best["pairs_per_s"] * flops["total"] / peak if peer_best else None,
+    peer_flops_per_pair=peer_flops["total"],
+    peer_mfu=peer_best["pairs_per_s"] * peer_flops["total"] / peak if peer_best else None,
     gmail_jax=g,
     peer=peer,
     peer_info=p_info,

@@ -91,3 +91,30 @@ def test_dropout_changes_output_only_in_training_mode(model):
   b = np.asarray(nnx.view(model, deterministic=True).vision(x))
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(np.asarray(model.vision(x)), a)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(9, 16), (3, 5, 16)])
+def test_lora_product_gradients_equal_autodiff(shape, dtype):
+  # layers.lora_product has a hand-written VJP (a layout choice for XLA:CPU); it must equal the
+  # autodiff gradient of (x @ a) @ b for every operand, any leading dims, in the compute dtype.
+  from gmail_jax.models.layers import lora_product
+
+  k = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(k[0], shape, dtype)
+  a = jax.random.normal(k[1], (16, 3), dtype)
+  b = jax.random.normal(k[2], (3, 11), dtype)
+  w = jax.random.normal(k[3], shape[:-1] + (11,))
+
+  def loss(fn, x, a, b):
+    return (fn(x, a, b).astype(jnp.float32) * w).sum()
+
+  mine = jax.grad(loss, argnums=(1, 2, 3))(lora_product, x, a, b)
+  ref = jax.grad(loss, argnums=(1, 2, 3))(lambda x, a, b: (x @ a) @ b, x, a, b)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for m, r in zip(mine, ref, strict=True):
+    assert m.dtype == r.dtype == dtype and m.shape == r.shape
+    scale = float(jnp.abs(r.astype(jnp.float32)).max())
+    np.testing.assert_allclose(
+      np.asarray(m, np.float32), np.asarray(r, np.float32), atol=tol * scale
+    )

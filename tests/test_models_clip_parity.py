@@ -216,3 +216,17 @@ def test_bf16_close_to_fp32_b32():
     worst_diff = max(worst_diff, float(jnp.abs(a - b).max()))
   print(f"bf16 vs fp32 B/32: min cosine {worst_cos:.6f}, max abs diff {worst_diff:.2e}")
   assert worst_cos > 0.999 and worst_diff < 2e-2, (worst_cos, worst_diff)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_query_rows_equal_full_block_rows(causal):
+  # The vision tower computes only the class-token row of its last block; that row must equal the
+  # same row of the full block (and the first q rows for any q, causal mask included).
+  cfg = clip_lib.clip_config("tiny").vision
+  block = clip_lib.Block(cfg, dtype=None, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 17, cfg.width)), jnp.float32)
+  full = block(x, causal)
+  for q in (1, 5):
+    part = block(x, causal, queries=q)
+    assert part.shape == (3, q, cfg.width)
+    np.testing.assert_allclose(np.asarray(part), np.asarray(full[:, :q]), atol=2e-6)

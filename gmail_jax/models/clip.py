@@ -179,17 +179,20 @@ class Attention(nnx.Module):
     self.v_proj = Dense(width, width, **kw)
     self.out_proj = Dense(width, width, **kw)
 
-  def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, causal: bool, queries: int | None = None) -> jax.Array:
+    """Attention of every token, or only of the first ``queries`` tokens (over all keys)."""
     n, t, d = x.shape
-    split = lambda y: y.reshape(n, t, self.heads, d // self.heads)
-    q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+    tq = t if queries is None else queries
+    split = lambda y: y.reshape(n, -1, self.heads, d // self.heads)
+    q = split(self.q_proj(x[:, :tq]))
+    k, v = split(self.k_proj(x)), split(self.v_proj(x))
     q = q * jnp.asarray((d // self.heads) ** -0.5, q.dtype)
     logits = jnp.einsum("nqhd,nkhd->nhqk", q, k).astype(jnp.float32)
     if causal:
-      mask = jnp.tril(jnp.ones((t, t), bool))
+      mask = jnp.tril(jnp.ones((t, t), bool))[:tq]
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, t, d)
+    out = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, tq, d)
     return self.out_proj(out)
 
 
@@ -213,27 +216,36 @@ class Block(nnx.Module):
     self.ln2 = LayerNorm(cfg.width, cfg.ln_eps, **kw)
     self.mlp = MLP(cfg.width, cfg.mlp_dim, cfg.act, dtype=dtype, **kw)
 
-  def __call__(self, x: jax.Array, causal: bool = False) -> jax.Array:
-    x = x + self.attn(self.ln1(x), causal)
+  def __call__(self, x: jax.Array, causal: bool = False, queries: int | None = None) -> jax.Array:
+    """All tokens, or (``queries=q``) only the first q output tokens, which are all a pooled
+    readout of the last block needs: the rest of its attention and MLP rows are never read."""
+    h = self.ln1(x)
+    if queries is not None:
+      x = x[:, :queries]
+    x = x + self.attn(h, causal, queries)
     return x + self.mlp(self.ln2(x))
 
 
-def _run_blocks(blocks: nnx.List, x: jax.Array, causal: bool, remat: bool) -> jax.Array:
-  for block in blocks:
+def _run_blocks(
+  blocks: nnx.List, x: jax.Array, causal: bool, remat: bool, last_queries: int | None = None
+) -> jax.Array:
+  """The residual stream through ``blocks``; the last block keeps only ``last_queries`` tokens."""
+  for i, block in enumerate(blocks):
+    queries = last_queries if i == len(blocks) - 1 else None
     if remat:
       # jax.checkpoint over (graphdef, state): nnx.remat writes state back into the block, which
       # fails ("Cannot mutate Param from a different trace level") when the block was merged
       # inside jit/grad, as in the train step. RNG counts (LoRA dropout) are carried out.
       gdef, state = nnx.split(block)
 
-      def run(s, y, gdef=gdef):
+      def run(s, y, gdef=gdef, queries=queries):
         b = nnx.merge(gdef, s)
-        return b(y, causal), nnx.state(b, nnx.RngState)
+        return b(y, causal, queries), nnx.state(b, nnx.RngState)
 
       x, rng_state = jax.checkpoint(run)(state, x)
       nnx.update(block, rng_state)
     else:
-      x = block(x, causal)
+      x = block(x, causal, queries)
   return x
 
 
@@ -315,7 +327,8 @@ class VisionTower(nnx.Module):
     cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (n, 1, d))
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embedding[...].astype(x.dtype)
     x = self.ln_pre(x)
-    x = _run_blocks(self.blocks, x, causal=False, remat=self.remat)
+    # Only the class token is pooled: the last block computes that row alone (-7% FLOPs on B/32).
+    x = _run_blocks(self.blocks, x, causal=False, remat=self.remat, last_queries=1)
     return self.proj(self.ln_post(x[:, 0])).astype(jnp.float32)
 
 
