@@ -22,17 +22,21 @@ threads spin: torch at 2 threads can be 10-30x slower than at 1 under load, henc
 FLOPs per pair: analytic (bench/common.gmail_step_flops_per_pair; ≈ 3× the ViT forward) and
 XLA's ``cost_analysis()`` of the compiled step, reported side by side. MFU = achieved FLOP/s /
 the measured matmul peak of this machine (bench/matmul_peak.py) in the same dtype.
-XLA:CPU notes (jax 0.10.2, profiled with jax.profiler on a 4-block B/32 step, batch 16):
-  * a stride-p convolution for the patch embedding was lowered to a YNNPACK fusion at
-    ~13 GFLOP/s (2 x 285 ms per step); models/clip.py therefore patchifies and runs one matmul
-    (142 -> 49 ms per call), after which ``--xla_cpu_experimental_ynn_fusion_type=`` no longer
-    matters (-0.4%, noise);
-  * the residual-stream gradient is emitted as loop fusions with a transposed [768, N·T] output
-    (for the LoRA dA/dB dots) that recompute the LayerNorm chain of the blocks above them, so
-    their cost grows with depth (14, 64, 124, 195 ms for blocks 4..1). An optimization barrier
-    on the block input's cotangent did not change this; it is an XLA fusion heuristic.
-  * XLA's intra-op pool is not configurable per process; under oversubscription it degrades
-    like torch's OpenMP at 2 threads.
+XLA:CPU notes (jax 0.10.2, jax.profiler traces of the B/32 step, batch 16; s/step):
+  * 5.4 -> 3.0: the LoRA product has its own VJP (models/layers.lora_product). Autodiff's
+    dA = x^T (g B^T) contracts x's row axis; XLA:CPU materialised x^T in a copy fusion that also
+    recomputed the whole residual-stream chain producing x, so its cost grew with depth
+    (12 -> 370 ms per block, 2.3 s in all). dA^T = (g B^T)^T x reads x in place.
+  * 3.0 -> 2.85: the last vision block computes the class-token row only (-6.7% FLOPs).
+  * 2.85 -> 2.6: each block input (and its cotangent) goes through a loop XLA cannot remove
+    (models/clip._materialize), so the residual stream is written once instead of being
+    recomputed by every consumer fusion (LayerNorm-backward fusions: 340 -> 50 ms).
+  * the rest is matmul time: YNNPACK dots at ~120-180 GFLOP/s for these shapes (M = 800), vs
+    ~190 for a 2048² dot. Eigen or oneDNN dots (--xla-flags=--xla_cpu_experimental_ynn_fusion_type=
+    [--xla_cpu_experimental_onednn_fusion_type=dot]), fused q/k/v projections, optimization
+    barriers (removed by XLA:CPU) and the scheduler/fusion flags changed nothing beyond noise.
+  * a stride-p convolution for the patch embedding ran as a YNNPACK fusion at ~13 GFLOP/s;
+    models/clip.py patchifies and runs one matmul.
 Throughput is the best of ``--repeats`` windows of ``--iters`` steps (the machine is shared:
 median, spread and every window are reported too). The last stdout line is one JSON object.
 """
