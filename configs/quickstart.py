@@ -18,9 +18,9 @@ Stages, in one run:
   3. report (gmail_jax/report.py): WORKDIR/report.json, report.md, tsne.png, curves.png.
 Measured (seed 0, see report.md): paired gen-real cosine 0.480 -> 0.671 (ceiling for class-level
 pairs, two real scans of one class under f_r: 0.852); probe transfer accuracy on held-out real
-scans 0.801 (teacher on both) -> 0.963 (GMAIL: f_g on generated, f_r on real), vs 0.783 for LoRA
-fine-tuning on generated images as if real and 0.967 for a probe trained on real scans.
-Cost: 113 s wall, ~200 CPU-seconds in total (user + sys) on 2 cores.
+scans 0.803 (teacher on both) -> 0.963 (GMAIL: f_g on generated, f_r on real), vs 0.781 for LoRA
+fine-tuning on generated images as if real and 0.968 for a probe trained on real scans.
+Cost: ~100 s wall, ~160 CPU-seconds in total (user + sys) on 2 cores.
 """
 
 from __future__ import annotations
