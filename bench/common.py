@@ -87,7 +87,6 @@ def vit_forward_flops(
   mlp_dim: int,
   embed_dim: int,
   lora_rank: int = 0,
-  lora_layers_per_block: int = 4,
   pooled_last_block: bool = False,
 ) -> dict[str, float]:
   """Forward FLOPs of one image through a CLIP ViT tower (matmuls only; LN/softmax/GELU ignored).
@@ -98,11 +97,10 @@ def vit_forward_flops(
              for n query rows: n = N in every block, except n = 1 in the last one when only the
              class token is read out (``pooled_last_block``: what gmail_jax computes; HF computes
              all N rows)
-  lora(n) = 2·(4·N·W·r) + 2·(4·n·W·r)   (x·A then ·B on the k,v and q,out adapters, k = 4)
+  lora(n) = 2·(4·N·W·r) + 2·(4·n·W·r)   (x·A then ·B on the k,v and the q,out adapters)
   proj  = 2·W·E (class token only)
   F     = patch + Σ_blocks (block + lora) + proj
   """
-  assert lora_layers_per_block == 4, "adapters on q, k, v, out"
   p = (image_size // patch_size) ** 2
   n = p + 1
 
