@@ -172,6 +172,15 @@ def hf_key(path: tuple) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
   raise KeyError(f"no HF name for NNX parameter {'/'.join(path)}")
 
 
+def to_hf_layout(fn: Callable[[np.ndarray], np.ndarray], value: np.ndarray) -> np.ndarray:
+  """Inverse of ``fn`` from :func:`hf_key`: an NNX-layout array in the HF layout."""
+  if fn is _LINEAR_T:
+    return value.T
+  if fn is _OIHW_TO_HWIO:
+    return value.transpose(3, 2, 0, 1)
+  return value
+
+
 def _hf_shape(fn, shape: tuple) -> tuple:
   """The HF-layout shape that ``fn`` maps onto an NNX shape."""
   if fn is _LINEAR_T:

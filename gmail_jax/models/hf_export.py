@@ -1,0 +1,240 @@
+"""NNX :class:`~gmail_jax.models.clip.CLIP` -> a Hugging Face (transformers) CLIP directory.
+
+The inverse of :mod:`gmail_jax.models.convert`, with its name mapping (``convert.hf_key``) run
+backwards (``convert.to_hf_layout``: kernel -> weight.T, HWIO -> OIHW, LayerNorm scale -> weight).
+``save_pretrained(model, out)`` writes
+
+    config.json                 CLIPConfig; ``convert.clip_config_from_hf`` gives back model.config
+    model.safetensors           float32, HF key names and layouts
+    vocab.json, merges.txt      CLIP BPE (``tokenizer_dir``'s, else openai-clip's)
+    tokenizer_config.json       CLIPTokenizer, model_max_length = text context length
+    special_tokens_map.json
+    preprocessor_config.json    CLIPImageProcessor for image_size (bicubic, CLIP mean/std)
+
+so that ``convert.load_pretrained(out)`` and ``transformers.CLIPModel.from_pretrained(out)`` both
+load it. Text pooling follows ``eos_token_id`` as in HF: 2 (legacy configs) pools at argmax(ids),
+any other id at the first occurrence of that id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+from flax import nnx
+
+from gmail_jax.data.preprocess import CLIP_MEAN, CLIP_STD
+from gmail_jax.models import convert, lora
+from gmail_jax.models import tokenizer as tk
+from gmail_jax.models.clip import CLIP, CLIPConfig
+
+# HF's CLIPTextConfig default: unused by the model (its embedding has no padding_idx) and, like the
+# openai checkpoints' configs, not the tokenizer's pad (EOT).
+_HF_PAD_TOKEN_ID = 1
+
+
+def hf_config(config: CLIPConfig, *, bos_token_id: int = 49406) -> dict:
+  """``config.json`` (transformers CLIPConfig) for ``config``; ``convert.clip_config_from_hf``
+  maps it back to ``config`` exactly."""
+  v, t = config.vision, config.text
+  common = dict(attention_dropout=0.0, initializer_range=0.02, initializer_factor=1.0)
+  return {
+    "architectures": ["CLIPModel"],
+    "model_type": "clip",
+    "dtype": "float32",
+    "projection_dim": config.embed_dim,
+    "logit_scale_init_value": config.logit_scale_init,
+    "initializer_factor": 1.0,
+    "text_config": {
+      "model_type": "clip_text_model",
+      "vocab_size": t.vocab_size,
+      "hidden_size": t.width,
+      "intermediate_size": t.mlp_dim,
+      "num_hidden_layers": t.layers,
+      "num_attention_heads": t.heads,
+      "max_position_embeddings": t.context_length,
+      "hidden_act": t.act,
+      "layer_norm_eps": t.ln_eps,
+      "projection_dim": config.embed_dim,
+      "bos_token_id": bos_token_id,
+      "eos_token_id": t.eos_token_id,
+      "pad_token_id": _HF_PAD_TOKEN_ID,
+      **common,
+    },
+    "vision_config": {
+      "model_type": "clip_vision_model",
+      "hidden_size": v.width,
+      "intermediate_size": v.mlp_dim,
+      "num_hidden_layers": v.layers,
+      "num_attention_heads": v.heads,
+      "num_channels": 3,
+      "image_size": v.image_size,
+      "patch_size": v.patch_size,
+      "hidden_act": v.act,
+      "layer_norm_eps": v.ln_eps,
+      "projection_dim": config.embed_dim,
+      **common,
+    },
+  }
+
+
+def hf_state_dict(model: CLIP) -> dict[str, np.ndarray]:
+  """The model's parameters as float32 numpy arrays under HF key names, in HF layouts.
+
+  Raises ValueError when LoRA adapters are still attached (HF's CLIPModel has no place for them).
+  """
+  adapted = lora.adapted_paths(model)
+  if adapted:
+    raise ValueError(
+      f"save_pretrained: {len(adapted)} layer(s) still have LoRA adapters (e.g. {adapted[0]}); "
+      "fold them in with lora.merge_lora(model) first"
+    )
+  out: dict[str, np.ndarray] = {}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    try:
+      key, fn = convert.hf_key(path)
+    except KeyError as e:
+      raise ValueError(f"save_pretrained: {e.args[0]}") from None
+    value = np.asarray(jax.device_get(var[...])).astype(np.float32)
+    # copy(order="C"), not ascontiguousarray: that one turns the 0-d logit_scale into shape (1,).
+    out[key] = convert.to_hf_layout(fn, value).copy(order="C")
+  return out
+
+
+def tokenizer_files(
+  vocab: dict[str, int], merges: list[tuple[str, str]], context_length: int
+) -> dict[str, str]:
+  """File name -> text of an HF ``CLIPTokenizer`` directory for a CLIP BPE vocabulary."""
+  specials = {
+    "bos_token": tk.SOT,
+    "eos_token": tk.EOT,
+    "unk_token": tk.EOT,
+    "pad_token": tk.EOT,  # CLIP pads with EOT, as gmail_jax.models.tokenizer.Tokenizer does
+  }
+  # No added_tokens_decoder: CLIPTokenizer registers the specials itself, and so keeps the
+  # behaviour tests/test_models_tokenizer.py checks our Tokenizer against.
+  tokenizer_config = {
+    "tokenizer_class": "CLIPTokenizer",
+    "model_max_length": context_length,
+    "do_lower_case": True,
+    "errors": "replace",
+    "add_prefix_space": False,
+    "clean_up_tokenization_spaces": False,
+    **specials,
+  }
+  return {
+    "vocab.json": json.dumps(vocab, ensure_ascii=False),
+    "merges.txt": "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+    "tokenizer_config.json": json.dumps(tokenizer_config, indent=2),
+    "special_tokens_map.json": json.dumps(specials, indent=2),
+  }
+
+
+def preprocessor_config(image_size: int) -> dict:
+  """``preprocessor_config.json``: HF CLIPImageProcessor = gmail_jax.data.preprocess for S."""
+  return {
+    "image_processor_type": "CLIPImageProcessor",
+    "do_convert_rgb": True,
+    "do_resize": True,
+    "size": {"shortest_edge": image_size},
+    "resample": 3,  # PIL bicubic
+    "do_center_crop": True,
+    "crop_size": {"height": image_size, "width": image_size},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": list(CLIP_MEAN),
+    "image_std": list(CLIP_STD),
+  }
+
+
+def _load_vocab(tokenizer_dir: str | None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+  if tokenizer_dir is None:
+    return tk.vocab_from_bpe_gz(tk.default_bpe_path())
+  return tk.vocab_from_dir(os.fspath(tokenizer_dir))
+
+
+def _check_vocab(vocab: dict[str, int], config: CLIPConfig) -> None:
+  """The written tokenizer must produce ids the exported model can embed and pool."""
+  text = config.text
+  for special in (tk.SOT, tk.EOT):
+    if special not in vocab:
+      raise ValueError(f"save_pretrained: tokenizer vocabulary lacks {special}")
+  top = max(vocab.values())
+  if top >= text.vocab_size:
+    raise ValueError(
+      f"save_pretrained: tokenizer has id {top}, model vocab_size is {text.vocab_size}"
+    )
+  # eos_token_id 2 marks a legacy config that pools at argmax(ids), whatever the EOT id.
+  if text.eos_token_id != 2 and vocab[tk.EOT] != text.eos_token_id:
+    raise ValueError(
+      f"save_pretrained: tokenizer's {tk.EOT} id {vocab[tk.EOT]} != model eos_token_id "
+      f"{text.eos_token_id} (text pooling would read the wrong token)"
+    )
+
+
+def save_pretrained(
+  model: CLIP, out_dir: str, *, tokenizer_dir: str | None = None, overwrite: bool = False
+) -> str:
+  """Writes ``model`` as a transformers CLIP directory (see module doc); returns ``out_dir``.
+
+  ``tokenizer_dir``: a dir with ``vocab.json`` + ``merges.txt``; None uses openai-clip's BPE.
+  The directory appears atomically (built in a sibling temp dir, then renamed). An existing
+  non-empty ``out_dir`` is refused unless ``overwrite=True``, which replaces it.
+  """
+  out_dir = os.fspath(out_dir)
+  if os.path.exists(out_dir):
+    if not os.path.isdir(out_dir):
+      raise FileExistsError(f"save_pretrained: {out_dir} exists and is not a directory")
+    if os.listdir(out_dir) and not overwrite:
+      raise FileExistsError(
+        f"save_pretrained: {out_dir} exists and is not empty (pass overwrite=True to replace it)"
+      )
+  # Everything that can fail on the model or tokenizer runs before anything touches the disk.
+  config = model.config
+  state = hf_state_dict(model)
+  vocab, merges = _load_vocab(tokenizer_dir)
+  _check_vocab(vocab, config)
+  texts = {
+    "config.json": json.dumps(hf_config(config, bos_token_id=vocab[tk.SOT]), indent=2),
+    "preprocessor_config.json": json.dumps(preprocessor_config(config.vision.image_size), indent=2),
+    **tokenizer_files(vocab, merges, config.text.context_length),
+  }
+
+  from safetensors.numpy import save_file
+
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  base = os.path.basename(os.path.abspath(out_dir))
+  tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+  try:
+    # transformers refuses safetensors files without format metadata.
+    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    for name, text in texts.items():
+      with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+        f.write(text)
+    _replace_dir(tmp, out_dir, parent, base)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out_dir
+
+
+def _replace_dir(tmp: str, out_dir: str, parent: str, base: str) -> None:
+  """Renames ``tmp`` onto ``out_dir``; an existing one is moved aside first and removed after."""
+  if not os.path.exists(out_dir):
+    os.rename(tmp, out_dir)
+    return
+  old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+  os.rename(out_dir, os.path.join(old, base))
+  try:
+    os.rename(tmp, out_dir)
+  except BaseException:
+    os.rename(os.path.join(old, base), out_dir)  # put the original back
+    os.rmdir(old)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
