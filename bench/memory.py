@@ -11,11 +11,12 @@ every large weight sharded on ``fsdp``), then compiled; nothing is allocated or 
 Per device:  total = arguments + outputs − aliased (donated state) + temporaries
 (arguments = frozen weights + LoRA/optimizer state + the batch shard). XLA:CPU's buffer
 assignment is a proxy for TPU/GPU (same HLO, different fusion and layout decisions): treat the
-numbers as indicative only. The XLA:CPU-only residual-stream loops of models/clip.py are off
-unless ``--cpu-residual-loops`` (TPU/GPU compile without them). Without them XLA:CPU merges the
-rematerialised forward back into the original (remat changed L/14's temporaries by ~7%); with
-them remat takes effect (L/14 bf16 DP: 26.7 -> 9.1 GiB), at +16% without remat. ``fits_16GiB``
-compares the total with a 16 GiB TPU v4/v5e core (no headroom subtracted). Prints one JSON object.
+numbers as indicative only. The XLA:CPU-only residual-stream loops of models/clip.py (the
+``residual_loops`` model option) are off unless ``--cpu-residual-loops`` (TPU/GPU build without
+them). Without them XLA:CPU merges the rematerialised forward back into the original (remat
+changed L/14's temporaries by ~7%); with them remat takes effect (L/14 bf16 DP: 26.7 -> 9.1 GiB),
+at +16% without remat. ``fits_16GiB`` compares the total with a 16 GiB TPU v4/v5e core (no
+headroom subtracted). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -41,14 +42,38 @@ def parse_args(argv=None):
   ap.add_argument(
     "--cpu-residual-loops",
     action="store_true",
-    help="keep the XLA:CPU-only residual-stream loops (models/clip._materialize); off by\n"
-    "default, so the compiled step is the one TPU/GPU run",
+    help="build with the XLA:CPU-only residual-stream loops (CLIP's residual_loops option);\n"
+    "off by default, so the compiled step is the one TPU/GPU run",
   )
   return ap.parse_args(argv)
 
 
+def with_residual_loops(ab: dict, on: bool):
+  """``ab['models']`` (train.abstract_train_state, built with the backend default) rebuilt with
+  ``residual_loops=on``: the graphdefs carry the option, so split them again after setting it."""
+  from flax import nnx
+
+  from gmail_jax.models import clip as clip_lib
+  from gmail_jax.models import lora as lora_lib
+
+  models, frozen = ab["models"], ab["frozen"]
+  teacher = nnx.merge(models.teacher, frozen)
+  student = nnx.merge(models.student, ab["state"]["params"]["lora"], ab["rng"], frozen)
+  for model in (teacher, student):
+    clip_lib.set_residual_loops(model, on)
+  return type(models)(teacher=nnx.split(teacher)[0], student=lora_lib.split_student(student)[0])
+
+
 def analyse(
-  variant: str, *, batch: int, mesh_cfg: dict, dtype: str, remat: bool, cached: bool, budget: float
+  variant: str,
+  *,
+  batch: int,
+  mesh_cfg: dict,
+  dtype: str,
+  remat: bool,
+  cached: bool,
+  budget: float,
+  residual_loops: bool,
 ) -> dict:
   import jax
   import jax.numpy as jnp
@@ -84,7 +109,8 @@ def analyse(
       ab["state"],
     )
     state["params"] = place(ab["state"]["params"], fsdp)
-    built = dict(models=ab["models"], tx=tx, schedule=schedule, state=state, frozen=frozen, rng=rng)
+    models = with_residual_loops(ab, residual_loops)
+    built = dict(models=models, tx=tx, schedule=schedule, state=state, frozen=frozen, rng=rng)
     step = train.make_step(config, built, mesh)
     s = cfg.vision.image_size
     bsh: NamedSharding = shd.batch_sharding(mesh)
@@ -138,10 +164,7 @@ def main(argv=None) -> None:
   ).strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from bench import common
-  from gmail_jax.models import clip as clip_lib
 
-  if not args.cpu_residual_loops:
-    clip_lib.MATERIALIZE_RESIDUALS_ON = ()
   n, f = args.devices, args.fsdp or args.devices
   meshes = {"data_parallel": {"data": n, "fsdp": 1}, "fsdp": {"data": n // f, "fsdp": f}}
   remats = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
@@ -158,6 +181,7 @@ def main(argv=None) -> None:
             remat=remat,
             cached=args.cached,
             budget=args.budget_gib,
+            residual_loops=args.cpu_residual_loops,
           )
           r["parallelism"] = name
           print(f"{r}", file=sys.stderr, flush=True)

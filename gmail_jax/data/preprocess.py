@@ -6,7 +6,7 @@ Per image (HF ``PilBackend``, ``size={"shortest_edge": S}``, ``crop_size=S``):
   2. resize with PIL bicubic so the short side is S and the long side is
      ``int(S * long / short)`` (HF ``get_resize_output_image_size`` truncates, it does not round);
   3. center crop S x S with ``top = (h - S) // 2``, ``left = (w - S) // 2``;
-  4. ``x / 255`` then ``(x - CLIP_MEAN) / CLIP_STD`` per channel.
+  4. ``x / 255`` then ``(x - CLIP_MEAN) / CLIP_STD`` per channel (other towers pass their own).
 
 Steps 1-3 run on the host and give uint8 (what data pipelines ship to the device);
 step 4 is :func:`normalize`, which also runs on ``jax.Array`` inside a jitted step.
@@ -61,22 +61,29 @@ def resize_center_crop(image: PIL.Image.Image | np.ndarray, size: int) -> np.nda
   return np.ascontiguousarray(out[top : top + size, left : left + size])
 
 
-def normalize(images):
-  """``(x / 255 - CLIP_MEAN) / CLIP_STD`` in float32, channels last; numpy in -> numpy out,
-  ``jax.Array`` in -> ``jax.Array`` out (so it can run on device inside jit)."""
+def normalize(images, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
+  """``(x / 255 - mean) / std`` in float32, channels last; numpy in -> numpy out,
+  ``jax.Array`` in -> ``jax.Array`` out (so it can run on device inside jit). ``mean``/``std``:
+  per channel, CLIP's by default (a tower's ``preprocess`` spec gives its own)."""
   if isinstance(images, np.ndarray):
     xp = np
   else:
     import jax.numpy as xp  # lazily: host-only pipelines need not import jax
-  mean = xp.asarray(CLIP_MEAN, dtype=xp.float32)
-  std = xp.asarray(CLIP_STD, dtype=xp.float32)
+  mean = xp.asarray(mean, dtype=xp.float32)
+  std = xp.asarray(std, dtype=xp.float32)
   x = xp.asarray(images).astype(xp.float32) * xp.float32(1.0 / 255.0)
   return (x - mean) / std
 
 
-def preprocess(images: Sequence[PIL.Image.Image | np.ndarray], size: int) -> np.ndarray:
-  """float32 [N, size, size, 3], CLIP-normalised NHWC, equal to CLIPImageProcessor (NCHW there)."""
+def preprocess(
+  images: Sequence[PIL.Image.Image | np.ndarray],
+  size: int,
+  mean: Sequence[float] = CLIP_MEAN,
+  std: Sequence[float] = CLIP_STD,
+) -> np.ndarray:
+  """float32 [N, size, size, 3], normalised NHWC (``mean``/``std``: CLIP's by default, then equal
+  to CLIPImageProcessor, NCHW there)."""
   if len(images) == 0:
     return np.zeros((0, size, size, 3), np.float32)
   crops = np.stack([resize_center_crop(im, size) for im in images])
-  return normalize(crops)
+  return normalize(crops, mean, std)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gmail_jax.models.layers import Dense
+from gmail_jax.models.towers import default_residual_loops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,10 +217,18 @@ class Block(nnx.Module):
     self.ln2 = LayerNorm(cfg.width, cfg.ln_eps, **kw)
     self.mlp = MLP(cfg.width, cfg.mlp_dim, cfg.act, dtype=dtype, **kw)
 
-  def __call__(self, x: jax.Array, causal: bool = False, queries: int | None = None) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    causal: bool = False,
+    queries: int | None = None,
+    residual_loops: bool = False,
+  ) -> jax.Array:
     """All tokens, or (``queries=q``) only the first q output tokens, which are all a pooled
-    readout of the last block needs: the rest of its attention and MLP rows are never read."""
-    x = _residual_boundary(x)
+    readout of the last block needs: the rest of its attention and MLP rows are never read.
+    ``residual_loops``: pass the input through :func:`_residual_boundary` (an XLA:CPU aid)."""
+    if residual_loops:
+      x = _residual_boundary(x)
     h = self.ln1(x)
     if queries is not None:
       x = x[:, :queries]
@@ -227,19 +236,13 @@ class Block(nnx.Module):
     return x + self.mlp(self.ln2(x))
 
 
-# Backends whose compiler needs the residual-stream boundary below. bench/memory.py empties it to
-# model TPU/GPU memory on simulated CPU devices (the loops keep one more copy of the stream).
-MATERIALIZE_RESIDUALS_ON: tuple[str, ...] = ("cpu",)
-
-
 def _materialize(x: jax.Array) -> jax.Array:
   """Identity that XLA:CPU cannot fuse through: a while loop whose trip count (always 1) it cannot
   prove. Without it XLA:CPU never writes the residual stream to memory: it recomputes the chain
   of residual adds (and, in the backward, of cotangent sums and LayerNorm terms) inside every
   consumer fusion, so each block re-reads the outputs of all blocks below it (ViT-B/32 LoRA step,
-  batch 16: 2.85 -> 2.61 s). Other backends fuse well and skip it (a loop costs a sync on GPU)."""
-  if jax.default_backend() not in MATERIALIZE_RESIDUALS_ON:
-    return x
+  batch 16: 2.85 -> 2.61 s). Other backends fuse well and skip it (a loop costs a sync on GPU):
+  models enable it with ``residual_loops`` (towers.default_residual_loops), fixed at build time."""
   # Always 1 (NaN or not), but the compiler cannot tell. One feature per row is read, so a
   # batch-sharded x reduces locally plus one scalar all-reduce.
   probe = x[..., 0]
@@ -262,7 +265,12 @@ _residual_boundary.defvjp(lambda x: (_materialize(x), None), lambda _, g: (_mate
 
 
 def _run_blocks(
-  blocks: nnx.List, x: jax.Array, causal: bool, remat: bool, last_queries: int | None = None
+  blocks: nnx.List,
+  x: jax.Array,
+  causal: bool,
+  remat: bool,
+  last_queries: int | None = None,
+  residual_loops: bool = False,
 ) -> jax.Array:
   """The residual stream through ``blocks``; the last block keeps only ``last_queries`` tokens."""
   for i, block in enumerate(blocks):
@@ -275,12 +283,12 @@ def _run_blocks(
 
       def run(s, y, gdef=gdef, queries=queries):
         b = nnx.merge(gdef, s)
-        return b(y, causal, queries), nnx.state(b, nnx.RngState)
+        return b(y, causal, queries, residual_loops), nnx.state(b, nnx.RngState)
 
       x, rng_state = jax.checkpoint(run)(state, x)
       nnx.update(block, rng_state)
     else:
-      x = block(x, causal, queries)
+      x = block(x, causal, queries, residual_loops)
   return x
 
 
@@ -295,11 +303,13 @@ class VisionTower(nnx.Module):
     dtype=None,
     param_dtype=jnp.float32,
     remat: bool = False,
+    residual_loops: bool = False,
     rngs: nnx.Rngs,
   ):
     self.config = cfg
     self.dtype = dtype
     self.remat = remat
+    self.residual_loops = residual_loops
     d, p = cfg.width, cfg.patch_size
     self.patch_embed = nnx.Conv(
       3,
@@ -363,7 +373,14 @@ class VisionTower(nnx.Module):
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embedding[...].astype(x.dtype)
     x = self.ln_pre(x)
     # Only the class token is pooled: the last block computes that row alone (-7% FLOPs on B/32).
-    x = _run_blocks(self.blocks, x, causal=False, remat=self.remat, last_queries=1)
+    x = _run_blocks(
+      self.blocks,
+      x,
+      causal=False,
+      remat=self.remat,
+      last_queries=1,
+      residual_loops=self.residual_loops,
+    )
     return self.proj(self.ln_post(x[:, 0])).astype(jnp.float32)
 
 
@@ -378,11 +395,13 @@ class TextTower(nnx.Module):
     dtype=None,
     param_dtype=jnp.float32,
     remat: bool = False,
+    residual_loops: bool = False,
     rngs: nnx.Rngs,
   ):
     self.config = cfg
     self.dtype = dtype
     self.remat = remat
+    self.residual_loops = residual_loops
     d = cfg.width
     self.token_embedding = nnx.Embed(
       cfg.vocab_size,
@@ -410,7 +429,9 @@ class TextTower(nnx.Module):
     ids = ids.astype(jnp.int32)
     length = ids.shape[1]
     x = self.token_embedding(ids).astype(dtype) + self.pos_embedding[:length].astype(dtype)
-    x = _run_blocks(self.blocks, x, causal=True, remat=self.remat)
+    x = _run_blocks(
+      self.blocks, x, causal=True, remat=self.remat, residual_loops=self.residual_loops
+    )
     x = self.ln_final(x)
     if self.config.eos_token_id == 2:  # legacy HF configs: EOT has the largest id
       eot = jnp.argmax(ids, axis=-1)
@@ -421,7 +442,12 @@ class TextTower(nnx.Module):
 
 
 class CLIP(nnx.Module):
-  """Both towers plus ``logit_scale`` (log-space, like HF)."""
+  """Both towers plus ``logit_scale`` (log-space, like HF).
+
+  ``residual_loops``: wrap each block's input in :func:`_residual_boundary`, which only XLA:CPU
+  needs. A static attribute of each tower, fixed here so that tracing never asks which backend it
+  runs on; ``None`` takes :func:`~gmail_jax.models.towers.default_residual_loops` (on for CPU).
+  """
 
   def __init__(
     self,
@@ -430,10 +456,19 @@ class CLIP(nnx.Module):
     dtype=None,
     param_dtype=jnp.float32,
     remat: bool = False,
+    residual_loops: bool | None = None,
     rngs: nnx.Rngs,
   ):
     self.config = config
-    kw = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+    if residual_loops is None:
+      residual_loops = default_residual_loops()
+    kw = dict(
+      dtype=dtype,
+      param_dtype=param_dtype,
+      remat=remat,
+      residual_loops=bool(residual_loops),
+      rngs=rngs,
+    )
     self.vision = VisionTower(config.vision, config.embed_dim, **kw)
     self.text = TextTower(config.text, config.embed_dim, **kw)
     self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init, param_dtype))
@@ -441,6 +476,10 @@ class CLIP(nnx.Module):
   @property
   def image_size(self) -> int:
     return self.config.vision.image_size
+
+  @property
+  def residual_loops(self) -> bool:
+    return self.vision.residual_loops
 
   def encode_image(self, pixels: jax.Array) -> jax.Array:
     """[N,S,S,3] CLIP-normalised NHWC -> [N, embed_dim], projected, NOT L2-normalised."""
@@ -456,6 +495,14 @@ class CLIP(nnx.Module):
     txt = l2_normalize(self.encode_text(ids))
     logits_per_text = jnp.exp(self.logit_scale[...].astype(jnp.float32)) * (txt @ img.T)
     return logits_per_text.T, logits_per_text
+
+
+def set_residual_loops(model: nnx.Module, on: bool) -> None:
+  """Sets ``residual_loops`` on every CLIP tower inside ``model``, in place. Only for a model
+  built by code that does not take the option; takes effect on graphdefs split afterwards."""
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, (VisionTower, TextTower)):
+      module.residual_loops = bool(on)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from gmail_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
+from gmail_jax.models.towers import default_residual_loops
 
 # Persistent=False buffers that old transformers versions still wrote to checkpoints.
 IGNORED_SUFFIXES = ("embeddings.position_ids",)
@@ -298,8 +299,13 @@ def resolve_source(src: str) -> str:
   return local
 
 
-def load_pretrained(src: str, *, dtype=None, remat: bool = False) -> CLIP:
-  """A :class:`CLIP` from a HF CLIP directory (model.safetensors / pytorch_model.bin) or hub id."""
+def load_pretrained(
+  src: str, *, dtype=None, remat: bool = False, residual_loops: bool | None = None
+) -> CLIP:
+  """A :class:`CLIP` from a HF CLIP directory (model.safetensors / pytorch_model.bin) or hub id.
+
+  ``dtype``, ``remat``, ``residual_loops``: as in :class:`CLIP` (None = the backend default).
+  """
   ckpt_dir = resolve_source(os.fspath(src))
   config = clip_config_from_hf(read_hf_config(ckpt_dir))
   files = _weight_files(ckpt_dir)
@@ -307,6 +313,10 @@ def load_pretrained(src: str, *, dtype=None, remat: bool = False) -> CLIP:
   for path in files:
     state_dict.update(read_state_dict(path))
   source = files[0] if len(files) == 1 else ckpt_dir
-  return load_state_into(
-    lambda: CLIP(config, dtype=dtype, remat=remat, rngs=nnx.Rngs(0)), state_dict, source
-  )
+  if residual_loops is None:  # decided here, not inside load_state_into's eval_shape
+    residual_loops = default_residual_loops()
+
+  def make() -> CLIP:
+    return CLIP(config, dtype=dtype, remat=remat, residual_loops=residual_loops, rngs=nnx.Rngs(0))
+
+  return load_state_into(make, state_dict, source)
