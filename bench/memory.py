@@ -3,7 +3,7 @@ r"""Per-device memory of the GMAIL train step from XLA's ``memory_analysis()`` (
     python -m bench.memory                                  # B/16 and L/14, batch 256, 8 devices
     python -m bench.memory --variants L/14 --dtypes bfloat16 --remat both --devices 8
 
-The step (``train.abstract_train_state`` + ``train.make_step``, exactly what train.py
+The step (``build.abstract_train_state`` + ``build.make_step``, exactly what train.py
 compiles) is lowered on abstract arrays for a mesh of ``--devices`` simulated CPU devices, under
 pure data parallel (``{data: N}``: frozen weights replicated) and FSDP (``{data: N/f, fsdp: f}``:
 every large weight sharded on ``fsdp``), then compiled; nothing is allocated or run.
@@ -48,22 +48,6 @@ def parse_args(argv=None):
   return ap.parse_args(argv)
 
 
-def with_residual_loops(ab: dict, on: bool):
-  """``ab['models']`` (train.abstract_train_state, built with the backend default) rebuilt with
-  ``residual_loops=on``: the graphdefs carry the option, so split them again after setting it."""
-  from flax import nnx
-
-  from gmail_jax.models import clip as clip_lib
-  from gmail_jax.models import lora as lora_lib
-
-  models, frozen = ab["models"], ab["frozen"]
-  teacher = nnx.merge(models.teacher, frozen)
-  student = nnx.merge(models.student, ab["state"]["params"]["lora"], ab["rng"], frozen)
-  for model in (teacher, student):
-    clip_lib.set_residual_loops(model, on)
-  return type(models)(teacher=nnx.split(teacher)[0], student=lora_lib.split_student(student)[0])
-
-
 def analyse(
   variant: str,
   *,
@@ -80,21 +64,22 @@ def analyse(
   from jax.sharding import NamedSharding
 
   from bench.train_step import gmail_config
+  from gmail_jax import build, optim
   from gmail_jax import sharding as shd
-  from gmail_jax import train
   from gmail_jax.models import clip as clip_lib
 
   args = argparse.Namespace(variant=variant, dtype=dtype, remat=remat, batch=batch, rank=4)
   config = gmail_config(args)
   config.mesh = mesh_cfg
+  config.model.cpu_residual_loops = residual_loops
   cfg = clip_lib.clip_config(variant)
   config.data.image_size = cfg.vision.image_size
   mesh = shd.make_mesh(config.mesh)
   fsdp = mesh.shape["fsdp"] > 1
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
-    ab = train.abstract_train_state(config)
-    tx, schedule = train.optim.make_optimizer(config.optim, config.total_steps)
+    ab = build.abstract_train_state(config)
+    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
 
     def place(tree, fsdp_rule: bool):
       shards = shd.param_shardings(tree, mesh, fsdp=fsdp_rule)
@@ -109,9 +94,9 @@ def analyse(
       ab["state"],
     )
     state["params"] = place(ab["state"]["params"], fsdp)
-    models = with_residual_loops(ab, residual_loops)
+    models = ab["models"]
     built = dict(models=models, tx=tx, schedule=schedule, state=state, frozen=frozen, rng=rng)
-    step = train.make_step(config, built, mesh)
+    step = build.make_step(config, built, mesh)
     s = cfg.vision.image_size
     bsh: NamedSharding = shd.batch_sharding(mesh)
     sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=bsh)

@@ -8,7 +8,7 @@ Both steps: frozen CLIP ViT teacher on the real image (no gradient), the same we
 (rank r, alpha r, q/k/v/out of every vision block) on the generated image, one-directional InfoNCE
 (τ 0.07) over the batch, AdamW on the LoRA parameters only. Random weights (no download).
 
-gmail_jax: ``train.build`` + ``train.make_step`` exactly as ``train.py`` runs them
+gmail_jax: ``build.build`` + ``build.make_step`` exactly as ``train.py`` runs them
 (the state is donated; no host sync inside the timed loop). ``--cached`` also times the step with
 a precomputed ``teacher_emb`` (gmail_jax/teacher_cache.py: the teacher forward is skipped).
 Peer: transformers ``CLIPVisionModelWithProjection`` + peft ``LoraConfig``, eager and
@@ -118,8 +118,8 @@ def gmail_runners(args, workdir: str) -> tuple[list[Runner], dict]:
   import jax
   import numpy as np
 
+  from gmail_jax import build
   from gmail_jax import sharding as shd
-  from gmail_jax import train
   from gmail_jax.models import clip as clip_lib
 
   config = gmail_config(args)
@@ -130,9 +130,9 @@ def gmail_runners(args, workdir: str) -> tuple[list[Runner], dict]:
   ctx = jax.set_mesh(mesh)
   ctx.__enter__()  # the runners execute later, inside the same mesh context
   t0 = time.perf_counter()
-  built = train.build(config, workdir, mesh)
+  built = build.build(config, mesh)
   state, frozen, rng = built["state"], built["frozen"], built["rng"]
-  step = train.make_step(config, built, mesh)
+  step = build.make_step(config, built, mesh)
   s = cfg.vision.image_size
   r = np.random.default_rng(0)
   put = lambda v: shd.put_global(v, shd.batch_sharding(mesh))

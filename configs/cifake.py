@@ -64,6 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.splits.test_per_class = 10 if smoke else 100
   c.splits.train_per_class = 30 if smoke else 0  # 0 = all the rest
 
+  c.model.overrides = ml_collections.ConfigDict(
+    {"vision_patch_size": 8 if not smoke else 4, "text_context_length": 16}
+  )
   c.teacher_pretrain.source = "zip"
   c.teacher_pretrain.path = ""  # "" = <data.root>/../cifar10-test-jpeg/cifar10_test_jpeg.zip
   c.teacher_pretrain.zip_prefix = "test"
@@ -71,9 +74,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.teacher_pretrain.steps = 30 if smoke else 600
   c.teacher_pretrain.warmup_steps = 5 if smoke else 50
   c.teacher_pretrain.max_per_class = 40 if smoke else 0
-  c.teacher_pretrain.clip = ml_collections.ConfigDict(
-    {"vision_patch_size": 8 if not smoke else 4, "text_context_length": 16}
-  )
 
   c.report.title = "GMAIL on CIFAKE: CIFAR-10 photos (real) vs Stable Diffusion 1.4 (generated)"
   c.report.batch_size = 250

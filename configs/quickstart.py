@@ -10,12 +10,15 @@ Data (gmail_jax/data/digits.py, materialised under WORKDIR/data by gmail_jax/dat
               blur and pixel noise, downsampled like the scans (a documented stand-in for a
               generator); pairs share the class ("a photo of the digit seven.").
   30% of each is held out (WORKDIR/data/test) and never used to train anything.
-Stages, in one run:
-  1. teacher f_r: a tiny CLIP (ViT 16px/4, width 64, 2+2 layers) pretrained with the CLIP loss on
-     the real train-split scans and template captions (gmail_jax/pretrain.py);
-  2. GMAIL: LoRA (rank 4, attention + MLP) student f_g aligned with L_align on generated->real pairs
-     of the same class (the regular training loop, same-class negatives masked);
-  3. report (gmail_jax/report.py): WORKDIR/report.json, report.md, tsne.png, curves.png.
+Stages (``config.stages``, gmail_jax/experiment.py), in one run:
+  splits   train / held-out views under WORKDIR/data (gmail_jax/stages/splits.py);
+  teacher  f_r: a tiny CLIP (ViT 16px/4, width 64, 2+2 layers) pretrained with the CLIP loss on
+           the real train-split scans and template captions, saved as a HF CLIP directory
+           WORKDIR/teacher/model (gmail_jax/stages/teacher.py);
+  align    GMAIL: LoRA (rank 4, attention + MLP) student f_g aligned with L_align on
+           generated->real pairs of the same class (the regular trainer, same-class negatives
+           masked; config.init = the teacher directory);
+  report   WORKDIR/report.json, report.md, tsne.png, curves.png (gmail_jax/stages/report.py).
 Measured (seed 0, see report.md): paired gen-real cosine 0.480 -> 0.671 (ceiling for class-level
 pairs, two real scans of one class under f_r: 0.852); probe transfer accuracy on held-out real
 scans 0.803 (teacher on both) -> 0.963 (GMAIL: f_g on generated, f_r on real), vs 0.781 for LoRA
@@ -46,16 +49,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.splits.generated_per_class = 60 if smoke else 150
   c.splits.test_fraction = 0.3
 
-  # Stage 1 (gmail_jax/pretrain.py): the tiny CLIP teacher on real train-split scans.
+  # The tiny CLIP teacher (stage 'teacher') on the real train-split scans.
+  c.model.overrides = ml_collections.ConfigDict({"vision_patch_size": 4, "text_context_length": 16})
   c.teacher_pretrain.source = "folder"
   c.teacher_pretrain.path = ""  # "" = WORKDIR/data/train/real
   c.teacher_pretrain.templates = digits.CAPTION_TEMPLATES
   c.teacher_pretrain.steps = 60 if smoke else 250
   c.teacher_pretrain.warmup_steps = 10 if smoke else 25
   c.teacher_pretrain.max_per_class = 0  # 0 = all
-  c.teacher_pretrain.clip = ml_collections.ConfigDict(
-    {"vision_patch_size": 4, "text_context_length": 16}
-  )
 
   c.report.title = "GMAIL quickstart: handwritten scans (real) vs rendered digits (generated)"
   c.report.batch_size = 256

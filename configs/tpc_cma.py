@@ -1,4 +1,4 @@
-r"""TPC-CMA controllable alignment on the quickstart's offline digits (gmail_jax/tpc_cma.py).
+r"""TPC-CMA controllable alignment on the quickstart's digits (gmail_jax/objectives/tpc_cma.py).
 
 Commands:
   python -m gmail_jax.main --config=configs/tpc_cma.py:alpha_target=0.5 --workdir=/tmp/tpc_a0.5
@@ -29,7 +29,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common, quickstart
-from gmail_jax import tpc_cma
+from gmail_jax.objectives import tpc_cma
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -39,12 +39,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = quickstart.get_config(a.mode)
   c.loss.mode = "tpc_cma"
   c.lora.train_proj = True  # the projection moves the embedding geometry directly
-  c.cma = tpc_cma.default_config()
   c.cma.alpha_target = a.alpha_target
   c.cma.pairs = a.pairs
   c.cma.kind = a.kind
   c.log_every_steps = 5
   # The quickstart's GMAIL report (probe transfer, Synthetic baseline) does not apply here; the
   # sweep (gmail_jax/sweep.py) measures held-out gaps and accuracy instead.
-  c.report = None
+  c.stages = ("splits", "teacher", "align")
   return c

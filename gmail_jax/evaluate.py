@@ -1,8 +1,8 @@
 r"""Evaluate a run: ``python -m gmail_jax.evaluate --config=configs/NAME.py --workdir=DIR``.
 
-Loads the frozen teacher exactly as training built it (``config.init``, the quickstart's cached
-``config.teacher_pretrain``, or the seeded random init) and the student from DIR's latest Orbax
-checkpoint (LoRA merged), runs every evaluator of ``config.evals`` on three encoders, and writes
+Loads the run with ``run.load_run`` (the teacher exactly as training built it, the student from
+DIR's latest Orbax checkpoint with LoRA merged), runs every evaluator of ``config.evals`` on the
+three encoders of ``encoders.views``, and writes
 
   DIR/eval/metrics.json         {'step', 'encoders': {name: {metric: value}}, 'gap_reduction': ...}
   DIR/eval/tsne_gen_real.png    t-SNE of real vs generated embeddings, before/after alignment
@@ -22,7 +22,6 @@ Errors from bad input end the run with one line (``GMAIL_TRACEBACK=1`` shows the
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any
@@ -30,79 +29,23 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
-from gmail_jax import checkpointing, cli, train
+from gmail_jax import cli, encoders
 from gmail_jax import metrics as metrics_lib
-from gmail_jax import sharding as shd
+from gmail_jax import run as run_lib
 
-ENCODERS = ("teacher", "student", "student_all")
-
-
-@dataclasses.dataclass
-class Loaded:
-  """Teacher and merged student of a run, on ``mesh``, plus what evaluators need."""
-
-  teacher: nnx.Module
-  student: nnx.Module
-  step: int
-  mesh: jax.sharding.Mesh
-  tokenizer: Any
-
-
-def load_run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None) -> Loaded:
-  """Builds the teacher as training did and restores the student from DIR/checkpoints.
-
-  The restore target and the merge are the trainer's own (``train.build``,
-  ``train.merged_student``), so evaluation sees exactly the trained model; the checkpoint's teacher
-  fingerprint must match the teacher built here.
-  """
-  from gmail_jax.models.tokenizer import Tokenizer  # noqa: PLC0415
-
-  workdir = os.path.abspath(workdir)
-  train.validate_config(config)
-  mesh = shd.make_mesh(config.mesh)
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints, async_save=False)
-  try:
-    if (step if step is not None else ckpt.latest_step()) is None:
-      raise FileNotFoundError(f"{ckpt.directory}: no checkpoint (train first with gmail_jax.main)")
-    with jax.set_mesh(mesh):
-      built = train.build(config, workdir, mesh)
-      models, frozen, rng, state = built["models"], built["frozen"], built["rng"], built["state"]
-      abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-      )
-      state, meta = ckpt.restore(abstract, step=step)
-      teacher_id = {
-        **train.teacher_source(config),
-        "checksum": checkpointing.frozen_checksum(frozen),
-      }
-      checkpointing.check_teacher(meta.get("teacher", {}), teacher_id, ckpt.directory)
-      teacher = nnx.merge(models.teacher, frozen)
-      student = train.merged_student(models, state["params"], frozen, rng)
-  finally:
-    ckpt.close()
-  tokenizer = Tokenizer(context_length=built["text_context"])
-  return Loaded(teacher, student, int(meta["step"]), mesh, tokenizer)
-
-
-def encoders(run: Loaded) -> dict[str, train.TrainEncoder]:
-  """The three views of ENCODERS (see the module docstring)."""
-  t, s, tok, mesh = run.teacher, run.student, run.tokenizer, run.mesh
-  return {
-    "teacher": train.TrainEncoder(t, t, tok, mesh),
-    "student": train.TrainEncoder(t, s, tok, mesh),
-    "student_all": train.TrainEncoder(s, s, tok, mesh),
-  }
+ENCODERS = encoders.VIEWS
 
 
 def _unprefix(metrics: dict[str, float], prefix: str) -> dict[str, float]:
   return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
 
 
-def tsne_gen_real(path: str, gap_ev, encs: dict, *, max_points: int = 500, seed: int = 0) -> str:
+def tsne_gen_real(
+  path: str, gap_ev, encs: dict, *, max_points: int = 500, seed: int = 0, method: str = "tsne"
+) -> str:
   """Before (teacher on both) / after (student on generated) t-SNE of a gen_real gap eval set."""
-  from gmail_jax.evaluators import common, plots  # noqa: PLC0415
+  from gmail_jax.evaluators import common, plots
 
   n = len(gap_ev.x_items)
   idx = np.sort(np.random.default_rng(seed).permutation(n)[:max_points])
@@ -113,7 +56,7 @@ def tsne_gen_real(path: str, gap_ev, encs: dict, *, max_points: int = 500, seed:
   real_t = common.encode_in_batches(teacher.encode_images, real, bs)
   gen_t = common.encode_in_batches(teacher.encode_generated, gen, bs)
   gen_s = common.encode_in_batches(student.encode_generated, gen, bs)
-  return plots.plot_alignment_tsne(path, real_t, gen_t, real_t, gen_s, seed=seed)
+  return plots.plot_alignment_tsne(path, real_t, gen_t, real_t, gen_s, method=method, seed=seed)
 
 
 def evaluate(
@@ -126,8 +69,8 @@ def evaluate(
   tsne_points: int = 500,
 ) -> dict[str, Any]:
   """Runs config.evals on the run's encoders; writes and returns DIR/eval/metrics.json's dict."""
-  from gmail_jax.evaluators import common, gap  # noqa: PLC0415
-  from gmail_jax.evaluators import plots as plots_lib  # noqa: PLC0415
+  from gmail_jax.evaluators import common, gap
+  from gmail_jax.evaluators import plots as plots_lib
 
   unknown = [w for w in which if w not in ENCODERS]
   if unknown:
@@ -136,8 +79,8 @@ def evaluate(
   evaluators = common.from_config(config.get("evals"))
   if not evaluators:
     raise ValueError("config.evals: empty; nothing to evaluate (add e.g. a 'gap' evaluator)")
-  run = load_run(config, workdir, step=step)
-  encs = encoders(run)
+  run = run_lib.load_run(workdir, step, config=config)
+  encs = run.encoders()
   results: dict[str, dict[str, float]] = {}
   with jax.set_mesh(run.mesh):
     for name in which:
@@ -191,7 +134,7 @@ def evaluate(
 
 
 def main(argv) -> None:
-  from absl import app, flags  # noqa: PLC0415
+  from absl import app, flags
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -209,8 +152,8 @@ def main(argv) -> None:
 
 
 def _define_flags() -> None:
-  from absl import flags  # noqa: PLC0415
-  from ml_collections import config_flags  # noqa: PLC0415
+  from absl import flags
+  from ml_collections import config_flags
 
   config_flags.DEFINE_config_file(
     "config", None, "Config file (default: WORKDIR/config.json).", lock_config=True

@@ -1,6 +1,7 @@
 r"""Entry point: ``python -m gmail_jax.main --config=configs/NAME.py --workdir=DIR``.
 
-Thin on purpose (flax examples): flags, multi-process init, then ``train.train_and_evaluate``.
+Thin on purpose (flax examples): flags, multi-process init, then the config's stages
+(``experiment.run``: e.g. splits → teacher → align → report; plain training is ``('align',)``).
 Overrides: ``--config.batch_size=64 --config.lora.rank=8``; ``configs/coco.py:L/14`` passes an arg.
 Multi-process: set ``--coordinator_address/--num_processes/--process_id`` (or the JAX_COORDINATOR_
 ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables); on TPU pods and SLURM the flag
@@ -30,7 +31,7 @@ _CPU_COLLECTIVES = flags.DEFINE_string(
 
 def _maybe_initialize_distributed() -> None:
   """jax.distributed.initialize when flags or JAX_* env vars ask for several processes."""
-  import jax  # noqa: PLC0415
+  import jax
 
   coord = _COORD.value or os.environ.get("JAX_COORDINATOR_ADDRESS")
   num = _NUM.value or os.environ.get("JAX_NUM_PROCESSES")
@@ -49,9 +50,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   _maybe_initialize_distributed()
-  import jax  # noqa: PLC0415
+  import jax
 
-  from gmail_jax import cli, train  # noqa: PLC0415
+  from gmail_jax import cli, experiment
 
   logging.info(
     "process %d/%d, devices: %d local / %d global (%s)",
@@ -64,7 +65,7 @@ def main(argv):
   if logging.get_verbosity() < logging.DEBUG:  # Orbax INFO: ~50 lines/save; --verbosity=1 keeps it
     logging.get_absl_logger().addFilter(lambda r: r.levelno > 20 or "/orbax/" not in r.pathname)
   with cli.one_line_errors():
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    experiment.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

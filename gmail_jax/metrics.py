@@ -53,7 +53,7 @@ class MetricWriter:
     if self.main:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      from tensorboardX import SummaryWriter  # noqa: PLC0415 (heavy import, process 0 only)
+      from tensorboardX import SummaryWriter
 
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 

@@ -3,10 +3,10 @@ r"""α_target sweep for TPC-CMA: one training run per α, then a held-out gap / 
   python -m gmail_jax.sweep --config=configs/tpc_cma.py --alphas=0,0.05,0.2,0.5,1.0 \
       --workdir=/tmp/tpc_sweep [--arg=mode=smoke]
 
-For each α: ``--config`` with ``alpha_target=α`` (appended to ``--arg``) is trained in
-WORKDIR/alpha_<α> (an existing finished run is reused); the quickstart teacher and data split of the
-first run are copied into the others, so every α starts from the same frozen teacher. Then each run
-is measured on the held-out split WORKDIR/alpha_<α>/data/test (never trained on):
+For each α: ``--config`` with ``alpha_target=α`` (appended to ``--arg``) runs its stages in
+WORKDIR/alpha_<α> (an existing finished run is reused); the first run's 'splits' and 'teacher'
+stage records are given to the others, so every α trains from the same frozen teacher on the same
+split. Then each run (``run.load_run``) is measured on the held-out split (never trained on):
 
   pairs=image_text  x = image tower (f_g for the runs, f_r for the 'teacher' row) on the real
                     test images, y = frozen text tower on their class captions; acc = zero-shot
@@ -32,10 +32,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from gmail_jax import cli, evaluate, train
+from gmail_jax import cli, experiment
+from gmail_jax import run as run_lib
+from gmail_jax.data import eval_sets
 from gmail_jax.evaluators import common, gap, zeroshot
 
-SHARED = ("data", "teacher")  # per-workdir artefacts every α run shares (quickstart stages)
+SHARED = ("splits", "teacher")  # stages whose outputs every α run shares
 
 
 def load_config(spec: str, extra_arg: str) -> ml_collections.ConfigDict:
@@ -49,66 +51,42 @@ def load_config(spec: str, extra_arg: str) -> ml_collections.ConfigDict:
   return module.get_config(",".join(a for a in (arg, extra_arg) if a) or None)
 
 
-def _class_paths(root: str) -> tuple[list[str], np.ndarray, list[str]]:
-  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-  paths, labels = [], []
-  for i, c in enumerate(classes):
-    files = sorted(os.listdir(os.path.join(root, c)))
-    paths += [os.path.join(root, c, f) for f in files]
-    labels += [i] * len(files)
-  if not paths:
-    raise FileNotFoundError(f"{root}: no class folders with images")
-  return paths, np.asarray(labels), classes
-
-
-def held_out_pairs(config: ml_collections.ConfigDict, workdir: str, max_per_class: int) -> dict:
-  """Images / captions / labels of WORKDIR/data/test for config.cma.pairs (see module doc)."""
-  from gmail_jax.evaluators import retrieval  # noqa: PLC0415
-
-  test = os.path.join(workdir, "data", "test")
-  real_paths, real_y, classes = _class_paths(os.path.join(test, "real"))
-  names = [c.replace("_", " ") for c in classes]
+def held_out_pairs(
+  config: ml_collections.ConfigDict, test_root: str, max_per_class: int
+) -> dict[str, Any]:
+  """Images / captions / labels of the held-out split for config.cma.pairs (see module doc)."""
+  real = eval_sets.load_class_set(os.path.join(test_root, "real"), per_class=max_per_class)
+  names = [c.replace("_", " ") for c in real.classnames]
   captions = [config.data.caption_template.format(**{"class": n}) for n in names]
-
-  def cap(paths, labels):
-    keep = np.concatenate([np.flatnonzero(labels == c)[:max_per_class] for c in range(len(names))])
-    return [paths[i] for i in keep], labels[keep]
-
-  real_paths, real_y = cap(real_paths, real_y)
-  out = {"classes": names, "class_captions": captions, "real": retrieval.load_images(real_paths)}
-  out["real_labels"] = real_y
+  out = {"classes": names, "class_captions": captions, "real": real.images}
+  out["real_labels"] = real.labels
   if config.cma.pairs == "gen_real":
-    gen_paths, gen_y, gen_classes = _class_paths(os.path.join(test, "generated"))
-    if gen_classes != classes:
-      raise ValueError(f"{test}: generated/ and real/ class folders differ")
-    gen_paths, gen_y = cap(gen_paths, gen_y)
-    # Pair the i-th generated with the i-th real image of the same class.
-    gi, ri = [], []
-    for c in range(len(names)):
-      g, r = np.flatnonzero(gen_y == c), np.flatnonzero(real_y == c)
-      n = min(len(g), len(r))
-      gi += list(g[:n])
-      ri += list(r[:n])
-    gen_images = retrieval.load_images(gen_paths)
-    out["gen"] = [gen_images[i] for i in gi]
-    out["gen_labels"] = gen_y[gi]
-    out["paired_real"] = [out["real"][i] for i in ri]
+    gen = eval_sets.load_class_set(os.path.join(test_root, "generated"), per_class=max_per_class)
+    if gen.classnames != real.classnames:
+      raise ValueError(f"{test_root}: generated/ and real/ class folders differ")
+    # Pair the k-th generated with the k-th real image of the same class.
+    gi, ri = gap.class_pairs(gen.labels, real.labels)
+    out["gen"] = [gen.images[i] for i in gi]
+    out["gen_labels"] = gen.labels[gi]
+    out["paired_real"] = [real.images[i] for i in ri]
   return out
 
 
-def measure(enc: Any, pairs: str, data: dict, *, student: bool, batch_size: int = 256) -> dict:
-  """Gap metrics + accuracy of one encoder (train.TrainEncoder) on held_out_pairs' data."""
-  enc_b = lambda fn, items: common.encode_in_batches(fn, items, batch_size)  # noqa: E731
+def measure(views: dict, pairs: str, data: dict, *, student: bool, batch_size: int = 256) -> dict:
+  """Gap metrics + accuracy of the teacher (student=False) or a student on held_out_pairs' data.
+
+  image_text: the student's image path is f_g on real images (the ``student_all`` view)."""
+  enc_b = lambda fn, items: common.encode_in_batches(fn, items, batch_size)
   if pairs == "image_text":
-    image_fn = enc.encode_generated if student else enc.encode_images  # f_g on real images
-    x = enc_b(image_fn, data["real"])
+    enc = views["student_all" if student else "teacher"]
+    x = enc_b(enc.encode_images, data["real"])
     class_emb = common.l2_normalize(enc_b(enc.encode_texts, data["class_captions"]))
     y = class_emb[data["real_labels"]]
     acc = zeroshot.zeroshot_accuracy(x, class_emb, data["real_labels"], ks=(1,))
     acc = next(iter(acc.values()))
   else:
-    gen_fn = enc.encode_generated if student else enc.encode_images
-    x = enc_b(gen_fn, data["gen"])
+    enc = views["student" if student else "teacher"]
+    x = enc_b(enc.encode_generated, data["gen"])
     y = enc_b(enc.encode_images, data["paired_real"])
     real = common.l2_normalize(enc_b(enc.encode_images, data["real"]))
     cents = common.l2_normalize(
@@ -139,32 +117,34 @@ def run_sweep(
   for alpha in alphas:
     arg = ",".join(a for a in (extra_arg, f"alpha_target={alpha}") if a)
     config = load_config(config_spec, arg)
-    if config.loss.get("mode") != "tpc_cma":
+    if config.loss.mode != "tpc_cma":
       raise ValueError(f"--config={config_spec}: loss.mode must be 'tpc_cma'")
     wd = os.path.join(workdir, f"alpha_{_fmt_alpha(alpha)}")
-    if first is not None:
+    if first is not None:  # the first run's split and teacher, by their stage records
       for name in SHARED:
-        src, dst = os.path.join(first, name), os.path.join(wd, name)
-        if os.path.isdir(src) and not os.path.exists(dst):
-          shutil.copytree(src, dst)
-    train.train_and_evaluate(config, wd)
+        src = os.path.join(first, experiment.RECORDS, f"{name}.json")
+        dst = os.path.join(wd, experiment.RECORDS, f"{name}.json")
+        if os.path.exists(src) and not os.path.exists(dst):
+          os.makedirs(os.path.dirname(dst), exist_ok=True)
+          shutil.copyfile(src, dst)
+    outputs = experiment.run(config, wd)
     first = first or wd
-    run = evaluate.load_run(config, wd)
-    encs = evaluate.encoders(run)
+    run = run_lib.load_run(wd)
+    views = run.encoders()
     with jax.set_mesh(run.mesh):
       if data is None:
-        data = held_out_pairs(config, wd, max_per_class)
+        data = held_out_pairs(config, outputs["test"], max_per_class)
       if teacher_row is None:
         teacher_row = {
           "alpha": None,
           "run": "teacher",
-          **measure(encs["teacher"], config.cma.pairs, data, student=False),
+          **measure(views, config.cma.pairs, data, student=False),
         }
       rows.append(
         {
           "alpha": float(alpha),
           "run": os.path.basename(wd),
-          **measure(encs["student"], config.cma.pairs, data, student=True),
+          **measure(views, config.cma.pairs, data, student=True),
         }
       )
   base = next((r for r in rows if r["alpha"] == 0.0), None)
@@ -207,7 +187,7 @@ def markdown(table: dict) -> str:
 
 
 def main(argv) -> None:
-  from absl import app, flags  # noqa: PLC0415
+  from absl import app, flags
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")

@@ -136,7 +136,7 @@ def run_description(config) -> dict[str, Any]:
   """``data_description`` plus the seed (the synthetic source draws its images from it)."""
   out = data_description(config.data)
   if config.data.source == "synthetic":
-    out["seed"] = int(config.get("seed", 0))
+    out["seed"] = int(config.seed)
   return out
 
 
@@ -224,7 +224,7 @@ class TeacherCache:
           " set config.teacher_cache.path to a writable directory"
         ) from None
     if jax.process_count() > 1:  # the others open only after process 0 created/wiped the files
-      from jax.experimental import multihost_utils  # noqa: PLC0415
+      from jax.experimental import multihost_utils
 
       multihost_utils.sync_global_devices(f"teacher_cache_open:{directory}")
     return cls(directory, key=key, data=data, dim=dim, writer=writer)
@@ -322,8 +322,8 @@ def make_teacher_embed(models, frozen: nnx.State, mesh) -> Callable[[dict], np.n
   vision tower), jitted with the batch sharded over the mesh; rows are all-gathered so every
   process can fill its cache with the global batch.
   """
-  from gmail_jax import train_step  # noqa: PLC0415 (train_step imports the model stack)
-  from gmail_jax.data import pipeline, preprocess  # noqa: PLC0415
+  from gmail_jax import train_step
+  from gmail_jax.data import pipeline, preprocess
 
   fn = jax.jit(
     lambda frozen, real: train_step.teacher_model(models, frozen).vision(
@@ -343,7 +343,7 @@ def _allgather_rows(local: np.ndarray) -> np.ndarray:
   """Per-process rows [b, ...] -> all processes' rows [P*b, ...] in process order."""
   if jax.process_count() == 1:
     return np.asarray(local)
-  from jax.experimental import multihost_utils  # noqa: PLC0415
+  from jax.experimental import multihost_utils
 
   return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
 
@@ -382,7 +382,7 @@ def precompute(
   size by repeating the last row (so the jitted forward compiles once and shards evenly); all
   processes step together until every one has run out of data.
   """
-  from gmail_jax.data import pipeline  # noqa: PLC0415
+  from gmail_jax.data import pipeline
 
   b = int(batch_size or config.batch_size // jax.process_count())
   it = pipeline.make_eval_iterator(
@@ -425,10 +425,10 @@ def from_config(
   (bool), ``precompute`` (bool: fill with one pass before training; else fill on first sight).
   Refuses augmented *real* images (none of our pipelines augment them) and stale caches.
   """
-  tc = config.get("teacher_cache")
-  if not tc or not tc.get("enabled", False):
+  tc = config.teacher_cache
+  if not tc.enabled:
     return None
-  directory = tc.get("path") or default_directory(config, workdir)
+  directory = tc.path or default_directory(config, workdir)
   key = teacher_key(
     frozen, model_config=model_config, dtype=config.model.dtype, image_size=config.data.image_size
   )
@@ -437,9 +437,9 @@ def from_config(
     key=key,
     data=run_description(config),
     dim=int(model_config.embed_dim),
-    rebuild=bool(tc.get("rebuild", False)),
+    rebuild=bool(tc.rebuild),
   )
   embed = make_teacher_embed(models, frozen, mesh)
-  if tc.get("precompute", True) and cache.num_filled == 0:
+  if tc.precompute and cache.num_filled == 0:
     precompute(config, cache, embed, workdir=workdir)
   return cache, embed

@@ -1,8 +1,8 @@
 """The GMAIL update step: pure, jitted with NamedShardings, LoRA-only gradients.
 
-    z_real = stop_gradient(f_r(x_r))      teacher: frozen weights, OUTSIDE value_and_grad
-    z_gen  = f_g(x_g) = f_r + LoRA        student: same frozen weights + trainable subtree
-    L      = compose_loss(z_gen, z_real, ...)   (losses.gmail_loss [+ later alpha(t) * CMA])
+    z_real = stop_gradient(f_r(x_r))      teacher: frozen weights, outside the VJP
+    z      = f_g(x) = f_r + LoRA          student: same frozen weights + trainable subtree
+    parts  = objective.parts(z, targets)  L = Σ_p w_p parts_p  (objectives/: GMAIL, TPC-CMA, ...)
 
 The train state is a plain dict (big_vision style), donated to the step:
 
@@ -10,16 +10,17 @@ The train state is a plain dict (big_vision style), donated to the step:
      'opt': optax state of 'params', 'bad_step': int32 (first non-finite step, -1 if none)}
 
 The frozen state (one copy, shared by teacher and student) is a separate, never donated argument.
-Gradient accumulation (``optim.accum_steps`` = k > 1) is exact for every loss variant: the step
-first embeds all k microbatches without gradients, takes dL/dz on the full global batch, then
-back-propagates each microbatch's slice of dL/dz through the student (GradCache, Gao et al. 2021),
-so activation memory is that of one microbatch and the negatives stay the whole global batch.
+Gradients, once for every objective: one forward and one VJP of the parts; the cotangent is the
+objective's weights, or one unit vector per part when it needs per-part gradient norms (TPC-CMA's
+cap). Gradient accumulation (``optim.accum_steps`` = k > 1) is exact for every objective: the step
+first embeds all k microbatches without gradients, takes d parts/dz on the full global batch, then
+back-propagates each microbatch's slice of the cotangent through the student (GradCache, Gao et
+al. 2021), so activation memory is that of one microbatch and the negatives stay the whole batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -31,11 +32,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gmail_jax import losses, tpc_cma
+from gmail_jax import objectives
 from gmail_jax import sharding as shd
 from gmail_jax.data import preprocess
-
-MAX_LOG_SCALE = math.log(100.0)  # CLIP clamps 1/tau at 100
+from gmail_jax.models import towers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,51 +87,6 @@ def teacher_model(models: Models, frozen: nnx.State) -> nnx.Module:
   return nnx.merge(models.teacher, frozen)
 
 
-def temperature_of(params: dict, loss_cfg: ml_collections.ConfigDict) -> jax.Array:
-  """tau = exp(-log_scale) if learned (clamped at 1/100), else the fixed config.loss.temperature."""
-  if "log_scale" in params:
-    return jnp.exp(-jnp.minimum(params["log_scale"], MAX_LOG_SCALE))
-  return jnp.asarray(loss_cfg.temperature, jnp.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss composition: the ONE place that combines GMAIL terms (TPC-CMA: tpc_cma.loss_and_grads).
-# ---------------------------------------------------------------------------------------------
-
-
-def compose_loss(
-  loss_cfg: ml_collections.ConfigDict,
-  params: dict,
-  z_gen: jax.Array,
-  z_real: jax.Array,
-  *,
-  group: jax.Array | None,
-  z_text: jax.Array | None,
-  text_logit_scale: jax.Array | None,
-  step: jax.Array,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Total training loss and its metrics from the global-batch embeddings.
-
-      L = L_align(z_gen, z_real; tau, mask) + lambda_text * L_CLIP(z_gen, z_text)
-
-  ``step`` (the 0-based update index) is unused by GMAIL; it is here for curriculum terms
-  (TPC-CMA's alpha(t)) so the signature does not change when they are added.
-  """
-  del step
-  tau = temperature_of(params, loss_cfg)
-  loss, aux = losses.gmail_loss(
-    z_gen,
-    z_real,
-    temperature=tau,
-    group=group if loss_cfg.mask_groups else None,
-    symmetric=loss_cfg.symmetric,
-    z_text=z_text,
-    text_weight=loss_cfg.text_weight,
-    text_logit_scale=text_logit_scale,
-  )
-  return loss, {**aux, "temperature": tau}
-
-
 # ---------------------------------------------------------------------------------------------
 # The step.
 # ---------------------------------------------------------------------------------------------
@@ -162,110 +117,99 @@ def make_train_step(
   state_shardings: Any,
   frozen_shardings: Any,
   rng_shardings: Any,
-  loss_fn: Callable[..., tuple[jax.Array, dict]] | None = None,
+  objective: objectives.Objective | None = None,
 ):
   """Returns ``step(state, frozen, rng, batch) -> (state, metrics)``, jitted, state donated.
 
   ``batch``: global arrays sharded on ('data', 'fsdp'): ``gen_image``, ``real_image`` uint8
-  [B,S,S,3], ``text`` int32 [B,77], ``group`` int32 [B], optional ``teacher_emb`` [B,D] (then the
-  teacher forward is skipped). ``loss_fn`` defaults to ``compose_loss`` (looked up at call time).
+  [B,S,S,3], ``text`` int32 [B,L], ``group`` int32 [B], optional ``teacher_emb`` [B,D] (then the
+  teacher forward is skipped). ``objective`` defaults to ``objectives.make(config)``.
   """
-  loss_fn = loss_fn or compose_loss
+  objective = objective or objectives.make(config)
+  spec = towers.get(config.model.name).preprocess
+  normalize = lambda x: preprocess.normalize(x, spec.mean, spec.std)
   k = int(config.optim.accum_steps)
-  loss_cfg = config.loss
-  use_text = bool(loss_cfg.text_weight)
-  # TPC-CMA mode (tpc_cma.py): L_NCE + alpha_eff(t) * L_CMA; image_text pairs need the text tower.
-  cma = config.cma if tpc_cma.mode_of(config) == "tpc_cma" else None
-  image_text = cma is not None and cma.pairs == "image_text"
-  use_text = use_text or image_text
+  names = objective.part_names
 
   def step_fn(state, frozen, rng, batch):
     step = state["step"]
     params = state["params"]
-    gen = preprocess.normalize(batch["gen_image"])
-    group = batch.get("group")
 
-    # Teacher (frozen, no gradient, outside value_and_grad).
+    # Frozen side (no gradient, outside the VJP): what the objective asked for.
     teacher = teacher_model(models, frozen)
-    if "teacher_emb" in batch:
-      z_real = batch["teacher_emb"].astype(jnp.float32)
-    else:
-      z_real = teacher.vision(preprocess.normalize(batch["real_image"]))
-    z_real = jax.lax.stop_gradient(z_real)
-    z_text = text_scale = None
-    if use_text:
+    z_real = z_text = text_scale = None
+    if objective.needs_real:
+      if "teacher_emb" in batch:
+        z_real = batch["teacher_emb"].astype(jnp.float32)
+      else:
+        z_real = teacher.vision(normalize(batch["real_image"]))
+      z_real = jax.lax.stop_gradient(z_real)
+    if objective.needs_text:
       z_text = jax.lax.stop_gradient(teacher.text(batch["text"]))
       text_scale = jax.lax.stop_gradient(jnp.exp(teacher.logit_scale[...].astype(jnp.float32)))
+    targets = objectives.Targets(z_real, z_text, text_scale, batch.get("group"))
+    key = "real_image" if objective.student_input == "real" else "gen_image"
+    pixels = normalize(batch[key])
 
     enc = {key: v for key, v in params.items() if key in ("lora", "proj")}
     head = {key: v for key, v in params.items() if key not in enc}
 
-    def terms(z_gen, head):
-      return loss_fn(
-        loss_cfg,
-        head,
-        z_gen,
-        z_real,
-        group=group,
-        z_text=z_text,
-        text_logit_scale=text_scale,
-        step=step,
+    def embed(e, index, x):
+      return student_embed(models, e, frozen, dropout_rngs(rng, index), x)
+
+    def terms(z, h):
+      return objective.parts(h, z, targets, step)
+
+    # grads(cotangents [C, P]) -> C gradient pytrees {**g_enc, **g_head}, one per cotangent row.
+    if k == 1:
+      parts, vjp, aux = jax.vjp(
+        lambda e, h: terms(embed(e, step, pixels), h), enc, head, has_aux=True
       )
 
-    if cma is not None:
-      y = z_text if image_text else z_real
-      mask = group if loss_cfg.mask_groups else None
+      def grads(cots):
+        return [{**g_e, **g_h} for g_e, g_h in (vjp(c) for c in cots)]
 
-      def cma_terms(z, head):
-        return tpc_cma.loss_terms(cma, loss_cfg, temperature_of(head, loss_cfg), z, y, group=mask)
-
-      loss, aux, g_enc, g_head = tpc_cma.loss_and_grads(
-        config,
-        cma_terms,
-        lambda e, i, x: student_embed(models, e, frozen, dropout_rngs(rng, i), x),
-        enc,
-        head,
-        preprocess.normalize(batch["real_image"]) if image_text else gen,
-        step=step,
-        split=lambda x: _microbatches(x, k, mesh),
-        rows=_rows,
-      )
-      aux = {**aux, "temperature": temperature_of(head, loss_cfg)}
-    elif k == 1:
-      r = dropout_rngs(rng, step)
-
-      def full_loss(enc, head):
-        return terms(student_embed(models, enc, frozen, r, gen), head)
-
-      (loss, aux), (g_enc, g_head) = jax.value_and_grad(full_loss, argnums=(0, 1), has_aux=True)(
-        enc, head
-      )
     else:
-      micro = _microbatches(gen, k, mesh)
+      micro = _microbatches(pixels, k, mesh)
       idx = step * k + jnp.arange(k)
+      z = _rows(jax.lax.map(lambda m: embed(enc, m[0], m[1]), (idx, micro)))
+      parts, vjp, aux = jax.vjp(terms, jax.lax.stop_gradient(z), head, has_aux=True)
 
-      def embed(m):
-        i, x = m
-        return student_embed(models, enc, frozen, dropout_rngs(rng, i), x)
+      def grads(cots):
+        g_z, g_h = zip(*(vjp(c) for c in cots), strict=True)
+        g_micro = tuple(_microbatches(g, k, mesh) for g in g_z)
 
-      z_gen = _rows(jax.lax.map(embed, (idx, micro)))
-      (loss, aux), (g_z, g_head) = jax.value_and_grad(terms, argnums=(0, 1), has_aux=True)(
-        jax.lax.stop_gradient(z_gen), head
-      )
-      g_micro = _microbatches(g_z, k, mesh)
+        def backprop(acc, m):
+          i, x, gs = m
+          _, vjp_e = jax.vjp(lambda e: embed(e, i, x), enc)
+          return tuple(
+            jax.tree.map(jnp.add, a, vjp_e(g)[0]) for a, g in zip(acc, gs, strict=True)
+          ), None
 
-      def backprop(acc, m):
-        i, x, g = m
-        _, vjp = jax.vjp(lambda e: student_embed(models, e, frozen, dropout_rngs(rng, i), x), enc)
-        return jax.tree.map(jnp.add, acc, vjp(g)[0]), None
+        zeros = tuple(jax.tree.map(jnp.zeros_like, enc) for _ in cots)
+        g_e, _ = jax.lax.scan(backprop, zeros, (idx, micro, g_micro))
+        return [{**e, **h} for e, h in zip(g_e, g_h, strict=True)]
 
-      zeros = jax.tree.map(jnp.zeros_like, enc)
-      g_enc, _ = jax.lax.scan(backprop, zeros, (idx, micro, g_micro))
+    if objective.needs_part_grads:
+      per_part = grads(list(jnp.eye(len(names), dtype=parts.dtype)))
+      norms = jnp.stack([optax.tree.norm(g) for g in per_part])
+      w, w_aux = objective.weights(parts, step, norms)
+      w = jax.lax.stop_gradient(w)
+      g = jax.tree.map(lambda *gs: sum(w[i] * x for i, x in enumerate(gs)), *per_part)
+      w_aux = {**w_aux, **{f"grad_norm_{n}": norms[i] for i, n in enumerate(names)}}
+    else:
+      w, w_aux = objective.weights(parts, step, None)
+      w = jax.lax.stop_gradient(w)
+      (g,) = grads([w])
+    loss = jnp.sum(w * parts)
+    if len(names) > 1:
+      aux = {**aux, **{f"{n}_loss": parts[i] for i, n in enumerate(names)}}
+    aux = {**aux, **w_aux}
 
-    grads = {**g_enc, **g_head}
-    updates, opt = tx.update(grads, state["opt"], params)
+    grads_tree = {key: g[key] for key in params}
+    updates, opt = tx.update(grads_tree, state["opt"], params)
     new_params = optax.apply_updates(params, updates)
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = optax.tree.norm(grads_tree)
 
     # Non-finite guard: keep the last good params/opt and remember the first bad step.
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

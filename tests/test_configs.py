@@ -6,7 +6,7 @@ import pytest
 from config_helpers import CONFIGS
 from config_helpers import load_config as load
 
-from gmail_jax import sharding, train
+from gmail_jax import build, schema, sharding, train
 from gmail_jax.models import lora
 
 
@@ -17,8 +17,8 @@ def config_names() -> list[str]:
 @pytest.mark.parametrize("name", config_names())
 def test_config_builds_shapes_only(name):
   config = load(name)
-  train.validate_config(config)
-  shapes = train.abstract_train_state(config)
+  schema.validate(config)
+  shapes = build.abstract_train_state(config)
   n_lora = lora.count_params(shapes["state"]["params"]["lora"])
   n_frozen = lora.count_params(shapes["frozen"])
   assert 0 < n_lora < 0.05 * n_frozen
@@ -33,7 +33,7 @@ def test_config_builds_shapes_only(name):
 def test_paper_config_variants(arg):
   config = load("coco", arg)
   assert config.init.startswith("openai/clip-vit-")
-  shapes = train.abstract_train_state(config)
+  shapes = build.abstract_train_state(config)
   width = 1024 if arg == "L/14" else 768
   q = shapes["state"]["params"]["lora"]["vision"]["blocks"][0]["attn"]["q_proj"]
   assert q["lora_a"].shape == (width, 4)
@@ -58,7 +58,7 @@ def test_bad_config_names_the_key(mutate, match):
   config = load("tiny")
   mutate(config)
   with pytest.raises(ValueError, match=match):
-    train.validate_config(config)
+    schema.validate(config)
 
 
 def test_bad_mesh_and_batch():

@@ -13,6 +13,7 @@ import pytest
 
 from configs import tiny
 from gmail_jax import evaluate, train
+from gmail_jax import run as run_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N_PAIRS = 16
@@ -85,7 +86,7 @@ def test_cli_writes_metrics_and_plots(run):
 
 def test_in_process_matches_cli_and_restores_checkpoint(run):
   c, workdir = run
-  loaded = evaluate.load_run(c, str(workdir))
+  loaded = run_lib.load_run(str(workdir), config=c)
   assert loaded.step == 4
   out = evaluate.evaluate(c, str(workdir), which=("teacher", "student"), plots=False)
   cli = json.loads((workdir / "eval" / "metrics.json").read_text())

@@ -129,14 +129,6 @@ def test_load_pretrained_takes_the_option(tmp_path):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_set_residual_loops_rebuilds_graphdefs():
-  model = clip_lib.CLIP(clip_lib.clip_config("mu"), residual_loops=True, rngs=nnx.Rngs(0))
-  before, _ = nnx.split(model)
-  clip_lib.set_residual_loops(model, False)
-  after, _ = nnx.split(model)
-  assert model.residual_loops is False and before != after
-
-
 def test_normalize_takes_a_tower_spec():
   spec = towers.get("clip").preprocess
   x = np.random.default_rng(0).integers(0, 256, size=(2, 4, 4, 3), dtype=np.uint8)

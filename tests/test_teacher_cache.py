@@ -11,7 +11,7 @@ from config_helpers import load_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gmail_jax import sharding, teacher_cache, train
+from gmail_jax import build, sharding, teacher_cache, train
 
 
 def tiny_config(**overrides):
@@ -54,7 +54,7 @@ def test_cached_and_uncached_training_give_the_same_losses(tmp_path):
 
 
 def _teacher(config, mesh, tmp_path):
-  built = train.build(config, str(tmp_path), mesh)
+  built = build.build(config, mesh)
   return built["models"], built["frozen"]
 
 
@@ -65,7 +65,7 @@ def test_stale_cache_is_refused_and_rebuild_replaces_it(tmp_path):
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
     models, frozen = _teacher(config, mesh, tmp_path / "w")
-    kw = dict(mesh=mesh, workdir=str(tmp_path / "w"), model_config=train.model_config(config))
+    kw = dict(mesh=mesh, workdir=str(tmp_path / "w"), model_config=build.model_config(config))
     cache, _ = teacher_cache.from_config(config, models=models, frozen=frozen, **kw)
     assert cache.num_filled == 32
 

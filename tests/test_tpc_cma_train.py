@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from gmail_jax import tpc_cma, train
+from gmail_jax import schema, train
 
 STEPS = 8
 ANCHOR, RAMP = 0.25, 0.25  # Anchor: updates 0-1, Ramp: 2-3, Stabilize: 4-7
@@ -28,7 +28,6 @@ def _config(alpha_target: float, pairs: str = "image_text", rho: float = 1.0):
   c.optim.schedule = "constant"
   c.optim.warmup_steps = 0
   c.loss.mode = "tpc_cma"
-  c.cma = tpc_cma.default_config()
   c.cma.update(alpha_target=alpha_target, anchor_frac=ANCHOR, ramp_frac=RAMP, pairs=pairs, rho=rho)
   return c
 
@@ -53,14 +52,14 @@ def test_bad_config_names_the_key(key, value, message):
   group, name = key.split(".")
   c[group][name] = value
   with pytest.raises(ValueError, match=message):
-    train.validate_config(c)
+    schema.validate(c)
 
 
 def test_unknown_cma_key():
   c = _config(0.5)
   c.cma.alpha = 1.0
   with pytest.raises(ValueError, match=r"config\.cma\.alpha: unknown key"):
-    train.validate_config(c)
+    schema.validate(c)
 
 
 def test_tpc_cma_logs_curriculum_and_reduces_gap(tmp_path):

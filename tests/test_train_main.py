@@ -17,7 +17,8 @@ import portpicker
 import pytest
 from config_helpers import load_config
 
-from gmail_jax import checkpointing, train, train_step
+from gmail_jax import checkpointing, objectives, train
+from gmail_jax.objectives.gmail import GMAIL
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -126,16 +127,19 @@ def test_two_processes_match_one_process(reference, tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+class Poisoned(GMAIL):
+  """GMAIL whose loss turns NaN from update 4 (logged step 5) on."""
+
+  def parts(self, head, z, targets, step):
+    parts, aux = super().parts(head, z, targets, step)
+    return jnp.where(step >= 4, jnp.nan, parts), aux
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-  """In-process: the loss turns NaN from step 5 on (a wrapped compose_loss)."""
-  original = train_step.compose_loss
-
-  def poisoned(*args, step, **kw):
-    loss, aux = original(*args, step=step, **kw)
-    return jnp.where(step >= 4, jnp.nan, loss), aux
-
-  monkeypatch.setattr(train_step, "compose_loss", poisoned)
+  """In-process: a registered objective whose loss turns NaN from step 5 on."""
+  monkeypatch.setitem(objectives.REGISTRY, "poisoned", Poisoned)
   cfg = load_config("tiny")
+  cfg.loss.mode = "poisoned"
   cfg.total_steps, cfg.checkpoint_every_steps, cfg.log_every_steps = STEPS, 2, 3
   cfg.model.variant, cfg.data.image_size, cfg.data.synthetic_image_size = "mu", 16, 16
   with pytest.raises(FloatingPointError, match="non-finite loss at step 5"):
@@ -160,3 +164,13 @@ def test_load_student_merges_lora(reference):
   np.testing.assert_allclose(np.linalg.norm(a, axis=-1), 1.0, rtol=1e-5)
   assert not np.allclose(a, b)  # different steps -> different adapters merged
   assert student.model.vision.blocks[0].attn.q_proj.lora_a is None  # plain CLIP
+
+
+def test_load_clip_of_a_workdir_is_the_student(reference):
+  from gmail_jax import api
+
+  clip, student = api.load_clip(reference), api.load_student(reference)
+  x = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(clip.encode_images(x), student.encode_images(x))
+  texts = ["a photo of a cat", "two dogs"]
+  np.testing.assert_array_equal(clip.encode_texts(texts), student.encode_texts(texts))

@@ -13,9 +13,10 @@ image they trained on. The regular pipeline (``class_folders`` source) reads eve
                     the user, e.g. the CIFAKE sample) per class with a fixed seed; the view holds
                     symlinks (or copies where links are unavailable), never modified originals.
 
-``materialize`` then points ``config.data.root`` at the train view (the original is kept in
-``config.splits.source``). The split depends only on ``config.splits`` (not ``config.seed``), so
-runs with different seeds are evaluated on the same held-out images.
+``materialize`` returns the paths of both views (the 'splits' stage hands ``train`` to the align
+stage as its ``data.root``); it never changes the config. The split depends only on
+``config.splits`` (not ``config.seed``), so runs with different seeds are evaluated on the same
+held-out images.
 """
 
 from __future__ import annotations
@@ -35,22 +36,11 @@ MODALITIES = ("real", "generated")
 _EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def split_root(
-  config: ml_collections.ConfigDict, workdir: str | pathlib.Path, split: str
-) -> pathlib.Path:
+def split_root(workdir: str | pathlib.Path, split: str) -> pathlib.Path:
   """WORKDIR/data/<split> (split in 'train', 'test')."""
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-  del config
   return pathlib.Path(workdir) / "data" / split
-
-
-def source_root(config: ml_collections.ConfigDict) -> str:
-  """The user's dataset root (config.splits.source, else config.data.root)."""
-  src = config.splits.get("source") or config.data.get("root")
-  if not src:
-    raise ValueError("config.data.root: set it to the dataset root (with real/ and generated/)")
-  return str(src)
 
 
 def _class_files(root: pathlib.Path) -> dict[str, list[pathlib.Path]]:
@@ -109,30 +99,32 @@ def split_class_folders(
   return counts
 
 
-def materialize(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  """Create WORKDIR/data/{train,test} (idempotent) and point config.data.root at the train view."""
-  sp = config.splits
-  if sp.kind not in KINDS:
-    raise ValueError(f"config.splits.kind: {sp.kind!r} not in {KINDS}")
+def materialize(
+  splits: ml_collections.ConfigDict, source: str | None, workdir: str | pathlib.Path
+) -> dict:
+  """Create WORKDIR/data/{train,test} (idempotent); returns {'train', 'test', 'meta'}.
+
+  ``splits``: config.splits; ``source``: the dataset root with real/ and generated/ (class_folders
+  only; the user's ``config.data.root``).
+  """
+  if splits.kind not in KINDS:
+    raise ValueError(f"config.splits.kind: {splits.kind!r} not in {KINDS}")
   out = pathlib.Path(workdir) / "data"
-  train = split_root(config, workdir, "train")
-  if sp.kind == "digits":
+  if splits.kind == "digits":
     meta = digits.materialize(
       out,
-      generated_per_class=sp.generated_per_class,
-      test_fraction=sp.test_fraction,
-      seed=sp.seed,
+      generated_per_class=splits.generated_per_class,
+      test_fraction=splits.test_fraction,
+      seed=splits.seed,
     )
   else:
-    if config.data.get("root") and pathlib.Path(config.data.root).resolve() == train.resolve():
-      source = source_root(config)
-    else:
-      source = config.data.get("root") or source_root(config)
+    if not source:
+      raise ValueError("config.data.root: set it to the dataset root (with real/ and generated/)")
     spec = {
       "source": str(pathlib.Path(source).resolve()),
-      "test_per_class": sp.test_per_class,
-      "train_per_class": sp.get("train_per_class", 0),
-      "seed": sp.seed,
+      "test_per_class": splits.test_per_class,
+      "train_per_class": splits.train_per_class,
+      "seed": splits.seed,
     }
     marker = out / "split.json"
     if marker.exists() and json.loads(marker.read_text()).get("spec") == spec:
@@ -144,13 +136,12 @@ def materialize(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) 
       counts = split_class_folders(
         source,
         out,
-        test_per_class=sp.test_per_class,
-        train_per_class=spec["train_per_class"],
-        seed=sp.seed,
+        test_per_class=splits.test_per_class,
+        train_per_class=splits.train_per_class,
+        seed=splits.seed,
       )
       meta = {"spec": spec, "counts": counts}
       out.mkdir(parents=True, exist_ok=True)
       marker.write_text(json.dumps(meta, indent=2))
-    sp.source = str(source)
-  config.data.root = str(train)
-  return meta
+  train, test = split_root(workdir, "train"), split_root(workdir, "test")
+  return {"train": str(train), "test": str(test), "meta": meta}

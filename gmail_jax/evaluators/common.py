@@ -7,7 +7,7 @@ Interface (small on purpose; the training loop only needs these three names):
       if ev.should_run(step):                               # every_steps > 0 and step % every == 0
         metrics.update(ev.run(encoder_or_fns, step))        # {prefix + key: float}
 
-`config.evals.<name> = dict(type=<'retrieval'|'zeroshot'|'gap'|'clustering'>, every_steps=N,
+`config.evals.<name> = dict(type=<'retrieval'|'zeroshot'|'gap'|'clustering'|'probe'>, every_steps=N,
 prefix='z/<name>/', **type_specific_kwargs)`; see each evaluator class for its kwargs.
 `every_steps=0` means "only when called explicitly" (e.g. from `python -m gmail_jax.evaluate`).
 
@@ -42,6 +42,7 @@ REGISTRY: dict[str, str] = {
   "zeroshot": "gmail_jax.evaluators.zeroshot:ZeroShotEvaluator",
   "gap": "gmail_jax.evaluators.gap:GapEvaluator",
   "clustering": "gmail_jax.evaluators.clustering:ClusteringEvaluator",
+  "probe": "gmail_jax.evaluators.probe:ProbeEvaluator",
 }
 
 

@@ -111,12 +111,46 @@ def load_pairs_manifest(manifest: str, root: str | None = None, *, max_pairs: in
   return gen, real
 
 
+def class_pairs(x_labels: np.ndarray, y_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Indices (xi, yi) pairing the k-th x item with the k-th y item of each class,
+  k < min(count_x(c), count_y(c)) (class-level pairing, as in CIFAKE)."""
+  xi, yi = [], []
+  for c in np.unique(np.concatenate([x_labels, y_labels])):
+    a, b = np.flatnonzero(x_labels == c), np.flatnonzero(y_labels == c)
+    k = min(len(a), len(b))
+    xi.append(a[:k])
+    yi.append(b[:k])
+  xi, yi = np.concatenate(xi), np.concatenate(yi)
+  if len(xi) < 2:
+    raise ValueError("gap: fewer than 2 (x, y) pairs share a class")
+  return xi, yi
+
+
+def same_class_shift(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(a, b): each item a paired with the next item b of its class (cyclically)."""
+  a, b = [], []
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    if len(idx) > 1:
+      a.append(idx)
+      b.append(np.roll(idx, -1))
+  return np.concatenate(a), np.concatenate(b)
+
+
+PAIRS = ("image_text", "gen_real", "class_gen_real", "class_real_real")
+
+
 class GapEvaluator(common.Evaluator):
-  """`config.evals.<name> = dict(type='gap', every_steps=..., pairs='image_text'|'gen_real', ...)`.
+  """`config.evals.<name> = dict(type='gap', every_steps=..., pairs=..., ...)`.
 
   pairs='image_text': images_dir + captions_json (COCO format); x = image, y = its first caption.
   pairs='gen_real': manifest (CSV gen_path,real_path[,root]); x = encode_generated(gen) (the
   student path when the encoder has one), y = encode_images(real).
+  pairs='class_gen_real': root with generated/<class>/ and real/<class>/; the k-th generated
+  image of a class is paired with the k-th real one (x = encode_generated, y = encode_images).
+  pairs='class_real_real': root/real/<class>/; each real image with the next of its class (the
+  reference gap of two real images that share only a class).
+  ``image_size`` loads center crops of that size (else the encoder resizes).
   Reports gap_metrics (unprefixed keys raw, centroid, ...).
   """
 
@@ -130,13 +164,30 @@ class GapEvaluator(common.Evaluator):
     manifest: str | None = None,
     root: str | None = None,
     max_pairs: int | None = None,
+    image_size: int | None = None,
     batch_size: int = 64,
     every_steps: int = 0,
     prefix: str | None = None,
   ):
     super().__init__(name, every_steps=every_steps, prefix=prefix)
     self.pairs, self.batch_size = pairs, batch_size
-    if pairs == "image_text":
+    if pairs in ("class_gen_real", "class_real_real"):
+      if not root:
+        raise ValueError(f"config.evals.{name}: pairs={pairs!r} needs root")
+      real = eval_sets.load_class_set(os.path.join(root, "real"), image_size=image_size)
+      if pairs == "class_gen_real":
+        gen = eval_sets.load_class_set(os.path.join(root, "generated"), image_size=image_size)
+        if gen.classnames != real.classnames:
+          raise ValueError(f"config.evals.{name}: {root}: generated/ and real/ classes differ")
+        xi, yi = class_pairs(gen.labels, real.labels)
+        x_all = gen.images
+      else:
+        xi, yi = same_class_shift(real.labels)
+        x_all = real.images
+      xi, yi = xi[:max_pairs], yi[:max_pairs]
+      self.x_items = [x_all[i] for i in xi]
+      self.y_items = [real.images[i] for i in yi]
+    elif pairs == "image_text":
       if not (images_dir and captions_json):
         raise ValueError(f"config.evals.{name}: pairs='image_text' needs images_dir, captions_json")
       paths, captions, t2i = eval_sets.coco_captions(
@@ -151,12 +202,15 @@ class GapEvaluator(common.Evaluator):
       gen, real = load_pairs_manifest(manifest, root, max_pairs=max_pairs)
       self.x_items, self.y_items = eval_sets.load_images(gen), eval_sets.load_images(real)
     else:
-      raise ValueError(f"config.evals.{name}.pairs: 'image_text' or 'gen_real', got {pairs!r}")
+      raise ValueError(f"config.evals.{name}.pairs: one of {PAIRS}, got {pairs!r}")
 
   def compute(self, encoder) -> dict[str, float]:
     if self.pairs == "image_text":
       x = common.encode_in_batches(encoder.encode_images, self.x_items, self.batch_size)
       y = common.encode_in_batches(encoder.encode_texts, self.y_items, self.batch_size)
+    elif self.pairs == "class_real_real":
+      x = common.encode_in_batches(encoder.encode_images, self.x_items, self.batch_size)
+      y = common.encode_in_batches(encoder.encode_images, self.y_items, self.batch_size)
     else:
       x = common.encode_in_batches(
         lambda b: common.encode_generated(encoder, b), self.x_items, self.batch_size

@@ -15,9 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gmail_jax.data import eval_sets
-from gmail_jax.data.eval_sets import load_images  # noqa: F401  (re-exported: gmail_jax.sweep)
 from gmail_jax.evaluators import common
-from gmail_jax.evaluators.common import embed_sharded  # noqa: F401  (re-exported helper)
 
 
 @jax.jit

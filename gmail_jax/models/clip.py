@@ -497,14 +497,6 @@ class CLIP(nnx.Module):
     return logits_per_text.T, logits_per_text
 
 
-def set_residual_loops(model: nnx.Module, on: bool) -> None:
-  """Sets ``residual_loops`` on every CLIP tower inside ``model``, in place. Only for a model
-  built by code that does not take the option; takes effect on graphdefs split afterwards."""
-  for _, module in nnx.iter_modules(model):
-    if isinstance(module, (VisionTower, TextTower)):
-      module.residual_loops = bool(on)
-
-
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   """``x / max(||x||, eps)`` along the last axis."""
   norm = jnp.linalg.norm(x, axis=-1, keepdims=True)

@@ -215,7 +215,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     raise CheckpointError(
       f"cannot read checkpoint {path}: {_first_line(e)} (pip install torch)"
     ) from None
-  except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt/truncated file
+  except Exception as e:  # any parse failure means a corrupt or truncated file
     raise CheckpointError(
       f"cannot read checkpoint {path}: corrupt or truncated ({_first_line(e)})"
     ) from None
@@ -292,7 +292,7 @@ def resolve_source(src: str) -> str:
     local = snapshot_download(src, allow_patterns=[*patterns, "*.safetensors"])
     if not any(f.endswith(".safetensors") for f in os.listdir(local)):
       local = snapshot_download(src, allow_patterns=[*patterns, "pytorch_model*.bin"])
-  except Exception as e:  # noqa: BLE001 - network/auth/not-found: one line for the user
+  except Exception as e:  # network, auth or not found: one line for the user
     raise CheckpointError(
       f"cannot download {src!r} from the Hugging Face hub: {_first_line(e)}"
     ) from None

@@ -1,0 +1,196 @@
+"""Models and train state of a run: teacher, student (teacher + LoRA), optimizer, initial state.
+
+One place builds them, for the trainer, the run loader (evaluate, api, sweep, export) and the
+benches, so every consumer sees exactly what training saw:
+
+    built = build.build(config, mesh)      # teacher from config.init (HF dir / hub id) or random
+    step  = build.make_step(config, built, mesh)
+
+The teacher and the student are two graphdefs over ONE frozen state (``Models``); the trainable
+pytree is LoRA [+ a copy of the vision projection] [+ log 1/tau] (``initial_params``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from gmail_jax import objectives, optim, train_step
+from gmail_jax import sharding as shd
+from gmail_jax.errors import ConfigError
+from gmail_jax.models import lora as lora_lib
+from gmail_jax.models import towers
+
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}  # None = float32 compute
+
+
+def tower(config: ml_collections.ConfigDict) -> towers.Tower:
+  return towers.get(config.model.name)
+
+
+def lora_targets(config: ml_collections.ConfigDict) -> list[str]:
+  """Path regexes of the adapted layers: the tower's named groups (attn, mlp) or raw regexes."""
+  named = tower(config).lora_targets
+  return [named.get(t, t) for t in config.lora.targets]
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Compute options of the model (dtype, remat, the XLA:CPU residual loops), fixed at build."""
+  return {
+    "dtype": DTYPES[config.model.dtype],
+    "remat": bool(config.model.remat),
+    "residual_loops": bool(config.model.cpu_residual_loops) and towers.default_residual_loops(),
+  }
+
+
+def model_config(config: ml_collections.ConfigDict):
+  """The architecture a config trains from scratch (``config.init`` empty): variant + overrides."""
+  return tower(config).arch_config(config.model.variant, **config.model.overrides.to_dict())
+
+
+def teacher_source(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What the frozen weights are (recorded in checkpoint metadata; see checkpointing.py)."""
+  if config.init:
+    return {"source": f"init:{config.init}"}
+  return {"source": f"scratch:{config.model.variant}:seed={config.seed}"}
+
+
+def build_teacher(
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, fsdp: bool
+) -> nnx.Module:
+  """The frozen model, its state placed on ``mesh`` (replicated, or FSDP by the size rule)."""
+  kw = model_kwargs(config)
+  t = tower(config)
+  if config.init:
+    model = t.load_pretrained(config.init, **kw)
+    gdef, state = nnx.split(model)
+    return nnx.merge(gdef, place(state, shd.param_shardings(state, mesh, fsdp=fsdp)))
+  cfg = model_config(config)
+
+  def make():
+    return t.make(cfg, rngs=nnx.Rngs(params=config.seed), **kw)
+
+  # Shapes first, then a jitted init straight into the target shardings.
+  gdef, abstract = nnx.split(nnx.eval_shape(make))
+  shardings = shd.param_shardings(abstract, mesh, fsdp=fsdp)
+  state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
+  return nnx.merge(gdef, state)
+
+
+def place(tree, shardings):
+  """Host/any-device values -> global arrays on ``shardings`` (multi-process safe)."""
+
+  def one(x, s):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      impl = jax.random.key_impl(x)
+      return jax.random.wrap_key_data(shd.put_global(jax.random.key_data(x), s), impl=impl)
+    return shd.put_global(np.asarray(x), s)
+
+  return jax.tree.map(one, tree, shardings)
+
+
+def make_student(config: ml_collections.ConfigDict, teacher: nnx.Module):
+  """Attaches LoRA to ``teacher`` (turning the object into the student) and splits it.
+
+  Returns (models, lora, rng, frozen): ``models.teacher`` is the pre-LoRA graphdef, ``frozen``
+  the ONE frozen state both graphdefs run on.
+  """
+  teacher_def, _ = nnx.split(teacher)
+  lora_lib.apply_lora(
+    teacher,
+    rank=config.lora.rank,
+    alpha=config.lora.alpha,
+    dropout=config.lora.dropout,
+    targets=lora_targets(config),
+    rngs=nnx.Rngs(params=config.seed + 1, dropout=config.seed + 2),
+  )
+  student_def, lora, rng, frozen = lora_lib.split_student(teacher)
+  return train_step.Models(teacher=teacher_def, student=student_def), lora, rng, frozen
+
+
+def initial_params(config, models: train_step.Models, lora, frozen) -> dict[str, Any]:
+  """The trainable pytree: LoRA [+ a COPY of the vision projection] [+ log 1/tau]."""
+  del models
+  params: dict[str, Any] = {"lora": lora}
+  if config.lora.train_proj:
+    proj, _ = nnx.split_state(frozen, train_step.is_proj, ...)
+    params["proj"] = jax.tree.map(jnp.copy, proj)  # own buffer: the state is donated
+  if config.loss.learn_temperature:
+    params["log_scale"] = jnp.asarray(math.log(1.0 / config.loss.temperature), jnp.float32)
+  return params
+
+
+def abstract_train_state(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Shapes only (jax.eval_shape): frozen state, LoRA, trainable params and optimizer state."""
+  cfg = model_config(config)
+  kw = model_kwargs(config)
+  teacher = nnx.eval_shape(lambda: tower(config).make(cfg, rngs=nnx.Rngs(0), **kw))
+  models, lora, rng, frozen = make_student(config, teacher)
+  tx, _ = optim.make_optimizer(config.optim, config.total_steps)
+  params = jax.eval_shape(lambda f: initial_params(config, models, lora, f), frozen)
+  state = jax.eval_shape(lambda p: train_step.init_train_state(p, tx), params)
+  return {"models": models, "frozen": frozen, "rng": rng, "state": state}
+
+
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
+  """Teacher, student, optimizer and the initial train state, all placed on ``mesh``."""
+  fsdp = mesh.shape["fsdp"] > 1
+  teacher = build_teacher(config, mesh, fsdp=fsdp)
+  if teacher.image_size != config.data.image_size:
+    raise ConfigError(
+      f"config.data.image_size={config.data.image_size} but the model expects"
+      f" {teacher.image_size}x{teacher.image_size} images"
+    )
+  models, lora, rng, frozen = make_student(config, teacher)
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+  params = initial_params(config, models, lora, frozen)
+  params = place(params, shd.param_shardings(params, mesh, fsdp=fsdp))
+  rng = place(rng, jax.tree.map(lambda _: shd.replicated(mesh), rng))
+  state = train_step.init_train_state(params, tx)
+  state = jax.tree.map(lambda x: x if x.ndim else shd.put_global(x, shd.replicated(mesh)), state)
+  return {
+    "models": models,
+    "frozen": frozen,
+    "rng": rng,
+    "state": state,
+    "tx": tx,
+    "schedule": schedule,
+    "text_context": teacher.config.text.context_length,
+    "model_config": teacher.config,
+  }
+
+
+def merged_student(models: train_step.Models, params: dict, frozen, rng) -> nnx.Module:
+  """A plain model with LoRA (and a trained projection) folded in: the deployable student."""
+  states = train_step.student_state(params, frozen, rng)
+  # New Variable containers (same buffers): merging in place must not touch the shared state.
+  student = nnx.merge(models.student, *(jax.tree.map(lambda x: x, s) for s in states))
+  lora_lib.merge_lora(student)
+  return student
+
+
+def make_step(
+  config: ml_collections.ConfigDict,
+  built: dict[str, Any],
+  mesh: jax.sharding.Mesh,
+  objective: objectives.Objective | None = None,
+):
+  """The jitted update step for ``build``'s output; in/out shardings are read off its arrays."""
+  shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  return train_step.make_train_step(
+    config,
+    built["models"],
+    built["tx"],
+    built["schedule"],
+    mesh,
+    state_shardings=shardings(built["state"]),
+    frozen_shardings=shardings(built["frozen"]),
+    rng_shardings=shardings(built["rng"]),
+    objective=objective,
+  )

@@ -1,0 +1,137 @@
+"""An experiment is a sequence of stages declared in its config (``config.stages``), run in order.
+
+    python -m gmail_jax.main --config=configs/quickstart.py --workdir=DIR
+    config.stages = ("splits", "teacher", "align", "report")
+
+Each stage is one module of ``gmail_jax/stages/`` plus one line in ``STAGES``; it reads its inputs
+from, and writes its outputs to, the workdir, and provides:
+
+    KEYS       config keys whose values define its outputs (None = the whole config)
+    ON_CHANGE  'refuse': outputs recorded under other values of KEYS are never reused or replaced
+               (a new workdir is needed); 'rerun': the stage runs again and decides itself (the
+               align stage resumes from its checkpoints)
+    ALL_PROCESSES  True when every process must run it (training); else process 0 runs it
+    run(config, workdir, inputs) -> outputs     outputs: JSON-able dict, merged into ``inputs``
+    complete(workdir, outputs) -> bool          the recorded outputs are all still there
+
+The driver records each finished stage in WORKDIR/stages/<name>.json (the values of its KEYS and
+its outputs) and skips the stage when the record matches the config and ``complete`` holds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pathlib
+from types import ModuleType
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+from jax.experimental import multihost_utils
+
+from gmail_jax.errors import ConfigError, StageError
+
+STAGES: dict[str, str] = {
+  "splits": "gmail_jax.stages.splits",
+  "teacher": "gmail_jax.stages.teacher",
+  "align": "gmail_jax.stages.align",
+  "report": "gmail_jax.stages.report",
+}
+RECORDS = "stages"
+
+
+def check_stages(config: ml_collections.ConfigDict) -> None:
+  """config.stages: known names, each once, 'align' present when a later stage needs a run."""
+  names = list(config.stages)
+  unknown = [n for n in names if n not in STAGES]
+  if unknown:
+    raise ConfigError(f"config.stages: unknown stage {unknown[0]!r} (known: {sorted(STAGES)})")
+  if len(set(names)) != len(names):
+    raise ConfigError(f"config.stages: a stage is listed twice in {names}")
+  if not names:
+    raise ConfigError("config.stages: empty")
+
+
+def stage(name: str) -> ModuleType:
+  return importlib.import_module(STAGES[name])
+
+
+def _values(config: ml_collections.ConfigDict, keys: tuple[str, ...] | None) -> dict[str, Any]:
+  """{key: value} of ``keys`` (dotted) as JSON values; None = the whole config."""
+  flat = json.loads(config.to_json_best_effort())
+  if keys is None:
+    return flat
+  out = {}
+  for key in keys:
+    node = flat
+    for part in key.split("."):
+      node = node.get(part) if isinstance(node, dict) else None
+    out[key] = node
+  return out
+
+
+def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
+  keys = sorted(set(old) | set(new))
+  out = []
+  for k in keys:
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _changed(a, b, f"{prefix}{k}.")
+    elif a != b:
+      out.append(f"{prefix}{k}")
+  return out
+
+
+def _record_path(workdir: pathlib.Path, name: str) -> pathlib.Path:
+  return workdir / RECORDS / f"{name}.json"
+
+
+def _write_record(path: pathlib.Path, record: dict) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def _run_one(
+  name: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, inputs: dict
+) -> dict[str, Any]:
+  mod = stage(name)
+  values = _values(config, mod.KEYS)
+  path = _record_path(workdir, name)
+  record = json.loads(path.read_text()) if path.exists() else None
+  if record is not None:
+    if record["config"] == values and mod.complete(workdir, record["outputs"]):
+      logging.info("stage %s: complete, skipped (%s)", name, path)
+      return record["outputs"]
+    changed = _changed(record["config"], values)
+    if changed and mod.ON_CHANGE == "refuse":
+      raise StageError(
+        f"{path}: stage {name!r} was run with other values of config.{changed[0]}"
+        f" ({len(changed)} key(s) changed: {', '.join(changed[:5])}); use a new --workdir or"
+        " the original config"
+      )
+  main = jax.process_index() == 0
+  if mod.ALL_PROCESSES or main:
+    outputs = mod.run(config, workdir, inputs)
+    if main:
+      _write_record(path, {"config": values, "outputs": outputs})
+  if not mod.ALL_PROCESSES and jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"stage {name}")
+    outputs = json.loads(path.read_text())["outputs"]
+  return outputs
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+  """Runs ``config.stages`` in order in ``workdir``; returns every stage's outputs, merged."""
+  from gmail_jax import schema
+
+  schema.validate(config)  # the whole config, before any stage builds anything
+  workdir = pathlib.Path(os.path.abspath(os.fspath(workdir)))
+  inputs: dict[str, Any] = {}
+  for name in config.stages:
+    inputs.update(_run_one(name, config, workdir, inputs))
+  return inputs

@@ -1,0 +1,104 @@
+"""One way to load a trained run: ``load_run(workdir, step=None)`` -> :class:`Run`.
+
+    run = load_run("/tmp/gmail_quickstart/align")     # config from WORKDIR/config.json
+    run.teacher, run.student                          # nnx models; the student has LoRA merged
+    run.encoders()["student"].encode_generated(images)
+
+Rebuilds the frozen teacher exactly as training did (``build.build``: ``config.init`` or the seeded
+random init), restores the trainable state of ``step`` (default: the latest) from
+WORKDIR/checkpoints, checks that the checkpoint was trained on this teacher, and folds the adapters
+(and a trained projection) into a plain model. The only loader used by ``gmail_jax.evaluate``,
+``api.load_student`` / ``api.load_clip(WORKDIR)``, ``gmail_jax.sweep`` and the exporters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+from gmail_jax import build, checkpointing, encoders, schema
+from gmail_jax import metrics as metrics_lib
+from gmail_jax import sharding as shd
+from gmail_jax.models import towers
+from gmail_jax.models.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class Run:
+  """A restored run: models on ``mesh``, the restored train state and what it was trained with."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  step: int
+  mesh: jax.sharding.Mesh
+  teacher: nnx.Module
+  student: nnx.Module  # LoRA (and a trained projection) merged
+  state: dict[str, Any]  # {'step', 'params', 'opt', 'bad_step'} as restored
+  tokenizer: Tokenizer
+
+  @property
+  def tower(self) -> towers.Tower:
+    return towers.get(self.config.model.name)
+
+  def encoders(self, batch_size: int = 64) -> dict[str, encoders.Encoder]:
+    """teacher / student / student_all (encoders.views), preprocessing of the run's tower."""
+    spec = self.tower.preprocess
+    return encoders.views(
+      self.teacher,
+      self.student,
+      tokenizer=self.tokenizer,
+      mesh=self.mesh,
+      batch_size=batch_size,
+      mean=spec.mean,
+      std=spec.std,
+    )
+
+
+def is_run(path: str | os.PathLike) -> bool:
+  """A training workdir (config.json + checkpoints/), as opposed to a model directory."""
+  path = os.fspath(path)
+  return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
+    checkpointing.checkpoint_dir(path)
+  )
+
+
+def load_run(
+  workdir: str | os.PathLike,
+  step: int | None = None,
+  *,
+  config: ml_collections.ConfigDict | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+) -> Run:
+  """The run in ``workdir`` at ``step`` (default: latest). ``config`` defaults to the run's
+  config.json; ``mesh`` to ``config.mesh`` over all devices."""
+  workdir = os.path.abspath(os.fspath(workdir))
+  config = config if config is not None else metrics_lib.read_config(workdir)
+  schema.validate(config)
+  mesh = mesh if mesh is not None else shd.make_mesh(config.mesh)
+  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+  try:
+    if (step if step is not None else ckpt.latest_step()) is None:
+      raise FileNotFoundError(f"{ckpt.directory}: no checkpoint (train first with gmail_jax.main)")
+    with jax.set_mesh(mesh):
+      built = build.build(config, mesh)
+      abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), built["state"]
+      )
+      state, meta = ckpt.restore(abstract, step=step)
+      models, frozen, rng = built["models"], built["frozen"], built["rng"]
+      teacher_id = {
+        **build.teacher_source(config),
+        "checksum": checkpointing.frozen_checksum(frozen),
+      }
+      checkpointing.check_teacher(meta.get("teacher", {}), teacher_id, ckpt.directory)
+      teacher = nnx.merge(models.teacher, frozen)
+      student = build.merged_student(models, state["params"], frozen, rng)
+  finally:
+    ckpt.close()
+  tokenizer = Tokenizer(context_length=built["text_context"])
+  return Run(config, workdir, int(meta["step"]), mesh, teacher, student, state, tokenizer)

@@ -1,0 +1,211 @@
+"""The base config is the schema: every key any stage, objective or evaluator reads, with defaults.
+
+``configs/*.py`` start from ``base_config()`` and only change values. ``check(config)`` rejects,
+before anything is built, any key the base does not define (a typo such as
+``teacher_cache.enable`` would otherwise be ignored silently) with a one-line error naming it.
+Free-form groups are checked by their owner: ``evals`` (evaluator registry: per-type keyword
+arguments) and ``model.overrides`` (architecture fields of the tower, e.g. ``vision_patch_size``).
+
+Groups (defaults and their meaning in the comments below):
+  seed, total_steps, batch_size (GLOBAL), log_every_steps, checkpoint_every_steps, keep_checkpoints,
+  async_checkpoints, init (HF CLIP dir / hub id; empty = random init), stages, mesh, model, lora,
+  loss, cma (TPC-CMA), optim, data, teacher_cache, splits, teacher_pretrain, report, evals.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from gmail_jax import objectives, optim
+from gmail_jax.data.config import default_data_config
+from gmail_jax.errors import ConfigError
+from gmail_jax.models import towers
+
+# Keys whose children are not fixed by the schema (checked by their owner; see module docstring).
+FREE_FORM = ("evals", "model.overrides")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Paper defaults (papers.md A.3 / A.6): rank 4, AdamW 1e-4, wd 0.01, SGDR, clip 1.0, tau 0.07."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 60_000
+  c.batch_size = 256
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.async_checkpoints = True
+  c.init = ""  # HF CLIP dir or hub id for the frozen teacher; "" = random init (tests)
+  # The experiment: stage names in order (gmail_jax/experiment.py). 'align' = GMAIL / TPC-CMA
+  # training; the small reproductions prepend 'splits', 'teacher' and append 'report'.
+  c.stages = ("align",)
+
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "clip"  # tower (gmail_jax/models/towers.py)
+  c.model.variant = "B/16"
+  c.model.overrides = ml_collections.ConfigDict()  # architecture fields, e.g. vision_patch_size
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+  c.model.remat = False
+  # XLA:CPU aid: write the residual stream once per block instead of recomputing it in every
+  # fusion (models/clip.py). Decided when the model is built; other backends never use it.
+  c.model.cpu_residual_loops = True
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 4
+  c.lora.alpha = 4.0
+  c.lora.dropout = 0.0
+  c.lora.targets = ("attn",)  # the tower's named target groups (attn, mlp) or path regexes
+  c.lora.train_proj = False  # also train the student's vision projection
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.mode = "gmail"  # objective (gmail_jax/objectives/): gmail | tpc_cma
+  c.loss.temperature = 0.07
+  c.loss.learn_temperature = False
+  c.loss.symmetric = False
+  c.loss.text_weight = 0.0  # lambda of the CLIP text term; 0 = Algorithm 1
+  c.loss.mask_groups = True
+
+  # TPC-CMA (loss.mode='tpc_cma'; papers.md §B.3 defaults, see objectives/tpc_cma.py).
+  c.cma = ml_collections.ConfigDict()
+  c.cma.alpha_target = 0.5
+  c.cma.anchor_frac = 0.15
+  c.cma.ramp_frac = 0.45
+  c.cma.shape = "linear"
+  c.cma.lambda_d = 1.0
+  c.cma.kind = "gram"
+  c.cma.rho = 1.0
+  c.cma.eps = 1e-8
+  c.cma.pairs = "gen_real"
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"
+  c.optim.lr = 1e-4
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.clip_norm = 1.0
+  c.optim.schedule = "cosine_restarts"  # constant | cosine | cosine_restarts
+  c.optim.warmup_steps = 500
+  c.optim.restart_steps = 10_000  # SGDR T_0 (papers.md A.6 #9, an assumption)
+  c.optim.restart_mult = 1
+  c.optim.min_lr_ratio = 0.0
+  c.optim.accum_steps = 1  # microbatches per step (exact; see train_step.py)
+
+  c.data = default_data_config()
+
+  # Teacher-embedding cache (gmail_jax/teacher_cache.py): real images are not augmented, so
+  # f_r(x_r) is computed once per real_id and the step skips the teacher forward.
+  c.teacher_cache = ml_collections.ConfigDict()
+  c.teacher_cache.enabled = False
+  c.teacher_cache.path = ""  # "" = <data dir>/teacher_cache/<variant>-<dtype>-<size>
+  c.teacher_cache.rebuild = False  # True: discard a stale cache instead of refusing it
+  c.teacher_cache.precompute = True  # one pass before training (else fill on first sight)
+
+  # Stage 'splits' (gmail_jax/stages/splits.py): train / held-out views under WORKDIR/data.
+  c.splits = ml_collections.ConfigDict()
+  c.splits.kind = "class_folders"  # digits | class_folders
+  c.splits.seed = 0
+  c.splits.test_fraction = 0.3  # digits
+  c.splits.generated_per_class = 150  # digits
+  c.splits.test_per_class = 100  # class_folders
+  c.splits.train_per_class = 0  # class_folders; 0 = all the rest
+
+  # Stage 'teacher' (gmail_jax/stages/teacher.py): a tiny CLIP pretrained on real images, saved as
+  # a Hugging Face CLIP directory that the align stage loads as its config.init.
+  c.teacher_pretrain = ml_collections.ConfigDict()
+  c.teacher_pretrain.source = "folder"  # folder | zip
+  c.teacher_pretrain.path = ""  # folder: "" = the train split's real/; zip: the CIFAR-10 zip
+  c.teacher_pretrain.zip_prefix = "test"
+  c.teacher_pretrain.templates = ("a photo of a {name}.",)
+  c.teacher_pretrain.steps = 250
+  c.teacher_pretrain.warmup_steps = 25
+  c.teacher_pretrain.batch_size = 128
+  c.teacher_pretrain.lr = 2e-3
+  c.teacher_pretrain.weight_decay = 0.05
+  c.teacher_pretrain.max_per_class = 0  # 0 = all
+
+  # Stage 'report' (gmail_jax/stages/report.py).
+  c.report = ml_collections.ConfigDict()
+  c.report.title = "GMAIL small-scale reproduction"
+  c.report.batch_size = 256
+  c.report.probe_c = 1.0
+  c.report.probe_seed = 0
+  c.report.synthetic_baseline = True
+  c.report.tsne_method = "tsne"  # tsne | pca
+  c.report.tsne_points = 300
+
+  # Training-time / `gmail_jax.evaluate` evaluators: name -> dict(type=..., every_steps=..., ...).
+  c.evals = ml_collections.ConfigDict()
+  return c
+
+
+def unknown_keys(
+  config: ml_collections.ConfigDict, base: ml_collections.ConfigDict, prefix: str = ""
+) -> list[str]:
+  """Dotted paths set in ``config`` that ``base`` does not define (free-form groups skipped)."""
+  out = []
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    if key not in base:
+      out.append(path)
+    elif path in FREE_FORM:
+      continue
+    elif isinstance(value, ml_collections.ConfigDict) and isinstance(
+      base[key], ml_collections.ConfigDict
+    ):
+      out += unknown_keys(value, base[key], path + ".")
+  return out
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """One-line ConfigError for the first key the base config does not define, or a missing group."""
+  base = base_config()
+  unknown = unknown_keys(config, base)
+  if unknown:
+    node = base
+    for part in unknown[0].split(".")[:-1]:
+      node = node[part]
+    known = sorted(node.keys())
+    raise ConfigError(f"config.{unknown[0]}: unknown key (known in this group: {known})")
+  for key, value in base.items():
+    if key not in config:
+      raise ConfigError(f"config.{key}: missing (start the config from schema.base_config())")
+    if isinstance(value, ml_collections.ConfigDict) and not isinstance(
+      config[key], ml_collections.ConfigDict
+    ):
+      raise ConfigError(f"config.{key}: expected a group of keys, got {config[key]!r}")
+
+
+POSITIVE = ("total_steps", "batch_size", "log_every_steps", "checkpoint_every_steps")
+DTYPES = ("float32", "bfloat16")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Every check that can fail before anything is built or compiled (one line, naming the key)."""
+  from gmail_jax import experiment  # the stage registry imports the stages, which import this
+
+  check(config)
+  experiment.check_stages(config)
+  for key in POSITIVE:
+    if int(config[key]) < 1:
+      raise ConfigError(f"config.{key}: must be >= 1, got {config[key]}")
+  tower = towers.get(config.model.name)
+  if config.model.variant not in tower.variants:
+    raise ConfigError(
+      f"config.model.variant: {config.model.variant!r} not in {sorted(tower.variants)}"
+    )
+  if config.model.dtype not in DTYPES:
+    raise ConfigError(f"config.model.dtype: {config.model.dtype!r} not in {DTYPES}")
+  for target in config.lora.targets:
+    if target not in tower.lora_targets and "/" not in target:
+      raise ConfigError(
+        f"config.lora.targets: {target!r} is neither a target group of the {config.model.name}"
+        f" tower ({sorted(tower.lora_targets)}) nor a path regex"
+      )
+  objectives.validate(config)
+  if int(config.optim.accum_steps) < 1:
+    raise ConfigError(f"config.optim.accum_steps: must be >= 1, got {config.optim.accum_steps}")
+  optim.make_schedule(config.optim, config.total_steps)  # validates schedule keys

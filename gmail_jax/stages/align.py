@@ -1,0 +1,47 @@
+"""Stage 'align': GMAIL / TPC-CMA training of the LoRA student (gmail_jax/train.py) in WORKDIR.
+
+Earlier stages' outputs become this stage's config: a pretrained teacher directory
+(``model_dir``) is its ``config.init``, a train split (``train``) its ``config.data.root``. The
+config it trains with is written to WORKDIR/config.json, which is what ``run.load_run`` reads.
+Resuming is the trainer's: a rerun continues from WORKDIR/checkpoints.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from gmail_jax import checkpointing, train
+
+KEYS = None  # the whole config
+ON_CHANGE = "rerun"  # the trainer resumes (and refuses what it cannot honour)
+ALL_PROCESSES = True
+
+
+def stage_config(
+  config: ml_collections.ConfigDict, inputs: dict[str, Any]
+) -> ml_collections.ConfigDict:
+  """``config`` with the earlier stages' outputs wired in (a copy; ``config`` is not changed)."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  if "model_dir" in inputs:
+    c.init = inputs["model_dir"]
+  if "train" in inputs:
+    c.data.root = inputs["train"]
+  return c
+
+
+def complete(workdir: pathlib.Path, outputs: dict[str, Any]) -> bool:
+  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+  try:
+    return ckpt.latest_step() == outputs["step"]
+  finally:
+    ckpt.close()
+
+
+def run(
+  config: ml_collections.ConfigDict, workdir: pathlib.Path, inputs: dict[str, Any]
+) -> dict[str, Any]:
+  train.train_and_evaluate(stage_config(config, inputs), str(workdir))
+  return {"run": str(workdir), "step": int(config.total_steps)}

@@ -1,0 +1,183 @@
+"""Stage 'report': before / after / baselines of a class-paired reproduction, every number from an
+evaluator (the same code ``gmail_jax.evaluate`` runs).
+
+Inputs: the align stage's run in WORKDIR (``run.load_run``) and the 'splits' stage's ``train`` /
+``test`` views. Writes WORKDIR/report.json (layout: gmail_jax/report.py), report.md, tsne.png and
+curves.png. The "fine-tune on generated as if real" baseline (GMAIL Table 9 'Synthetic') trains
+a LoRA copy of the teacher with the CLIP loss on generated image-caption pairs, with GMAIL's own
+LoRA targets, rank, alpha, steps, batch and learning rate; both record ``trainable_params`` and
+``lora_targets``. Deterministic: the same seed gives a byte-identical report.json.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from gmail_jax import build, contrastive, encoders, report
+from gmail_jax import run as run_lib
+from gmail_jax.evaluators import gap, plots, probe, zeroshot
+from gmail_jax.models import lora as lora_lib
+from gmail_jax.models.tokenizer import Tokenizer
+
+KEYS = None  # the whole config
+ON_CHANGE = "rerun"  # cheap and deterministic: measured again
+ALL_PROCESSES = False
+
+
+def complete(workdir: pathlib.Path, outputs: dict[str, Any]) -> bool:
+  return pathlib.Path(outputs["report"]).is_file()
+
+
+def synthetic_finetune(
+  config: ml_collections.ConfigDict, teacher: nnx.Module, train: Any
+) -> tuple[nnx.Module, int]:
+  """Baseline: a LoRA copy of the teacher (GMAIL's targets and budget) trained with the CLIP loss
+  on generated image-caption pairs (captions from config.data.caption_template); text tower and
+  base weights frozen. Returns (model with LoRA merged, trainable parameter count)."""
+  model = nnx.clone(teacher)
+  lora_lib.apply_lora(
+    model,
+    rank=config.lora.rank,
+    alpha=config.lora.alpha,
+    dropout=config.lora.dropout,
+    targets=build.lora_targets(config),
+    rngs=nnx.Rngs(params=config.seed + 1, dropout=config.seed + 1),
+  )
+  n_trainable = lora_lib.count_params(nnx.state(model, nnx.LoRAParam))
+  template = config.data.caption_template
+  captions = [
+    template.format(**{"class": train.classnames[y].replace("_", " ")}) for y in train.labels
+  ]
+  ids = np.asarray(Tokenizer(context_length=model.config.text.context_length)(captions), np.int32)
+  contrastive.contrastive_finetune(
+    model,
+    np.stack(train.images),
+    ids,
+    train.labels.astype(np.int32),
+    wrt=nnx.LoRAParam,
+    steps=config.total_steps,
+    batch_size=config.batch_size,
+    lr=config.optim.lr,
+    weight_decay=config.optim.weight_decay,
+    warmup_steps=config.optim.warmup_steps,
+    seed=config.seed,
+  )
+  lora_lib.merge_lora(model)
+  return model, n_trainable
+
+
+def _curves(workdir: pathlib.Path) -> None:
+  """curves.png from the alignment metrics.jsonl (+ teacher pretraining loss when present)."""
+  rows = []
+  for path in (workdir / "teacher" / "metrics.jsonl", workdir / "metrics.jsonl"):
+    if path.exists():
+      rows += plots.read_metrics_jsonl(str(path))
+  if not rows:
+    return
+  offset = max((r.get("step", 0) for r in rows if "pretrain_loss" in r), default=0)
+  merged = [{**r, "step": r.get("step", 0) + (0 if "pretrain_loss" in r else offset)} for r in rows]
+  tmp = workdir / "curves_metrics.jsonl"
+  tmp.write_text("".join(json.dumps(r) + "\n" for r in merged))
+  plots.plot_training_curves(str(tmp), str(workdir / "curves.png"))
+  tmp.unlink()
+
+
+def run(
+  config: ml_collections.ConfigDict, workdir: pathlib.Path, inputs: dict[str, Any]
+) -> dict[str, Any]:
+  t0 = time.time()
+  rc = config.report
+  train_root, test_root = pathlib.Path(inputs["train"]), pathlib.Path(inputs["test"])
+  loaded = run_lib.load_run(workdir)
+  views = loaded.encoders(batch_size=rc.batch_size)
+  kw = {"image_size": config.data.image_size, "batch_size": rc.batch_size}
+  pairs = gap.GapEvaluator("gap", pairs="class_gen_real", root=str(test_root), **kw)
+  reference = gap.GapEvaluator("reference", pairs="class_real_real", root=str(test_root), **kw)
+  probe_kw = {"c": rc.probe_c, "seed": rc.probe_seed, **kw}
+  transfer = probe.ProbeEvaluator(
+    "transfer", train=str(train_root / "generated"), test=str(test_root / "real"), **probe_kw
+  )
+  real_upper = probe.ProbeEvaluator(
+    "real_upper",
+    train=str(train_root / "real"),
+    test=str(test_root / "real"),
+    train_path="real",
+    **probe_kw,
+  )
+  template = config.data.caption_template.replace("{class}", "{}")
+  zs = {
+    m: zeroshot.ZeroShotEvaluator(
+      f"zeroshot_{m}", dataset=str(test_root / m), templates=[template], batch_size=rc.batch_size
+    )
+    for m in ("real", "generated")
+  }
+
+  def measure(encoder: encoders.Encoder) -> dict[str, float]:
+    return {**report.gap_fields(pairs.compute(encoder)), **transfer.compute(encoder)}
+
+  targets = build.lora_targets(config)
+  before = measure(views["teacher"])
+  after = {
+    **measure(views["student"]),
+    "trainable_params": lora_lib.count_params(loaded.state["params"]),
+    "lora_targets": targets,
+  }
+  baselines: dict[str, Any] = {
+    "teacher_direct": {"transfer_accuracy": before["transfer_accuracy"]},
+    "real_upper": real_upper.compute(views["teacher"]),
+  }
+  if rc.synthetic_baseline:
+    model, n_trainable = synthetic_finetune(config, loaded.teacher, transfer.train)
+    spec = loaded.tower.preprocess
+    syn = encoders.Encoder(
+      model, tokenizer=loaded.tokenizer, mesh=loaded.mesh, batch_size=rc.batch_size,
+      mean=spec.mean, std=spec.std,
+    )  # fmt: skip
+    baselines["synthetic_finetune"] = {
+      **measure(syn),
+      "trainable_params": n_trainable,
+      "lora_targets": targets,
+    }
+  baselines["real_real_reference"] = report.gap_fields(reference.compute(views["teacher"]))
+  out = {
+    "before": before,
+    "after": after,
+    "baselines": baselines,
+    "variants": {"after_student_real": measure(views["student_all"])},
+    "test_pairs": len(pairs.x_items),
+    "teacher_zeroshot_real": zs["real"].compute(views["teacher"])["top1"],
+    "teacher_zeroshot_generated": zs["generated"].compute(views["teacher"])["top1"],
+    "counts": {
+      "train_gen": len(transfer.train.labels),
+      "train_real": len(real_upper.train.labels),
+      "test_gen": len(zs["generated"].labels),
+      "test_real": len(transfer.test.labels),
+    },
+    "classes": list(transfer.train.classnames),
+    "seed": int(config.seed),
+  }
+  path = workdir / "report.json"
+  path.write_text(json.dumps(out, indent=2))
+  (workdir / "report.md").write_text(report.markdown(out, rc.title))
+
+  from gmail_jax import evaluate
+
+  evaluate.tsne_gen_real(
+    str(workdir / "tsne.png"),
+    pairs,
+    views,
+    max_points=rc.tsne_points,
+    seed=rc.probe_seed,
+    method=rc.tsne_method,
+  )
+  _curves(workdir)
+  print(report.markdown(out, rc.title), flush=True)
+  print(f"report: {time.time() - t0:.1f} s", flush=True)
+  return {"report": str(path)}
