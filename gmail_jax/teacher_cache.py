@@ -315,7 +315,9 @@ def _write_json(path: str, obj: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_teacher_embed(models, frozen: nnx.State, mesh) -> Callable[[dict], np.ndarray]:
+def make_teacher_embed(
+  models, frozen: nnx.State, mesh, *, mean=None, std=None
+) -> Callable[[dict], np.ndarray]:
   """``embed(local_real_uint8 [b,S,S,3]) -> np.float32 [b_global, D]`` on every process.
 
   The same computation as the train step's teacher branch (normalize on device, frozen teacher
@@ -325,9 +327,11 @@ def make_teacher_embed(models, frozen: nnx.State, mesh) -> Callable[[dict], np.n
   from gmail_jax import train_step
   from gmail_jax.data import pipeline, preprocess
 
+  mean = preprocess.CLIP_MEAN if mean is None else mean
+  std = preprocess.CLIP_STD if std is None else std
   fn = jax.jit(
     lambda frozen, real: train_step.teacher_model(models, frozen).vision(
-      preprocess.normalize(real)
+      preprocess.normalize(real, mean, std)
     ),
     out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
   )
@@ -439,7 +443,10 @@ def from_config(
     dim=int(model_config.embed_dim),
     rebuild=bool(tc.rebuild),
   )
-  embed = make_teacher_embed(models, frozen, mesh)
+  from gmail_jax.models import towers
+
+  spec = towers.get(config.model.name).preprocess
+  embed = make_teacher_embed(models, frozen, mesh, mean=spec.mean, std=spec.std)
   if tc.precompute and cache.num_filled == 0:
     precompute(config, cache, embed, workdir=workdir)
   return cache, embed
