@@ -9,8 +9,11 @@ from collections.abc import Iterator
 
 from absl import logging
 
-# Bad config, bad input file or checkpoint (all ValueError subclasses), missing path, NaN loss.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+from gmail_jax.errors import UserError
+
+# Bad config, input file, checkpoint, stage or resume (errors.UserError), a missing path, a NaN
+# loss. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (UserError, FileNotFoundError, FloatingPointError)
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ import numpy as np
 from gmail_jax import cli, encoders
 from gmail_jax import metrics as metrics_lib
 from gmail_jax import run as run_lib
+from gmail_jax.errors import ConfigError
 
 ENCODERS = encoders.VIEWS
 
@@ -74,11 +75,11 @@ def evaluate(
 
   unknown = [w for w in which if w not in ENCODERS]
   if unknown:
-    raise ValueError(f"--encoders: unknown {unknown}; choose from {list(ENCODERS)}")
+    raise ConfigError(f"--encoders: unknown {unknown}; choose from {list(ENCODERS)}")
   workdir = os.path.abspath(workdir)
   evaluators = common.from_config(config.get("evals"))
   if not evaluators:
-    raise ValueError("config.evals: empty; nothing to evaluate (add e.g. a 'gap' evaluator)")
+    raise ConfigError("config.evals: empty; nothing to evaluate (add e.g. a 'gap' evaluator)")
   run = run_lib.load_run(workdir, step, config=config)
   encs = run.encoders()
   results: dict[str, dict[str, float]] = {}

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from gmail_jax.errors import ConfigError
+
 SCHEDULES = ("constant", "cosine", "cosine_restarts")
 
 
@@ -75,7 +77,7 @@ def make_schedule(
     )
   if kind == "cosine_restarts":
     if cfg.restart_steps < 1 or cfg.restart_mult < 1:
-      raise ValueError("config.optim.restart_steps must be >= 1 and restart_mult >= 1")
+      raise ConfigError("config.optim.restart_steps must be >= 1 and restart_mult >= 1")
     return lambda step: cosine_warm_restarts(
       step,
       base_lr=cfg.lr,
@@ -84,7 +86,7 @@ def make_schedule(
       warmup_steps=cfg.warmup_steps,
       min_ratio=cfg.min_lr_ratio,
     )
-  raise ValueError(f"config.optim.schedule: {kind!r} not in {SCHEDULES}")
+  raise ConfigError(f"config.optim.schedule: {kind!r} not in {SCHEDULES}")
 
 
 def make_optimizer(
@@ -92,7 +94,7 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
   """clip_by_global_norm → AdamW(schedule); decay only on matrices (not scales/biases)."""
   if cfg.name != "adamw":
-    raise ValueError(f"config.optim.name: {cfg.name!r} not supported (use 'adamw')")
+    raise ConfigError(f"config.optim.name: {cfg.name!r} not supported (use 'adamw')")
   schedule = make_schedule(cfg, total_steps)
   parts = []
   if cfg.clip_norm:

@@ -15,6 +15,8 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gmail_jax.errors import ConfigError
+
 AXES = ("data", "fsdp")
 BATCH_SPEC = P(AXES)
 # Parameters smaller than this stay replicated even under FSDP (biases, LayerNorms, LoRA).
@@ -25,19 +27,19 @@ def mesh_shape(mesh_cfg: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
   """Resolves ``{'data': -1, 'fsdp': 2}`` (-1 = the rest) to sizes; errors name ``config.mesh``."""
   unknown = set(mesh_cfg) - set(AXES)
   if unknown:
-    raise ValueError(f"config.mesh: unknown axes {sorted(unknown)}; allowed {AXES}")
+    raise ConfigError(f"config.mesh: unknown axes {sorted(unknown)}; allowed {AXES}")
   sizes = [int(mesh_cfg.get(a, 1)) for a in AXES]
   if sum(s == -1 for s in sizes) > 1:
-    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(mesh_cfg)}")
+    raise ConfigError(f"config.mesh: at most one axis may be -1, got {dict(mesh_cfg)}")
   if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"config.mesh: sizes must be positive or -1, got {dict(mesh_cfg)}")
+    raise ConfigError(f"config.mesh: sizes must be positive or -1, got {dict(mesh_cfg)}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if n_devices % known:
-      raise ValueError(f"config.mesh: {dict(mesh_cfg)} does not divide {n_devices} devices")
+      raise ConfigError(f"config.mesh: {dict(mesh_cfg)} does not divide {n_devices} devices")
     sizes = [n_devices // known if s == -1 else s for s in sizes]
   if int(np.prod(sizes)) != n_devices:
-    raise ValueError(
+    raise ConfigError(
       f"config.mesh: {dict(zip(AXES, sizes, strict=True))} uses {int(np.prod(sizes))} devices,"
       f" but {n_devices} are available"
     )
@@ -86,9 +88,9 @@ def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
   """The global batch must split evenly over devices and processes (error names the key)."""
   n = mesh.size
   if batch_size % n:
-    raise ValueError(f"config.batch_size={batch_size} is not divisible by the {n} mesh devices")
+    raise ConfigError(f"config.batch_size={batch_size} is not divisible by the {n} mesh devices")
   if batch_size % jax.process_count():
-    raise ValueError(
+    raise ConfigError(
       f"config.batch_size={batch_size} is not divisible by {jax.process_count()} processes"
     )
 

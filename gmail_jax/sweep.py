@@ -35,6 +35,7 @@ import numpy as np
 from gmail_jax import cli, experiment
 from gmail_jax import run as run_lib
 from gmail_jax.data import eval_sets
+from gmail_jax.errors import ConfigError, InputError
 from gmail_jax.evaluators import common, gap, zeroshot
 
 SHARED = ("splits", "teacher")  # stages whose outputs every α run shares
@@ -63,7 +64,7 @@ def held_out_pairs(
   if config.cma.pairs == "gen_real":
     gen = eval_sets.load_class_set(os.path.join(test_root, "generated"), per_class=max_per_class)
     if gen.classnames != real.classnames:
-      raise ValueError(f"{test_root}: generated/ and real/ class folders differ")
+      raise InputError(f"{test_root}: generated/ and real/ class folders differ")
     # Pair the k-th generated with the k-th real image of the same class.
     gi, ri = gap.class_pairs(gen.labels, real.labels)
     out["gen"] = [gen.images[i] for i in gi]
@@ -118,7 +119,7 @@ def run_sweep(
     arg = ",".join(a for a in (extra_arg, f"alpha_target={alpha}") if a)
     config = load_config(config_spec, arg)
     if config.loss.mode != "tpc_cma":
-      raise ValueError(f"--config={config_spec}: loss.mode must be 'tpc_cma'")
+      raise ConfigError(f"--config={config_spec}: loss.mode must be 'tpc_cma'")
     wd = os.path.join(workdir, f"alpha_{_fmt_alpha(alpha)}")
     if first is not None:  # the first run's split and teacher, by their stage records
       for name in SHARED:
@@ -195,7 +196,7 @@ def main(argv) -> None:
   with cli.one_line_errors():
     alphas = [float(a) for a in f.alphas.split(",") if a.strip()]
     if not alphas:
-      raise ValueError("--alphas: empty")
+      raise ConfigError("--alphas: empty")
     table = run_sweep(f.config, alphas, f.workdir, extra_arg=f.arg, max_per_class=f.max_per_class)
   print(markdown(table))
 

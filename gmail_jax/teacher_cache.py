@@ -43,13 +43,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gmail_jax.errors import UserError
+
 META = "meta.json"
 EMB = "embeddings.npy"
 FILLED = "filled.npy"
 VERSION = 1
 
 
-class StaleCacheError(ValueError):
+class StaleCacheError(UserError, ValueError):
   """The cache on disk was built for another teacher (or other data) than this run's."""
 
 

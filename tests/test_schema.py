@@ -81,3 +81,17 @@ def test_trainer_imports_no_stage_around_it():
     "assert not bad, bad\n"
   )
   subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env={"JAX_PLATFORMS": "cpu"})
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys, monkeypatch):
+  from gmail_jax import cli
+
+  monkeypatch.delenv("GMAIL_TRACEBACK", raising=False)
+  with pytest.raises(SystemExit) as e, cli.one_line_errors():
+    raise ConfigError("config.lora.rank: must be >= 1, got 0")
+  assert e.value.code == 1
+  assert capsys.readouterr().err.strip() == (
+    "error: ConfigError: config.lora.rank: must be >= 1, got 0"
+  )
+  with pytest.raises(ValueError, match="shapes"), cli.one_line_errors():
+    raise ValueError("incompatible shapes (3,) and (4,)")  # a bug: not swallowed

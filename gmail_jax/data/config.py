@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from gmail_jax.errors import ConfigError
+
 SOURCES = ("manifest", "class_folders", "array_record", "tfds", "synthetic")
 POLICIES = ("skip", "fail")
 
@@ -56,14 +58,14 @@ def default_data_config() -> ml_collections.ConfigDict:
 def validate(data: ml_collections.ConfigDict) -> None:
   """One-line errors for impossible settings (before any worker starts)."""
   if data.source not in SOURCES:
-    raise ValueError(f"config.data.source={data.source!r}: expected one of {', '.join(SOURCES)}")
+    raise ConfigError(f"config.data.source={data.source!r}: expected one of {', '.join(SOURCES)}")
   if data.on_bad_input not in POLICIES:
-    raise ValueError(f"config.data.on_bad_input={data.on_bad_input!r}: expected skip or fail")
+    raise ConfigError(f"config.data.on_bad_input={data.on_bad_input!r}: expected skip or fail")
   if data.source == "manifest" and not data.manifest:
-    raise ValueError("config.data.source='manifest' needs config.data.manifest=PATH")
+    raise ConfigError("config.data.source='manifest' needs config.data.manifest=PATH")
   if data.source in ("class_folders", "array_record") and not data.root:
-    raise ValueError(f"config.data.source={data.source!r} needs config.data.root=DIR")
+    raise ConfigError(f"config.data.source={data.source!r} needs config.data.root=DIR")
   if data.source == "tfds" and not data.tfds_name:
-    raise ValueError("config.data.source='tfds' needs config.data.tfds_name=NAME")
+    raise ConfigError("config.data.source='tfds' needs config.data.tfds_name=NAME")
   if data.image_size < 1 or data.gens_per_caption < 0 or data.num_workers < 0:
-    raise ValueError("config.data: image_size >= 1, gens_per_caption >= 0, num_workers >= 0")
+    raise ConfigError("config.data: image_size >= 1, gens_per_caption >= 0, num_workers >= 0")

@@ -22,6 +22,7 @@ from gmail_jax.data.images import decode_image
 from gmail_jax.data.preprocess import resize_center_crop
 from gmail_jax.data.rejects import BadInput
 from gmail_jax.data.sources import IMAGE_EXTS
+from gmail_jax.errors import InputError
 
 
 @dataclasses.dataclass
@@ -50,7 +51,7 @@ def _load(data: bytes, name: str, image_size: int | None):
   try:
     image = decode_image(data, name)
   except BadInput as e:
-    raise ValueError(f"eval set: bad image {e.path}: {e.reason}") from None
+    raise InputError(f"eval set: bad image {e.path}: {e.reason}") from None
   return resize_center_crop(image, image_size) if image_size else image
 
 
@@ -58,7 +59,7 @@ def _read(path: str) -> bytes:
   try:
     return pathlib.Path(path).read_bytes()
   except OSError as e:
-    raise ValueError(f"eval set: cannot read {path}: {e.strerror or e}") from None
+    raise InputError(f"eval set: cannot read {path}: {e.strerror or e}") from None
 
 
 def load_images(paths: list[str], *, image_size: int | None = None) -> list:
@@ -71,7 +72,7 @@ def _caption_index(entries, images_dir, max_images) -> tuple[list[str], list[str
   ``(file_name, captions)``."""
   entries = [(f, caps) for f, caps in entries if caps][:max_images]
   if not entries:
-    raise ValueError(f"eval set: no captioned images for {images_dir}")
+    raise InputError(f"eval set: no captioned images for {images_dir}")
   paths, captions, t2i = [], [], []
   for i, (file_name, caps) in enumerate(entries):
     paths.append(os.path.join(images_dir, file_name))
@@ -94,7 +95,7 @@ def coco_captions(
     data = json.loads(pathlib.Path(captions_json).read_text())
     images, anns = data["images"], data["annotations"]
   except (OSError, ValueError, KeyError) as e:
-    raise ValueError(f"eval set: cannot read COCO captions {captions_json}: {e}") from None
+    raise InputError(f"eval set: cannot read COCO captions {captions_json}: {e}") from None
   caps: dict[int, list[str]] = {}
   for a in sorted(anns, key=lambda a: a["id"]):
     caps.setdefault(a["image_id"], []).append(" ".join(a["caption"].split()))
@@ -132,7 +133,7 @@ def load_karpathy(
   try:
     data = json.loads(pathlib.Path(karpathy_json).read_text())["images"]
   except (OSError, ValueError, KeyError) as e:
-    raise ValueError(f"eval set: cannot read Karpathy JSON {karpathy_json}: {e}") from None
+    raise InputError(f"eval set: cannot read Karpathy JSON {karpathy_json}: {e}") from None
   entries = []
   for im in data:
     if im.get("split") != split:
@@ -173,11 +174,11 @@ def load_class_set(
         if files:
           by_class[d.name] = files
     elif not os.path.exists(path):
-      raise ValueError(f"eval set: class-folder dataset not found: {path}")
+      raise InputError(f"eval set: class-folder dataset not found: {path}")
     else:
-      raise ValueError(f"eval set: {path} is neither a class-folder directory nor a zip")
+      raise InputError(f"eval set: {path} is neither a class-folder directory nor a zip")
     if not by_class:
-      raise ValueError(f"eval set: no <class>/<image> files in {path}")
+      raise InputError(f"eval set: no <class>/<image> files in {path}")
     classnames = sorted(by_class)
     if per_class is None and max_images is not None:
       per_class = max(1, max_images // len(classnames))

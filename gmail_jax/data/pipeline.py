@@ -28,6 +28,7 @@ from gmail_jax.data.pairing import mix64
 from gmail_jax.data.preprocess import resize_center_crop
 from gmail_jax.data.rejects import BadInput, RejectLog
 from gmail_jax.data.sources import make_source
+from gmail_jax.errors import ConfigError
 
 BATCH_KEYS = ("gen_image", "real_image", "text", "group", "real_id")
 
@@ -116,7 +117,7 @@ class LoadPair:
     except BadInput as e:
       self.log.reject(e.path, e.reason, slot=int(slot), epoch=int(epoch))
       return None
-    except Exception as e:  # preprocessing failure of a decoded image: still that file's fault
+    except (OSError, ValueError, EOFError) as e:  # a decoded image that cannot be cropped
       self.log.reject(
         name, f"preprocess failed: {type(e).__name__}: {e}", slot=int(slot), epoch=int(epoch)
       )
@@ -195,7 +196,7 @@ def make_dataset(
   source = make_source(data, seed=seed, log=log, primary=pi == 0)
   if batch_size is None:
     if config.batch_size % pc:
-      raise ValueError(f"config.batch_size={config.batch_size} is not divisible by {pc} processes")
+      raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by {pc} processes")
     batch_size = config.batch_size // pc
   order = GlobalOrder(
     len(source), seed=seed, shuffle=shuffle, num_epochs=num_epochs, first_epoch=first_epoch

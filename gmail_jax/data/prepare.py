@@ -48,6 +48,7 @@ from gmail_jax.data.sources import (
   read_bytes,
   write_meta,
 )
+from gmail_jax.errors import InputError
 
 FORMAT = "gmail_jax.pairs/1"
 
@@ -204,7 +205,7 @@ def _detect(src: str) -> str:
     return "class_folders"
   if p.suffix == ".tar" or (p.is_dir() and any(p.glob("*.tar"))):
     return "wds"
-  raise ValueError(
+  raise InputError(
     f"prepare: cannot tell what {src} is (manifest file, class-folder root, or tars)"
   )
 
@@ -262,12 +263,12 @@ def prepare(
       p = pathlib.Path(part)
       tars += sorted(str(t) for t in p.glob("*.tar")) if p.is_dir() else [str(p)]
     if not tars:
-      raise ValueError(f"prepare: no .tar shards in {src}")
+      raise InputError(f"prepare: no .tar shards in {src}")
     for s, tar in enumerate(tars):
       path = str(outp / f"pairs-{s:05d}-of-{len(tars):05d}.array_record")
       jobs.append((_write_tar, (path, tar, gen_dir, log, verify)))
   else:
-    raise ValueError(f"prepare: --kind={kind!r}: expected auto, manifest, class_folders or wds")
+    raise InputError(f"prepare: --kind={kind!r}: expected auto, manifest, class_folders or wds")
 
   if num_workers > 1 and len(jobs) > 1:
     ctx = multiprocessing.get_context("spawn")
@@ -292,7 +293,7 @@ def prepare(
         group.append(g)
         real_id.append(r)
   if not item:
-    raise ValueError(f"prepare: no usable pairs in {src} (see {outp / 'rejects.jsonl'})")
+    raise InputError(f"prepare: no usable pairs in {src} (see {outp / 'rejects.jsonl'})")
   np.savez(
     outp / INDEX_FILE,
     item=np.asarray(item, np.int64),

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import struct
 
+from gmail_jax.errors import InputError
+
 MAGIC = b"GMP1"
 
 
@@ -43,14 +45,14 @@ def pack_pair(
 def unpack_pair(record: bytes) -> dict:
   """Inverse of :func:`pack_pair`: the header fields plus ``real`` and ``gen`` bytes."""
   if record[:4] != MAGIC:
-    raise ValueError("not a gmail_jax pair record (bad magic)")
+    raise InputError("not a gmail_jax pair record (bad magic)")
   (hlen,) = struct.unpack("<I", record[4:8])
   header = json.loads(record[8 : 8 + hlen].decode())
   start = 8 + hlen
   real_end = start + header["real_len"]
   gen_end = real_end + header["gen_len"]
   if gen_end != len(record):
-    raise ValueError(f"pair record length {len(record)} != expected {gen_end} (truncated record)")
+    raise InputError(f"pair record length {len(record)} != expected {gen_end} (truncated record)")
   header["real"] = record[start:real_end]
   header["gen"] = record[real_end:gen_end]
   return header

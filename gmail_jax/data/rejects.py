@@ -14,10 +14,12 @@ import json
 import os
 import pathlib
 
+from gmail_jax.errors import InputError
+
 REJECTS_FILE = "rejects.jsonl"
 
 
-class BadInputError(ValueError):
+class BadInputError(InputError):
   """A bad input under ``on_bad_input='fail'``; the message is one line naming file and reason."""
 
 

@@ -17,12 +17,14 @@ import dataclasses
 import json
 import os
 import pathlib
+import struct
 
 import numpy as np
 
 from gmail_jax.data.pairing import PairIndex, same_class_draw
 from gmail_jax.data.records import unpack_pair
 from gmail_jax.data.rejects import BadInput, BadInputError, RejectLog
+from gmail_jax.errors import ConfigError, InputError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_COLUMNS = ("caption", "real_path", "gen_path")
@@ -86,12 +88,12 @@ def read_manifest_table(path: str | os.PathLike):
 
       table = pq.read_table(path)
     else:
-      raise ValueError(f"manifest {path}: unknown format {suffix!r} (use .csv, .jsonl or .parquet)")
+      raise InputError(f"manifest {path}: unknown format {suffix!r} (use .csv, .jsonl or .parquet)")
   except (pa.ArrowInvalid, OSError) as e:
-    raise ValueError(f"manifest {path}: cannot parse: {' '.join(str(e).split())}") from None
+    raise InputError(f"manifest {path}: cannot parse: {' '.join(str(e).split())}") from None
   missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names]
   if missing:
-    raise ValueError(
+    raise InputError(
       f"manifest {path}: missing column(s) {', '.join(missing)}"
       f" (need caption, real_path, gen_path[, group]; has {', '.join(table.column_names)})"
     )
@@ -150,7 +152,7 @@ class ManifestSource:
         log.reject(where, f"missing field {name!r}", row=int(i))
       valid &= ~bad
     if not valid.any():
-      raise ValueError(
+      raise InputError(
         f"manifest {self.manifest}: no usable rows ({n} rows, all rejected or empty)"
       )
     table = table.filter(pa.array(valid))
@@ -246,7 +248,7 @@ class ClassFolderSource:
       reals = _image_files(root / real_dir / name)
       gens = _image_files(root / gen_dir / name)
       if gens and not reals:
-        raise ValueError(
+        raise InputError(
           f"class folders: class {name!r} has generated images but no real images"
           f" in {root / real_dir / name}"
         )
@@ -256,7 +258,7 @@ class ClassFolderSource:
       gen_files += gens
       gen_class += [c] * len(gens)
     if not gen_files:
-      raise ValueError(f"class folders: no generated images under {root / gen_dir}/<class>/")
+      raise InputError(f"class folders: no generated images under {root / gen_dir}/<class>/")
     self.gen_files = gen_files
     self.gen_class = np.asarray(gen_class, np.int32)
 
@@ -314,7 +316,7 @@ class ArrayRecordSource:
 
       self._reader = grain.sources.ArrayRecordDataSource(self.shards)
       if len(self._reader) != len(self.item):
-        raise ValueError(
+        raise InputError(
           f"array_record {self.root}: {len(self._reader)} records but {INDEX_FILE}"
           f" lists {len(self.item)}"
         )
@@ -335,7 +337,7 @@ class ArrayRecordSource:
       rec = unpack_pair(self._records()[row])
     except BadInputError:
       raise
-    except Exception as e:
+    except (ValueError, KeyError, TypeError, struct.error) as e:  # what a damaged record raises
       raise BadInput(name, f"corrupt record: {e}") from None
     return Pair(
       caption=rec["caption"],
@@ -473,7 +475,7 @@ def make_source(data, *, seed: int = 0, log: RejectLog | None = None, primary: b
     )
   if kind == "synthetic":
     return SyntheticSource(data.synthetic_size, image_size=data.synthetic_image_size, seed=seed)
-  raise ValueError(
+  raise ConfigError(
     f"config.data.source={kind!r}: expected manifest, class_folders, array_record, tfds"
     " or synthetic"
   )

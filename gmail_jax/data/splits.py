@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from gmail_jax.data import digits
+from gmail_jax.errors import ConfigError, InputError
 
 KINDS = ("digits", "class_folders")
 MODALITIES = ("real", "generated")
@@ -83,7 +84,7 @@ def split_class_folders(
     files = _class_files(source / modality)
     for c_i, (cls, paths) in enumerate(files.items()):
       if len(paths) <= test_per_class:
-        raise ValueError(
+        raise InputError(
           f"{source / modality / cls}: {len(paths)} images, need more than "
           f"splits.test_per_class={test_per_class}"
         )
@@ -108,7 +109,7 @@ def materialize(
   only; the user's ``config.data.root``).
   """
   if splits.kind not in KINDS:
-    raise ValueError(f"config.splits.kind: {splits.kind!r} not in {KINDS}")
+    raise ConfigError(f"config.splits.kind: {splits.kind!r} not in {KINDS}")
   out = pathlib.Path(workdir) / "data"
   if splits.kind == "digits":
     meta = digits.materialize(
@@ -119,7 +120,7 @@ def materialize(
     )
   else:
     if not source:
-      raise ValueError("config.data.root: set it to the dataset root (with real/ and generated/)")
+      raise ConfigError("config.data.root: set it to the dataset root (with real/ and generated/)")
     spec = {
       "source": str(pathlib.Path(source).resolve()),
       "test_per_class": splits.test_per_class,

@@ -14,6 +14,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 from gmail_jax.data import eval_sets
+from gmail_jax.errors import ConfigError
 from gmail_jax.evaluators import common
 
 
@@ -106,7 +107,7 @@ class ClusteringEvaluator(common.Evaluator):
     self.images, self.labels, folders = data.images, data.labels, data.classnames
     names = list(classnames or [f.replace("_", " ") for f in folders])
     if len(names) != len(folders):
-      raise ValueError(f"config.evals.{name}.classnames: {len(names)} for {len(folders)} classes")
+      raise ConfigError(f"config.evals.{name}.classnames: {len(names)} for {len(folders)} classes")
     self.class_texts = [template.format(c) for c in names]
     self.k = k or len(folders)
     self.seed, self.n_init, self.batch_size = seed, n_init, batch_size

@@ -36,6 +36,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gmail_jax.errors import ConfigError
+
 # type name -> "module:Class" (imported lazily: the evaluator modules import this one).
 REGISTRY: dict[str, str] = {
   "retrieval": "gmail_jax.evaluators.retrieval:RetrievalEvaluator",
@@ -44,7 +46,6 @@ REGISTRY: dict[str, str] = {
   "clustering": "gmail_jax.evaluators.clustering:ClusteringEvaluator",
   "probe": "gmail_jax.evaluators.probe:ProbeEvaluator",
 }
-
 
 # ---------------------------------------------------------------------------------------------
 # Arrays.
@@ -245,7 +246,7 @@ def from_config(
     cfg = dict(cfg)
     type_name = cfg.pop("type", None)
     if type_name not in REGISTRY:
-      raise ValueError(
+      raise ConfigError(
         f"config.evals.{name}.type: must be one of {sorted(REGISTRY)}, got {type_name!r}"
       )
     cls = _resolve(type_name)
@@ -254,7 +255,7 @@ def from_config(
     kwargs.update(cfg)
     unknown = [k for k in kwargs if k not in params]
     if unknown:
-      raise ValueError(
+      raise ConfigError(
         f"config.evals.{name}: unknown keys {unknown} for type '{type_name}' "
         f"(accepted: {sorted(p for p in params if p not in ('self', 'name'))})"
       )

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from gmail_jax.data import eval_sets
+from gmail_jax.errors import ConfigError, InputError
 from gmail_jax.evaluators import common
 
 GAP_KEYS = ("raw", "centroid", "distribution", "frechet", "frechet_distribution")
@@ -100,12 +101,12 @@ def load_pairs_manifest(manifest: str, root: str | None = None, *, max_pairs: in
     with open(manifest, newline="") as f:
       rows = list(csv.DictReader(f))
   except OSError as e:
-    raise ValueError(f"gap: cannot read manifest {manifest}: {e}") from None
+    raise InputError(f"gap: cannot read manifest {manifest}: {e}") from None
   if rows and not {"gen_path", "real_path"} <= set(rows[0]):
-    raise ValueError(f"gap: manifest {manifest} needs columns gen_path, real_path")
+    raise InputError(f"gap: manifest {manifest} needs columns gen_path, real_path")
   rows = rows[:max_pairs]
   if len(rows) < 2:
-    raise ValueError(f"gap: manifest {manifest} has fewer than 2 pairs")
+    raise InputError(f"gap: manifest {manifest} has fewer than 2 pairs")
   gen = [os.path.join(root, r["gen_path"]) for r in rows]
   real = [os.path.join(root, r["real_path"]) for r in rows]
   return gen, real
@@ -173,12 +174,12 @@ class GapEvaluator(common.Evaluator):
     self.pairs, self.batch_size = pairs, batch_size
     if pairs in ("class_gen_real", "class_real_real"):
       if not root:
-        raise ValueError(f"config.evals.{name}: pairs={pairs!r} needs root")
+        raise ConfigError(f"config.evals.{name}: pairs={pairs!r} needs root")
       real = eval_sets.load_class_set(os.path.join(root, "real"), image_size=image_size)
       if pairs == "class_gen_real":
         gen = eval_sets.load_class_set(os.path.join(root, "generated"), image_size=image_size)
         if gen.classnames != real.classnames:
-          raise ValueError(f"config.evals.{name}: {root}: generated/ and real/ classes differ")
+          raise ConfigError(f"config.evals.{name}: {root}: generated/ and real/ classes differ")
         xi, yi = class_pairs(gen.labels, real.labels)
         x_all = gen.images
       else:
@@ -189,7 +190,9 @@ class GapEvaluator(common.Evaluator):
       self.y_items = [real.images[i] for i in yi]
     elif pairs == "image_text":
       if not (images_dir and captions_json):
-        raise ValueError(f"config.evals.{name}: pairs='image_text' needs images_dir, captions_json")
+        raise ConfigError(
+          f"config.evals.{name}: pairs='image_text' needs images_dir, captions_json"
+        )
       paths, captions, t2i = eval_sets.coco_captions(
         captions_json, images_dir, max_images=max_pairs
       )
@@ -198,11 +201,11 @@ class GapEvaluator(common.Evaluator):
       self.y_items = [captions[i] for i in first]
     elif pairs == "gen_real":
       if not manifest:
-        raise ValueError(f"config.evals.{name}: pairs='gen_real' needs manifest")
+        raise ConfigError(f"config.evals.{name}: pairs='gen_real' needs manifest")
       gen, real = load_pairs_manifest(manifest, root, max_pairs=max_pairs)
       self.x_items, self.y_items = eval_sets.load_images(gen), eval_sets.load_images(real)
     else:
-      raise ValueError(f"config.evals.{name}.pairs: one of {PAIRS}, got {pairs!r}")
+      raise ConfigError(f"config.evals.{name}.pairs: one of {PAIRS}, got {pairs!r}")
 
   def compute(self, encoder) -> dict[str, float]:
     if self.pairs == "image_text":

@@ -13,6 +13,8 @@ from typing import Any
 
 import matplotlib
 
+from gmail_jax.errors import InputError
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -122,7 +124,7 @@ def read_metrics_jsonl(path: str) -> list[dict]:
         try:
           rows.append(json.loads(line))
         except ValueError as e:
-          raise ValueError(f"{path}:{i}: not JSON: {e}") from None
+          raise InputError(f"{path}:{i}: not JSON: {e}") from None
   return rows
 
 
@@ -143,7 +145,7 @@ def plot_training_curves(metrics_jsonl: str, path: str, step_key: str = "step") 
     if ks:
       panels.append((title, ks))
   if not panels:
-    raise ValueError(f"{metrics_jsonl}: no loss/accuracy/lr/alpha/gap metrics to plot")
+    raise InputError(f"{metrics_jsonl}: no loss/accuracy/lr/alpha/gap metrics to plot")
   fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
   for ax, (title, ks) in zip(axes[0], panels, strict=True):
     for k in ks:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from gmail_jax.data import eval_sets
+from gmail_jax.errors import ConfigError
 from gmail_jax.evaluators import common
 
 PATHS = ("generated", "real")
@@ -61,11 +62,11 @@ class ProbeEvaluator(common.Evaluator):
     super().__init__(name, every_steps=every_steps, prefix=prefix)
     for key, value in (("train_path", train_path), ("test_path", test_path)):
       if value not in PATHS:
-        raise ValueError(f"config.evals.{name}.{key}: one of {PATHS}, got {value!r}")
+        raise ConfigError(f"config.evals.{name}.{key}: one of {PATHS}, got {value!r}")
     self.train = eval_sets.load_class_set(train, image_size=image_size)
     self.test = eval_sets.load_class_set(test, image_size=image_size)
     if self.train.classnames != self.test.classnames:
-      raise ValueError(f"config.evals.{name}: {train} and {test} have different classes")
+      raise ConfigError(f"config.evals.{name}: {train} and {test} have different classes")
     self.train_path, self.test_path = train_path, test_path
     self.c, self.seed, self.batch_size = float(c), int(seed), batch_size
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from gmail_jax.data import eval_sets
+from gmail_jax.errors import ConfigError
 from gmail_jax.evaluators import common
 
 # CLIP's CIFAR-10 classes and 18 prompts (openai/CLIP data/prompts.md).
@@ -195,13 +196,13 @@ class ZeroShotEvaluator(common.Evaluator):
     super().__init__(name, every_steps=every_steps, prefix=prefix)
     if isinstance(templates, str):
       if templates not in TEMPLATES:
-        raise ValueError(f"config.evals.{name}.templates: one of {sorted(TEMPLATES)} or a list")
+        raise ConfigError(f"config.evals.{name}.templates: one of {sorted(TEMPLATES)} or a list")
       templates = TEMPLATES[templates]
     self.templates = tuple(templates)
     data = eval_sets.load_class_set(dataset, per_class=per_class, max_images=max_images)
     self.images, self.labels, folders = data.images, data.labels, data.classnames
     if classnames is not None and len(classnames) != len(folders):
-      raise ValueError(
+      raise ConfigError(
         f"config.evals.{name}.classnames: {len(classnames)} names for {len(folders)} class folders"
       )
     self.classnames = list(classnames or [f.replace("_", " ") for f in folders])

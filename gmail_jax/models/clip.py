@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gmail_jax.errors import ConfigError
 from gmail_jax.models.layers import Dense
 from gmail_jax.models.towers import default_residual_loops
 
@@ -134,7 +135,7 @@ def clip_config(variant: str, **overrides) -> CLIPConfig:
   ``clip_config('B/32', vision_layers=2, text_layers=1, embed_dim=256)``
   """
   if variant not in VARIANTS:
-    raise ValueError(f"unknown CLIP variant {variant!r}; known: {sorted(VARIANTS)}")
+    raise ConfigError(f"unknown CLIP variant {variant!r}; known: {sorted(VARIANTS)}")
   cfg = VARIANTS[variant]
   vision = {k[7:]: v for k, v in overrides.items() if k.startswith("vision_")}
   text = {k[5:]: v for k, v in overrides.items() if k.startswith("text_")}
@@ -147,7 +148,7 @@ def clip_config(variant: str, **overrides) -> CLIPConfig:
       **top,
     )
   except TypeError as e:
-    raise ValueError(f"clip_config({variant!r}): bad override: {e}") from None
+    raise ConfigError(f"clip_config({variant!r}): bad override: {e}") from None
 
 
 class LayerNorm(nnx.Module):

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gmail_jax.errors import InputError
 from gmail_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
 from gmail_jax.models.towers import default_residual_loops
 
@@ -61,7 +62,7 @@ _HF_VISION_DEFAULTS = dict(
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
   """A checkpoint that does not match the model (one-line message naming file and key)."""
 
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gmail_jax.errors import ConfigError
 from gmail_jax.models.layers import Dense
 
 ATTN_TARGETS = r"vision/blocks/\d+/attn/(q_proj|k_proj|v_proj|out_proj)"
@@ -56,18 +57,18 @@ def select_targets(model: nnx.Module, targets: str | Sequence[str]) -> list[str]
   """
   targets = [targets] if isinstance(targets, str) else list(targets)
   if not targets:
-    raise ValueError("lora.targets: empty; give at least one module-path regex")
+    raise ConfigError("config.lora.targets: empty; give at least one module-path regex")
   paths = list(dense_layers(model))
   chosen = []
   for pattern in targets:
     try:
       rx = re.compile(pattern)
     except re.error as e:
-      raise ValueError(f"lora.targets: bad regex {pattern!r}: {e}") from None
+      raise ConfigError(f"config.lora.targets: bad regex {pattern!r}: {e}") from None
     hits = [p for p in paths if rx.fullmatch(p)]
     if not hits:
-      raise ValueError(
-        f"lora.targets: regex {pattern!r} matches no Dense layer (e.g. {paths[:3]} ...)"
+      raise ConfigError(
+        f"config.lora.targets: regex {pattern!r} matches no Dense layer (e.g. {paths[:3]} ...)"
       )
     chosen += [p for p in hits if p not in chosen]
   return sorted(chosen, key=paths.index)
@@ -89,9 +90,9 @@ def apply_lora(
   ``rngs.dropout`` (only when dropout > 0) feeds one dropout stream shared by all adapters.
   """
   if rank < 1:
-    raise ValueError(f"lora.rank: must be >= 1, got {rank}")
+    raise ConfigError(f"config.lora.rank: must be >= 1, got {rank}")
   if not 0.0 <= dropout < 1.0:
-    raise ValueError(f"lora.dropout: must be in [0, 1), got {dropout}")
+    raise ConfigError(f"config.lora.dropout: must be in [0, 1), got {dropout}")
   layers = dense_layers(model)
   paths = select_targets(model, targets)
   for path in paths:

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 import numpy as np
 import regex
 
+from gmail_jax.errors import InputError
+
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 _PRETOKENIZE = regex.compile(
   r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -72,7 +74,7 @@ def vocab_from_bpe_gz(path: str) -> tuple[dict[str, int], list[tuple[str, str]]]
   try:
     lines = gzip.open(path).read().decode("utf-8").split("\n")
   except (OSError, EOFError, UnicodeDecodeError) as e:
-    raise ValueError(f"cannot read BPE vocabulary {path}: {type(e).__name__}: {e}") from None
+    raise InputError(f"cannot read BPE vocabulary {path}: {type(e).__name__}: {e}") from None
   merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
   symbols = list(bytes_to_unicode().values())
   symbols += [s + "</w>" for s in symbols]
@@ -89,14 +91,14 @@ def vocab_from_dir(path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
     with open(merges_file, encoding="utf-8") as f:
       lines = f.read().split("\n")
   except (OSError, ValueError) as e:
-    raise ValueError(f"cannot read tokenizer files in {path}: {type(e).__name__}: {e}") from None
+    raise InputError(f"cannot read tokenizer files in {path}: {type(e).__name__}: {e}") from None
   merges = []
   for line in lines:
     if line.startswith("#version") or not line.strip():
       continue
     pair = tuple(line.split())
     if len(pair) != 2:
-      raise ValueError(f"{merges_file}: bad merge line {line!r}")
+      raise InputError(f"{merges_file}: bad merge line {line!r}")
     merges.append(pair)
   return vocab, merges
 
@@ -122,12 +124,12 @@ class Tokenizer:
     elif path.endswith(".gz"):
       self.vocab, merges = vocab_from_bpe_gz(path)
     else:
-      raise ValueError(
+      raise InputError(
         f"{path}: expected a dir with vocab.json + merges.txt or a bpe_simple_vocab_16e6.txt.gz"
       )
     for special in (SOT, EOT):
       if special not in self.vocab:
-        raise ValueError(f"{path}: vocabulary lacks the special token {special}")
+        raise InputError(f"{path}: vocabulary lacks the special token {special}")
     if context_length < 2:
       raise ValueError(f"context_length must be >= 2, got {context_length}")
     self.path = path

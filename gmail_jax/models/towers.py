@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 
+from gmail_jax.errors import ConfigError
+
 if TYPE_CHECKING:
   from flax import nnx
 
@@ -62,7 +64,7 @@ class Tower:
 def get(name: str) -> Tower:
   """The tower registered as ``name``; a one-line ValueError for an unknown name."""
   if name not in TOWERS:
-    raise ValueError(f"config.model.name: {name!r} not in {sorted(TOWERS)}")
+    raise ConfigError(f"config.model.name: {name!r} not in {sorted(TOWERS)}")
   return importlib.import_module(TOWERS[name]).TOWER
 
 

@@ -28,7 +28,7 @@ from flax import nnx
 
 from gmail_jax import contrastive
 from gmail_jax.data import preprocess
-from gmail_jax.errors import ConfigError
+from gmail_jax.errors import ConfigError, InputError
 from gmail_jax.models import hf_export, towers
 from gmail_jax.models.tokenizer import Tokenizer
 
@@ -76,7 +76,7 @@ def load_images(paths: Sequence[str | pathlib.Path], size: int) -> np.ndarray:
       with PIL.Image.open(p) as im:
         out[i] = preprocess.resize_center_crop(im, size)
     except (OSError, ValueError) as e:
-      raise ValueError(f"cannot read image {p}: {e}") from None
+      raise InputError(f"cannot read image {p}: {e}") from None
   return out
 
 
