@@ -270,3 +270,19 @@ def test_config_errors():
       process_index=0,
       process_count=3,
     )
+
+
+def test_seeds_do_not_share_a_batch_sequence():
+  """The shuffle key is hash(seed, epoch): seed 1 is not seed 0 shifted by an epoch."""
+  n = 40
+
+  def order(seed: int, epoch: int) -> list[int]:
+    idx = pipeline.GlobalOrder(n, seed=seed, shuffle=True)
+    return [idx[g][2] for g in range(epoch * n, (epoch + 1) * n)]
+
+  for epoch in range(3):
+    a, b = order(0, epoch), order(1, epoch)
+    assert sorted(a) == sorted(b) == list(range(n))  # each a permutation: exactly once
+    assert a != b, f"epoch {epoch}: seeds 0 and 1 give the same order"
+  assert order(1, 0) != order(0, 1)
+  assert order(0, 2) == order(0, 2)  # deterministic

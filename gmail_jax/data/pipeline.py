@@ -1,6 +1,6 @@
 """Grain input pipeline: pairs -> per-process uint8 batches -> globally sharded jax.Arrays.
 
-Order. Global position ``g`` (0, 1, 2, ...) is epoch ``e = g // N``, slot ``perm_{seed+e}(g % N)``
+Order. Global position ``g`` (0, 1, 2, ...) is epoch ``e = g // N``, slot ``perm_{hash(seed, e)}(g % N)``
 (grain's O(1)-memory index shuffle, a new permutation every epoch). Process ``p`` of ``P`` reads
 positions ``p, p+P, p+2P, ...``, so within an epoch every slot goes to exactly one process. A bad
 pair is dropped where it stands: the other pairs keep their positions (determinism, exactly-once).
@@ -72,7 +72,9 @@ class GlobalOrder(grain.sources.RandomAccessDataSource):
     g = int(g)
     epoch, i = divmod(g, self.n)
     epoch += self.first_epoch
-    slot = _permute(i, self.n, self.seed + epoch) if self.shuffle else i
+    # Seed and epoch are mixed by a hash: with seed + epoch, seed 1 epoch 0 would replay seed 0
+    # epoch 1, and "several seeds" would see one batch sequence shifted by an epoch.
+    slot = _permute(i, self.n, mix64(self.seed, epoch, 0x5EED)) if self.shuffle else i
     return g + self.first_epoch * self.n, epoch, slot
 
 
@@ -191,7 +193,7 @@ def make_dataset(
   data = config.data
   validate(data)
   pi, pc = _process(process_index, process_count)
-  seed = int(config.get("seed", 0))
+  seed = int(config.seed)
   log = RejectLog.for_workdir(workdir, data.on_bad_input)
   source = make_source(data, seed=seed, log=log, primary=pi == 0)
   if batch_size is None:
@@ -237,7 +239,7 @@ def make_train_iterator(
   process_count: int | None = None,
   **kwargs,
 ) -> grain.DatasetIterator:
-  """Infinite iterator of per-process training batches (epoch ``e`` shuffled by seed + e)."""
+  """Infinite iterator of per-process training batches (epoch ``e`` shuffled by hash(seed, e))."""
   ds = make_dataset(
     config,
     tokenizer=tokenizer,
