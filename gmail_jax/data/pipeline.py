@@ -3,7 +3,8 @@
 Order. Global position ``g`` (0, 1, 2, ...) is epoch ``e = g // N``, slot
 ``perm_{hash(seed, e)}(g % N)`` (grain's O(1)-memory index shuffle, a new permutation every
 epoch). Process ``p`` of ``P`` reads positions ``p, p+P, p+2P, ...``, so within an epoch every slot
-goes to exactly one process. A bad pair is dropped where it stands: the other pairs keep their positions (determinism, exactly-once).
+goes to exactly one process. A bad pair is dropped where it stands: the other pairs keep their
+positions (determinism, exactly-once).
 
 Per element: read bytes -> decode -> ``resize_center_crop`` (generated images: optional random
 resized crop + flip, drawn from hash(seed, g)) -> uint8. Per batch: stack and tokenize captions.
