@@ -438,10 +438,16 @@ def from_config(
   key = teacher_key(
     frozen, model_config=model_config, dtype=config.model.dtype, image_size=config.data.image_size
   )
+  from gmail_jax.data import sources
+
+  # What the ids mean: the ordered real-image keys of the source as it reads them now (a manifest
+  # reordered in place keeps its path but renumbers its real images).
+  source = sources.make_source(config.data, seed=int(config.seed), primary=False)
+  data = {**run_description(config), "real_ids": source.real_ids_fingerprint()}
   cache = TeacherCache.open(
     directory,
     key=key,
-    data=run_description(config),
+    data=data,
     dim=int(model_config.embed_dim),
     rebuild=bool(tc.rebuild),
   )

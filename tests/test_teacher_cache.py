@@ -125,3 +125,39 @@ def test_weights_fingerprint_is_exact_and_sharding_independent():
   assert teacher_cache.weights_fingerprint(dict(tree, w=flipped)) != base
   swapped = dict(tree, w=w[::-1])  # same multiset of values, other positions
   assert teacher_cache.weights_fingerprint(swapped) != base
+
+
+def _manifest(path, shared, rows):
+  src = shared("cifake-sd14-test-sample")
+  lines = ["caption,real_path,gen_path"]
+  for cls, i in rows:
+    real = sorted((src / "real" / cls).glob("*.jpg"))[i]
+    gen = sorted((src / "generated" / cls).glob("*.jpg"))[i]
+    lines.append(f"a photo of a {cls}.,{real},{gen}")
+  path.write_text("\n".join(lines) + "\n")
+
+
+def test_reordered_manifest_is_refused_or_rebuilt(shared, tmp_path):
+  """real_id numbers real images by first appearance in the manifest: reordering the rows in place
+  renumbers them, so a cache keyed only on the path would attach other images' embeddings."""
+  manifest = tmp_path / "pairs.csv"
+  rows = [(c, i) for c in ("airplane", "cat", "ship", "truck") for i in range(4)]
+  _manifest(manifest, shared, rows)
+
+  def config(**cache):
+    c = tiny_config(total_steps=3, checkpoint_every_steps=3, batch_size=8)
+    c.data.source, c.data.manifest = "manifest", str(manifest)
+    c.data.synthetic_size = 256
+    c.teacher_cache.update(path=str(tmp_path / "cache"), **cache)
+    return c
+
+  train.train_and_evaluate(config(enabled=True), str(tmp_path / "first"))
+  _manifest(manifest, shared, rows[::-1])  # same path, rows reversed
+  with pytest.raises(teacher_cache.StaleCacheError, match=str(tmp_path / "cache")) as e:
+    train.train_and_evaluate(config(enabled=True), str(tmp_path / "stale"))
+  assert "\n" not in str(e.value)
+  train.train_and_evaluate(config(enabled=True, rebuild=True), str(tmp_path / "rebuilt"))
+  train.train_and_evaluate(config(), str(tmp_path / "uncached"))
+  a, b = losses(tmp_path / "rebuilt"), losses(tmp_path / "uncached")
+  assert len(a) == 3
+  np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)

@@ -14,6 +14,7 @@ and raises :class:`~gmail_jax.data.rejects.BadInput` naming the file and reason 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -115,6 +116,16 @@ def _codes(column) -> np.ndarray:
   return np.asarray(codes.indices, dtype=np.int64)
 
 
+def ids_fingerprint(keys) -> str:
+  """sha256 of the ordered keys that ``real_id`` 0, 1, 2, ... stand for (what a cache of teacher
+  embeddings indexed by ``real_id`` means): reordering the rows of a manifest changes it."""
+  h = hashlib.sha256()
+  for k in keys:
+    h.update(str(k).encode())
+    h.update(b"\n")
+  return h.hexdigest()
+
+
 class ManifestSource:
   """Rows ``caption, real_path, gen_path[, group]``; one row per generated image.
 
@@ -166,6 +177,7 @@ class ManifestSource:
       group = real
     self._caption, self._real, self._gen = caption, real, gen
     self.real_id = _codes(real).astype(np.int32)
+    self._real_keys = pc.dictionary_encode(real).dictionary  # real paths in real_id order
     self.group = _codes(group).astype(np.int32)
     self.item = _codes(pc.binary_join_element_wise(real, caption, "\x1f"))
     self.index = PairIndex(self.item, gens_per_caption)
@@ -176,6 +188,9 @@ class ManifestSource:
   @property
   def num_rows(self) -> int:
     return len(self.item)
+
+  def real_ids_fingerprint(self) -> str:
+    return ids_fingerprint(self.resolve(k.as_py()) for k in self._real_keys)
 
   def resolve(self, rel: str) -> str:
     return rel if os.path.isabs(rel) else os.path.join(self.root, rel)
@@ -268,6 +283,9 @@ class ClassFolderSource:
   def caption(self, c: int) -> str:
     return self.template.format(**{"class": self.classes[c].replace("_", " ")})
 
+  def real_ids_fingerprint(self) -> str:
+    return ids_fingerprint(self.real_files)
+
   def pair_paths(self, index: int, epoch: int) -> tuple[str, str, int, int]:
     """(gen_path, real_path, class, real_id) of pair ``index`` in ``epoch``."""
     c = int(self.gen_class[index])
@@ -329,6 +347,12 @@ class ArrayRecordSource:
 
   def __len__(self) -> int:
     return len(self.index)
+
+  def real_ids_fingerprint(self) -> str:
+    """The index prepare wrote (real_id per record) and the shards it describes."""
+    index = (pathlib.Path(self.root) / INDEX_FILE).read_bytes()
+    shards = (f"{os.path.basename(p)}:{os.path.getsize(p)}" for p in self.shards)
+    return ids_fingerprint([hashlib.sha256(index).hexdigest(), *shards])
 
   def get(self, index: int, epoch: int) -> Pair:
     row = self.index.row(index, epoch)
@@ -401,6 +425,9 @@ class TfdsSource:
   def __len__(self) -> int:
     return self._len
 
+  def real_ids_fingerprint(self) -> str:  # real_id = record index of this build
+    return ids_fingerprint([self.name, self.split, len(self)])
+
   def get(self, index: int, epoch: int) -> Pair:
     del epoch
     gen_key, real_key, caption_key, group_key = self.keys
@@ -433,6 +460,9 @@ class SyntheticSource:
 
   def __len__(self) -> int:
     return self.size
+
+  def real_ids_fingerprint(self) -> str:
+    return ids_fingerprint(["synthetic", self.size, self.image_size, self.seed])
 
   def get(self, index: int, epoch: int) -> Pair:
     del epoch
