@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gmail_jax import objectives, optim, train_step
+from gmail_jax import fingerprint, objectives, optim, train_step
 from gmail_jax import sharding as shd
 from gmail_jax.errors import ConfigError
 from gmail_jax.models import lora as lora_lib
@@ -55,10 +55,15 @@ def model_config(config: ml_collections.ConfigDict):
 
 
 def teacher_source(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What the frozen weights are (recorded in checkpoint metadata; see checkpointing.py)."""
+  """Where the frozen weights come from (informational; the identity is the fingerprint)."""
   if config.init:
     return {"source": f"init:{config.init}"}
   return {"source": f"scratch:{config.model.variant}:seed={config.seed}"}
+
+
+def teacher_identity(config: ml_collections.ConfigDict, frozen) -> dict[str, Any]:
+  """What checkpoints record of their teacher: the source and the exact weights fingerprint."""
+  return {**teacher_source(config), "fingerprint": fingerprint.weights_fingerprint(frozen)}
 
 
 def build_teacher(

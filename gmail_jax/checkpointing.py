@@ -4,10 +4,17 @@ Each step directory under ``WORKDIR/checkpoints/<step>/`` holds three items:
 
     state  {'step', 'params': {'lora', ['proj'], ['log_scale']}, 'opt'}   (StandardSave)
     data   per-process Grain iterator state                                (grain CheckpointSave)
-    meta   {'step', 'teacher': {...source id..., 'checksum'}}              (JsonSave)
+    meta   {'step', 'teacher': {'source', 'fingerprint'}}                  (JsonSave)
 
 Frozen weights are never written (big_vision distill: "we don't ever modify them"); ``meta``
-records where they came from and a checksum so a resume on a different teacher fails loudly.
+records where they came from and their exact fingerprint (gmail_jax/fingerprint.py), so a resume
+on other teacher weights is refused by name.
+
+Restore walks back from the newest step to the newest intact one (``restore_latest``): a step
+whose items cannot be read (truncated files, a missing item) is named in the log, and once an
+older step restores, the unusable newer ones are moved to WORKDIR/checkpoints.unusable/ (kept, and
+out of the way of the steps the resumed run saves again). With no intact step the run stops with
+one line naming the directory, and nothing is moved.
 
 Initialisation order of a run (train.py implements it in this order):
   1. the latest committed checkpoint in WORKDIR/checkpoints (auto-resume; also after SIGKILL:
@@ -19,6 +26,7 @@ Initialisation order of a run (train.py implements it in this order):
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import grain
@@ -27,35 +35,41 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
+from gmail_jax.errors import ResumeError
+
 CHECKPOINT_DIR = "checkpoints"
-CHECKSUM_RTOL = 1e-3
+UNUSABLE_DIR = "checkpoints.unusable"
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
   return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_DIR)
 
 
-def frozen_checksum(frozen) -> float:
-  """sum_i |w_i| over every frozen leaf (fp32) — cheap, sharding-agnostic teacher fingerprint."""
-  leaves = jax.tree.leaves(frozen)
-  total = jax.jit(lambda xs: sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in xs))(leaves)
-  return float(total)
+def saved_steps(workdir: str | os.PathLike) -> list[int]:
+  """Step directories under WORKDIR/checkpoints (read-only: creates nothing)."""
+  d = checkpoint_dir(workdir)
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
 def check_teacher(saved: dict, current: dict, where: str) -> None:
-  """Raises ValueError when a checkpoint's teacher differs from the one this run built."""
-  for key in sorted(set(saved) | set(current)):
-    if key == "checksum":
-      continue
-    if saved.get(key) != current.get(key):
-      raise ValueError(
-        f"{where}: checkpoint was trained on teacher {key}={saved.get(key)!r}, this run has"
-        f" {current.get(key)!r}; use a fresh --workdir or the original config"
-      )
-  a, b = saved.get("checksum"), current.get("checksum")
-  if a is not None and b is not None and abs(a - b) > CHECKSUM_RTOL * max(abs(a), abs(b), 1e-12):
-    raise ValueError(
-      f"{where}: teacher weights changed since the checkpoint (checksum {a:.6g} -> {b:.6g})"
+  """Raises ResumeError when a checkpoint's teacher weights differ from the ones this run built.
+
+  ``saved`` / ``current``: ``{'source': ..., 'fingerprint': sha256}`` (build.teacher_identity).
+  The source (a path, a hub id) is informational: a moved teacher directory with the same
+  weights resumes; other weights under the same name do not.
+  """
+  a, b = saved.get("fingerprint"), current.get("fingerprint")
+  if a is None:
+    raise ResumeError(
+      f"{where}: the checkpoint records no teacher fingerprint (written by an older version);"
+      " its teacher cannot be verified — train in a new --workdir"
+    )
+  if a != b:
+    raise ResumeError(
+      f"{where}: the teacher differs from the one these checkpoints were trained on"
+      f" (teacher {current.get('source')!r}: weights fingerprint {b[:12]}…, checkpoint"
+      f" {a[:12]}… from {saved.get('source')!r}); use the original teacher weights or a new"
+      " --workdir"
     )
 
 
@@ -64,13 +78,13 @@ class Checkpointer:
 
   def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
     self.directory = checkpoint_dir(workdir)
-    options = ocp.CheckpointManagerOptions(
+    self._options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
       enable_async_checkpointing=async_save,
       create=True,
       cleanup_tmp_directories=True,  # a save interrupted by SIGKILL must not block the rerun
     )
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -111,6 +125,56 @@ class Checkpointer:
       state["bad_step"] = jnp.full((), -1, jnp.int32)
     logging.info("restored checkpoint step %d from %s", step, self.directory)
     return state, dict(restored["meta"])
+
+  def restore_latest(
+    self, abstract_state: dict, *, data_iter=None, set_aside: bool = True
+  ) -> tuple[dict, dict] | None:
+    """Restores the newest intact step (None when there is no checkpoint at all).
+
+    Steps that cannot be restored are skipped, newest first, each named in the log; once an
+    older one restores they are moved to WORKDIR/checkpoints.unusable/ (``set_aside``). With no
+    intact step: ResumeError naming the directory, nothing moved.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
+      return None
+    skipped: list[tuple[int, str]] = []
+    for step in steps:
+      try:
+        out = self.restore(abstract_state, step=step, data_iter=data_iter)
+      except Exception as e:  # any unreadable item (truncated file, missing item): not intact
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        logging.warning("checkpoint step %d in %s is unusable: %s", step, self.directory, reason)
+        skipped.append((step, reason[:200]))
+        continue
+      if skipped:
+        logging.warning(
+          "resuming from step %d; skipped unusable step(s) %s", step, [s for s, _ in skipped]
+        )
+        if set_aside:
+          self._set_aside([s for s, _ in skipped])
+      return out
+    detail = "; ".join(f"step {s}: {r}" for s, r in skipped)
+    raise ResumeError(
+      f"{self.directory}: no intact checkpoint ({detail}); move the directory away to start over"
+    )
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves step directories to WORKDIR/checkpoints.unusable/ (process 0), then re-reads."""
+    if jax.process_index() == 0:
+      dest = os.path.join(os.path.dirname(self.directory), UNUSABLE_DIR)
+      os.makedirs(dest, exist_ok=True)
+      for step in steps:
+        target = os.path.join(dest, str(step))
+        if os.path.exists(target):
+          shutil.rmtree(target)
+        os.replace(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("checkpoint_set_aside")
+    self.manager.close()
+    self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -19,15 +19,31 @@ import numpy as np
 from absl import logging
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
-  """``WORKDIR/config.json`` (process 0): what api.load_student rebuilds the model from."""
+def write_config(
+  config: ml_collections.ConfigDict,
+  workdir: str | os.PathLike,
+  *,
+  resumed_from: int | None = None,
+  changes: Mapping[str, Any] | None = None,
+) -> None:
+  """``WORKDIR/config.json`` (process 0): what run.load_run rebuilds the model from. Every start
+  is appended to ``WORKDIR/config_history.jsonl`` (time, resumed step, changed keys, config)."""
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
   with open(path + ".tmp", "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    f.write(text)
   os.replace(path + ".tmp", path)
+  entry = {
+    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    "resumed_from": resumed_from,
+    "changes": {k: list(v) for k, v in (changes or {}).items()},
+    "config": json.loads(text),
+  }
+  with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
+    f.write(json.dumps(entry, sort_keys=True) + "\n")
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:

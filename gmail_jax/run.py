@@ -89,12 +89,12 @@ def load_run(
       abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), built["state"]
       )
-      state, meta = ckpt.restore(abstract, step=step)
+      if step is None:  # the newest intact step (nothing is moved: loading is read-only)
+        state, meta = ckpt.restore_latest(abstract, set_aside=False)
+      else:
+        state, meta = ckpt.restore(abstract, step=step)
       models, frozen, rng = built["models"], built["frozen"], built["rng"]
-      teacher_id = {
-        **build.teacher_source(config),
-        "checksum": checkpointing.frozen_checksum(frozen),
-      }
+      teacher_id = build.teacher_identity(config, frozen)
       checkpointing.check_teacher(meta.get("teacher", {}), teacher_id, ckpt.directory)
       teacher = nnx.merge(models.teacher, frozen)
       student = build.merged_student(models, state["params"], frozen, rng)

@@ -14,6 +14,8 @@ Groups (defaults and their meaning in the comments below):
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
 
 from gmail_jax import objectives, optim
@@ -209,3 +211,60 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if int(config.optim.accum_steps) < 1:
     raise ConfigError(f"config.optim.accum_steps: must be >= 1, got {config.optim.accum_steps}")
   optim.make_schedule(config.optim, config.total_steps)  # validates schedule keys
+
+
+# Keys a resumed run may change: they do not alter what the saved state means (logging, cadence,
+# evaluation, compute layout, the schedule's length to extend a run; the teacher's identity is
+# checked by its weights fingerprint, so a moved ``init`` directory resumes). Prefixes of dotted
+# keys. Everything else (model, LoRA, loss, objective, optimizer, data identity, seed, batch) is
+# refused on resume, by name.
+RESUMABLE = (
+  "total_steps",
+  "log_every_steps",
+  "checkpoint_every_steps",
+  "keep_checkpoints",
+  "async_checkpoints",
+  "init",
+  "stages",
+  "mesh",
+  "evals",
+  "report",
+  "splits",
+  "teacher_pretrain",
+  "teacher_cache",
+  "model.remat",
+  "model.cpu_residual_loops",
+  "optim.accum_steps",  # exact accumulation: the same update
+  "data.num_workers",
+  "data.read_threads",
+  "data.prefetch",
+  "data.on_bad_input",
+)
+
+
+def flat(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, object]:
+  """{dotted key: JSON value} of a config (tuples as lists, as config.json stores them)."""
+  tree = (
+    json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else config
+  )
+  out: dict[str, object] = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      out.update(flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def resume_changes(
+  saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict
+) -> tuple[dict[str, tuple], dict[str, tuple]]:
+  """({key: (old, new)} refused, {key: (old, new)} allowed) between a run's saved config and the
+  config it is resumed with (see RESUMABLE)."""
+  a, b = flat(saved), flat(new)
+  refused, allowed = {}, {}
+  for key in sorted(set(a) | set(b)):
+    if a.get(key) != b.get(key):
+      free = any(key == k or key.startswith(k + ".") for k in RESUMABLE)
+      (allowed if free else refused)[key] = (a.get(key), b.get(key))
+  return refused, allowed

@@ -23,10 +23,9 @@ train step then skips the teacher forward (train_step.make_train_step). Process 
 (the data dir is assumed shared by all processes); the others keep copy-on-write views and fill
 them from the same all-gathered rows, so every process holds the same cache.
 
-Weights fingerprint (``weights_fingerprint``): per leaf, two order-sensitive 32-bit integer sums
-``Σ_i mix(bits(w_i) ⊕ mix(i + c))`` with wrap-around arithmetic. Integer addition is associative,
-so the fingerprint is exact and independent of the mesh/sharding the weights live on (a float
-checksum is not: its reduction order depends on the sharding).
+Key: the teacher's exact weights fingerprint (gmail_jax/fingerprint.py, the identity checkpoints
+use too) with its architecture, dtype and crop size; the data description includes what the ids
+mean (the source's ordered real-image keys), so a reordered manifest is never reused silently.
 """
 
 from __future__ import annotations
@@ -39,10 +38,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gmail_jax import fingerprint
 from gmail_jax.errors import UserError
 
 META = "meta.json"
@@ -55,54 +54,6 @@ class StaleCacheError(UserError, ValueError):
   """The cache on disk was built for another teacher (or other data) than this run's."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Fingerprint of the teacher.
-# ---------------------------------------------------------------------------------------------
-
-
-def _mix32(h: jax.Array) -> jax.Array:
-  """murmur3 finalizer on uint32 (wrap-around multiply)."""
-  h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x85EBCA6B)
-  h = h ^ (h >> 13)
-  h = h * jnp.uint32(0xC2B2AE35)
-  return h ^ (h >> 16)
-
-
-def _bits_u32(x: jax.Array) -> jax.Array:
-  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize)
-  if width is None:  # 64-bit leaves (only with jax_enable_x64): fold the halves
-    lo = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    return lo[..., 0] ^ _mix32(lo[..., 1])
-  return jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
-
-
-def _leaf_sums(x: jax.Array) -> jax.Array:
-  """uint32 [2]: Σ_i mix(bits_i ⊕ mix(i + c_k)) for two constants c_k (mod 2³²)."""
-  bits = _bits_u32(x)
-  idx = jnp.arange(bits.size, dtype=jnp.uint32).reshape(bits.shape)
-  out = [jnp.sum(_mix32(bits ^ _mix32(idx + jnp.uint32(c))), dtype=jnp.uint32) for c in (1, 7919)]
-  return jnp.stack(out)
-
-
-def weights_fingerprint(state: Any) -> str:
-  """sha256 hex of (path, shape, dtype, exact integer checksums) of every leaf of ``state``.
-
-  Exact (any single bit flip changes it) and the same for any sharding of the same values.
-  """
-  leaves = jax.tree_util.tree_leaves_with_path(state)
-  sums = jax.jit(lambda xs: [_leaf_sums(x) for x in xs])([x for _, x in leaves])
-  h = hashlib.sha256()
-  for (path, x), s in zip(leaves, sums, strict=True):
-    h.update(f"{jax.tree_util.keystr(path)}|{tuple(x.shape)}|{x.dtype}|".encode())
-    h.update(np.asarray(jax.device_get(s), np.uint32).tobytes())
-  return h.hexdigest()
-
-
 def teacher_key(frozen: nnx.State, *, model_config: Any, dtype: str, image_size: int) -> str:
   """The cache key: weights fingerprint + everything else the teacher embedding depends on.
 
@@ -111,7 +62,7 @@ def teacher_key(frozen: nnx.State, *, model_config: Any, dtype: str, image_size:
   vision = frozen["vision"] if "vision" in frozen else frozen
   desc = json.dumps(
     {
-      "weights": weights_fingerprint(vision),
+      "weights": fingerprint.weights_fingerprint(vision),
       "vision": dataclasses.asdict(model_config.vision),
       "embed_dim": model_config.embed_dim,
       "dtype": dtype,

@@ -22,7 +22,7 @@ from flax import nnx
 from gmail_jax import build, checkpointing, encoders, objectives, schema
 from gmail_jax import metrics as metrics_lib
 from gmail_jax import sharding as shd
-from gmail_jax.errors import ConfigError
+from gmail_jax.errors import ConfigError, ResumeError
 from gmail_jax.models import lora as lora_lib
 
 jax.config.update("jax_threefry_partitionable", True)
@@ -45,7 +45,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f"config.teacher_cache.enabled: loss.mode={config.loss.mode!r} with these pairs never uses"
       " teacher image embeddings; disable the cache"
     )
-  metrics_lib.write_config(config, workdir)
+  # A resume may not change what the saved state means: compared before anything is written.
+  resumed_from, allowed = None, {}
+  saved_steps = checkpointing.saved_steps(workdir)
+  if saved_steps and os.path.exists(os.path.join(workdir, "config.json")):
+    refused, allowed = schema.resume_changes(metrics_lib.read_config(workdir), config)
+    if refused:
+      listed = ", ".join(f"config.{k} {old!r} -> {new!r}" for k, (old, new) in refused.items())
+      raise ResumeError(
+        f"{workdir}: resuming with {listed} would change what the saved checkpoints mean;"
+        " use the saved values or a new --workdir"
+      )
+    resumed_from = saved_steps[-1]
 
   # ------------------------------------------------------------------------------------ mesh
   mesh = shd.make_mesh(config.mesh)
@@ -80,14 +91,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt = checkpointing.Checkpointer(
       workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints
     )
-    teacher_id = {**build.teacher_source(config), "checksum": checkpointing.frozen_checksum(frozen)}
-    if ckpt.latest_step() is not None:  # 1. auto-resume
-      abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-      )
-      state, meta = ckpt.restore(abstract, data_iter=data_iter)
+    teacher_id = build.teacher_identity(config, frozen)
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    restored = ckpt.restore_latest(abstract, data_iter=data_iter)  # 1. auto-resume
+    if restored is not None:
+      state, meta = restored
       checkpointing.check_teacher(meta.get("teacher", {}), teacher_id, ckpt.directory)
       write_note(f"resumed from step {meta['step']}")
+      resumed_from = int(meta["step"])
+    # Written once every check passed: a refused resume leaves config.json as it was.
+    metrics_lib.write_config(config, workdir, resumed_from=resumed_from, changes=allowed)
     first_step = int(jax.device_get(state["step"]))
 
     # ----------------------------------------------------------------------------- update step

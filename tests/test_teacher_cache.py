@@ -11,7 +11,7 @@ from config_helpers import load_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gmail_jax import build, sharding, teacher_cache, train
+from gmail_jax import build, fingerprint, sharding, teacher_cache, train
 
 
 def tiny_config(**overrides):
@@ -116,15 +116,15 @@ def test_weights_fingerprint_is_exact_and_sharding_independent():
   mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
   w = jax.random.normal(jax.random.key(0), (64, 32))
   tree = {"w": w, "b": jnp.arange(5, dtype=jnp.int32), "h": w[:8].astype(jnp.bfloat16)}
-  base = teacher_cache.weights_fingerprint(tree)
+  base = fingerprint.weights_fingerprint(tree)
   sharded = dict(tree, w=jax.device_put(w, NamedSharding(mesh, P("x"))))
-  assert teacher_cache.weights_fingerprint(sharded) == base
+  assert fingerprint.weights_fingerprint(sharded) == base
   flipped = np.asarray(w).copy().view(np.uint32)
   flipped[7, 3] ^= 1  # one mantissa bit
   flipped = jnp.asarray(flipped.view(np.float32))
-  assert teacher_cache.weights_fingerprint(dict(tree, w=flipped)) != base
+  assert fingerprint.weights_fingerprint(dict(tree, w=flipped)) != base
   swapped = dict(tree, w=w[::-1])  # same multiset of values, other positions
-  assert teacher_cache.weights_fingerprint(swapped) != base
+  assert fingerprint.weights_fingerprint(swapped) != base
 
 
 def _manifest(path, shared, rows):
