@@ -119,3 +119,36 @@ def test_gap_evaluator_gen_real_manifest(tmp_path, shared):
     }
   )
   assert m2["z/g/raw"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_gap_manifest_reads_csv_jsonl_and_parquet_alike(tmp_path, shared):
+  """The gap evaluator reads the manifest formats training reads."""
+  import json
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  root = shared("cifake-sd14-test-sample")
+  pairs = [
+    (f"generated/{c}/{g}", f"real/{c}/{r}")
+    for c in ("cat", "ship")
+    for g, r in zip(
+      sorted(os.listdir(root / "generated" / c))[:3],
+      sorted(os.listdir(root / "real" / c))[:3],
+      strict=True,
+    )
+  ]
+  (tmp_path / "m.csv").write_text("gen_path,real_path\n" + "".join(f"{g},{r}\n" for g, r in pairs))
+  (tmp_path / "m.jsonl").write_text(
+    "".join(json.dumps({"gen_path": g, "real_path": r, "caption": "x"}) + "\n" for g, r in pairs)
+  )
+  pq.write_table(
+    pa.table({"gen_path": [g for g, _ in pairs], "real_path": [r for _, r in pairs]}),
+    tmp_path / "m.parquet",
+  )
+  loaded = [
+    gap.load_pairs_manifest(str(tmp_path / f"m.{ext}"), str(root))
+    for ext in ("csv", "jsonl", "parquet")
+  ]
+  assert loaded[0] == loaded[1] == loaded[2]
+  assert loaded[0][0][0] == str(root / pairs[0][0])

@@ -93,3 +93,32 @@ def test_tpc_cma_logs_curriculum_and_reduces_gap(tmp_path):
     return np.mean([r["train/centroid_gap"] for r in rows[-2:]])
 
   assert tail(cma) < 0.9 * tail(base), (tail(cma), tail(base))
+
+
+def test_image_text_training_evals_follow_the_student(shared, tmp_path):
+  """Image-text alignment trains f_g on real images: training-time evals must embed real images
+  with the student (not the frozen teacher), so their numbers move as it trains."""
+  coco = shared("coco-mini")
+  c = _config(1.0)
+  c.evals.gap = dict(
+    type="gap",
+    pairs="image_text",
+    images_dir=str(coco / "val2017"),
+    captions_json=str(coco / "annotations" / "captions_val2017.json"),
+    max_pairs=16,
+    batch_size=16,
+    every_steps=4,
+  )
+  c.data.image_size = c.data.synthetic_image_size = 32
+  train.train_and_evaluate(c, str(tmp_path))
+  rows = [r for r in _rows(tmp_path) if "z/gap/raw" in r]
+  assert [r["step"] for r in rows] == [4, 8]
+  assert rows[0]["z/gap/raw"] != rows[1]["z/gap/raw"]
+
+
+def test_cache_with_image_text_pairs_is_refused_before_building(tmp_path):
+  c = _config(0.5)
+  c.teacher_cache.enabled = True
+  with pytest.raises(ValueError, match=r"config\.teacher_cache\.enabled"):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()

@@ -62,8 +62,9 @@ def read_bytes(path: str) -> bytes:
 # ----------------------------------------------------------------------------------------- manifest
 
 
-def read_manifest_table(path: str | os.PathLike):
-  """The manifest as a pyarrow Table of string columns (CSV/TSV, JSONL/NDJSON/JSON, Parquet)."""
+def read_manifest_table(path: str | os.PathLike, columns: tuple[str, ...] = MANIFEST_COLUMNS):
+  """The manifest as a pyarrow Table of string columns (CSV/TSV, JSONL/NDJSON/JSON, Parquet):
+  ``columns`` (required) and ``group`` when present."""
   import pyarrow as pa
   import pyarrow.compute as pc
 
@@ -92,14 +93,14 @@ def read_manifest_table(path: str | os.PathLike):
       raise InputError(f"manifest {path}: unknown format {suffix!r} (use .csv, .jsonl or .parquet)")
   except (pa.ArrowInvalid, OSError) as e:
     raise InputError(f"manifest {path}: cannot parse: {' '.join(str(e).split())}") from None
-  missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names]
+  missing = [c for c in columns if c not in table.column_names]
   if missing:
     raise InputError(
       f"manifest {path}: missing column(s) {', '.join(missing)}"
-      f" (need caption, real_path, gen_path[, group]; has {', '.join(table.column_names)})"
+      f" (need {', '.join(columns)}[, group]; has {', '.join(table.column_names)})"
     )
   cols = {}
-  for name in (*MANIFEST_COLUMNS, "group"):
+  for name in (*columns, "group"):
     if name in table.column_names:
       col = table.column(name)
       cols[name] = col if col.type == pa.string() else pc.cast(col, pa.string())

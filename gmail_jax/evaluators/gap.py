@@ -17,7 +17,6 @@ principal square root of Σ_x Σ_y (similar matrices) and avoids sqrtm's complex
 
 from __future__ import annotations
 
-import csv
 import os
 from typing import Any
 
@@ -95,21 +94,18 @@ def gap_reduction(before: dict[str, float], after: dict[str, float]) -> dict[str
 
 
 def load_pairs_manifest(manifest: str, root: str | None = None, *, max_pairs: int | None = None):
-  """(gen paths, real paths) from a CSV manifest with gen_path, real_path columns (DESIGN §3)."""
+  """(gen paths, real paths) from a manifest (CSV, JSONL or Parquet, as training reads them) with
+  gen_path, real_path columns (DESIGN §3); relative paths are under ``root`` (default: the
+  manifest's directory)."""
+  from gmail_jax.data import sources
+
   root = root if root is not None else os.path.dirname(os.path.abspath(manifest))
-  try:
-    with open(manifest, newline="") as f:
-      rows = list(csv.DictReader(f))
-  except OSError as e:
-    raise InputError(f"gap: cannot read manifest {manifest}: {e}") from None
-  if rows and not {"gen_path", "real_path"} <= set(rows[0]):
-    raise InputError(f"gap: manifest {manifest} needs columns gen_path, real_path")
-  rows = rows[:max_pairs]
-  if len(rows) < 2:
+  table = sources.read_manifest_table(manifest, columns=("gen_path", "real_path"))
+  gen = table.column("gen_path").to_pylist()[:max_pairs]
+  real = table.column("real_path").to_pylist()[:max_pairs]
+  if len(gen) < 2:
     raise InputError(f"gap: manifest {manifest} has fewer than 2 pairs")
-  gen = [os.path.join(root, r["gen_path"]) for r in rows]
-  real = [os.path.join(root, r["real_path"]) for r in rows]
-  return gen, real
+  return [os.path.join(root, g) for g in gen], [os.path.join(root, r) for r in real]
 
 
 def class_pairs(x_labels: np.ndarray, y_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -145,8 +141,8 @@ class GapEvaluator(common.Evaluator):
   """`config.evals.<name> = dict(type='gap', every_steps=..., pairs=..., ...)`.
 
   pairs='image_text': images_dir + captions_json (COCO format); x = image, y = its first caption.
-  pairs='gen_real': manifest (CSV gen_path,real_path[,root]); x = encode_generated(gen) (the
-  student path when the encoder has one), y = encode_images(real).
+  pairs='gen_real': manifest (CSV / JSONL / Parquet: gen_path, real_path[, root]);
+  x = encode_generated(gen) (the student path when the encoder has one), y = encode_images(real).
   pairs='class_gen_real': root with generated/<class>/ and real/<class>/; the k-th generated
   image of a class is paired with the k-th real one (x = encode_generated, y = encode_images).
   pairs='class_real_real': root/real/<class>/; each real image with the next of its class (the
