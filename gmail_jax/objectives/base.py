@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from gmail_jax.errors import ConfigError
+
 MAX_LOG_SCALE = math.log(100.0)  # CLIP clamps 1/tau at 100
 
 
@@ -58,8 +60,10 @@ class Objective(abc.ABC):
 
   @classmethod
   def validate(cls, config: ml_collections.ConfigDict) -> None:
-    """One-line ConfigErrors naming the key, before anything is built (default: nothing)."""
-    del config
+    """One-line ConfigErrors naming the key, before anything is built (subclasses extend it)."""
+    loss = config.loss
+    if not loss.learn_temperature and not loss.temperature > 0:
+      raise ConfigError(f"config.loss.temperature: must be > 0, got {loss.temperature}")
 
   @abc.abstractmethod
   def parts(

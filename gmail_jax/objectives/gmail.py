@@ -29,9 +29,8 @@ class GMAIL(Objective):
 
   @classmethod
   def validate(cls, config: ml_collections.ConfigDict) -> None:
+    super().validate(config)
     loss = config.loss
-    if not loss.learn_temperature and not loss.temperature > 0:
-      raise ConfigError(f"config.loss.temperature: must be > 0, got {loss.temperature}")
     if loss.text_weight < 0:
       raise ConfigError(f"config.loss.text_weight: must be >= 0, got {loss.text_weight}")
 

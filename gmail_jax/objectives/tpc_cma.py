@@ -59,8 +59,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
       "config.loss.text_weight: must be 0 with loss.mode='tpc_cma' (use cma.pairs='image_text'"
       " for the text-aligned objective)"
     )
-  if not config.loss.learn_temperature and not config.loss.temperature > 0:
-    raise ConfigError(f"config.loss.temperature: must be > 0, got {config.loss.temperature}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,6 +144,7 @@ class TPCCMA(Objective):
 
   @classmethod
   def validate(cls, config: ml_collections.ConfigDict) -> None:
+    super().validate(config)
     validate(config)
 
   def parts(
