@@ -19,11 +19,13 @@ Stages (``config.stages``, gmail_jax/experiment.py), in one run:
            generated->real pairs of the same class (the regular trainer, same-class negatives
            masked; config.init = the teacher directory);
   report   WORKDIR/report.json, report.md, tsne.png, curves.png (gmail_jax/stages/report.py).
-Measured (seed 0, see report.md): paired gen-real cosine 0.480 -> 0.671 (ceiling for class-level
-pairs, two real scans of one class under f_r: 0.852); probe transfer accuracy on held-out real
-scans 0.803 (teacher on both) -> 0.963 (GMAIL: f_g on generated, f_r on real), vs 0.781 for LoRA
-fine-tuning on generated images as if real and 0.968 for a probe trained on real scans.
-Cost: ~100 s wall, ~160 CPU-seconds in total (user + sys) on 2 cores.
+Measured (seeds 0, 1, 2, mean ± std; report.md per seed, ``gmail_jax.report --aggregate``):
+paired gen-real cosine 0.468 ± 0.021 -> 0.669 ± 0.014 (ceiling for class-level pairs, two real
+scans of one class under f_r: 0.854); probe transfer accuracy on held-out real scans
+0.798 ± 0.010 (teacher on both) -> 0.965 ± 0.002 (GMAIL: f_g on generated, f_r on real), vs
+0.749 ± 0.036 for fine-tuning the same LoRA (same targets, rank, steps) on generated images as if
+real and 0.966 ± 0.004 for a probe trained on real scans.
+Cost: 102-113 s wall, ~155 CPU-seconds in total (user + sys) on 2 cores.
 """
 
 from __future__ import annotations
