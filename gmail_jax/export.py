@@ -1,0 +1,246 @@
+r"""Export a run: ``python -m gmail_jax.export --workdir=DIR --format=hf|peft --out=OUT``.
+
+  --format=hf     OUT is a transformers CLIP directory (``hf_export.save_pretrained``): the student
+                  with LoRA (and a trained vision projection) merged, or the frozen teacher with
+                  ``--which=teacher``; both towers, tokenizer and preprocessor config included.
+                  ``transformers.CLIPModel.from_pretrained(OUT)`` loads it.
+  --format=peft   OUT is a PEFT LoRA adapter over the teacher:
+                    adapter_config.json         r, lora_alpha (PEFT's alpha / r = our scale),
+                                                target_modules (HF module names), modules_to_save
+                                                (["visual_projection"] with lora.train_proj)
+                    adapter_model.safetensors   base_model.model.<module>.lora_A.weight [r, in],
+                                                ...lora_B.weight [out, r], and a trained projection
+                                                as base_model.model.visual_projection.weight
+                    base/                       the teacher as an HF directory, only when it was
+                                                randomly initialised (else base_model_name_or_path
+                                                is config.init: an HF directory or hub id)
+                  ``peft.PeftModel.from_pretrained(CLIPModel.from_pretrained(BASE), OUT)``.
+
+``--step`` picks a checkpoint (default: the latest). A non-empty OUT is refused unless ``--force``,
+which replaces it; OUT appears atomically (built in a sibling temp directory, then renamed).
+Errors from bad input end the run with one line (``GMAIL_TRACEBACK=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from gmail_jax import checkpointing, cli
+from gmail_jax import run as run_lib
+from gmail_jax import sharding as shd
+from gmail_jax.errors import ConfigError, InputError
+from gmail_jax.models import convert, hf_export
+
+FORMATS = ("hf", "peft")
+WHICH = ("student", "teacher")
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
+BASE_DIR = "base"
+
+
+def export(
+  workdir: str | os.PathLike,
+  out: str | os.PathLike,
+  *,
+  format: str,
+  step: int | None = None,
+  which: str = "student",
+  force: bool = False,
+) -> str:
+  """Writes the run in ``workdir`` to ``out`` as ``format`` (see module doc); returns ``out``."""
+  if format not in FORMATS:
+    raise ConfigError(f"--format: unknown {format!r}; choose from {list(FORMATS)}")
+  if which not in WHICH:
+    raise ConfigError(f"--which: unknown {which!r}; choose from {list(WHICH)}")
+  if format == "peft" and which == "teacher":
+    raise ConfigError("--which=teacher: a PEFT adapter holds the student's LoRA; use --format=hf")
+  workdir = os.path.abspath(os.fspath(workdir))
+  out = os.path.abspath(os.fspath(out))
+  _check_out(out, workdir, force)  # before loading: a refusal must not cost a model build
+  run = _load(workdir, step)
+  logging.info(
+    "exporting the %s of %s at step %d as %s to %s", which, workdir, run.step, format, out
+  )
+  if format == "hf":
+    model = run.student if which == "student" else run.teacher
+    return hf_export.save_pretrained(
+      model, out, tokenizer_dir=tokenizer_dir(run.config), overwrite=force
+    )
+  return _save_peft(run, out)
+
+
+def tokenizer_dir(config: ml_collections.ConfigDict) -> str | None:
+  """The teacher's source directory when it ships CLIP BPE files, else None (the default BPE)."""
+  if not config.init:
+    return None
+  src = convert.resolve_source(config.init)
+  has = all(os.path.isfile(os.path.join(src, f)) for f in ("vocab.json", "merges.txt"))
+  return src if has else None
+
+
+def base_model_name(config: ml_collections.ConfigDict) -> str | None:
+  """What PEFT should load as the base: config.init (absolute when a local directory), or None
+  for a randomly initialised teacher (the exporter then writes it beside the adapter)."""
+  if not config.init:
+    return None
+  return os.path.abspath(config.init) if os.path.isdir(config.init) else config.init
+
+
+def peft_tensors(params: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+  """(tensors, target_modules, modules_to_save) of a PEFT adapter for the trainable ``params``.
+
+  Module names come from ``convert.hf_key`` of each adapted Dense's kernel, so they follow the
+  same NNX -> HF mapping as the full export. PEFT names a ``modules_to_save`` copy by the original
+  parameter key (it strips ``modules_to_save.default`` when saving and restores it on load).
+  """
+  tensors: dict[str, np.ndarray] = {}
+  targets: list[str] = []
+  for path, var in nnx.to_flat_state(params["lora"]):
+    *module, name = (str(p) for p in path)
+    key, _ = convert.hf_key((*module, "kernel"))
+    target = key.removesuffix(".weight")
+    if target not in targets:
+      targets.append(target)
+    value = np.asarray(jax.device_get(var[...]), np.float32)
+    # Ours: x @ A @ B with A [in, r], B [r, out]; torch Linear weights are [out, in].
+    kind = {"lora_a": "lora_A", "lora_b": "lora_B"}[name]
+    tensors[f"{PEFT_PREFIX}{target}.{kind}.weight"] = value.T.copy(order="C")
+  to_save: list[str] = []
+  if "proj" in params:
+    for path, var in nnx.to_flat_state(params["proj"]):
+      key, fn = convert.hf_key(path)
+      value = np.asarray(jax.device_get(var[...]), np.float32)
+      tensors[PEFT_PREFIX + key] = convert.to_hf_layout(fn, value).copy(order="C")
+      module = key.rsplit(".", 1)[0]
+      if module not in to_save:
+        to_save.append(module)
+  return tensors, targets, to_save
+
+
+def adapter_config(
+  config: ml_collections.ConfigDict,
+  base: str | None,
+  targets: list[str],
+  modules_to_save: list[str],
+) -> dict[str, Any]:
+  """``adapter_config.json`` (peft.LoraConfig); keys it omits take PEFT's defaults."""
+  return {
+    "peft_type": "LORA",
+    "task_type": None,
+    "base_model_name_or_path": base,
+    "r": int(config.lora.rank),
+    # PEFT scales by lora_alpha / r (no rslora): the same alpha gives our scale alpha / rank.
+    "lora_alpha": float(config.lora.alpha),
+    "lora_dropout": float(config.lora.dropout),
+    "target_modules": targets,
+    "modules_to_save": modules_to_save or None,
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "use_rslora": False,
+    "use_dora": False,
+    "init_lora_weights": True,
+    "inference_mode": True,
+  }
+
+
+def _check_out(out: str, workdir: str, force: bool) -> None:
+  if out == workdir or workdir.startswith(out + os.sep):
+    raise InputError(f"--out={out}: would replace the run it exports; choose another directory")
+  if not os.path.exists(out):
+    return
+  if not os.path.isdir(out):
+    raise InputError(f"--out={out}: exists and is not a directory")
+  if os.listdir(out) and not force:
+    raise InputError(f"--out={out}: exists and is not empty (pass --force to replace it)")
+
+
+def _load(workdir: str, step: int | None) -> run_lib.Run:
+  if not run_lib.is_run(workdir):
+    raise InputError(
+      f"--workdir={workdir}: not a training run (no config.json and checkpoints/; "
+      "train with gmail_jax.main first)"
+    )
+  steps = checkpointing.saved_steps(workdir)
+  where = checkpointing.checkpoint_dir(workdir)
+  if not steps:
+    raise InputError(f"{where}: no checkpoint (train first with gmail_jax.main)")
+  if step is not None and step not in steps:
+    raise InputError(f"--step={step}: no such checkpoint in {where} (saved: {steps})")
+  # One local device, as api.load_student: the export must not depend on the training topology.
+  mesh = shd.make_mesh({"data": 1, "fsdp": 1}, jax.local_devices()[:1])
+  return run_lib.load_run(workdir, step, mesh=mesh)
+
+
+def _save_peft(run: run_lib.Run, out: str) -> str:
+  from safetensors.numpy import save_file
+
+  params = run.state["params"]
+  tensors, targets, to_save = peft_tensors(params)
+  rank = int(run.config.lora.rank)
+  for name, t in tensors.items():
+    if name.endswith(".lora_A.weight") and t.shape[0] != rank:
+      raise ValueError(f"export: {name} has rank {t.shape[0]}, config.lora.rank is {rank}")
+  base = base_model_name(run.config)
+  parent, name = os.path.dirname(out), os.path.basename(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+  try:
+    if base is None:  # a random teacher exists only in the run: ship it with the adapter
+      hf_export.save_pretrained(run.teacher, os.path.join(tmp, BASE_DIR))
+      base = os.path.join(out, BASE_DIR)
+    cfg = adapter_config(run.config, base, targets, to_save)
+    with open(os.path.join(tmp, PEFT_CONFIG), "w", encoding="utf-8") as f:
+      json.dump(cfg, f, indent=2)
+    # transformers / PEFT refuse safetensors files without format metadata.
+    save_file(tensors, os.path.join(tmp, PEFT_WEIGHTS), metadata={"format": "pt"})
+    hf_export._replace_dir(tmp, out, parent, name)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# absl entry point.
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv) -> None:
+  from absl import app, flags
+
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  with cli.one_line_errors():
+    out = export(f.workdir, f.out, format=f.format, step=f.step, which=f.which, force=f.force)
+  print(f"wrote {out}")
+
+
+def _define_flags() -> None:
+  from absl import flags
+
+  flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
+  flags.DEFINE_string("format", None, "hf (transformers CLIP directory) or peft (LoRA adapter).")
+  flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("which", "student", "student or teacher (teacher: --format=hf only).")
+  flags.DEFINE_bool("force", False, "Replace a non-empty --out.")
+  flags.mark_flags_as_required(["workdir", "format", "out"])
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  _define_flags()
+  app.run(main)
