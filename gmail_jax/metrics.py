@@ -1,15 +1,19 @@
-"""One metrics API for training: JSONL + TensorBoard (process 0) and a progress/ETA line.
+"""One metrics API for training: JSONL + TensorBoard (+ optional W&B) on process 0, and a
+progress/ETA line.
 
 ``WORKDIR/metrics.jsonl`` gets one JSON object per logged step: ``{"step": s, "train/loss": ...}``.
 Values are fetched from the device only on log steps (the loop hands over device arrays).
+``config.wandb.enabled`` also logs them to Weights & Biases (``wandb`` is imported only then).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +21,10 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+
+from gmail_jax.errors import ConfigError
+
+WANDB_PIN = "wandb==0.29.0"  # keep equal to pyproject's `wandb` extra
 
 
 def write_config(
@@ -51,27 +59,76 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: missing (not a gmail_jax training workdir?)")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.load(f))
+  if "wandb" not in config:  # written before the group existed; logging only, so its defaults
+    from gmail_jax import schema
+
+    config.wandb = schema.base_config().wandb
+  return config
 
 
 def _scalar(x: Any) -> float:
   return float(np.asarray(x))
 
 
-class MetricWriter:
-  """``write(step, metrics)`` → JSONL line + TensorBoard scalars + a console progress line."""
+def _start_wandb(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Any:
+  """A W&B run for ``config.wandb`` whose id is kept in WORKDIR/wandb_run_id, so that a resumed
+  training continues the same W&B run instead of starting a new one (offline, each start writes
+  its own offline-run-* directory under that id)."""
+  import wandb
 
-  def __init__(self, workdir: str | os.PathLike, *, total_steps: int, first_step: int = 0):
+  w = config.wandb
+  id_path = os.path.join(workdir, "wandb_run_id")
+  if os.path.exists(id_path):
+    with open(id_path) as f:
+      run_id = f.read().strip()
+  else:
+    run_id = uuid.uuid4().hex[:8]
+    with open(id_path, "w") as f:
+      f.write(run_id + "\n")
+  root = os.path.abspath(w.dir or workdir)
+  os.makedirs(root, exist_ok=True)
+  return wandb.init(
+    project=w.project,
+    entity=w.entity or None,
+    name=w.name or None,
+    mode=w.mode,
+    dir=root,
+    tags=list(w.tags) or None,
+    config=json.loads(config.to_json_best_effort()),
+    id=run_id,
+    resume="allow" if w.mode == "online" else None,  # offline runs cannot resume (W&B warns)
+  )
+
+
+class MetricWriter:
+  """``write(step, metrics)`` → JSONL line + TensorBoard scalars (+ W&B when
+  ``config.wandb.enabled``) + a console progress line."""
+
+  def __init__(
+    self,
+    workdir: str | os.PathLike,
+    *,
+    total_steps: int,
+    first_step: int = 0,
+    config: ml_collections.ConfigDict | None = None,
+  ):
     self.main = jax.process_index() == 0
     self.total_steps = total_steps
     self._t0, self._s0 = time.monotonic(), first_step
-    self._jsonl = self._tb = None
+    self._jsonl = self._tb = self._wandb = None
+    use_wandb = config is not None and "wandb" in config and bool(config.wandb.enabled)
+    # Checked on every process so that all of them stop, not only the one that would log.
+    if use_wandb and importlib.util.find_spec("wandb") is None:
+      raise ConfigError(f"config.wandb.enabled: pip install {WANDB_PIN} (or gmail_jax[wandb])")
     if self.main:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
       from tensorboardX import SummaryWriter
 
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      if use_wandb:
+        self._wandb = _start_wandb(config, workdir)
 
   def timing(self, step: int) -> dict[str, float]:
     """steps/s since this writer started and the ETA in seconds."""
@@ -91,6 +148,8 @@ class MetricWriter:
       if math.isfinite(v):
         self._tb.add_scalar(k, v, step)
     self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log(values, step=int(step))
     if console:
       t = self.timing(step)
       eta = "?"
@@ -107,3 +166,6 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None

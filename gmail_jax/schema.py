@@ -9,7 +9,7 @@ arguments) and ``model.overrides`` (architecture fields of the tower, e.g. ``vis
 Groups (defaults and their meaning in the comments below):
   seed, total_steps, batch_size (GLOBAL), log_every_steps, checkpoint_every_steps, keep_checkpoints,
   async_checkpoints, init (HF CLIP dir / hub id; empty = random init), stages, mesh, model, lora,
-  loss, cma (TPC-CMA), optim, data, teacher_cache, splits, teacher_pretrain, report, evals.
+  loss, cma (TPC-CMA), optim, data, teacher_cache, splits, teacher_pretrain, report, evals, wandb.
 """
 
 from __future__ import annotations
@@ -141,6 +141,18 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Training-time / `gmail_jax.evaluate` evaluators: name -> dict(type=..., every_steps=..., ...).
   c.evals = ml_collections.ConfigDict()
+
+  # Optional Weights & Biases logging (metrics.MetricWriter, process 0), beside metrics.jsonl and
+  # TensorBoard: the same scalars and steps, the run config. Needs `pip install gmail_jax[wandb]`.
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.enabled = False
+  c.wandb.project = "gmail_jax"
+  c.wandb.entity = ""  # "" = the account's default entity
+  c.wandb.name = ""  # "" = W&B's generated run name
+  # online | offline (no network; upload later: `wandb sync DIR/wandb/offline-run-*`) | disabled
+  c.wandb.mode = "offline"
+  c.wandb.dir = ""  # files go to DIR/wandb/; "" = WORKDIR (so WORKDIR/wandb/)
+  c.wandb.tags = ()
   return c
 
 
@@ -183,6 +195,7 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 POSITIVE = ("total_steps", "batch_size", "log_every_steps", "checkpoint_every_steps")
 DTYPES = ("float32", "bfloat16")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -201,6 +214,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
   if config.model.dtype not in DTYPES:
     raise ConfigError(f"config.model.dtype: {config.model.dtype!r} not in {DTYPES}")
+  if config.wandb.mode not in WANDB_MODES:
+    raise ConfigError(f"config.wandb.mode: {config.wandb.mode!r} not in {WANDB_MODES}")
   for target in config.lora.targets:
     if target not in tower.lora_targets and "/" not in target:
       raise ConfigError(
@@ -232,6 +247,7 @@ RESUMABLE = (
   "splits",
   "teacher_pretrain",
   "teacher_cache",
+  "wandb",
   "model.remat",
   "model.cpu_residual_loops",
   "optim.accum_steps",  # exact accumulation: the same update

@@ -145,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ----------------------------------------------------------------------------- train loop
     writer = metrics_lib.MetricWriter(
-      workdir, total_steps=config.total_steps, first_step=first_step
+      workdir, total_steps=config.total_steps, first_step=first_step, config=config
     )
     last: dict[str, float] = {}
     try:
