@@ -13,6 +13,7 @@ pytree is LoRA [+ a copy of the vision projection] [+ log 1/tau] (``initial_para
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import jax
@@ -26,6 +27,7 @@ from gmail_jax import sharding as shd
 from gmail_jax.errors import ConfigError
 from gmail_jax.models import lora as lora_lib
 from gmail_jax.models import towers
+from gmail_jax.models.tokenizer import Tokenizer
 
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}  # None = float32 compute
 
@@ -199,3 +201,13 @@ def make_step(
     rng_shardings=shardings(built["rng"]),
     objective=objective,
   )
+
+
+def tokenizer(config: ml_collections.ConfigDict, context_length: int) -> Tokenizer:
+  """The teacher checkpoint's own vocabulary when ``config.init`` is a directory that has one
+  (vocab.json + merges.txt), else the CLIP BPE of the openai-clip package."""
+  init = config.init
+  has_vocab = bool(init) and all(
+    os.path.isfile(os.path.join(init, f)) for f in ("vocab.json", "merges.txt")
+  )
+  return Tokenizer(init if has_vocab else None, context_length=context_length)

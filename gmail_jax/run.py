@@ -100,5 +100,5 @@ def load_run(
       student = build.merged_student(models, state["params"], frozen, rng)
   finally:
     ckpt.close()
-  tokenizer = Tokenizer(context_length=built["text_context"])
+  tokenizer = build.tokenizer(config, built["text_context"])
   return Run(config, workdir, int(meta["step"]), mesh, teacher, student, state, tokenizer)

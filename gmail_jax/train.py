@@ -12,6 +12,7 @@ Init order (see checkpointing.py): 1. resume from WORKDIR/checkpoints, 2. frozen
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import jax
@@ -45,6 +46,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f"config.teacher_cache.enabled: loss.mode={config.loss.mode!r} with these pairs never uses"
       " teacher image embeddings; disable the cache"
     )
+  if config.wandb.enabled and importlib.util.find_spec("wandb") is None:  # before building
+    raise ConfigError(f"config.wandb.enabled: pip install {metrics_lib.WANDB_PIN} (or [wandb])")
   # A resume may not change what the saved state means: compared before anything is written.
   resumed_from, allowed = None, {}
   saved_steps = checkpointing.saved_steps(workdir)
@@ -74,7 +77,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with jax.set_mesh(mesh):
     # ---------------------------------------------------------------------------------- data
     from gmail_jax.data import pipeline
-    from gmail_jax.models.tokenizer import Tokenizer
 
     # ------------------------------------------------------------------ model, LoRA, optimizer
     built = build.build(config, mesh)
@@ -84,7 +86,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f"teacher {build.teacher_source(config)['source']}: {lora_lib.count_params(frozen):,} frozen"
       f" params; trainable {lora_lib.count_params(state['params']):,}"
     )
-    tokenizer = Tokenizer(context_length=built["text_context"])
+    tokenizer = build.tokenizer(config, built["text_context"])
     data_iter = pipeline.make_train_iterator(config, tokenizer=tokenizer, workdir=workdir)
 
     # -------------------------------------------------------------------------------- restore
