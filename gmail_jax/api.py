@@ -29,19 +29,34 @@ ClipEncoder = Encoder  # the public name (DESIGN.md §3)
 __all__ = ["ClipEncoder", "load_clip", "load_student"]
 
 
-def load_clip(src: str | os.PathLike, *, dtype=None, batch_size: int = 64) -> ClipEncoder:
-  """A :class:`ClipEncoder` from a HF CLIP directory (safetensors or .bin), a hub id, or a
-  training workdir (then the trained student, LoRA merged: ``load_student(src)``).
+def load_clip(
+  src: str | os.PathLike,
+  *,
+  dtype=None,
+  batch_size: int = 64,
+  model_name: str | None = None,
+) -> ClipEncoder:
+  """A :class:`ClipEncoder` from a HF CLIP directory (safetensors or .bin), a hub id, an OpenAI /
+  OpenCLIP ViT checkpoint file or OpenCLIP directory, or a training workdir (then the trained
+  student, LoRA merged: ``load_student(src)``).
 
-  The tokenizer comes from the checkpoint's ``vocab.json`` + ``merges.txt`` when present, else from
-  the BPE file of the ``openai-clip`` package.
+  ``model_name``: for an OpenCLIP file, its model name (``ViT-B-32``: GELU; ``...-quickgelu``);
+  None = an OpenAI checkpoint (QuickGELU). The tokenizer comes from the checkpoint's
+  ``vocab.json`` + ``merges.txt`` when present, else from the BPE file of the ``openai-clip``
+  package.
   """
   from gmail_jax import run as run_lib
-  from gmail_jax.models import convert
+  from gmail_jax.models import convert, openai_ckpt
 
   src = os.fspath(src)
   if run_lib.is_run(src):
     return load_student(src, batch_size=batch_size)
+  if openai_ckpt.is_openai_source(src):
+    model = openai_ckpt.load_pretrained(src, model_name=model_name, dtype=dtype)
+    tokenizer = Tokenizer(None, context_length=model.config.text.context_length)
+    return ClipEncoder(model, tokenizer=tokenizer, batch_size=batch_size)
+  if model_name is not None:
+    raise convert.CheckpointError(f"{src}: model_name is only for OpenAI / OpenCLIP files")
   ckpt_dir = convert.resolve_source(src)
   model = towers.get("clip").load_pretrained(ckpt_dir, dtype=dtype)
   ctx = model.config.text.context_length

@@ -1,0 +1,261 @@
+"""More towers: OpenAI / OpenCLIP checkpoints (models/openai_ckpt.py) against openai-clip's own
+reference model, and a tiny GMAIL run from such a checkpoint."""
+
+import importlib.util
+import json
+import os
+import pathlib
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from gmail_jax import api
+from gmail_jax.data import preprocess
+from gmail_jax.models import openai_ckpt
+from gmail_jax.models.convert import CheckpointError
+from gmail_jax.models.tokenizer import Tokenizer
+
+torch = pytest.importorskip("torch")
+
+SHARED = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+PHOTOS = SHARED / "coco-mini" / "val2017"
+CAPTIONS = SHARED / "coco-captions-val2017" / "captions_val2017.json"
+
+
+def _photos(n: int = 4) -> list[PIL.Image.Image]:
+  if not PHOTOS.is_dir():
+    pytest.skip(f"{PHOTOS} not present")
+  return [PIL.Image.open(p).convert("RGB") for p in sorted(PHOTOS.glob("*.jpg"))[:n]]
+
+
+def _captions(n: int = 6) -> list[str]:
+  if not CAPTIONS.exists():
+    pytest.skip(f"{CAPTIONS} not present")
+  anns = json.loads(CAPTIONS.read_text())["annotations"]
+  return [a["caption"] for a in anns[:n]]
+
+
+def _openai_model_module():
+  """``clip/model.py`` of the openai-clip package (importing ``clip`` itself needs more)."""
+  spec = importlib.util.find_spec("clip")
+  if spec is None:
+    pytest.skip("openai-clip not installed")
+  path = os.path.join(spec.submodule_search_locations[0], "model.py")
+  mod_spec = importlib.util.spec_from_file_location("openai_clip_model", path)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  return module
+
+
+def _openai_clip(seed: int = 0):
+  """A random OpenAI ViT CLIP, small widths (64-wide heads as OpenAI's build_model assumes)."""
+  module = _openai_model_module()
+  torch.manual_seed(seed)
+  model = module.CLIP(
+    embed_dim=32,
+    image_resolution=32,
+    vision_layers=2,
+    vision_width=128,
+    vision_patch_size=8,
+    context_length=77,
+    vocab_size=49408,
+    transformer_width=128,
+    transformer_heads=2,
+    transformer_layers=2,
+  ).eval()
+  with torch.no_grad():  # non-zero everywhere, so every mapping (incl. biases) is exercised
+    for p in model.parameters():
+      p.add_(0.02 * torch.randn_like(p))
+    model.logit_scale.fill_(3.3)
+  return model
+
+
+def _reference(model, pixels_nhwc: np.ndarray, ids: np.ndarray):
+  """OpenAI's encode_image / encode_text, L2-normalised. Ids padded with 0 after the EOT, as
+  OpenAI's tokenizer does (ours pads with EOT; the causal mask makes it irrelevant)."""
+  ids = ids.copy()
+  for row in ids:
+    row[int(np.argmax(row == 49407)) + 1 :] = 0
+  with torch.no_grad():
+    img = model.encode_image(torch.from_numpy(pixels_nhwc.transpose(0, 3, 1, 2).copy()))
+    txt = model.encode_text(torch.from_numpy(ids.astype(np.int64)))
+  img, txt = img.numpy(), txt.numpy()
+  return (
+    img / np.linalg.norm(img, axis=-1, keepdims=True),
+    txt / np.linalg.norm(txt, axis=-1, keepdims=True),
+  )
+
+
+@pytest.fixture(scope="module")
+def openai_files(tmp_path_factory):
+  """(model, {"state_dict": path, "torchscript": path, "openclip": path})."""
+  model = _openai_clip()
+  out = tmp_path_factory.mktemp("openai")
+  paths = {"state_dict": out / "sd.pt", "torchscript": out / "jit.pt", "openclip": out / "oc.pt"}
+  torch.save(model.state_dict(), paths["state_dict"])
+  traced = torch.jit.trace_module(
+    model,
+    {
+      "encode_image": torch.zeros(1, 3, 32, 32),
+      "encode_text": torch.zeros(1, 77, dtype=torch.int64),
+    },
+  )
+  traced.save(str(paths["torchscript"]))
+  # An OpenCLIP training checkpoint: wrapped, DDP-prefixed.
+  wrapped = {f"module.{k}": v for k, v in model.state_dict().items()}
+  torch.save({"epoch": 3, "state_dict": wrapped}, paths["openclip"])
+  return model, paths
+
+
+@pytest.mark.parametrize("kind", ["state_dict", "torchscript", "openclip"])
+def test_openai_checkpoint_matches_reference(openai_files, kind):
+  model, paths = openai_files
+  photos, captions = _photos(), _captions()
+  captions.append("a much longer caption that keeps going " * 12)  # truncated at 77
+  enc = api.load_clip(paths[kind], batch_size=4)
+  cfg = enc.model.config
+  assert (cfg.vision.width, cfg.vision.heads, cfg.vision.layers, cfg.vision.patch_size) == (
+    128,
+    2,
+    2,
+    8,
+  )
+  assert (cfg.text.width, cfg.text.heads, cfg.text.context_length, cfg.embed_dim) == (
+    128,
+    2,
+    77,
+    32,
+  )
+  assert cfg.vision.act == cfg.text.act == "quick_gelu"
+  np.testing.assert_allclose(float(enc.model.logit_scale[...]), 3.3, rtol=1e-6)
+  pixels = np.stack([preprocess.resize_center_crop(p, 32) for p in photos])
+  pixels = np.asarray(preprocess.normalize(pixels), np.float32)
+  ids = Tokenizer(None)(captions)
+  want_img, want_txt = _reference(model, pixels, ids)
+  got_img, got_txt = enc.encode_images(pixels), enc.encode_texts(captions)
+  err_img, err_txt = np.abs(got_img - want_img).max(), np.abs(got_txt - want_txt).max()
+  assert err_img <= 1e-4 and err_txt <= 1e-4, (err_img, err_txt)
+  # PIL photos through the api's own preprocessing give the same pixels.
+  np.testing.assert_allclose(enc.encode_images(photos), got_img, atol=1e-6)
+
+
+def test_torchscript_archive_is_read_without_running_it(openai_files, monkeypatch):
+  model, paths = openai_files
+
+  def refuse(*a, **k):
+    raise AssertionError("torch.jit.load must not be used")
+
+  monkeypatch.setattr(torch.jit, "load", refuse)
+  monkeypatch.setattr(torch, "load", refuse)
+  sd = openai_ckpt.read_checkpoint(str(paths["torchscript"]))
+  want = model.state_dict()
+  assert set(want) <= set(sd)
+  assert set(sd) - set(want) <= {"transformer.resblocks.0.attn_mask"} | {
+    f"transformer.resblocks.{i}.attn_mask" for i in range(2)
+  }
+  for k, v in want.items():
+    np.testing.assert_array_equal(sd[k], v.numpy(), err_msg=k)
+
+
+def test_torchscript_refuses_unknown_globals(tmp_path):
+  import pickle
+  import zipfile
+
+  class Evil:
+    def __reduce__(self):
+      return (os.system, ("true",))
+
+  path = tmp_path / "evil.pt"
+  with zipfile.ZipFile(path, "w") as zf:
+    zf.writestr("evil/data.pkl", pickle.dumps({"x": Evil()}, protocol=2))
+    zf.writestr("evil/code/__torch__/m.py", "")
+  with pytest.raises(CheckpointError, match=r"refusing to unpickle (posix|os)\.system"):
+    openai_ckpt.read_checkpoint(str(path))
+
+
+def test_openclip_name_sets_activation_and_heads(openai_files):
+  _, paths = openai_files
+  model = openai_ckpt.load_pretrained(str(paths["state_dict"]), model_name="ViT-B-32")
+  assert model.config.vision.act == model.config.text.act == "gelu"
+  model = openai_ckpt.load_pretrained(str(paths["state_dict"]), model_name="ViT-B-8-quickgelu")
+  assert model.config.vision.act == "quick_gelu"
+  assert openai_ckpt.parse_model_name("ViT-H-14") == ("gelu", 80)
+  assert openai_ckpt.parse_model_name("ViT-bigG-14") == ("gelu", 104)
+  with pytest.raises(CheckpointError, match="expected an OpenCLIP ViT name"):
+    openai_ckpt.parse_model_name("RN50")
+
+
+def test_openclip_hub_directory(openai_files, tmp_path):
+  from safetensors.torch import save_file
+
+  model, _ = openai_files
+  sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+  save_file(sd, tmp_path / "open_clip_model.safetensors")
+  cfg = {"model_cfg": {"embed_dim": 32, "quick_gelu": True, "vision_cfg": {"head_width": 64}}}
+  (tmp_path / "open_clip_config.json").write_text(json.dumps(cfg))
+  enc = api.load_clip(tmp_path)
+  assert enc.model.config.vision.act == "quick_gelu" and enc.model.config.vision.heads == 2
+  captions = _captions(3)
+  ids = Tokenizer(None)(captions)
+  _, want = _reference(model, np.zeros((1, 32, 32, 3), np.float32), ids)
+  assert np.abs(enc.encode_texts(captions) - want).max() <= 1e-4
+
+
+def test_unknown_layout_names_first_unmapped_key(openai_files, tmp_path):
+  model, _ = openai_files
+  sd = dict(model.state_dict())
+  sd["visual.attn_pool.query"] = torch.zeros(4, 128)
+  path = tmp_path / "extra.pt"
+  torch.save(sd, path)
+  with pytest.raises(CheckpointError) as info:
+    api.load_clip(path)
+  assert str(info.value) == (
+    f"{path}: unmapped key 'visual.attn_pool.query' (not an OpenAI / OpenCLIP ViT CLIP)"
+  )
+  assert "\n" not in str(info.value)
+  # A ResNet CLIP: no ViT patch embedding.
+  torch.save({"visual.layer1.0.conv1.weight": torch.zeros(2, 2, 1, 1)}, path)
+  with pytest.raises(CheckpointError, match=r"missing key 'visual.conv1.weight'.*visual.layer1"):
+    api.load_clip(path)
+  torch.save({"a": 1}, path)
+  with pytest.raises(CheckpointError, match="expected a state dict of tensors"):
+    api.load_clip(path)
+
+
+def _tiny_train(workdir, **overrides):
+  from config_helpers import load_config
+
+  from gmail_jax import train
+
+  config = load_config("tiny")
+  config.total_steps, config.checkpoint_every_steps, config.log_every_steps = 4, 2, 2
+  config.async_checkpoints = False
+  for key, value in overrides.items():
+    group, _, name = key.rpartition(".")
+    (config[group] if group else config)[name] = value
+  return train.train_and_evaluate(config, str(workdir))
+
+
+def _assert_trained_and_resumed(workdir, first: int, last: int, run):
+  from gmail_jax import checkpointing
+
+  run(total_steps=first)
+  assert checkpointing.saved_steps(str(workdir))[-1] == first
+  run(total_steps=last)
+  assert checkpointing.saved_steps(str(workdir))[-1] == last
+  history = [json.loads(line) for line in open(workdir / "config_history.jsonl")]
+  assert [h["resumed_from"] for h in history] == [None, first]
+
+
+def test_tiny_run_from_openai_checkpoint_trains_and_resumes(openai_files, tmp_path):
+  _, paths = openai_files
+  workdir = tmp_path / "run"
+
+  def run(**kw):
+    return _tiny_train(workdir, init=str(paths["torchscript"]), batch_size=8, **kw)
+
+  _assert_trained_and_resumed(workdir, 4, 6, run)
+  student = api.load_clip(workdir)
+  assert student.model.config.text.act == "quick_gelu"
+  assert student.encode_texts(["a cat"]).shape == (1, 32)
