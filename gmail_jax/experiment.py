@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from gmail_jax.errors import ConfigError, StageError
 
 STAGES: dict[str, str] = {
+  "generate": "gmail_jax.stages.generate",
   "splits": "gmail_jax.stages.splits",
   "teacher": "gmail_jax.stages.teacher",
   "align": "gmail_jax.stages.align",

@@ -29,6 +29,8 @@ def stage_config(
     c.init = inputs["model_dir"]
   if "train" in inputs:
     c.data.root = inputs["train"]
+  if "manifest" in inputs:
+    c.data.source, c.data.manifest = "manifest", inputs["manifest"]
   return c
 
 

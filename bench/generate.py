@@ -1,0 +1,178 @@
+"""Images/s of the text-to-image pipeline that ``gmail_jax.generate`` runs, as JSON.
+
+  .venv/bin/python bench/generate.py                 # CPU: the tiny random pipeline
+  python bench/generate.py --gpu                      # GPU: SD 2.1 base, or its shapes (see below)
+  python bench/generate.py --gpu --model=/path/to/stable-diffusion-2-1-base
+
+CPU: the tiny random pipeline of configs/generate/tiny.py at ``--resolution`` (32) and ``--steps``.
+GPU (``--gpu``): ``--model`` if given, else stabilityai/stable-diffusion-2-1-base when its weights
+are in the local Hugging Face cache, else a random pipeline with SD 2.1's shapes (UNet 865M, text
+encoder 340M, VAE 84M; same cost, random weights), at 512 px and 50 steps; the speed options that
+matter: fp16 / bf16, attention (SDPA vs the classic einsum processor), ``torch.compile`` of the
+UNet, batch size. Each row: images/s over ``--repeats`` timed calls after one warm-up call (the
+compile happens there), and device-days for the 560k COCO captions of the GMAIL paper (5 A100-days
+there). Last stdout line: JSON. On a small or busy CPU, set OMP_NUM_THREADS=1: torch's default
+pool oversubscribes the cores (tiny pipeline on 2 loaded cores: 0.5-1.7 images/s with 2 threads,
+5.6-12.8 with one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from bench import common  # noqa: E402
+
+SD21 = "stabilityai/stable-diffusion-2-1-base"
+COCO_CAPTIONS = 560_000  # GMAIL: 560k COCO captions, 5 GPU-days on A100-80GB
+
+
+def cached_sd21() -> str | None:
+  """The local snapshot of SD 2.1 base, or None (nothing is downloaded)."""
+  try:
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(SD21, local_files_only=True)
+  except Exception:  # not cached (or no hub client): fall back to the random pipeline
+    return None
+
+
+def load(model: str | None, shapes: str, device: str, dtype, workdir: str):
+  import diffusers
+
+  from gmail_jax import generate
+
+  generate._quiet()
+  if model:
+    pipe = diffusers.DiffusionPipeline.from_pretrained(
+      model, dtype=dtype, safety_checker=None, requires_safety_checker=False
+    )
+  else:
+    path = generate.ensure_random_pipeline(pathlib.Path(workdir) / shapes, shapes, 0)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), dtype=dtype)
+  pipe.set_progress_bar_config(disable=True)
+  return pipe.to(device)
+
+
+def measure(pipe, *, batch: int, steps: int, resolution: int, repeats: int, sync) -> dict:
+  import torch
+
+  prompts = [f"a photo of a cat sitting on a red chair, number {i}" for i in range(batch)]
+
+  def call():
+    gens = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]
+    pipe(
+      prompt=prompts,
+      num_inference_steps=steps,
+      guidance_scale=7.5,
+      height=resolution,
+      width=resolution,
+      generator=gens,
+      output_type="np",
+    )
+    sync()
+
+  t0 = time.perf_counter()
+  call()  # warm-up: cuDNN autotune, torch.compile
+  warmup = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - t0)
+  best = min(times)
+  ips = batch / best
+  return {
+    "batch_size": batch,
+    "images_per_s": round(ips, 3),
+    "s_per_call": round(best, 3),
+    "warmup_s": round(warmup, 2),
+    "device_days_560k": round(COCO_CAPTIONS / ips / 86400, 2),
+  }
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--gpu", action="store_true", help="CUDA: dtypes, attention, compile, batch")
+  p.add_argument("--model", default="", help="a diffusers dir / hub id (default: see docstring)")
+  p.add_argument("--steps", type=int, default=0, help="0: 50 on GPU, 10 on CPU")
+  p.add_argument("--resolution", type=int, default=0, help="0: 512 on GPU, 32 on CPU")
+  p.add_argument("--batch_sizes", default="", help="0: 1,4,8,16 on GPU, 1,4,16 on CPU")
+  p.add_argument("--repeats", type=int, default=2)
+  p.add_argument("--no_compile", action="store_true", help="skip the torch.compile row")
+  a = p.parse_args(argv)
+
+  import torch
+
+  gpu = a.gpu
+  if gpu and not torch.cuda.is_available():
+    raise SystemExit("--gpu: no CUDA device visible to torch")
+  steps = a.steps or (50 if gpu else 10)
+  resolution = a.resolution or (512 if gpu else 32)
+  default_bs = "1,4,8,16" if gpu else "1,4,16"
+  batches = [int(b) for b in (a.batch_sizes or default_bs).split(",")]
+  model = a.model or (cached_sd21() if gpu else None)
+  shapes = "sd21" if gpu else "tiny"
+  device = "cuda" if gpu else "cpu"
+  sync = torch.cuda.synchronize if gpu else (lambda: None)
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    if not gpu:
+      pipe = load(model, shapes, device, torch.float32, tmp)
+      for b in batches:
+        r = measure(pipe, batch=b, steps=steps, resolution=resolution, repeats=a.repeats, sync=sync)
+        rows.append({"dtype": "float32", "attention": "sdpa", "compile": False, **r})
+        print(rows[-1], file=sys.stderr, flush=True)
+    else:
+      from diffusers.models.attention_processor import AttnProcessor
+
+      mid = 8 if 8 in batches else batches[len(batches) // 2]
+      plan = [("float16", "sdpa", False, b) for b in batches]
+      plan += [("bfloat16", "sdpa", False, mid), ("float16", "classic", False, mid)]
+      plan += [] if a.no_compile else [("float16", "sdpa", True, mid)]
+      loaded = {}
+      for dtype, attention, compiled, b in plan:
+        if dtype not in loaded:
+          loaded.clear()
+          torch.cuda.empty_cache()
+          loaded[dtype] = load(model, shapes, device, getattr(torch, dtype), tmp)
+        pipe = loaded[dtype]
+        unet = pipe.unet
+        if attention == "classic":
+          pipe.unet.set_attn_processor(AttnProcessor())
+        if compiled:
+          pipe.unet = torch.compile(unet)
+        torch.cuda.reset_peak_memory_stats()
+        r = measure(pipe, batch=b, steps=steps, resolution=resolution, repeats=a.repeats, sync=sync)
+        r["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        rows.append({"dtype": dtype, "attention": attention, "compile": compiled, **r})
+        print(rows[-1], file=sys.stderr, flush=True)
+        pipe.unet = unet
+        if attention == "classic":
+          from diffusers.models.attention_processor import AttnProcessor2_0
+
+          pipe.unet.set_attn_processor(AttnProcessor2_0())
+  common.emit(
+    {
+      "bench": "generate",
+      "device": torch.cuda.get_device_name() if gpu else f"cpu x{torch.get_num_threads()} threads",
+      "pipeline": model or f"random ({shapes} shapes)",
+      "steps": steps,
+      "resolution": resolution,
+      "torch": torch.__version__,
+      "load_average": common.load_average(),
+      "cpu_count": common.cpu_count(),
+      "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
+      "results": rows,
+    }
+  )
+
+
+if __name__ == "__main__":
+  main()

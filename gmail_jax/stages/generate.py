@@ -1,0 +1,56 @@
+"""Stage 'generate': captions -> generated images and their manifest (gmail_jax/generate.py).
+
+Reads ``config.generate`` (a generation config: ``generate.base_config()``), writes
+WORKDIR/generate/ (images, parts, manifest.parquet) and outputs {'manifest'}: the align stage then
+trains on it (``data.source='manifest'``). Every process generates its share (shard = process
+index); process 0 writes the manifest once all are done. A rerun resumes; a changed value that
+defines the images is refused by the generator's own plan (WORKDIR/generate/generate.json).
+
+In one process with JAX on a GPU, JAX preallocates most of the GPU memory before this stage runs:
+either run ``python -m gmail_jax.generate`` first (launch/generate_multi_gpu.sh) or set
+XLA_PYTHON_CLIENT_PREALLOCATE=false.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+from jax.experimental import multihost_utils
+
+from gmail_jax import generate
+from gmail_jax.errors import ConfigError
+
+KEYS = ("generate",)
+ON_CHANGE = "rerun"  # the generator resumes, and refuses changes that would mix settings
+ALL_PROCESSES = True
+
+
+def complete(workdir: pathlib.Path, outputs: dict[str, Any]) -> bool:
+  del workdir
+  return pathlib.Path(outputs["manifest"]).is_file()
+
+
+def run(
+  config: ml_collections.ConfigDict, workdir: pathlib.Path, inputs: dict[str, Any]
+) -> dict[str, Any]:
+  del inputs
+  if "generate" not in config:
+    raise ConfigError("config.generate: missing (a generation config: generate.base_config())")
+  gen = config.generate
+  out = pathlib.Path(workdir) / "generate"
+  index, count = jax.process_index(), jax.process_count()
+  if gen.mode == "import":
+    if index == 0:
+      generate.import_images(gen, out)
+  else:
+    generate.generate(gen, out, shard_index=index, num_shards=count, finalize_when_done=count == 1)
+    if count > 1:
+      multihost_utils.sync_global_devices("generate: every shard done")
+      if index == 0 and generate.finalize(gen, out) is None:
+        raise RuntimeError(f"{out}: chunks missing after every shard finished")
+  if count > 1:
+    multihost_utils.sync_global_devices("generate: manifest written")
+  return {"manifest": str(generate.manifest_path(out))}

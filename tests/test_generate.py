@@ -1,0 +1,403 @@
+"""Generation (gmail_jax/generate.py): the tiny random pipeline on 40 COCO val2017 captions, K=2;
+SIGKILL + restart, two parallel shards, training on the manifest, import mode, per-caption rejects.
+
+The pipeline runs in subprocesses with one torch thread: on a shared 2-core machine, torch's
+default thread pool is ~20x slower for these tiny convolutions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import PIL.Image
+import pyarrow.parquet as pq
+import pytest
+from config_helpers import CONFIGS
+
+from gmail_jax import experiment, generate
+from gmail_jax.data.rejects import read_rejects
+from gmail_jax.errors import ConfigError, InputError
+from gmail_jax.stages import align
+
+pytest.importorskip("diffusers")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = "--config=configs/generate/tiny.py"
+K = 2
+DECODE_ERRORS = ("truncated image", "corrupt image", "not an image")  # data/images.decode_image
+
+
+def load_gen_config(name: str = "tiny"):
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(f"gen_{name}", CONFIGS / "generate" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def env(**extra) -> dict:
+  e = dict(os.environ, OMP_NUM_THREADS="1", GMAIL_TRACEBACK="1", HF_HUB_OFFLINE="1")
+  for key in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS", "SLURM_PROCID"):
+    e.pop(key, None)
+  e.update(extra)
+  return e
+
+
+def start(workdir, *flags) -> subprocess.Popen:
+  cmd = [sys.executable, "-m", "gmail_jax.generate", TINY, f"--workdir={workdir}", *flags]
+  return subprocess.Popen(
+    cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
+
+
+def finish(proc, timeout=240) -> str:
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def rows(workdir) -> list[dict]:
+  return pq.read_table(pathlib.Path(workdir) / "manifest.parquet").to_pylist()
+
+
+def pixels(workdir, row) -> np.ndarray:
+  return np.asarray(PIL.Image.open(pathlib.Path(workdir) / row["gen_path"]))
+
+
+@pytest.fixture(scope="module")
+def coco(shared_coco):
+  data = json.loads((shared_coco / "coco-captions-val2017" / "captions_val2017.json").read_text())
+  return data
+
+
+@pytest.fixture(scope="module")
+def shared_coco():
+  from conftest import shared_path
+
+  shared_path("coco-mini", "val2017")
+  return shared_path("coco-captions-val2017").parent
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shared_coco):
+  """An uninterrupted run of configs/generate/tiny.py (it builds DIR/pipeline)."""
+  workdir = tmp_path_factory.mktemp("gen_reference")
+  out = finish(start(workdir))
+  assert "images/s" in out and "ETA" in out
+  return workdir
+
+
+def test_manifest_joins_back_to_captions_and_real_images(reference, coco):
+  manifest = rows(reference)
+  images = {im["id"]: im["file_name"] for im in coco["images"]}
+  real_dir = pathlib.Path(load_gen_config().real_images)
+  anns = sorted(coco["annotations"], key=lambda a: a["id"])
+  present = [a for a in anns if (real_dir / images[a["image_id"]]).exists()][:40]
+  assert len(manifest) == 40 * K
+  want = [(str(a["id"]), k) for a in present for k in range(K)]
+  assert [(r["caption_id"], r["k"]) for r in manifest] == want
+  by_id = {str(a["id"]): a for a in present}
+  for r in manifest:
+    a = by_id[r["caption_id"]]
+    assert r["caption"] == " ".join(a["caption"].split())
+    assert pathlib.Path(r["real_path"]) == real_dir.resolve() / images[a["image_id"]]
+    assert pathlib.Path(r["real_path"]).is_file()
+    assert r["group"] == str(a["image_id"])
+    assert r["seed"] == generate.image_seed(0, r["caption_id"], r["k"])
+    assert pixels(reference, r).shape == (32, 32, 3)
+  assert len({r["seed"] for r in manifest}) == len(manifest)
+  summary = json.loads((reference / "summary.json").read_text())
+  assert (summary["images"], summary["rejected"], summary["complete"]) == (80, 0, True)
+  assert not (reference / "tmp").exists() and not list((reference / "parts").glob("*.jsonl"))
+  # A rerun finds every chunk done: nothing generated, the same manifest.
+  before = (reference / "manifest.parquet").read_bytes()
+  assert "0 images to go" in finish(start(reference))
+  assert rows(reference) == manifest and before
+
+
+def test_sigkill_then_restart_is_complete_and_equal(reference, tmp_path):
+  model = f"--config.model={reference / 'pipeline'}"
+  proc = start(tmp_path, model)
+  deadline = time.time() + 120
+  parts = tmp_path / "parts"
+  while time.time() < deadline and proc.poll() is None:
+    if parts.exists() and any(parts.iterdir()):  # a batch (journal) or a chunk (part) is done
+      break
+    time.sleep(0.01)
+  assert proc.poll() is None, "generation ended before SIGKILL"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (tmp_path / "manifest.parquet").exists()
+  finish(start(tmp_path, model))
+  got, ref = rows(tmp_path), rows(reference)
+  keys = [(r["caption_id"], r["k"]) for r in got]
+  assert len(keys) == len(set(keys)) == 40 * K
+  assert keys == [(r["caption_id"], r["k"]) for r in ref]
+  for a, b in zip(got, ref, strict=True):
+    assert a["seed"] == b["seed"]
+    np.testing.assert_array_equal(pixels(tmp_path, a), pixels(reference, b))
+
+
+def test_two_parallel_shards_cover_every_caption_once(reference, tmp_path):
+  model = f"--config.model={reference / 'pipeline'}"
+  procs = [start(tmp_path, model, "--num_shards=2", f"--shard_index={i}") for i in range(2)]
+  outs = [finish(p) for p in procs]
+  assert all("this shard: 3 chunks" in o or "this shard: 2 chunks" in o for o in outs)
+  got = rows(tmp_path)
+  keys = [(r["caption_id"], r["k"]) for r in got]
+  assert len(keys) == len(set(keys)) == 40 * K
+  assert keys == [(r["caption_id"], r["k"]) for r in rows(reference)]
+  assert len(list((tmp_path / "parts").glob("part-*.parquet"))) == 5
+  for a, b in zip(got, rows(reference), strict=True):  # the same batches: the same images
+    np.testing.assert_array_equal(pixels(tmp_path, a), pixels(reference, b))
+
+
+def test_main_trains_on_the_manifest(reference, tmp_path):
+  flags = [
+    "--config=configs/tiny.py",
+    "--config.data.source=manifest",
+    f"--config.data.manifest={reference / 'manifest.parquet'}",
+    "--config.model.variant=mu",
+    "--config.data.image_size=16",
+    "--config.total_steps=3",
+    "--config.batch_size=16",
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=3",
+    f"--workdir={tmp_path}",
+  ]
+  e = env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [sys.executable, "-m", "gmail_jax.main", *flags],
+    cwd=ROOT, env=e, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+  logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in logged] == [1, 2, 3]
+  assert all(np.isfinite(r["train/loss"]) for r in logged)
+  assert not (tmp_path / "rejects.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- in-process tests
+
+
+def captions_csv(path: pathlib.Path, texts: list[str], real: pathlib.Path | None = None) -> str:
+  lines = ["caption_id,caption,real_path,group"]
+  for i, t in enumerate(texts):
+    lines.append(f"c{i},{t},{real.name if real else ''},{i % 3}")
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+class FakePipeline:
+  """Stands in for a diffusers pipeline: 'NSFW' prompts are flagged, 'BOOM' makes a call raise;
+  pixels depend on the seed only. A tokenizer that counts words (limit 6)."""
+
+  def __init__(self):
+    self.calls = []
+    self.tokenizer = _WordTokenizer()
+
+  def __call__(self, *, prompt, generator, height, width, output_type, **kwargs):
+    import torch
+
+    assert output_type == "np"
+    self.calls.append(list(prompt))
+    if any("BOOM" in p for p in prompt):
+      raise RuntimeError("kaboom")
+    images = np.stack(
+      [torch.rand(height, width, 3, generator=g).numpy() for g in generator]
+    ).astype(np.float32)
+    nsfw = ["NSFW" in p for p in prompt]
+    return types.SimpleNamespace(images=images, nsfw_content_detected=nsfw)
+
+
+class _WordTokenizer:
+  model_max_length = 6
+
+  def __call__(self, text, truncation=False):
+    return types.SimpleNamespace(input_ids=text.split())
+
+
+def fake_config(tmp_path, texts, **overrides):
+  tmp_path.mkdir(parents=True, exist_ok=True)
+  c = generate.base_config()
+  real = tmp_path / "real.jpg"
+  PIL.Image.new("RGB", (8, 8), (10, 20, 30)).save(real)
+  c.captions = captions_csv(tmp_path / "captions.csv", texts, real)
+  c.real_images = str(tmp_path)
+  c.images_per_caption = 2
+  c.batch_size = 3
+  c.chunk_size = 4
+  c.resolution = 8
+  c.dtype = "float32"
+  c.update(overrides)
+  return c
+
+
+def test_per_caption_failures_are_rejects_not_fatal(tmp_path):
+  texts = ["a red car", "NSFW thing", "BOOM goes it", "", "one two three four five six seven"]
+  texts += ["a dog"]
+  config = fake_config(tmp_path, texts, long_prompt="reject")
+  out = tmp_path / "out"
+  pipe = FakePipeline()
+  summary = generate.generate(config, out, pipeline=pipe)
+  assert summary["complete"] and summary["captions"] == 6
+  got = rows(out)
+  assert {(r["caption_id"], r["k"]) for r in got} == {(c, k) for c in ("c0", "c5") for k in (0, 1)}
+  assert all(r["real_path"] == str(tmp_path / "real.jpg") for r in got)
+  assert [r["group"] for r in got] == ["0", "0", "2", "2"]
+  assert summary["rejected"] == 8
+  assert summary["reject_reasons"] == {
+    "nsfw": 2, "pipeline error": 2, "empty caption": 2, "prompt too long": 2,
+  }  # fmt: skip
+  logged = read_rejects(out)
+  assert len(logged) == 8 and {r["caption_id"] for r in logged} == {"c1", "c2", "c3", "c4"}
+  # Seeds depend on (seed, caption_id, k) only: the same image whatever the batch it was in.
+  a = pixels(out, got[0])
+  c2 = fake_config(tmp_path / "one", ["a red car"], batch_size=1, chunk_size=1)
+  generate.generate(c2, tmp_path / "alone", pipeline=FakePipeline())
+  np.testing.assert_array_equal(pixels(tmp_path / "alone", rows(tmp_path / "alone")[0]), a)
+  # Rerun: every chunk is done, the pipeline is not called.
+  pipe2 = FakePipeline()
+  generate.generate(config, out, pipeline=pipe2)
+  assert pipe2.calls == []
+
+
+def test_resume_refuses_a_changed_setting_and_changed_captions(tmp_path):
+  config = fake_config(tmp_path, ["a", "b", "c"])
+  generate.generate(config, tmp_path / "out", pipeline=FakePipeline())
+  with pytest.raises(ConfigError, match=r"config\.steps: 10 differs from 50"):
+    generate.generate(
+      fake_config(tmp_path, ["a", "b", "c"], steps=10), tmp_path / "out", pipeline=FakePipeline()
+    )
+  with pytest.raises(InputError, match="not the captions"):
+    generate.generate(fake_config(tmp_path, ["a", "b", "d"]), tmp_path / "out", pipeline=None)
+
+
+def test_partial_chunk_resumes_from_its_journal(tmp_path):
+  """A chunk whose first batch is journalled and whose part is not written (what a SIGKILL after
+  that batch leaves, with a torn last line) is finished without generating batch 0 again."""
+  config = fake_config(tmp_path, ["p0", "p1", "p2", "p3"], chunk_size=8, batch_size=3)
+  full = FakePipeline()
+  generate.generate(config, tmp_path / "full", pipeline=full)
+  assert [len(c) for c in full.calls] == [3, 3, 2]
+  done = pq.read_table(tmp_path / "full" / "parts" / "part-000000.parquet").to_pylist()[:3]
+  out = tmp_path / "out"
+  (out / "parts").mkdir(parents=True)
+  (out / "images" / "000000").mkdir(parents=True)
+  for r in done:
+    (out / r["gen_path"]).write_bytes((tmp_path / "full" / r["gen_path"]).read_bytes())
+  journal = json.dumps({"batch": 0, "rows": done}) + "\n" + '{"batch": 1, "ro'
+  (out / "parts" / "part-000000.jsonl").write_text(journal)
+  resumed = FakePipeline()
+  generate.generate(config, out, pipeline=resumed)
+  assert resumed.calls == full.calls[1:]
+  assert rows(out) == rows(tmp_path / "full")
+  for r in rows(out):
+    np.testing.assert_array_equal(pixels(out, r), pixels(tmp_path / "full", r))
+
+
+def test_import_reports_missing_and_corrupt_and_imports_the_rest(tmp_path):
+  texts = [f"caption number {i}" for i in range(10)]
+  config = fake_config(tmp_path, texts, mode="import")
+  folder = tmp_path / "made_elsewhere"
+  (folder / "sub").mkdir(parents=True)
+  for i in range(10):
+    for k in range(2):
+      where = folder / "sub" if i % 2 else folder
+      PIL.Image.new("RGB", (16, 16), (i * 20, k * 100, 0)).save(where / f"c{i}_{k}.png")
+  (folder / "c3_1.png").unlink(missing_ok=True)
+  (folder / "sub" / "c3_1.png").unlink()  # missing
+  data = (folder / "c4_0.png").read_bytes()
+  (folder / "c4_0.png").write_bytes(data[: len(data) // 2])  # corrupt: cut short
+  (folder / "nobody_0.png").write_bytes((folder / "c0_0.png").read_bytes())  # unmatched
+  config.import_dir = str(folder)
+  summary = generate.run(config, tmp_path / "out")
+  assert summary["images"] == 18 and summary["missing"] == 1
+  reasons = dict(summary["reject_reasons"])
+  assert (reasons.pop("missing image"), reasons.pop("unmatched")) == (1, 1)
+  assert list(reasons.values()) == [1] and list(reasons)[0] in DECODE_ERRORS
+  got = rows(tmp_path / "out")
+  keys = {(r["caption_id"], r["k"]) for r in got}
+  assert len(got) == 18 and ("c3", 1) not in keys and ("c4", 0) not in keys
+  assert all(r["seed"] is None and pathlib.Path(r["gen_path"]).is_file() for r in got)
+  assert all(r["caption"] == f"caption number {r['caption_id'][1:]}" for r in got)
+  logged = {(r.get("caption_id"), r.get("k")): r["reason"] for r in read_rejects(tmp_path / "out")}
+  assert logged[("c3", 1)] == "missing image"
+  assert logged[("c4", 0)].startswith(DECODE_ERRORS)
+
+
+def test_stage_outputs_the_manifest_and_align_trains_on_it(reference, tmp_path):
+  gen = load_gen_config()
+  gen.model = str(reference / "pipeline")
+  gen.max_captions, gen.images_per_caption = 3, 1
+  import ml_collections
+
+  config = ml_collections.ConfigDict({"stages": ("generate",), "generate": gen})
+  outputs = experiment._run_one("generate", config, tmp_path, {})
+  assert outputs == {"manifest": str(tmp_path / "generate" / "manifest.parquet")}
+  assert len(rows(tmp_path / "generate")) == 3
+  assert experiment._run_one("generate", config, tmp_path, {}) == outputs  # recorded: skipped
+  train = load_config_tiny()
+  wired = align.stage_config(train, outputs)
+  assert (wired.data.source, wired.data.manifest) == ("manifest", outputs["manifest"])
+
+
+def load_config_tiny():
+  from config_helpers import load_config
+
+  return load_config("tiny")
+
+
+def test_shards_from_flags_jax_or_slurm_environment():
+  assert generate.resolve_shard(environ={}) == (0, 1)
+  assert generate.resolve_shard(4, 3, environ={"JAX_NUM_PROCESSES": "2"}) == (3, 4)
+  jax_env = {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1", "SLURM_NTASKS": "8"}
+  assert generate.resolve_shard(environ=jax_env) == (1, 2)
+  assert generate.resolve_shard(environ={"SLURM_NTASKS": "8", "SLURM_PROCID": "5"}) == (5, 8)
+  with pytest.raises(ConfigError, match="--shard_index=2"):
+    generate.resolve_shard(2, 2, environ={})
+  with pytest.raises(ConfigError, match="both or neither"):
+    generate.resolve_shard(2, None, environ={})
+  chunks = [set(generate.shard_chunks(7, i, 3)) for i in range(3)]
+  assert set().union(*chunks) == set(range(7)) and sum(map(len, chunks)) == 7
+
+
+def test_seeds_are_a_function_of_seed_caption_and_k():
+  s = generate.image_seed(0, "123", 1)
+  assert s == generate.image_seed(0, "123", 1) and 0 <= s < 2**63
+  assert (
+    len({generate.image_seed(b, c, k) for b in (0, 1) for c in ("1", "01", "x") for k in (0, 1)})
+    == 12
+  )
+  assert generate.caption_key("123") == 123 and generate.caption_key("0123") != 123
+
+
+def test_config_checks_name_the_key(tmp_path):
+  c = generate.base_config()
+  c.captions = "x.json"
+  c.stpes = 3
+  with pytest.raises(ConfigError, match=r"config\.stpes: unknown key"):
+    generate.check(c)
+  c = generate.base_config()
+  c.captions = "x.json"
+  c.resolution = 100
+  with pytest.raises(ConfigError, match=r"config\.resolution"):
+    generate.check(c)
+  c = generate.base_config()
+  c.captions = str(tmp_path / "nope.json")
+  with pytest.raises(InputError, match="file not found"):
+    generate.read_captions(c)
+  bad = tmp_path / "bad.csv"
+  bad.write_text("caption_id,caption\na/b,hello\n")
+  c.captions = str(bad)
+  with pytest.raises(InputError, match="not file-name safe"):
+    generate.read_captions(c)
