@@ -18,7 +18,7 @@ import json
 
 import ml_collections
 
-from gmail_jax import objectives, optim
+from gmail_jax import generate, objectives, optim
 from gmail_jax.data.config import default_data_config
 from gmail_jax.errors import ConfigError
 from gmail_jax.models import towers
@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.overrides = ml_collections.ConfigDict()  # architecture fields, e.g. vision_patch_size
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
   c.model.remat = False
+  c.model.text_context = 0  # stretch config.init's text positions to N tokens (Long-CLIP: 248)
   # XLA:CPU aid: write the residual stream once per block instead of recomputing it in every
   # fusion (models/clip.py). Decided when the model is built; other backends never use it.
   c.model.cpu_residual_loops = True
@@ -138,6 +139,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.report.synthetic_baseline = True
   c.report.tsne_method = "tsne"  # tsne | pca
   c.report.tsne_points = 300
+
+  # Stage 'generate' (gmail_jax/stages/generate.py): the generation config family's own base
+  # (gmail_jax/generate.py), so a typo there is refused like any other key.
+  c.generate = generate.base_config()
 
   # Training-time / `gmail_jax.evaluate` evaluators: name -> dict(type=..., every_steps=..., ...).
   c.evals = ml_collections.ConfigDict()
@@ -244,6 +249,7 @@ RESUMABLE = (
   "mesh",
   "evals",
   "report",
+  "generate",
   "splits",
   "teacher_pretrain",
   "teacher_cache",
