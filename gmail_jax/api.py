@@ -21,6 +21,7 @@ import jax
 
 from gmail_jax import sharding as shd
 from gmail_jax.encoders import Encoder
+from gmail_jax.errors import ConfigError
 from gmail_jax.models import towers
 from gmail_jax.models.tokenizer import Tokenizer
 
@@ -35,30 +36,38 @@ def load_clip(
   dtype=None,
   batch_size: int = 64,
   model_name: str | None = None,
+  text_context: int = 0,
 ) -> ClipEncoder:
   """A :class:`ClipEncoder` from a HF CLIP directory (safetensors or .bin), a hub id, an OpenAI /
   OpenCLIP ViT checkpoint file or OpenCLIP directory, or a training workdir (then the trained
   student, LoRA merged: ``load_student(src)``).
 
   ``model_name``: for an OpenCLIP file, its model name (``ViT-B-32``: GELU; ``...-quickgelu``);
-  None = an OpenAI checkpoint (QuickGELU). The tokenizer comes from the checkpoint's
-  ``vocab.json`` + ``merges.txt`` when present, else from the BPE file of the ``openai-clip``
-  package.
+  None = an OpenAI checkpoint (QuickGELU). ``text_context``: stretch the text positions to this
+  many tokens on load (Long-CLIP, models/longclip.py; 248 from 77); 0 = the checkpoint's own.
+  The tokenizer runs at the model's context, from the checkpoint's ``vocab.json`` +
+  ``merges.txt`` when present, else from the BPE file of the ``openai-clip`` package.
   """
   from gmail_jax import run as run_lib
-  from gmail_jax.models import convert, openai_ckpt
+  from gmail_jax.models import convert, longclip, openai_ckpt
 
   src = os.fspath(src)
   if run_lib.is_run(src):
+    if text_context:
+      raise ConfigError(f"{src}: text_context is for checkpoints; a run keeps its own context")
     return load_student(src, batch_size=batch_size)
   if openai_ckpt.is_openai_source(src):
     model = openai_ckpt.load_pretrained(src, model_name=model_name, dtype=dtype)
+    if text_context:
+      model = longclip.stretch_text_context(model, text_context)
     tokenizer = Tokenizer(None, context_length=model.config.text.context_length)
     return ClipEncoder(model, tokenizer=tokenizer, batch_size=batch_size)
   if model_name is not None:
     raise convert.CheckpointError(f"{src}: model_name is only for OpenAI / OpenCLIP files")
   ckpt_dir = convert.resolve_source(src)
   model = towers.get("clip").load_pretrained(ckpt_dir, dtype=dtype)
+  if text_context:
+    model = longclip.stretch_text_context(model, text_context)
   ctx = model.config.text.context_length
   has_vocab = all(os.path.exists(os.path.join(ckpt_dir, f)) for f in ("vocab.json", "merges.txt"))
   tokenizer = Tokenizer(ckpt_dir if has_vocab else None, context_length=ctx)

@@ -76,8 +76,17 @@ def build_teacher(
   t = tower(config)
   if config.init:
     model = t.load_pretrained(config.init, **kw)
+    if config.model.text_context:
+      from gmail_jax.models import longclip  # CLIP only: a text positional table to stretch
+
+      model = longclip.stretch_text_context(model, int(config.model.text_context))
     gdef, state = nnx.split(model)
     return nnx.merge(gdef, place(state, shd.param_shardings(state, mesh, fsdp=fsdp)))
+  if config.model.text_context:
+    raise ConfigError(
+      "config.model.text_context: stretches a pretrained config.init; for a random init set "
+      "config.model.overrides.text_context_length"
+    )
   cfg = model_config(config)
 
   def make():

@@ -64,6 +64,8 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     from gmail_jax import schema
 
     config.wandb = schema.base_config().wandb
+  if "model" in config and "text_context" not in config.model:
+    config.model.text_context = 0  # written before the key existed: never stretched
   return config
 
 

@@ -259,3 +259,115 @@ def test_tiny_run_from_openai_checkpoint_trains_and_resumes(openai_files, tmp_pa
   student = api.load_clip(workdir)
   assert student.model.config.text.act == "quick_gelu"
   assert student.encode_texts(["a cat"]).shape == (1, 32)
+
+
+# ------------------------------------------------------------------------------------ Long-CLIP
+
+
+def _longclip_reference(pos: torch.Tensor) -> torch.Tensor:
+  """Long-CLIP's published stretching loop (model_longclip.py), verbatim in its arithmetic."""
+  length, dim = pos.shape
+  keep_len = 20
+  new = torch.zeros([4 * length - 3 * keep_len, dim], dtype=pos.dtype)
+  for i in range(keep_len):
+    new[i] = pos[i]
+  for i in range(length - 1 - keep_len):
+    new[4 * i + keep_len] = pos[i + keep_len]
+    new[4 * i + 1 + keep_len] = 3 * pos[i + keep_len] / 4 + 1 * pos[i + 1 + keep_len] / 4
+    new[4 * i + 2 + keep_len] = 2 * pos[i + keep_len] / 4 + 2 * pos[i + 1 + keep_len] / 4
+    new[4 * i + 3 + keep_len] = 1 * pos[i + keep_len] / 4 + 3 * pos[i + 1 + keep_len] / 4
+  for j in range(4):
+    new[4 * length - 3 * keep_len - 4 + j] = (
+      pos[length - 1] + j * (pos[length - 1] - pos[length - 2]) / 4
+    )
+  return new
+
+
+def _long_captions(n: int = 3) -> list[str]:
+  """Real captions joined into texts of 80..240 tokens."""
+  caps = _captions(8 * n)
+  texts = [" ".join(caps[8 * i : 8 * i + 8]) for i in range(n)]
+  lengths = [len(Tokenizer(None).encode(t)) for t in texts]
+  assert all(77 < n_tok < 246 for n_tok in lengths), lengths
+  return texts
+
+
+def _hf_text_embeds(model, ids: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    out = model.get_text_features(input_ids=torch.from_numpy(ids.astype(np.int64)))
+  out = getattr(out, "pooler_output", out).numpy()
+  return out / np.linalg.norm(out, axis=-1, keepdims=True)
+
+
+def test_stretch_reproduces_longclip_formula():
+  from gmail_jax.models import longclip
+
+  pos = torch.randn(77, 48, generator=torch.Generator().manual_seed(0))
+  got = longclip.stretch_positions(pos.numpy())
+  want = _longclip_reference(pos).numpy()
+  assert got.shape == (248, 48)
+  np.testing.assert_array_equal(got, want)  # the same fp32 operations, bit for bit
+  np.testing.assert_array_equal(got[:20], pos.numpy()[:20])
+  np.testing.assert_array_equal(longclip.stretch_positions(pos.numpy(), 100), want[:100])
+  with pytest.raises(ValueError, match="gives 78..248 positions"):
+    longclip.stretch_positions(pos.numpy(), 249)
+
+
+def test_longclip_hf_checkpoint_248_positions(tmp_path):
+  import hf_tiny
+
+  cfg = hf_tiny.tiny_clip_config(layers=2, text={"max_position_embeddings": 248})
+  hf = hf_tiny.hf_clip(cfg, seed=1)
+  hf.save_pretrained(tmp_path)
+  hf_tiny.write_clip_tokenizer_files(tmp_path)
+  enc = api.load_clip(tmp_path)
+  assert enc.model.config.text.context_length == enc.tokenizer.context_length == 248
+  texts = _long_captions()
+  ids = enc.tokenize(texts)
+  assert (ids == 49407).argmax(-1).min() > 77  # the EOT lies past the old context
+  err = np.abs(enc.encode_texts(texts) - _hf_text_embeds(hf, ids)).max()
+  assert err <= 1e-4, err
+
+
+def test_text_context_stretches_a_77_token_checkpoint(tmp_path):
+  import hf_tiny
+
+  src = hf_tiny.save_tiny_hf_clip(tmp_path / "src", layers=2, seed=2)
+  plain = api.load_clip(src)
+  enc = api.load_clip(src, text_context=248)
+  assert enc.model.config.text.context_length == enc.tokenizer.context_length == 248
+  pos77 = np.asarray(plain.model.text.pos_embedding[...])
+  pos248 = np.asarray(enc.model.text.pos_embedding[...])
+  np.testing.assert_array_equal(pos248[:20], pos77[:20])
+  np.testing.assert_array_equal(pos248, _longclip_reference(torch.from_numpy(pos77)).numpy())
+  # The reference: the same HF model with Long-CLIP's table in a 248-position CLIPModel.
+  cfg = hf_tiny.tiny_clip_config(layers=2, text={"max_position_embeddings": 248})
+  hf = hf_tiny.hf_clip(cfg, seed=2)
+  sd = hf_tiny.hf_clip(hf_tiny.tiny_clip_config(layers=2), seed=2).state_dict()
+  key = "text_model.embeddings.position_embedding.weight"
+  sd[key] = _longclip_reference(sd[key])
+  hf.load_state_dict(sd)
+  texts = _long_captions()
+  err = np.abs(enc.encode_texts(texts) - _hf_text_embeds(hf, enc.tokenize(texts))).max()
+  assert err <= 1e-4, err
+  # Short texts still agree with the unstretched model up to the kept 20 positions.
+  short = ["a cat"]
+  np.testing.assert_allclose(enc.encode_texts(short), plain.encode_texts(short), atol=1e-5)
+
+
+def test_tiny_run_stretched_to_248_trains_and_resumes(tmp_path):
+  import hf_tiny
+
+  from gmail_jax.errors import ConfigError
+
+  src = hf_tiny.save_tiny_hf_clip(tmp_path / "src", layers=1)
+  workdir = tmp_path / "run"
+
+  def run(**kw):
+    return _tiny_train(workdir, init=str(src), batch_size=8, **{"model.text_context": 248}, **kw)
+
+  _assert_trained_and_resumed(workdir, 4, 6, run)
+  student = api.load_clip(workdir)
+  assert student.model.config.text.context_length == student.tokenizer.context_length == 248
+  with pytest.raises(ConfigError, match=r"^config\.model\.text_context: stretches a pretrained"):
+    _tiny_train(tmp_path / "scratch", **{"model.text_context": 248})
