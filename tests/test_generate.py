@@ -336,18 +336,25 @@ def test_import_reports_missing_and_corrupt_and_imports_the_rest(tmp_path):
 
 
 def test_stage_outputs_the_manifest_and_align_trains_on_it(reference, tmp_path):
+  """config.stages = ('generate', 'align') through the experiment driver: the align stage trains
+  on the generated manifest; a rerun skips both stages."""
   gen = load_gen_config()
   gen.model = str(reference / "pipeline")
-  gen.max_captions, gen.images_per_caption = 3, 1
-  import ml_collections
-
-  config = ml_collections.ConfigDict({"stages": ("generate",), "generate": gen})
-  outputs = experiment._run_one("generate", config, tmp_path, {})
-  assert outputs == {"manifest": str(tmp_path / "generate" / "manifest.parquet")}
-  assert len(rows(tmp_path / "generate")) == 3
-  assert experiment._run_one("generate", config, tmp_path, {}) == outputs  # recorded: skipped
-  train = load_config_tiny()
-  wired = align.stage_config(train, outputs)
+  gen.max_captions, gen.images_per_caption = 8, 1
+  config = load_config_tiny()
+  config.stages = ("generate", "align")
+  config.generate = gen
+  config.model.variant = "mu"
+  config.data.image_size = 16
+  config.batch_size, config.total_steps, config.checkpoint_every_steps = 8, 2, 2
+  outputs = experiment.run(config, tmp_path)
+  assert outputs["manifest"] == str(tmp_path / "generate" / "manifest.parquet")
+  assert len(rows(tmp_path / "generate")) == 8
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert (saved["data"]["source"], saved["data"]["manifest"]) == ("manifest", outputs["manifest"])
+  assert (tmp_path / "checkpoints" / "2").is_dir()
+  assert experiment.run(config, tmp_path) == outputs  # recorded and complete: both skipped
+  wired = align.stage_config(load_config_tiny(), outputs)
   assert (wired.data.source, wired.data.manifest) == ("manifest", outputs["manifest"])
 
 
