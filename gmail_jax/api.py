@@ -65,6 +65,8 @@ def load_clip(
   if model_name is not None:
     raise convert.CheckpointError(f"{src}: model_name is only for OpenAI / OpenCLIP files")
   ckpt_dir = convert.resolve_source(src)
+  if convert.read_hf_config(ckpt_dir).get("model_type") == "siglip":
+    return _load_siglip(ckpt_dir, dtype=dtype, batch_size=batch_size, text_context=text_context)
   model = towers.get("clip").load_pretrained(ckpt_dir, dtype=dtype)
   if text_context:
     model = longclip.stretch_text_context(model, text_context)
@@ -72,6 +74,21 @@ def load_clip(
   has_vocab = all(os.path.exists(os.path.join(ckpt_dir, f)) for f in ("vocab.json", "merges.txt"))
   tokenizer = Tokenizer(ckpt_dir if has_vocab else None, context_length=ctx)
   return ClipEncoder(model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def _load_siglip(ckpt_dir: str, *, dtype, batch_size: int, text_context: int) -> ClipEncoder:
+  """A HF SiglipModel directory: the SigLIP tower and its SentencePiece tokenizer."""
+  from gmail_jax.models.siglip_tokenizer import SiglipTokenizer
+
+  if text_context:
+    raise ConfigError(f"{ckpt_dir}: text_context stretching is for CLIP, not SigLIP")
+  tower = towers.get("siglip")
+  model = tower.load_pretrained(ckpt_dir, dtype=dtype)
+  tokenizer = SiglipTokenizer(ckpt_dir, context_length=model.config.text.context_length)
+  spec = tower.preprocess
+  return ClipEncoder(
+    model, tokenizer=tokenizer, batch_size=batch_size, mean=spec.mean, std=spec.std
+  )
 
 
 def load_student(

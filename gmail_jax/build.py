@@ -214,8 +214,15 @@ def make_step(
 
 def tokenizer(config: ml_collections.ConfigDict, context_length: int) -> Tokenizer:
   """The teacher checkpoint's own vocabulary when ``config.init`` is a directory that has one
-  (vocab.json + merges.txt), else the CLIP BPE of the openai-clip package."""
+  (vocab.json + merges.txt), else the CLIP BPE of the openai-clip package. SigLIP: the
+  SentencePiece model (spiece.model) of ``config.init``."""
   init = config.init
+  if config.model.name == "siglip":
+    from gmail_jax.models.siglip_tokenizer import SPIECE, SiglipTokenizer
+
+    if not (init and os.path.isfile(os.path.join(init, SPIECE))):
+      raise ConfigError(f"config.init: SigLIP needs a checkpoint directory with {SPIECE}")
+    return SiglipTokenizer(init, context_length=context_length)
   has_vocab = bool(init) and all(
     os.path.isfile(os.path.join(init, f)) for f in ("vocab.json", "merges.txt")
   )

@@ -35,8 +35,8 @@ def test_clip_tower_provides_everything():
 
 def test_unknown_tower_is_one_line():
   with pytest.raises(ValueError) as info:
-    towers.get("siglip")
-  assert str(info.value) == "config.model.name: 'siglip' not in ['clip']"
+    towers.get("vit")
+  assert str(info.value) == "config.model.name: 'vit' not in ['clip', 'siglip']"
 
 
 def test_default_residual_loops_follows_the_backend():

@@ -29,7 +29,8 @@ def _photos(n: int = 4) -> list[PIL.Image.Image]:
   return [PIL.Image.open(p).convert("RGB") for p in sorted(PHOTOS.glob("*.jpg"))[:n]]
 
 
-def _captions(n: int = 6) -> list[str]:
+def _captions(n: int | None = 6) -> list[str]:
+  """The first ``n`` COCO val2017 captions (None: all 25,014)."""
   if not CAPTIONS.exists():
     pytest.skip(f"{CAPTIONS} not present")
   anns = json.loads(CAPTIONS.read_text())["annotations"]
@@ -371,3 +372,128 @@ def test_tiny_run_stretched_to_248_trains_and_resumes(tmp_path):
   assert student.model.config.text.context_length == student.tokenizer.context_length == 248
   with pytest.raises(ConfigError, match=r"^config\.model\.text_context: stretches a pretrained"):
     _tiny_train(tmp_path / "scratch", **{"model.text_context": 248})
+
+
+# --------------------------------------------------------------------------------------- SigLIP
+
+
+@pytest.fixture(scope="module")
+def spiece(tmp_path_factory):
+  """A 1000-piece SentencePiece model trained on the COCO val2017 captions (SigLIP's ids:
+  </s> = 1 = pad, <unk> = 2)."""
+  import io
+
+  spm = pytest.importorskip("sentencepiece")
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(_captions(None)),
+    model_writer=buf,
+    vocab_size=1000,
+    pad_id=0,
+    eos_id=1,
+    unk_id=2,
+    bos_id=-1,
+    pad_piece="<pad>",
+    minloglevel=2,
+  )
+  path = tmp_path_factory.mktemp("spiece") / "spiece.model"
+  path.write_bytes(buf.getvalue())
+  return path
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(spiece, tmp_path_factory):
+  """A random tiny transformers SiglipModel (non-zero biases, probe, logit bias) + spiece.model."""
+  import shutil
+
+  transformers = pytest.importorskip("transformers")
+  tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+  cfg = transformers.SiglipConfig(
+    text_config=dict(tower, vocab_size=1000, max_position_embeddings=16),
+    vision_config=dict(tower, image_size=32, patch_size=8),
+  )
+  torch.manual_seed(0)
+  model = transformers.SiglipModel(cfg).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  path = tmp_path_factory.mktemp("siglip")
+  model.save_pretrained(path)
+  shutil.copy(spiece, path / "spiece.model")
+  return model, path
+
+
+def test_siglip_tokenizer_matches_transformers_on_coco_captions(spiece):
+  transformers = pytest.importorskip("transformers")
+  from gmail_jax.models.siglip_tokenizer import SiglipTokenizer
+
+  captions = _captions(None)
+  assert len(captions) > 25_000
+  for ctx in (16, 64):
+    ours = SiglipTokenizer(spiece, context_length=ctx)(captions)
+    hf = transformers.SiglipTokenizer(str(spiece), model_max_length=ctx)
+    want = hf(captions, padding="max_length", truncation=True, max_length=ctx)["input_ids"]
+    mismatched = int((ours != np.asarray(want)).any(axis=1).sum())
+    assert mismatched == 0, f"{mismatched} of {len(captions)} captions differ at context {ctx}"
+
+
+def test_siglip_matches_transformers(siglip_dir, spiece):
+  transformers = pytest.importorskip("transformers")
+  hf, path = siglip_dir
+  enc = api.load_clip(path, batch_size=4)
+  assert type(enc.model).__name__ == "Siglip"
+  assert (enc.mean, enc.std) == ((0.5,) * 3, (0.5,) * 3)
+  photos, captions = _photos(), _captions()
+  pixels = np.stack([preprocess.resize_center_crop(p, 32) for p in photos])
+  pixels = np.asarray(preprocess.normalize(pixels, enc.mean, enc.std), np.float32)
+  tok = transformers.SiglipTokenizer(str(spiece), model_max_length=16)
+  ids = np.asarray(tok(captions, padding="max_length", truncation=True)["input_ids"])
+  np.testing.assert_array_equal(enc.tokenize(captions), ids)
+  with torch.no_grad():
+    out = hf(
+      input_ids=torch.from_numpy(ids),
+      pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()),
+    )
+  err_img = np.abs(enc.encode_images(pixels) - out.image_embeds.numpy()).max()
+  err_txt = np.abs(enc.encode_texts(captions) - out.text_embeds.numpy()).max()
+  assert err_img <= 1e-4 and err_txt <= 1e-4, (err_img, err_txt)
+  import jax.numpy as jnp
+
+  logits, _ = enc.model(jnp.asarray(pixels), jnp.asarray(ids))
+  np.testing.assert_allclose(np.asarray(logits), out.logits_per_image.numpy(), atol=1e-4)
+  assert float(enc.model.logit_bias[...]) == pytest.approx(float(hf.logit_bias), abs=1e-6)
+
+
+def test_siglip_tower_registered():
+  from gmail_jax.models import lora, siglip, towers
+
+  tower = towers.get("siglip")
+  assert tower.preprocess.mean == tower.preprocess.std == (0.5, 0.5, 0.5)
+  assert tower.lora_targets["attn"] == lora.ATTN_TARGETS
+  cfg = tower.arch_config("tiny", text_context_length=8)
+  assert cfg.text.context_length == 8
+  from flax import nnx
+
+  model = nnx.eval_shape(lambda: tower.make(cfg, rngs=nnx.Rngs(0)))
+  assert isinstance(model, siglip.Siglip)
+  got = lora.select_targets(model, tower.lora_targets["attn"])
+  assert len(got) == 4 * cfg.vision.layers and all("/head/" not in p for p in got)
+
+
+def test_tiny_siglip_run_trains_and_resumes(siglip_dir, tmp_path):
+  _, path = siglip_dir
+  workdir = tmp_path / "run"
+
+  def run(**kw):
+    return _tiny_train(
+      workdir,
+      init=str(path),
+      batch_size=8,
+      **{"model.name": "siglip", "model.variant": "tiny"},
+      **kw,
+    )
+
+  _assert_trained_and_resumed(workdir, 4, 6, run)
+  student = api.load_clip(workdir)
+  assert type(student.model).__name__ == "Siglip" and student.tokenizer.context_length == 16
+  assert student.encode_texts(["a cat on a mat"]).shape == (1, 32)

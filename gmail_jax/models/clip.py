@@ -93,6 +93,7 @@ class CLIPConfig:
 _ACTS = {
   "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
   "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # HF gelu_pytorch_tanh (SigLIP)
 }
 
 

@@ -250,15 +250,20 @@ def read_hf_config(ckpt_dir: str) -> dict:
 
 
 def load_state_into(
-  model_fn: Callable[[], CLIP], state_dict: dict[str, np.ndarray], source: str
+  model_fn: Callable[[], CLIP],
+  state_dict: dict[str, np.ndarray],
+  source: str,
+  key_fn: Callable[[tuple], tuple[str, Callable[[np.ndarray], np.ndarray]]] | None = None,
 ) -> CLIP:
-  """Build ``model_fn()`` abstractly and fill every ``nnx.Param`` from a HF state dict (strict)."""
+  """Build ``model_fn()`` abstractly and fill every ``nnx.Param`` from a HF state dict (strict).
+  ``key_fn``: NNX path -> (HF key, array map), :func:`hf_key` by default (other towers: theirs)."""
+  key_fn = key_fn or hf_key
   abstract = nnx.eval_shape(model_fn)
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   flat = list(nnx.to_flat_state(params))
   used, filled = set(), []
   for path, var in flat:
-    key, fn = hf_key(path)
+    key, fn = key_fn(path)
     if key not in state_dict:
       raise CheckpointError(f"{source}: missing key {key!r} (for {'/'.join(map(str, path))})")
     value = fn(np.asarray(state_dict[key]))

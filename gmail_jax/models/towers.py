@@ -23,7 +23,10 @@ if TYPE_CHECKING:
   from flax import nnx
 
 # name -> provider module (its ``TOWER`` attribute).
-TOWERS: dict[str, str] = {"clip": "gmail_jax.models.clip_tower"}
+TOWERS: dict[str, str] = {
+  "clip": "gmail_jax.models.clip_tower",
+  "siglip": "gmail_jax.models.siglip_tower",
+}
 
 
 @dataclasses.dataclass(frozen=True)
