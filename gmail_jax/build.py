@@ -131,7 +131,8 @@ def make_student(config: ml_collections.ConfigDict, teacher: nnx.Module):
 
 
 def initial_params(config, models: train_step.Models, lora, frozen) -> dict[str, Any]:
-  """The trainable pytree: LoRA [+ a COPY of the vision projection] [+ log 1/tau]."""
+  """The trainable pytree: LoRA [+ a COPY of the vision projection] [+ log 1/tau] [+ the sigmoid
+  text term's bias, from the teacher's logit_bias when it has one (SigLIP), else -10]."""
   del models
   params: dict[str, Any] = {"lora": lora}
   if config.lora.train_proj:
@@ -139,6 +140,9 @@ def initial_params(config, models: train_step.Models, lora, frozen) -> dict[str,
     params["proj"] = jax.tree.map(jnp.copy, proj)  # own buffer: the state is donated
   if config.loss.learn_temperature:
     params["log_scale"] = jnp.asarray(math.log(1.0 / config.loss.temperature), jnp.float32)
+  if config.loss.text_weight and config.loss.text_loss == "sigmoid":
+    bias = frozen["logit_bias"][...] if "logit_bias" in frozen else -10.0
+    params["text_bias"] = jnp.asarray(bias, jnp.float32).reshape(())
   return params
 
 

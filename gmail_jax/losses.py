@@ -110,6 +110,34 @@ def clip_loss(
   return loss, {"text_acc": jnp.mean(acc_i)}
 
 
+def sigmoid_loss(
+  z_image: jax.Array,
+  z_text: jax.Array,
+  logit_scale: float | jax.Array,
+  logit_bias: float | jax.Array,
+  *,
+  group: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """SigLIP's pairwise sigmoid loss (Zhai et al., 2023) with a linear scale and a bias.
+
+      L = -1/B sum_ij log sigmoid(y_ij (scale * <i_i, t_j> + bias)),  y = +1 on the diagonal, -1 off
+
+  (HF ``SiglipModel(return_loss=True)``). ``group`` drops same-group off-diagonal pairs, which are
+  neither positives nor negatives, as in ``gen_real_infonce``.
+  """
+  zi, zt = l2_normalize(z_image), l2_normalize(z_text)
+  logits = logit_scale * (zi @ zt.T) + logit_bias
+  n = logits.shape[0]
+  labels = 2.0 * jnp.eye(n, dtype=logits.dtype) - 1.0
+  terms = jax.nn.log_sigmoid(labels * logits)
+  mask = false_negative_mask(group, n)
+  if mask is not None:
+    terms = jnp.where(mask, 0.0, terms)
+  loss = -jnp.sum(terms) / n
+  acc = jnp.argmax(logits, axis=1) == jnp.arange(n)
+  return loss, {"text_acc": jnp.mean(acc)}
+
+
 def gmail_loss(
   z_gen: jax.Array,
   z_real: jax.Array,
@@ -120,10 +148,14 @@ def gmail_loss(
   z_text: jax.Array | None = None,
   text_weight: float = 0.0,
   text_logit_scale: float | jax.Array = 1.0 / 0.07,
+  text_loss: str = "softmax",
+  text_bias: float | jax.Array = -10.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """GMAIL objective:  L = L_align(z_gen, z_real; tau) + lambda * L_CLIP(z_gen, z_text).
 
-  lambda = ``text_weight``; lambda = 0 (or ``z_text=None``) is literally Algorithm 1. Returns the
+  lambda = ``text_weight``; lambda = 0 (or ``z_text=None``) is literally Algorithm 1. The text
+  term is CLIP's InfoNCE (``text_loss="softmax"``) or SigLIP's sigmoid loss with ``text_bias``
+  (``"sigmoid"``). Returns the
   total loss and per-term metrics ('align_loss', 'pair_acc', 'pos_cos', and with the text term
   'text_loss', 'text_acc').
   """
@@ -131,7 +163,10 @@ def gmail_loss(
   aux = {"align_loss": align, **aux}
   loss = align
   if z_text is not None and text_weight:
-    text, text_aux = clip_loss(z_gen, z_text, text_logit_scale, group=group)
+    if text_loss == "sigmoid":
+      text, text_aux = sigmoid_loss(z_gen, z_text, text_logit_scale, text_bias, group=group)
+    else:
+      text, text_aux = clip_loss(z_gen, z_text, text_logit_scale, group=group)
     loss = loss + text_weight * text
     aux.update(text_loss=text, **text_aux)
   return loss, aux

@@ -66,6 +66,8 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     config.wandb = schema.base_config().wandb
   if "model" in config and "text_context" not in config.model:
     config.model.text_context = 0  # written before the key existed: never stretched
+  if "loss" in config and "text_loss" not in config.loss:
+    config.loss.text_loss = "softmax"  # likewise: the CLIP text term
   return config
 
 

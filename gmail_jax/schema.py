@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.learn_temperature = False
   c.loss.symmetric = False
   c.loss.text_weight = 0.0  # lambda of the CLIP text term; 0 = Algorithm 1
+  c.loss.text_loss = "softmax"  # text term: softmax (CLIP) | sigmoid (SigLIP, learned bias)
   c.loss.mask_groups = True
 
   # TPC-CMA (loss.mode='tpc_cma'; papers.md §B.3 defaults, see objectives/tpc_cma.py).

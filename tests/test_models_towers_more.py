@@ -480,20 +480,45 @@ def test_siglip_tower_registered():
   assert len(got) == 4 * cfg.vision.layers and all("/head/" not in p for p in got)
 
 
+def test_sigmoid_loss_matches_transformers(siglip_dir):
+  from gmail_jax import losses
+
+  hf, _ = siglip_dir
+  rng = np.random.default_rng(0)
+  ids = torch.from_numpy(rng.integers(3, 1000, (5, 16)))
+  pixels = torch.from_numpy(rng.normal(size=(5, 3, 32, 32)).astype(np.float32))
+  with torch.no_grad():
+    out = hf(input_ids=ids, pixel_values=pixels, return_loss=True)
+  loss, _ = losses.sigmoid_loss(
+    out.image_embeds.numpy(),
+    out.text_embeds.numpy(),
+    float(hf.logit_scale.exp()),
+    float(hf.logit_bias),
+  )
+  assert float(loss) == pytest.approx(float(out.loss), rel=1e-5)
+  # Same-group off-diagonal pairs drop out of the sum.
+  z = rng.normal(size=(4, 8)).astype(np.float32)
+  masked, _ = losses.sigmoid_loss(z, z, 10.0, 5.0, group=np.array([0, 0, 1, 2]))
+  full, _ = losses.sigmoid_loss(z, z, 10.0, 5.0)
+  zn = z / np.linalg.norm(z, axis=-1, keepdims=True)
+  pair = 10.0 * float(zn[0] @ zn[1]) + 5.0
+  dropped = 2 * np.log1p(np.exp(pair)) / 4  # -log sigmoid(-x), both orders, over B = 4
+  assert float(full) - float(masked) == pytest.approx(dropped, rel=1e-4)
+
+
 def test_tiny_siglip_run_trains_and_resumes(siglip_dir, tmp_path):
   _, path = siglip_dir
   workdir = tmp_path / "run"
+  kw = {"model.name": "siglip", "model.variant": "tiny"}
+  kw.update({"loss.text_weight": 0.5, "loss.text_loss": "sigmoid"})  # SigLIP's own text term
+  logged = []
 
-  def run(**kw):
-    return _tiny_train(
-      workdir,
-      init=str(path),
-      batch_size=8,
-      **{"model.name": "siglip", "model.variant": "tiny"},
-      **kw,
-    )
+  def run(**more):
+    logged.append(_tiny_train(workdir, init=str(path), batch_size=8, **kw, **more))
 
   _assert_trained_and_resumed(workdir, 4, 6, run)
+  text_losses = [v for k, v in logged[-1].items() if k.endswith("text_loss")]
+  assert text_losses and all(np.isfinite(v) for v in text_losses), logged[-1]
   student = api.load_clip(workdir)
   assert type(student.model).__name__ == "Siglip" and student.tokenizer.context_length == 16
   assert student.encode_texts(["a cat on a mat"]).shape == (1, 32)

@@ -4,7 +4,8 @@
 
 z_gen = student f_g on generated images, z_real = frozen teacher f_r on the paired real images;
 ``loss.symmetric`` adds the real -> generated direction, ``loss.mask_groups`` removes same-group
-false negatives, ``loss.text_weight`` > 0 adds the CLIP text term (losses.gmail_loss).
+false negatives, ``loss.text_weight`` > 0 adds the CLIP text term (losses.gmail_loss), or with
+``loss.text_loss='sigmoid'`` SigLIP's sigmoid term with a learned bias (head param ``text_bias``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import ml_collections
 from gmail_jax import losses
 from gmail_jax.errors import ConfigError
 from gmail_jax.objectives.base import Objective, Targets, temperature_of
+
+TEXT_LOSSES = ("softmax", "sigmoid")
 
 
 class GMAIL(Objective):
@@ -33,6 +36,8 @@ class GMAIL(Objective):
     loss = config.loss
     if loss.text_weight < 0:
       raise ConfigError(f"config.loss.text_weight: must be >= 0, got {loss.text_weight}")
+    if loss.text_loss not in TEXT_LOSSES:
+      raise ConfigError(f"config.loss.text_loss: {loss.text_loss!r} not in {TEXT_LOSSES}")
 
   def parts(
     self, head: dict, z: jax.Array, targets: Targets, step: jax.Array
@@ -49,6 +54,8 @@ class GMAIL(Objective):
       z_text=targets.text,
       text_weight=loss_cfg.text_weight,
       text_logit_scale=targets.text_logit_scale,
+      text_loss=loss_cfg.text_loss,
+      text_bias=head.get("text_bias", -10.0),
     )
     return jnp.stack([loss]), {**aux, "temperature": tau}
 
