@@ -356,6 +356,29 @@ def test_text_context_stretches_a_77_token_checkpoint(tmp_path):
   np.testing.assert_allclose(enc.encode_texts(short), plain.encode_texts(short), atol=1e-5)
 
 
+def test_longclip_own_checkpoint_two_position_tables(tmp_path):
+  """longclip-B.pt layout: OpenAI keys at context 248 plus ``positional_embedding_res``; the model
+  adds table 1 on the first 20 positions and table 2 on the rest."""
+  module = _openai_model_module()
+  torch.manual_seed(3)
+  kw = dict(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64)
+  kw.update(vision_patch_size=8, context_length=248, vocab_size=49408)
+  model = module.CLIP(**kw, transformer_width=64, transformer_heads=1, transformer_layers=2)
+  model = model.eval()
+  sd = dict(model.state_dict())
+  res = 0.01 * torch.randn(248, 64)
+  sd["positional_embedding_res"] = res
+  torch.save(sd, tmp_path / "longclip-B.pt")
+  with torch.no_grad():
+    model.positional_embedding.copy_(torch.cat([sd["positional_embedding"][:20], res[20:]]))
+  enc = api.load_clip(tmp_path / "longclip-B.pt")
+  assert enc.model.config.text.context_length == enc.tokenizer.context_length == 248
+  texts = _long_captions()
+  _, want = _reference(model, np.zeros((1, 32, 32, 3), np.float32), enc.tokenize(texts))
+  err = np.abs(enc.encode_texts(texts) - want).max()
+  assert err <= 1e-4, err
+
+
 def test_tiny_run_stretched_to_248_trains_and_resumes(tmp_path):
   import hf_tiny
 

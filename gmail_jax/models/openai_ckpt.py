@@ -3,7 +3,8 @@
 Accepted files: an OpenAI TorchScript archive (``ViT-B-32.pt``), a plain state dict saved with
 ``torch.save`` (optionally wrapped as ``{"state_dict": ...}`` with ``module.`` prefixes, as OpenCLIP
 training checkpoints are) or a ``.safetensors`` file; or an OpenCLIP hub directory
-(``open_clip_config.json`` + ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin``).
+(``open_clip_config.json`` + ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin``),
+or Long-CLIP's own ``longclip-B.pt`` / ``longclip-L.pt`` (:func:`merge_longclip_positions`).
 
 No arbitrary code runs: a TorchScript archive is not loaded with ``torch.jit.load`` (that compiles
 the archive's code and runs any TorchScript ``__setstate__``). Its ``data.pkl`` is read with a
@@ -283,6 +284,22 @@ def to_hf_names(sd: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]
   return out
 
 
+def merge_longclip_positions(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Long-CLIP's own checkpoints (longclip-B.pt) keep two text position tables and add
+  ``positional_embedding * mask1 + positional_embedding_res * mask2`` (mask1 = the first 20
+  rows, mask2 = the rest): one table, those rows from each."""
+  if "positional_embedding_res" not in sd:
+    return sd
+  from gmail_jax.models.longclip import KEEP
+
+  sd = dict(sd)
+  res, pos = sd.pop("positional_embedding_res"), sd.get("positional_embedding")
+  if pos is None or pos.shape != res.shape:
+    return {**sd, "positional_embedding_res": res}  # left for to_hf_names to refuse
+  sd["positional_embedding"] = np.concatenate([pos[:KEEP], res[KEEP:]])
+  return sd
+
+
 def _count_layers(sd: dict, prefix: str) -> int:
   pattern = re.compile(rf"^{re.escape(prefix)}resblocks\.(\d+)\.")
   ids = {int(m.group(1)) for k in sd if (m := pattern.match(k))}
@@ -385,7 +402,7 @@ def load_pretrained(
   if model_name is None and model_cfg is not None:  # an OpenCLIP hub directory says it itself
     act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
     head_width = int((model_cfg.get("vision_cfg") or {}).get("head_width", 64))
-  sd = strip_module_prefix(read_checkpoint(path))
+  sd = merge_longclip_positions(strip_module_prefix(read_checkpoint(path)))
   config = config_from_state_dict(sd, path, act=act, head_width=head_width)
   hf_sd = to_hf_names(sd, path)
   if residual_loops is None:  # decided here, not inside load_state_into's eval_shape
