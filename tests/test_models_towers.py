@@ -86,19 +86,15 @@ def test_residual_loops_change_no_value_or_gradient(remat):
     on: _value_and_grad(tower.make(cfg, rngs=nnx.Rngs(0), remat=remat, residual_loops=on))
     for on in (False, True)
   }
-  # Op by op, the loops are an exact identity on values and gradients.
-  eager = {on: fn(params) for on, (fn, params) in fns.items()}
-  _assert_close(eager[True], eager[False], 1e-6)
-  # Compiled, the option (not the backend) decides whether the loops XLA:CPU cannot remove are
-  # there; they move fusion boundaries, so gradients differ by fp32 rounding (measured <= 7e-6,
-  # the same size as jit vs eager: 2e-5).
+  # The option (not the backend) decides whether the loops XLA:CPU cannot remove are there; they
+  # move fusion boundaries, so gradients differ by fp32 rounding (measured <= 7e-6). That the
+  # boundary itself is an exact identity is tested op by op in test_models_clip_parity.py.
   compiled = {}
   for on, (fn, params) in fns.items():
-    hlo = jax.jit(fn).lower(params).compile().as_text()
-    assert (" while(" in hlo) is on
-    compiled[on] = jax.jit(fn)(params)
+    compiled_fn = jax.jit(fn).lower(params).compile()
+    assert (" while(" in compiled_fn.as_text()) is on
+    compiled[on] = compiled_fn(params)
   _assert_close(compiled[True], compiled[False], 1e-4)
-  _assert_close(compiled[False], eager[False], 1e-4)
 
 
 def test_load_pretrained_takes_the_option(tmp_path):
