@@ -8,7 +8,7 @@
     sims = img @ txt.T                                         # cosine similarities
 
 Images may be a list of PIL images / uint8 HWC arrays of any size, a uint8 ``[N, H, W, 3]`` array
-(resized/cropped like ``CLIPImageProcessor`` unless already ``image_size``), or a float
+(resized like the tower's image processor unless already ``image_size``), or a float
 ``[N, S, S, 3]`` array that is already CLIP-normalised. Forwards are jitted and run in fixed-size
 batches of ``batch_size`` split over the local devices (gmail_jax/encoders.py).
 """
@@ -87,7 +87,12 @@ def _load_siglip(ckpt_dir: str, *, dtype, batch_size: int, text_context: int) ->
   tokenizer = SiglipTokenizer(ckpt_dir, context_length=model.config.text.context_length)
   spec = tower.preprocess
   return ClipEncoder(
-    model, tokenizer=tokenizer, batch_size=batch_size, mean=spec.mean, std=spec.std
+    model,
+    tokenizer=tokenizer,
+    batch_size=batch_size,
+    mean=spec.mean,
+    std=spec.std,
+    resize=spec.resize,
   )
 
 
@@ -108,4 +113,5 @@ def load_student(
     batch_size=batch_size,
     mean=spec.mean,
     std=spec.std,
+    resize=spec.resize,
   )

@@ -11,7 +11,7 @@ split over the mesh's batch axes (not replicated on every device), padding maske
 compilation per model structure; with several processes each embeds its block of the rows.
 
 Images: a list of PIL images / uint8 HWC arrays of any size, a uint8 ``[N, H, W, 3]`` array
-(resized / centre-cropped like the tower's image processor unless already ``image_size``), or a
+(resized like the tower's image processor, ``resize`` mode, unless already ``image_size``), or a
 float ``[N, S, S, 3]`` array that is already normalised. ``views(teacher, student)`` gives the
 three encoders evaluation compares (teacher / student / student_all).
 """
@@ -75,6 +75,7 @@ class Encoder:
     batch_size: int = 64,
     mean: Sequence[float] = pp.CLIP_MEAN,
     std: Sequence[float] = pp.CLIP_STD,
+    resize: pp.ResizeMode = "shortest_edge_crop",
   ):
     self.model = model
     self.mesh = mesh if mesh is not None else shd.make_mesh({"data": -1})
@@ -85,6 +86,9 @@ class Encoder:
     n = self.mesh.size
     self.batch_size = max(n, -(-batch_size // n) * n)  # a multiple of the devices
     self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if resize not in pp.RESIZE_MODES:
+      raise ValueError(f"resize mode {resize!r} not in {list(pp.RESIZE_MODES)}")
+    self.resize = resize
     self._model = nnx.split(model)
     self._model = (self._model[0], _on_mesh(self._model[1], self.mesh))
     if generated is None or generated is model:
@@ -117,14 +121,14 @@ class Encoder:
       if arr.dtype == np.uint8:
         if arr.shape[1:] == (s, s, 3):
           return arr
-        return np.stack([pp.resize_center_crop(im, s) for im in arr]) if len(arr) else arr
+        return np.stack([pp.resize(im, s, self.resize) for im in arr]) if len(arr) else arr
       # Floats are taken as normalised pixels; the vision tower checks their size.
       self.model.vision.check_pixels(arr.shape)
       return arr.astype(np.float32)
     if isinstance(images, (list, tuple)):
       if not images:
         return np.zeros((0, s, s, 3), np.uint8)
-      return np.stack([pp.resize_center_crop(im, s) for im in images])
+      return np.stack([pp.resize(im, s, self.resize) for im in images])
     raise TypeError(
       f"images: expected a list of PIL images/uint8 arrays or an array, got {type(images).__name__}"
     )

@@ -56,6 +56,7 @@ class Run:
       batch_size=batch_size,
       mean=spec.mean,
       std=spec.std,
+      resize=spec.resize,
     )
 
 

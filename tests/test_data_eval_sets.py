@@ -4,9 +4,10 @@ import json
 import zipfile
 
 import numpy as np
+import PIL.Image
 import pytest
 
-from gmail_jax.data import eval_sets
+from gmail_jax.data import eval_sets, preprocess
 
 
 def test_coco_mini_captions(shared):
@@ -25,6 +26,12 @@ def test_coco_mini_captions(shared):
   assert s.paths[0].endswith(first["file_name"])
   want = sorted(a["caption"].strip() for a in ann["annotations"] if a["image_id"] == first["id"])
   assert sorted(s.captions[j] for j in s.image_to_texts[0]) == [" ".join(c.split()) for c in want]
+  # A SigLIP tower's mode squashes the whole image (no crop); CLIP's centre crop is the default.
+  squashed = eval_sets.load_images(s.paths[:2], image_size=32, resize="squash")
+  for path, crop, sq in zip(s.paths[:2], s.images[:2], squashed, strict=True):
+    with PIL.Image.open(path) as im:
+      np.testing.assert_array_equal(crop, preprocess.resize_center_crop(im, 32))
+      np.testing.assert_array_equal(sq, preprocess.resize_squash(im, 32))
 
 
 def test_karpathy_json(shared, tmp_path):

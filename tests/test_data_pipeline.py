@@ -286,3 +286,25 @@ def test_seeds_do_not_share_a_batch_sequence():
     assert a != b, f"epoch {epoch}: seeds 0 and 1 give the same order"
   assert order(1, 0) != order(0, 1)
   assert order(0, 2) == order(0, 2)  # deterministic
+
+
+def test_siglip_run_squashes_images(shared, tmp_path):
+  """config.model.name=siglip: real and generated images are squashed to SxS (no crop), like HF's
+  SiglipImageProcessor; the default (CLIP) keeps the short-side resize + centre crop."""
+  from gmail_jax.data.preprocess import resize_squash
+
+  manifest, rows = coco_manifest(shared, tmp_path, n_images=4, captions_per_image=1)
+  by_caption = {r["caption"]: r for r in rows}
+  for name, resize in (("siglip", resize_squash), ("clip", resize_center_crop)):
+    config = make_config(source="manifest", manifest=str(manifest))
+    config.model = {"name": name}
+    for b in pipeline.make_eval_iterator(
+      config, tokenizer=None, workdir=tmp_path / name, shuffle=False, batch_size=2,
+      keep_caption=True,
+    ):  # fmt: skip
+      for k, caption in enumerate(b["caption"]):
+        row = by_caption[str(caption)]
+        for key, path in (("real_image", row["real_path"]), ("gen_image", row["gen_path"])):
+          with PIL.Image.open(path) as im:
+            assert im.size[0] != im.size[1]
+            np.testing.assert_array_equal(b[key][k], resize(im, 32))

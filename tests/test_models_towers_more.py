@@ -545,3 +545,26 @@ def test_tiny_siglip_run_trains_and_resumes(siglip_dir, tmp_path):
   student = api.load_clip(workdir)
   assert type(student.model).__name__ == "Siglip" and student.tokenizer.context_length == 16
   assert student.encode_texts(["a cat on a mat"]).shape == (1, 32)
+
+
+def test_siglip_squash_resize_matches_image_processor(siglip_dir):
+  """Non-square photos: load_clip squashes like SiglipImageProcessor (PIL backend), no crop."""
+  transformers = pytest.importorskip("transformers")
+  hf, path = siglip_dir
+  enc = api.load_clip(path, batch_size=4)
+  assert enc.resize == "squash"
+  photos = _photos()
+  assert any(p.size[0] != p.size[1] for p in photos)
+  proc = transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32})
+  pixels = proc(photos, return_tensors="np")["pixel_values"]  # NCHW
+  ours = preprocess.preprocess(photos, 32, enc.mean, enc.std, mode="squash")
+  np.testing.assert_allclose(ours, pixels.transpose(0, 2, 3, 1), atol=1e-6)
+  assert not np.allclose(preprocess.preprocess(photos, 32, enc.mean, enc.std), ours, atol=1e-2)
+  with torch.no_grad():
+    out = hf.get_image_features(pixel_values=torch.from_numpy(pixels))
+  want = getattr(out, "pooler_output", out).numpy()
+  want = want / np.linalg.norm(want, axis=-1, keepdims=True)
+  err = float(np.abs(enc.encode_images(photos) - want).max())
+  assert err <= 1e-4, err
+  with pytest.raises(ValueError, match="resize mode"):
+    preprocess.resize(photos[0], 32, "bogus")

@@ -4,8 +4,9 @@
 * Flickr30k / COCO Karpathy JSON (``images[].sentences[].raw``, ``split``) -> :class:`CaptionSet`
 * class folders ``<root>/<class>/*`` or a zip of ``.../<class>/<file>`` -> :class:`ClassSet`
 
-Images are decoded to RGB PIL, or to uint8 ``[size, size, 3]`` center crops when ``image_size`` is
-given (the same ``resize_center_crop`` as training). Bad files are an error naming the file.
+Images are decoded to RGB PIL, or to uint8 ``[size, size, 3]`` crops when ``image_size`` is given
+(the same resize as training: the tower's ``resize`` mode, CLIP's centre crop by default). Bad files
+are an error naming the file.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import zipfile
 
 import numpy as np
 
+from gmail_jax.data import preprocess
 from gmail_jax.data.images import decode_image
-from gmail_jax.data.preprocess import resize_center_crop
 from gmail_jax.data.rejects import BadInput
 from gmail_jax.data.sources import IMAGE_EXTS
 from gmail_jax.errors import InputError
@@ -47,12 +48,12 @@ class ClassSet:
   paths: list[str]
 
 
-def _load(data: bytes, name: str, image_size: int | None):
+def _load(data: bytes, name: str, image_size: int | None, resize: preprocess.ResizeMode):
   try:
     image = decode_image(data, name)
   except BadInput as e:
     raise InputError(f"eval set: bad image {e.path}: {e.reason}") from None
-  return resize_center_crop(image, image_size) if image_size else image
+  return preprocess.resize(image, image_size, resize) if image_size else image
 
 
 def _read(path: str) -> bytes:
@@ -62,9 +63,15 @@ def _read(path: str) -> bytes:
     raise InputError(f"eval set: cannot read {path}: {e.strerror or e}") from None
 
 
-def load_images(paths: list[str], *, image_size: int | None = None) -> list:
-  """RGB PIL images (alpha on white, like training), or uint8 ``[size, size, 3]`` center crops."""
-  return [_load(_read(p), p, image_size) for p in paths]
+def load_images(
+  paths: list[str],
+  *,
+  image_size: int | None = None,
+  resize: preprocess.ResizeMode = "shortest_edge_crop",
+) -> list:
+  """RGB PIL images (alpha on white, like training), or uint8 ``[size, size, 3]`` crops resized
+  by the tower's ``resize`` mode (CLIP's centre crop by default)."""
+  return [_load(_read(p), p, image_size, resize) for p in paths]
 
 
 def _caption_index(entries, images_dir, max_images) -> tuple[list[str], list[str], np.ndarray]:
@@ -113,12 +120,13 @@ def load_coco_captions(
   image_size: int | None = None,
   max_images: int | None = None,
   only_present: bool = True,
+  resize: preprocess.ResizeMode = "shortest_edge_crop",
 ) -> CaptionSet:
   """:func:`coco_captions` with the images decoded (see :func:`load_images`)."""
   paths, captions, t2i = coco_captions(
     captions_json, images_dir, max_images=max_images, only_present=only_present
   )
-  return CaptionSet(paths, load_images(paths, image_size=image_size), captions, t2i)
+  return CaptionSet(paths, load_images(paths, image_size=image_size, resize=resize), captions, t2i)
 
 
 def load_karpathy(
@@ -128,6 +136,7 @@ def load_karpathy(
   split: str = "test",
   image_size: int | None = None,
   max_images: int | None = None,
+  resize: preprocess.ResizeMode = "shortest_edge_crop",
 ) -> CaptionSet:
   """Karpathy-split JSON (``dataset_flickr30k.json`` / ``dataset_coco.json``) of one split."""
   try:
@@ -141,7 +150,7 @@ def load_karpathy(
     name = os.path.join(im.get("filepath", ""), im["filename"])
     entries.append((name, [" ".join(s["raw"].split()) for s in im.get("sentences", [])]))
   paths, captions, t2i = _caption_index(entries, str(images_dir), max_images)
-  return CaptionSet(paths, load_images(paths, image_size=image_size), captions, t2i)
+  return CaptionSet(paths, load_images(paths, image_size=image_size, resize=resize), captions, t2i)
 
 
 def load_class_set(
@@ -150,6 +159,7 @@ def load_class_set(
   image_size: int | None = None,
   per_class: int | None = None,
   max_images: int | None = None,
+  resize: preprocess.ResizeMode = "shortest_edge_crop",
 ) -> ClassSet:
   """Class-labelled images from ``path/<class>/*`` or a zip whose members end ``<class>/<file>``
   (e.g. the CIFAR-10 test zip, read in place). Classes sorted by name; files sorted; the first
@@ -187,7 +197,7 @@ def load_class_set(
       for n in sorted(by_class[c])[:per_class]:
         data = zf.read(n) if zf is not None else _read(n)
         name = f"{path}:{n}" if zf is not None else n
-        images.append(_load(data, name, image_size))
+        images.append(_load(data, name, image_size, resize))
         labels.append(label)
         paths.append(name)
   finally:

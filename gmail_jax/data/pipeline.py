@@ -6,10 +6,11 @@ epoch). Process ``p`` of ``P`` reads positions ``p, p+P, p+2P, ...``, so within 
 goes to exactly one process. A bad pair is dropped where it stands: the other pairs keep their
 positions (determinism, exactly-once).
 
-Per element: read bytes -> decode -> ``resize_center_crop`` (generated images: optional random
-resized crop + flip, drawn from hash(seed, g)) -> uint8. Per batch: stack and tokenize captions.
-Batches are the contract's numpy dicts ``gen_image, real_image, text, group, real_id``;
-normalisation happens on device. The iterator is a ``grain.DatasetIterator``:
+Per element: read bytes -> decode -> ``preprocess.resize`` in the tower's mode (generated images:
+optional random resized crop + flip, drawn from hash(seed, g)) -> uint8. Per batch: stack and
+tokenize captions. Batches are the contract's numpy dicts
+``gen_image, real_image, text, group, real_id``; normalisation happens on device. The iterator is
+a ``grain.DatasetIterator``:
 ``get_state``/``set_state`` and Orbax ``grain.checkpoint.CheckpointSave/CheckpointRestore``
 work on it directly.
 """
@@ -23,10 +24,10 @@ from collections.abc import Callable, Sequence
 import grain
 import numpy as np
 
+from gmail_jax.data import preprocess
 from gmail_jax.data.config import validate
 from gmail_jax.data.images import decode_image, random_resized_crop_flip
 from gmail_jax.data.pairing import mix64
-from gmail_jax.data.preprocess import resize_center_crop
 from gmail_jax.data.rejects import BadInput, RejectLog
 from gmail_jax.data.sources import make_source
 from gmail_jax.errors import ConfigError
@@ -92,7 +93,9 @@ class LoadPair:
     augment: bool,
     augment_scale=(0.5, 1.0),
     keep_index: bool = False,
+    resize: preprocess.ResizeMode = "shortest_edge_crop",
   ):
+    self.resize = resize
     self.source, self.image_size, self.seed, self.log = source, int(image_size), int(seed), log
     self.augment, self.augment_scale, self.keep_index = (
       bool(augment),
@@ -110,13 +113,13 @@ class LoadPair:
       name = pair.real_name
       real = decode_image(pair.real, pair.real_name)
       name = pair.real_name
-      real_crop = resize_center_crop(real, self.image_size)
+      real_crop = preprocess.resize(real, self.image_size, self.resize)
       name = pair.gen_name
       if self.augment:
         rng = np.random.default_rng(mix64(self.seed, g, 0xA06))
         gen_crop = random_resized_crop_flip(gen, self.image_size, rng, scale=self.augment_scale)
       else:
-        gen_crop = resize_center_crop(gen, self.image_size)
+        gen_crop = preprocess.resize(gen, self.image_size, self.resize)
     except BadInput as e:
       self.log.reject(e.path, e.reason, slot=int(slot), epoch=int(epoch))
       return None
@@ -171,6 +174,15 @@ def _process(process_index, process_count) -> tuple[int, int]:
   return int(process_index), int(process_count)
 
 
+def _resize_mode(config) -> preprocess.ResizeMode:
+  """The resize mode of ``config.model.name``'s tower (CLIP's when the config names none)."""
+  from gmail_jax.models import towers  # lazily: other pipeline users need not import jax
+
+  model = config.get("model") if hasattr(config, "get") else None
+  name = model.get("name", "clip") if model is not None else "clip"
+  return towers.get(name).preprocess.resize
+
+
 def make_dataset(
   config,
   *,
@@ -212,6 +224,7 @@ def make_dataset(
     augment=data.augment_generated,
     augment_scale=tuple(data.get("augment_scale", (0.5, 1.0))),
     keep_index=keep_index,
+    resize=_resize_mode(config),
   )
   ds = grain.MapDataset.source(order)[pi::pc].map(load)  # None = rejected; skipped below
   ds = ds.to_iter_dataset(

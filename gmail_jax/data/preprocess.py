@@ -8,6 +8,10 @@ Per image (HF ``PilBackend``, ``size={"shortest_edge": S}``, ``crop_size=S``):
   3. center crop S x S with ``top = (h - S) // 2``, ``left = (w - S) // 2``;
   4. ``x / 255`` then ``(x - CLIP_MEAN) / CLIP_STD`` per channel (other towers pass their own).
 
+SigLIP (``mode="squash"``, HF ``SiglipImageProcessorPil``, ``size={"height": S, "width": S}``)
+replaces steps 2-3 by one PIL bicubic resize to S x S (no crop; the aspect ratio is not kept).
+:func:`resize` dispatches on a tower's ``PreprocessSpec.resize`` mode.
+
 Steps 1-3 run on the host and give uint8 (what data pipelines ship to the device);
 step 4 is :func:`normalize`, which also runs on ``jax.Array`` inside a jitted step.
 """
@@ -15,12 +19,16 @@ step 4 is :func:`normalize`, which also runs on ``jax.Array`` inside a jitted st
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import PIL.Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+ResizeMode = Literal["shortest_edge_crop", "squash"]
+RESIZE_MODES: tuple[str, ...] = ("shortest_edge_crop", "squash")
 
 
 def to_rgb(image: PIL.Image.Image | np.ndarray) -> PIL.Image.Image:
@@ -61,6 +69,26 @@ def resize_center_crop(image: PIL.Image.Image | np.ndarray, size: int) -> np.nda
   return np.ascontiguousarray(out[top : top + size, left : left + size])
 
 
+def resize_squash(image: PIL.Image.Image | np.ndarray, size: int) -> np.ndarray:
+  """uint8 [size, size, 3] RGB: one PIL bicubic resize to size x size, no crop (HF SigLIP)."""
+  rgb = to_rgb(image)
+  width, height = rgb.size
+  if width < 1 or height < 1:
+    raise ValueError(f"empty image of size {width}x{height}")
+  return np.asarray(rgb.resize((size, size), resample=PIL.Image.Resampling.BICUBIC))
+
+
+def resize(
+  image: PIL.Image.Image | np.ndarray, size: int, mode: ResizeMode = "shortest_edge_crop"
+) -> np.ndarray:
+  """uint8 [size, size, 3] RGB by a tower's resize ``mode`` (``PreprocessSpec.resize``)."""
+  if mode == "shortest_edge_crop":
+    return resize_center_crop(image, size)
+  if mode == "squash":
+    return resize_squash(image, size)
+  raise ValueError(f"resize mode {mode!r} not in {list(RESIZE_MODES)}")
+
+
 def normalize(images, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
   """``(x / 255 - mean) / std`` in float32, channels last; numpy in -> numpy out,
   ``jax.Array`` in -> ``jax.Array`` out (so it can run on device inside jit). ``mean``/``std``:
@@ -80,10 +108,11 @@ def preprocess(
   size: int,
   mean: Sequence[float] = CLIP_MEAN,
   std: Sequence[float] = CLIP_STD,
+  mode: ResizeMode = "shortest_edge_crop",
 ) -> np.ndarray:
-  """float32 [N, size, size, 3], normalised NHWC (``mean``/``std``: CLIP's by default, then equal
-  to CLIPImageProcessor, NCHW there)."""
+  """float32 [N, size, size, 3], normalised NHWC (``mean``/``std``/``mode``: CLIP's by default,
+  then equal to CLIPImageProcessor, NCHW there)."""
   if len(images) == 0:
     return np.zeros((0, size, size, 3), np.float32)
-  crops = np.stack([resize_center_crop(im, size) for im in images])
+  crops = np.stack([resize(im, size, mode) for im in images])
   return normalize(crops, mean, std)

@@ -31,8 +31,7 @@ TOWER = Tower(
   arch_config=siglip.siglip_config,
   make=make,
   load_pretrained=siglip.load_pretrained,
-  # HF's SiglipImageProcessor squashes to SxS without a crop; the host pipeline has one resize
-  # mode (short side + centre crop), which equals it for square images.
-  preprocess=PreprocessSpec(mean=SIGLIP_MEAN, std=SIGLIP_STD, resize="shortest_edge_crop"),
+  # HF's SiglipImageProcessor squashes to SxS without a crop.
+  preprocess=PreprocessSpec(mean=SIGLIP_MEAN, std=SIGLIP_STD, resize="squash"),
   lora_targets=types.MappingProxyType({"attn": lora.ATTN_TARGETS, "mlp": lora.MLP_TARGETS}),
 )

@@ -34,12 +34,13 @@ class PreprocessSpec:
   """What the host pipeline and ``preprocess.normalize`` need: ``(x / 255 - mean) / std``.
 
   ``resize``: "shortest_edge_crop" = bicubic resize of the short side, then center crop
-  (``preprocess.resize_center_crop``, as HF's CLIPImageProcessor).
+  (``preprocess.resize_center_crop``, as HF's CLIPImageProcessor); "squash" = bicubic resize
+  to SxS without a crop (``preprocess.resize_squash``, as HF's SiglipImageProcessor).
   """
 
   mean: tuple[float, float, float]
   std: tuple[float, float, float]
-  resize: Literal["shortest_edge_crop"] = "shortest_edge_crop"
+  resize: Literal["shortest_edge_crop", "squash"] = "shortest_edge_crop"
 
 
 @dataclasses.dataclass(frozen=True)

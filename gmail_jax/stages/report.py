@@ -138,7 +138,7 @@ def run(
     spec = loaded.tower.preprocess
     syn = encoders.Encoder(
       model, tokenizer=loaded.tokenizer, mesh=loaded.mesh, batch_size=rc.batch_size,
-      mean=spec.mean, std=spec.std,
+      mean=spec.mean, std=spec.std, resize=spec.resize,
     )  # fmt: skip
     baselines["synthetic_finetune"] = {
       **measure(syn),
