@@ -20,15 +20,15 @@ the zip that are NOT under data.root/real (same class + file name = byte-identic
 image is used both to train and to evaluate.
 Stages: tiny CLIP teacher (ViT 32px/8, width 64, 2+2 layers) pretrained with the CLIP loss on
 those photos and "a photo of a {class}." templates -> GMAIL LoRA alignment -> report.
-Hardware: CPU, ~7 min per seed on 2 quiet cores (432 CPU-s). Deterministic: the same seed gives
-the same report.json.
+Hardware: CPU, ~7 min per seed on 2 quiet cores (~390 CPU-s). Deterministic: the same seed gives
+the same report.json, byte for byte.
 Measured (3 seeds, mean ± std): the from-scratch tiny teacher is weak (zero-shot 0.37 on real,
-0.39 on generated; probe trained on real 0.389) and shows no class-level gen-real gap: paired
+0.39 on generated; probe trained on real 0.390) and shows no class-level gen-real gap: paired
 gen-real cosine 0.435 ± 0.033 vs 0.426 ± 0.027 for two real photos of a class. L_align then has
-no signal and collapses the student (paired cosine 0.156 ± 0.029, centroid gap 0.12 -> 0.99);
-transfer is unchanged within noise (0.363 ± 0.015 -> 0.346 ± 0.011; fine-tuning on generated as
-if real 0.350 ± 0.008). This does NOT reproduce GMAIL Table 14; a meaningful CIFAKE test needs a
-pretrained CLIP teacher.
+no signal and collapses the student (paired cosine 0.160 ± 0.027, centroid gap 0.12 -> 0.99);
+transfer is unchanged within noise (0.362 ± 0.016 -> 0.350 ± 0.011; fine-tuning the same LoRA on
+generated as if real 0.351 ± 0.016). This does NOT reproduce GMAIL Table 14; a meaningful CIFAKE
+test needs a pretrained CLIP teacher.
 """
 
 from __future__ import annotations
