@@ -1,9 +1,11 @@
 r"""Export a run: ``python -m gmail_jax.export --workdir=DIR --format=hf|peft --out=OUT``.
 
-  --format=hf     OUT is a transformers CLIP directory (``hf_export.save_pretrained``): the student
-                  with LoRA (and a trained vision projection) merged, or the frozen teacher with
-                  ``--which=teacher``; both towers, tokenizer and preprocessor config included.
-                  ``transformers.CLIPModel.from_pretrained(OUT)`` loads it.
+  --format=hf     OUT is a transformers directory of the run's tower (config.model.name): CLIP
+                  (``hf_export.save_pretrained``) or SigLIP (``save_siglip_pretrained``): the
+                  student with LoRA (and a trained vision projection) merged, or the frozen
+                  teacher with ``--which=teacher``; both towers, tokenizer and preprocessor config
+                  included. ``transformers.CLIPModel`` / ``SiglipModel.from_pretrained(OUT)``
+                  loads it.
   --format=peft   OUT is a PEFT LoRA adapter over the teacher:
                     adapter_config.json         r, lora_alpha (PEFT's alpha / r = our scale),
                                                 target_modules (HF module names), modules_to_save
@@ -14,7 +16,8 @@ r"""Export a run: ``python -m gmail_jax.export --workdir=DIR --format=hf|peft --
                     base/                       the teacher as an HF directory, only when it was
                                                 randomly initialised (else base_model_name_or_path
                                                 is config.init: an HF directory or hub id)
-                  ``peft.PeftModel.from_pretrained(CLIPModel.from_pretrained(BASE), OUT)``.
+                  ``peft.PeftModel.from_pretrained(CLIPModel.from_pretrained(BASE), OUT)``
+                  (SigLIP: SiglipModel; module names from ``siglip.hf_key``).
 
 ``--step`` picks a checkpoint (default: the latest). A non-empty OUT is refused unless ``--force``,
 which replaces it; OUT appears atomically (built in a sibling temp directory, then renamed).
@@ -74,10 +77,29 @@ def export(
   )
   if format == "hf":
     model = run.student if which == "student" else run.teacher
-    return hf_export.save_pretrained(
-      model, out, tokenizer_dir=tokenizer_dir(run.config), overwrite=force
-    )
+    return _save_model(run, model, out, overwrite=force)
   return _save_peft(run, out)
+
+
+def _save_model(run: run_lib.Run, model: nnx.Module, out: str, *, overwrite: bool = False) -> str:
+  """``model`` as a transformers directory of the run's tower (CLIPModel or SiglipModel)."""
+  if run.config.model.name == "siglip":
+    # The run's SiglipTokenizer read config.init's spiece.model; the export ships that file.
+    return hf_export.save_siglip_pretrained(
+      model, out, spiece=run.tokenizer.path, overwrite=overwrite
+    )
+  return hf_export.save_pretrained(
+    model, out, tokenizer_dir=tokenizer_dir(run.config), overwrite=overwrite
+  )
+
+
+def hf_key_fn(config: ml_collections.ConfigDict):
+  """NNX path -> (HF key, array map) of the run's tower (what its importer uses)."""
+  if config.model.name == "siglip":
+    from gmail_jax.models import siglip
+
+    return siglip.hf_key
+  return convert.hf_key
 
 
 def tokenizer_dir(config: ml_collections.ConfigDict) -> str | None:
@@ -97,19 +119,25 @@ def base_model_name(config: ml_collections.ConfigDict) -> str | None:
   return os.path.abspath(config.init) if os.path.isdir(config.init) else config.init
 
 
-def peft_tensors(params: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+def peft_tensors(
+  params: dict[str, Any], key_fn=convert.hf_key
+) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
   """(tensors, target_modules, modules_to_save) of a PEFT adapter for the trainable ``params``.
 
-  Module names come from ``convert.hf_key`` of each adapted Dense's kernel, so they follow the
-  same NNX -> HF mapping as the full export. PEFT names a ``modules_to_save`` copy by the original
-  parameter key (it strips ``modules_to_save.default`` when saving and restores it on load).
+  Module names come from ``key_fn`` (the tower's ``hf_key``) of each adapted Dense's kernel, so
+  they follow the same NNX -> HF mapping as the full export. PEFT names a ``modules_to_save`` copy
+  by the original parameter key (it strips ``modules_to_save.default`` when saving and restores it
+  on load).
   """
   tensors: dict[str, np.ndarray] = {}
   targets: list[str] = []
   for path, var in nnx.to_flat_state(params["lora"]):
     *module, name = (str(p) for p in path)
-    key, _ = convert.hf_key((*module, "kernel"))
+    key, _ = key_fn((*module, "kernel"))
     target = key.removesuffix(".weight")
+    if ".head.attention." in key:
+      # SigLIP's MAP head is torch's MultiheadAttention (q/k/v stacked in in_proj): no Linears.
+      raise ConfigError(f"--format=peft: {target} is not a module PEFT can adapt; use --format=hf")
     if target not in targets:
       targets.append(target)
     value = np.asarray(jax.device_get(var[...]), np.float32)
@@ -119,7 +147,7 @@ def peft_tensors(params: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[st
   to_save: list[str] = []
   if "proj" in params:
     for path, var in nnx.to_flat_state(params["proj"]):
-      key, fn = convert.hf_key(path)
+      key, fn = key_fn(path)
       value = np.asarray(jax.device_get(var[...]), np.float32)
       tensors[PEFT_PREFIX + key] = convert.to_hf_layout(fn, value).copy(order="C")
       module = key.rsplit(".", 1)[0]
@@ -186,7 +214,7 @@ def _save_peft(run: run_lib.Run, out: str) -> str:
   from safetensors.numpy import save_file
 
   params = run.state["params"]
-  tensors, targets, to_save = peft_tensors(params)
+  tensors, targets, to_save = peft_tensors(params, hf_key_fn(run.config))
   rank = int(run.config.lora.rank)
   for name, t in tensors.items():
     if name.endswith(".lora_A.weight") and t.shape[0] != rank:
@@ -197,7 +225,7 @@ def _save_peft(run: run_lib.Run, out: str) -> str:
   tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
   try:
     if base is None:  # a random teacher exists only in the run: ship it with the adapter
-      hf_export.save_pretrained(run.teacher, os.path.join(tmp, BASE_DIR))
+      _save_model(run, run.teacher, os.path.join(tmp, BASE_DIR))
       base = os.path.join(out, BASE_DIR)
     cfg = adapter_config(run.config, base, targets, to_save)
     with open(os.path.join(tmp, PEFT_CONFIG), "w", encoding="utf-8") as f:
@@ -231,7 +259,7 @@ def _define_flags() -> None:
   from absl import flags
 
   flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
-  flags.DEFINE_string("format", None, "hf (transformers CLIP directory) or peft (LoRA adapter).")
+  flags.DEFINE_string("format", None, "hf (transformers model directory) or peft (LoRA adapter).")
   flags.DEFINE_string("out", None, "Output directory.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_string("which", "student", "student or teacher (teacher: --format=hf only).")

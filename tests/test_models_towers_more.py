@@ -568,3 +568,64 @@ def test_siglip_squash_resize_matches_image_processor(siglip_dir):
   assert err <= 1e-4, err
   with pytest.raises(ValueError, match="resize mode"):
     preprocess.resize(photos[0], 32, "bogus")
+
+
+def test_siglip_run_exports_to_transformers(siglip_dir, spiece, tmp_path):
+  """A trained SigLIP run exported with --format=hf loads as transformers' SiglipModel (and its
+  tokenizer / image processor) and embeds like load_student; --format=peft over the teacher too."""
+  transformers = pytest.importorskip("transformers")
+  from gmail_jax import export
+
+  hf, path = siglip_dir
+  workdir = tmp_path / "run"
+  _tiny_train(workdir, init=str(path), batch_size=8, total_steps=4, **{"model.name": "siglip"})
+  student = api.load_student(workdir)
+  photos, captions = _photos(), _captions()
+  want_img, want_txt = student.encode_images(photos), student.encode_texts(captions)
+  with torch.no_grad():
+    teacher_img = hf.get_image_features(
+      pixel_values=torch.from_numpy(
+        transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32})(
+          photos, return_tensors="np"
+        )["pixel_values"]
+      )
+    )
+  teacher_img = getattr(teacher_img, "pooler_output", teacher_img).numpy()
+  teacher_img /= np.linalg.norm(teacher_img, axis=-1, keepdims=True)
+  assert np.abs(want_img - teacher_img).max() > 1e-3  # LoRA trained: the student moved
+
+  def embed(model, out):
+    proc = transformers.SiglipImageProcessorPil.from_pretrained(str(out))
+    tok = transformers.SiglipTokenizer.from_pretrained(str(out))
+    ids = tok(captions, padding="max_length", truncation=True, return_tensors="pt")["input_ids"]
+    np.testing.assert_array_equal(ids.numpy(), student.tokenize(captions))
+    pixels = proc(photos, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+      img, txt = model.get_image_features(pixel_values=pixels), model.get_text_features(ids)
+    img, txt = (getattr(o, "pooler_output", o).numpy() for o in (img, txt))
+    return (o / np.linalg.norm(o, axis=-1, keepdims=True) for o in (img, txt))
+
+  out = tmp_path / "hf"
+  export.export(workdir, out, format="hf")
+  config = json.loads((out / "config.json").read_text())
+  assert config["model_type"] == "siglip" and (out / "spiece.model").is_file()
+  model = transformers.SiglipModel.from_pretrained(str(out)).eval()
+  img, txt = embed(model, out)
+  err = float(max(np.abs(img - want_img).max(), np.abs(txt - want_txt).max()))
+  assert err <= 1e-4, err
+  again = api.load_clip(out)  # our own importer reads the export back
+  np.testing.assert_allclose(again.encode_images(photos), want_img, atol=1e-5)
+
+  peft = pytest.importorskip("peft")
+  adapter = tmp_path / "peft"
+  export.export(workdir, adapter, format="peft")
+  cfg = json.loads((adapter / export.PEFT_CONFIG).read_text())
+  assert cfg["base_model_name_or_path"] == str(path)
+  assert all(
+    t.startswith(("vision_model.encoder.", "text_model.encoder.")) for t in cfg["target_modules"]
+  )
+  base = transformers.SiglipModel.from_pretrained(str(path)).eval()
+  merged = peft.PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()
+  img, txt = embed(merged, out)
+  err = float(max(np.abs(img - want_img).max(), np.abs(txt - want_txt).max()))
+  assert err <= 1e-4, err

@@ -14,6 +14,11 @@ backwards (``convert.to_hf_layout``: kernel -> weight.T, HWIO -> OIHW, LayerNorm
 so that ``convert.load_pretrained(out)`` and ``transformers.CLIPModel.from_pretrained(out)`` both
 load it. Text pooling follows ``eos_token_id`` as in HF: 2 (legacy configs) pools at argmax(ids),
 any other id at the first occurrence of that id.
+
+``save_siglip_pretrained(model, out, spiece=...)`` does the same for a SigLIP model
+(``siglip.hf_key`` run backwards, the MAP head's q/k/v stacked back into ``in_proj``): a
+transformers SiglipModel directory with ``spiece.model``, a SiglipTokenizer config and a
+SiglipImageProcessor config (squash resize, mean = std = 0.5).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -82,10 +89,16 @@ def hf_config(config: CLIPConfig, *, bos_token_id: int = 49406) -> dict:
   }
 
 
-def hf_state_dict(model: CLIP) -> dict[str, np.ndarray]:
-  """The model's parameters as float32 numpy arrays under HF key names, in HF layouts.
+def hf_state_dict(
+  model: nnx.Module,
+  *,
+  key_fn: Callable[[tuple], tuple[str, Any]] = convert.hf_key,
+  layout_fn: Callable[[Any, np.ndarray], np.ndarray] = convert.to_hf_layout,
+) -> dict[str, np.ndarray]:
+  """The model's parameters as float32 numpy arrays under HF key names, in HF layouts
+  (``key_fn``: the tower's importer mapping, ``layout_fn``: its inverse array map).
 
-  Raises ValueError when LoRA adapters are still attached (HF's CLIPModel has no place for them).
+  Raises ValueError when LoRA adapters are still attached (HF's models have no place for them).
   """
   adapted = lora.adapted_paths(model)
   if adapted:
@@ -96,12 +109,12 @@ def hf_state_dict(model: CLIP) -> dict[str, np.ndarray]:
   out: dict[str, np.ndarray] = {}
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     try:
-      key, fn = convert.hf_key(path)
+      key, fn = key_fn(path)
     except KeyError as e:
       raise ValueError(f"save_pretrained: {e.args[0]}") from None
     value = np.asarray(jax.device_get(var[...])).astype(np.float32)
     # copy(order="C"), not ascontiguousarray: that one turns the 0-d logit_scale into shape (1,).
-    out[key] = convert.to_hf_layout(fn, value).copy(order="C")
+    out[key] = layout_fn(fn, value).copy(order="C")
   return out
 
 
@@ -187,13 +200,7 @@ def save_pretrained(
   non-empty ``out_dir`` is refused unless ``overwrite=True``, which replaces it.
   """
   out_dir = os.fspath(out_dir)
-  if os.path.exists(out_dir):
-    if not os.path.isdir(out_dir):
-      raise FileExistsError(f"save_pretrained: {out_dir} exists and is not a directory")
-    if os.listdir(out_dir) and not overwrite:
-      raise FileExistsError(
-        f"save_pretrained: {out_dir} exists and is not empty (pass overwrite=True to replace it)"
-      )
+  _check_out_dir(out_dir, overwrite)
   # Everything that can fail on the model or tokenizer runs before anything touches the disk.
   config = model.config
   state = hf_state_dict(model)
@@ -205,6 +212,85 @@ def save_pretrained(
     **tokenizer_files(vocab, merges, config.text.context_length),
   }
 
+  return _write_dir(out_dir, state, texts)
+
+
+def siglip_preprocessor_config(image_size: int) -> dict:
+  """``preprocessor_config.json``: HF SiglipImageProcessor (bicubic squash to SxS, no crop)."""
+  return {
+    "image_processor_type": "SiglipImageProcessor",
+    "do_convert_rgb": True,
+    "do_resize": True,
+    "size": {"height": image_size, "width": image_size},
+    "resample": 3,  # PIL bicubic
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+  }
+
+
+def siglip_tokenizer_files(context_length: int) -> dict[str, str]:
+  """File name -> text of an HF ``SiglipTokenizer`` config (beside ``spiece.model``)."""
+  # SigLIP pads with </s>, as gmail_jax.models.siglip_tokenizer.SiglipTokenizer does.
+  specials = {"eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"}
+  tokenizer_config = {
+    "tokenizer_class": "SiglipTokenizer",
+    "model_max_length": context_length,
+    "do_lower_case": True,
+    **specials,
+  }
+  return {
+    "tokenizer_config.json": json.dumps(tokenizer_config, indent=2),
+    "special_tokens_map.json": json.dumps(specials, indent=2),
+  }
+
+
+def save_siglip_pretrained(
+  model: nnx.Module, out_dir: str, *, spiece: str, overwrite: bool = False
+) -> str:
+  """Writes a :class:`~gmail_jax.models.siglip.Siglip` as a transformers SiglipModel directory
+  (see module doc) with the SentencePiece model ``spiece``; returns ``out_dir``. Atomic and
+  ``overwrite`` as :func:`save_pretrained`."""
+  from gmail_jax.models import siglip
+
+  out_dir = os.fspath(out_dir)
+  _check_out_dir(out_dir, overwrite)
+  config = model.config
+  state = siglip.join_in_proj(
+    hf_state_dict(model, key_fn=siglip.hf_key, layout_fn=siglip.to_hf_layout)
+  )
+  if not os.path.isfile(spiece):
+    raise ValueError(f"save_pretrained: SentencePiece model {spiece} not found")
+  texts = {
+    "config.json": json.dumps(siglip.hf_config(config), indent=2),
+    "preprocessor_config.json": json.dumps(
+      siglip_preprocessor_config(config.vision.image_size), indent=2
+    ),
+    **siglip_tokenizer_files(config.text.context_length),
+  }
+  return _write_dir(out_dir, state, texts, {"spiece.model": spiece})
+
+
+def _check_out_dir(out_dir: str, overwrite: bool) -> None:
+  if os.path.exists(out_dir):
+    if not os.path.isdir(out_dir):
+      raise FileExistsError(f"save_pretrained: {out_dir} exists and is not a directory")
+    if os.listdir(out_dir) and not overwrite:
+      raise FileExistsError(
+        f"save_pretrained: {out_dir} exists and is not empty (pass overwrite=True to replace it)"
+      )
+
+
+def _write_dir(
+  out_dir: str,
+  state: dict[str, np.ndarray],
+  texts: dict[str, str],
+  copies: dict[str, str] | None = None,
+) -> str:
+  """``out_dir`` with model.safetensors, the ``texts`` and ``copies`` (name -> source file),
+  built in a sibling temp dir and renamed into place."""
   from safetensors.numpy import save_file
 
   parent = os.path.dirname(os.path.abspath(out_dir))
@@ -217,6 +303,8 @@ def save_pretrained(
     for name, text in texts.items():
       with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
         f.write(text)
+    for name, src in (copies or {}).items():
+      shutil.copyfile(src, os.path.join(tmp, name))
     _replace_dir(tmp, out_dir, parent, base)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -314,12 +314,28 @@ def _flat(a: np.ndarray) -> np.ndarray:
   return np.asarray(a).reshape(-1)
 
 
+def _t(a: np.ndarray) -> np.ndarray:
+  return a.T
+
+
+def to_hf_layout(fn, value: np.ndarray) -> np.ndarray:
+  """Inverse of ``fn`` from :func:`hf_key`: an NNX-layout array in the HF layout."""
+  from gmail_jax.models import convert
+
+  if fn is _scalar:
+    return value.reshape(1)  # HF's logit_scale / logit_bias are [1]
+  if fn is _flat:
+    return value.reshape(1, 1, -1)  # the probe is [1, 1, D]
+  if fn is _t:
+    return value.T
+  return convert.to_hf_layout(fn, value)
+
+
 def hf_key(path: tuple):
   """(HF key, HF array -> NNX array) for a SigLIP NNX parameter path; blocks as in CLIP."""
   from gmail_jax.models import convert
 
   path = tuple(str(p) for p in path)
-  t = lambda a: a.T  # noqa: E731
   if path in (("logit_scale",), ("logit_bias",)):
     return path[0], _scalar
   if path == ("vision", "patch_embed", "bias"):
@@ -332,14 +348,14 @@ def hf_key(path: tuple):
       return head + "layernorm." + convert._LN_PARAM[path[3]], convert._IDENTITY
     if path[2] == "mlp":
       return f"{head}mlp.{path[3]}.{'weight' if path[4] == 'kernel' else 'bias'}", (
-        t if path[4] == "kernel" else convert._IDENTITY
+        _t if path[4] == "kernel" else convert._IDENTITY
       )
     # q/k/v: rows of in_proj (split by split_in_proj); out_proj as is.
     kind = "weight" if path[3] == "kernel" else "bias"
-    return f"{head}attention.{path[2]}.{kind}", t if kind == "weight" else convert._IDENTITY
+    return f"{head}attention.{path[2]}.{kind}", _t if kind == "weight" else convert._IDENTITY
   if path[:2] == ("text", "head"):
     if path[2] == "kernel":
-      return "text_model.head.weight", t
+      return "text_model.head.weight", _t
     return "text_model.head.bias", convert._IDENTITY
   return convert.hf_key(path)
 
@@ -353,6 +369,59 @@ def split_in_proj(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
       for proj, chunk in zip("qkv", np.split(sd.pop(key), 3, axis=0), strict=True):
         sd[f"vision_model.head.attention.{proj}_proj.{kind}"] = chunk
   return sd
+
+
+def join_in_proj(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Inverse of :func:`split_in_proj`: ``{q,k,v}_proj`` entries stacked into ``in_proj``."""
+  sd = dict(sd)
+  for kind in ("weight", "bias"):
+    keys = [f"vision_model.head.attention.{p}_proj.{kind}" for p in "qkv"]
+    if all(k in sd for k in keys):
+      parts = [sd.pop(k) for k in keys]
+      sd[f"vision_model.head.attention.in_proj_{kind}"] = np.concatenate(parts, axis=0)
+  return sd
+
+
+def hf_config(config: SiglipConfig) -> dict:
+  """``config.json`` (transformers SiglipConfig); :func:`siglip_config_from_hf` maps it back to
+  ``config`` (but for the init-only logit_scale_init / logit_bias_init)."""
+  acts = {v: k for k, v in _ACTS_HF.items()}
+  v, t = config.vision, config.text
+
+  def tower(c) -> dict:
+    return {
+      "hidden_size": c.width,
+      "intermediate_size": c.mlp_dim,
+      "num_hidden_layers": c.layers,
+      "num_attention_heads": c.heads,
+      "hidden_act": acts[c.act],
+      "layer_norm_eps": c.ln_eps,
+      "attention_dropout": 0.0,
+    }
+
+  return {
+    "architectures": ["SiglipModel"],
+    "model_type": "siglip",
+    "dtype": "float32",
+    "initializer_factor": 1.0,
+    "text_config": {
+      "model_type": "siglip_text_model",
+      **tower(t),
+      "vocab_size": t.vocab_size,
+      "max_position_embeddings": t.context_length,
+      "projection_size": config.embed_dim,
+      "pad_token_id": 1,  # SentencePiece </s>, as the tokenizer pads (unused by the model)
+      "eos_token_id": t.eos_token_id,
+    },
+    "vision_config": {
+      "model_type": "siglip_vision_model",
+      **tower(v),
+      "image_size": v.image_size,
+      "patch_size": v.patch_size,
+      "num_channels": 3,
+      "vision_use_head": True,
+    },
+  }
 
 
 def load_pretrained(
