@@ -25,6 +25,7 @@ from gmail_jax import metrics as metrics_lib
 from gmail_jax import sharding as shd
 from gmail_jax.errors import ConfigError, ResumeError
 from gmail_jax.models import lora as lora_lib
+from gmail_jax.models import towers
 
 jax.config.update("jax_threefry_partitionable", True)
 
@@ -139,7 +140,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return {}
       teacher = nnx.merge(models.teacher, frozen)
       student = build.merged_student(models, state["params"], frozen, rng)
-      enc = encoders.views(teacher, student, tokenizer=tokenizer, mesh=mesh)[view]
+      spec = towers.get(config.model.name).preprocess  # the tower's normalisation and resize
+      enc = encoders.views(
+        teacher,
+        student,
+        tokenizer=tokenizer,
+        mesh=mesh,
+        mean=spec.mean,
+        std=spec.std,
+        resize=spec.resize,
+      )[view]
       out = {}
       for ev in due:
         out.update(ev.run(enc, step))

@@ -629,3 +629,33 @@ def test_siglip_run_exports_to_transformers(siglip_dir, spiece, tmp_path):
   img, txt = embed(merged, out)
   err = float(max(np.abs(img - want_img).max(), np.abs(txt - want_txt).max()))
   assert err <= 1e-4, err
+
+
+def test_siglip_training_evals_use_the_towers_preprocessing(siglip_dir, tmp_path, monkeypatch):
+  """Training-time evals of a SigLIP run embed with SigLIP's mean/std and squash resize."""
+  from gmail_jax import encoders
+
+  _, path = siglip_dir
+  seen = []
+  views = encoders.views
+
+  def spy(*args, **kw):
+    out = views(*args, **kw)
+    seen.extend((e.mean, e.std, e.resize) for e in out.values())
+    return out
+
+  monkeypatch.setattr(encoders, "views", spy)
+  gap = dict(
+    type="gap",
+    pairs="image_text",
+    images_dir=str(PHOTOS),
+    captions_json=str(CAPTIONS),
+    max_pairs=8,
+    batch_size=8,
+    every_steps=2,
+  )
+  _tiny_train(
+    tmp_path / "run", init=str(path), batch_size=8, total_steps=2, **{"model.name": "siglip"},
+    **{"evals.gap": gap},
+  )  # fmt: skip
+  assert seen and set(seen) == {((0.5,) * 3, (0.5,) * 3, "squash")}
