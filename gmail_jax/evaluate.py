@@ -77,7 +77,10 @@ def evaluate(
   if unknown:
     raise ConfigError(f"--encoders: unknown {unknown}; choose from {list(ENCODERS)}")
   workdir = os.path.abspath(workdir)
-  evaluators = common.from_config(config.get("evals"))
+  from gmail_jax.models import towers
+
+  # Pre-cropped eval images follow the run's tower resize (evaluators that take ``resize``).
+  evaluators = common.from_config(config.get("evals"), resize=towers.resize_mode(config))
   if not evaluators:
     raise ConfigError("config.evals: empty; nothing to evaluate (add e.g. a 'gap' evaluator)")
   run = run_lib.load_run(workdir, step, config=config)

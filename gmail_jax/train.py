@@ -129,7 +129,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.evals:
       from gmail_jax.evaluators import common as evals_common
 
-      evaluators = evals_common.from_config(config.evals)
+      # Pre-cropped eval images follow the tower's resize (evaluators that take ``resize``).
+      evaluators = evals_common.from_config(config.evals, resize=towers.resize_mode(config))
 
     # The student's own path: generated images (GMAIL), or every image (image-text alignment).
     view = "student_all" if objective.student_input == "real" else "student"

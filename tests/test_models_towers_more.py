@@ -659,3 +659,19 @@ def test_siglip_training_evals_use_the_towers_preprocessing(siglip_dir, tmp_path
     **{"evals.gap": gap},
   )  # fmt: skip
   assert seen and set(seen) == {((0.5,) * 3, (0.5,) * 3, "squash")}
+
+
+def test_eval_crops_follow_the_towers_resize(tmp_path):
+  """Evaluators that pre-crop (image_size) take the run's resize mode from from_config."""
+  from gmail_jax.evaluators import common
+
+  photos = sorted(PHOTOS.glob("*.jpg"))[:4] if PHOTOS.is_dir() else pytest.skip("no photos")
+  for k, p in enumerate(photos):
+    (tmp_path / "real" / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "real" / f"c{k % 2}" / p.name).symlink_to(p)
+  cfg = {"g": dict(type="gap", pairs="class_real_real", root=str(tmp_path), image_size=32)}
+  (ev,) = common.from_config(cfg, resize="squash")
+  (clip_ev,) = common.from_config(cfg)
+  with PIL.Image.open(sorted((tmp_path / "real" / "c0").iterdir())[0]) as im:
+    np.testing.assert_array_equal(ev.x_items[0], preprocess.resize_squash(im, 32))
+    np.testing.assert_array_equal(clip_ev.x_items[0], preprocess.resize_center_crop(im, 32))

@@ -175,12 +175,9 @@ def _process(process_index, process_count) -> tuple[int, int]:
 
 
 def _resize_mode(config) -> preprocess.ResizeMode:
-  """The resize mode of ``config.model.name``'s tower (CLIP's when the config names none)."""
   from gmail_jax.models import towers  # lazily: other pipeline users need not import jax
 
-  model = config.get("model") if hasattr(config, "get") else None
-  name = model.get("name", "clip") if model is not None else "clip"
-  return towers.get(name).preprocess.resize
+  return towers.resize_mode(config)
 
 
 def make_dataset(

@@ -147,7 +147,8 @@ class GapEvaluator(common.Evaluator):
   image of a class is paired with the k-th real one (x = encode_generated, y = encode_images).
   pairs='class_real_real': root/real/<class>/; each real image with the next of its class (the
   reference gap of two real images that share only a class).
-  ``image_size`` loads center crops of that size (else the encoder resizes).
+  ``image_size`` loads crops of that size, resized in mode ``resize`` (the run's tower's: training
+  and ``evaluate`` pass it; else the encoder resizes).
   Reports gap_metrics (unprefixed keys raw, centroid, ...).
   """
 
@@ -162,6 +163,7 @@ class GapEvaluator(common.Evaluator):
     root: str | None = None,
     max_pairs: int | None = None,
     image_size: int | None = None,
+    resize: str = "shortest_edge_crop",
     batch_size: int = 64,
     every_steps: int = 0,
     prefix: str | None = None,
@@ -171,9 +173,10 @@ class GapEvaluator(common.Evaluator):
     if pairs in ("class_gen_real", "class_real_real"):
       if not root:
         raise ConfigError(f"config.evals.{name}: pairs={pairs!r} needs root")
-      real = eval_sets.load_class_set(os.path.join(root, "real"), image_size=image_size)
+      crops = dict(image_size=image_size, resize=resize)
+      real = eval_sets.load_class_set(os.path.join(root, "real"), **crops)
       if pairs == "class_gen_real":
-        gen = eval_sets.load_class_set(os.path.join(root, "generated"), image_size=image_size)
+        gen = eval_sets.load_class_set(os.path.join(root, "generated"), **crops)
         if gen.classnames != real.classnames:
           raise ConfigError(f"config.evals.{name}: {root}: generated/ and real/ classes differ")
         xi, yi = class_pairs(gen.labels, real.labels)

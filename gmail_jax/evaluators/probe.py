@@ -7,7 +7,8 @@ student) and tested on *held-out real* images embedded by the real path (f_r).
 `config.evals.<name> = dict(type='probe', train=DIR, test=DIR, train_path='generated',
 test_path='real', c=1.0, seed=0, image_size=None)`; ``train`` / ``test`` are class-folder datasets
 (``<class>/<image>``, or a zip) with the same class names. ``train_path`` / ``test_path`` pick the
-encoder function: 'generated' = ``encode_generated``, 'real' = ``encode_images``.
+encoder function: 'generated' = ``encode_generated``, 'real' = ``encode_images``. ``image_size``
+pre-crops the images in the run's tower's ``resize`` mode (training and ``evaluate`` pass it).
 Reports {'transfer_accuracy': top-1}.
 """
 
@@ -55,6 +56,7 @@ class ProbeEvaluator(common.Evaluator):
     c: float = 1.0,
     seed: int = 0,
     image_size: int | None = None,
+    resize: str = "shortest_edge_crop",
     batch_size: int = 256,
     every_steps: int = 0,
     prefix: str | None = None,
@@ -63,8 +65,8 @@ class ProbeEvaluator(common.Evaluator):
     for key, value in (("train_path", train_path), ("test_path", test_path)):
       if value not in PATHS:
         raise ConfigError(f"config.evals.{name}.{key}: one of {PATHS}, got {value!r}")
-    self.train = eval_sets.load_class_set(train, image_size=image_size)
-    self.test = eval_sets.load_class_set(test, image_size=image_size)
+    self.train = eval_sets.load_class_set(train, image_size=image_size, resize=resize)
+    self.test = eval_sets.load_class_set(test, image_size=image_size, resize=resize)
     if self.train.classnames != self.test.classnames:
       raise ConfigError(f"config.evals.{name}: {train} and {test} have different classes")
     self.train_path, self.test_path = train_path, test_path

@@ -72,6 +72,14 @@ def get(name: str) -> Tower:
   return importlib.import_module(TOWERS[name]).TOWER
 
 
+def resize_mode(config) -> str:
+  """``PreprocessSpec.resize`` of ``config.model.name``'s tower (CLIP's when the config names
+  none): how host code resizes images for the run's model."""
+  model = config.get("model") if hasattr(config, "get") else None
+  name = model.get("name", "clip") if model is not None else "clip"
+  return get(name).preprocess.resize
+
+
 def default_residual_loops() -> bool:
   """Whether models should wrap each block input in a residual-stream loop: XLA:CPU only (it
   otherwise recomputes the stream inside every consumer fusion; elsewhere a loop costs a sync).
