@@ -109,7 +109,7 @@ def test_manifest_joins_back_to_captions_and_real_images(reference, coco):
   for r in manifest:
     a = by_id[r["caption_id"]]
     assert r["caption"] == " ".join(a["caption"].split())
-    assert pathlib.Path(r["real_path"]) == real_dir.resolve() / images[a["image_id"]]
+    assert pathlib.Path(r["real_path"]).resolve() == real_dir.resolve() / images[a["image_id"]]
     assert pathlib.Path(r["real_path"]).is_file()
     assert r["group"] == str(a["image_id"])
     assert r["seed"] == generate.image_seed(0, r["caption_id"], r["k"])
