@@ -443,7 +443,48 @@ class TextTower(nnx.Module):
     return self.proj(pooled).astype(jnp.float32)
 
 
-class CLIP(nnx.Module):
+def tower_kwargs(residual_loops: bool | None, **kw) -> dict:
+  """Constructor arguments every tower of a dual encoder gets; ``residual_loops=None`` takes
+  :func:`~gmail_jax.models.towers.default_residual_loops` (on for CPU), decided here, never while
+  tracing."""
+  if residual_loops is None:
+    residual_loops = default_residual_loops()
+  return {**kw, "residual_loops": bool(residual_loops)}
+
+
+class DualEncoder(nnx.Module):
+  """What every tower pair shares (CLIP, SigLIP): ``vision``, ``text``, ``logit_scale`` (log-space)
+  and an optional ``logit_bias``; encoders return projected, NOT L2-normalised embeddings."""
+
+  @property
+  def image_size(self) -> int:
+    return self.config.vision.image_size
+
+  @property
+  def residual_loops(self) -> bool:
+    return self.vision.residual_loops
+
+  def encode_image(self, pixels: jax.Array) -> jax.Array:
+    """[N,S,S,3] normalised NHWC pixels -> [N, embed_dim]."""
+    return self.vision(pixels)
+
+  def encode_text(self, ids: jax.Array) -> jax.Array:
+    """int [N, context_length] -> [N, embed_dim]."""
+    return self.text(ids)
+
+  def __call__(self, pixels: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(logits_per_image [Ni,Nt], logits_per_text [Nt,Ni]) = exp(logit_scale) * cosines
+    [+ logit_bias]."""
+    img = l2_normalize(self.encode_image(pixels))
+    txt = l2_normalize(self.encode_text(ids))
+    logits_per_text = jnp.exp(self.logit_scale[...].astype(jnp.float32)) * (txt @ img.T)
+    bias = getattr(self, "logit_bias", None)
+    if bias is not None:
+      logits_per_text = logits_per_text + bias[...].astype(jnp.float32)
+    return logits_per_text.T, logits_per_text
+
+
+class CLIP(DualEncoder):
   """Both towers plus ``logit_scale`` (log-space, like HF).
 
   ``residual_loops``: wrap each block's input in :func:`_residual_boundary`, which only XLA:CPU
@@ -462,41 +503,10 @@ class CLIP(nnx.Module):
     rngs: nnx.Rngs,
   ):
     self.config = config
-    if residual_loops is None:
-      residual_loops = default_residual_loops()
-    kw = dict(
-      dtype=dtype,
-      param_dtype=param_dtype,
-      remat=remat,
-      residual_loops=bool(residual_loops),
-      rngs=rngs,
-    )
+    kw = tower_kwargs(residual_loops, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
     self.vision = VisionTower(config.vision, config.embed_dim, **kw)
     self.text = TextTower(config.text, config.embed_dim, **kw)
     self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init, param_dtype))
-
-  @property
-  def image_size(self) -> int:
-    return self.config.vision.image_size
-
-  @property
-  def residual_loops(self) -> bool:
-    return self.vision.residual_loops
-
-  def encode_image(self, pixels: jax.Array) -> jax.Array:
-    """[N,S,S,3] CLIP-normalised NHWC -> [N, embed_dim], projected, NOT L2-normalised."""
-    return self.vision(pixels)
-
-  def encode_text(self, ids: jax.Array) -> jax.Array:
-    """int [N, context_length] -> [N, embed_dim], projected, NOT L2-normalised."""
-    return self.text(ids)
-
-  def __call__(self, pixels: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(logits_per_image [Ni,Nt], logits_per_text [Nt,Ni]) = exp(logit_scale) * cosines."""
-    img = l2_normalize(self.encode_image(pixels))
-    txt = l2_normalize(self.encode_text(ids))
-    logits_per_text = jnp.exp(self.logit_scale[...].astype(jnp.float32)) * (txt @ img.T)
-    return logits_per_text.T, logits_per_text
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

@@ -29,7 +29,7 @@ from flax import nnx
 
 from gmail_jax.errors import ConfigError
 from gmail_jax.models import clip as clip_lib
-from gmail_jax.models.clip import Block, LayerNorm, TextConfig, VisionConfig, l2_normalize
+from gmail_jax.models.clip import Block, LayerNorm, TextConfig, VisionConfig
 from gmail_jax.models.layers import Dense
 from gmail_jax.models.towers import default_residual_loops
 
@@ -196,8 +196,9 @@ class TextTower(nnx.Module):
     return self.head(self.ln_final(x)[:, -1]).astype(jnp.float32)
 
 
-class Siglip(nnx.Module):
-  """Both towers, ``logit_scale`` (log-space) and ``logit_bias``; the interface of clip.CLIP."""
+class Siglip(clip_lib.DualEncoder):
+  """Both towers, ``logit_scale`` (log-space) and ``logit_bias``; the interface of clip.CLIP
+  (logits = exp(logit_scale) * cosines + logit_bias; pixels normalised with mean = std = 0.5)."""
 
   def __init__(
     self,
@@ -210,43 +211,13 @@ class Siglip(nnx.Module):
     rngs: nnx.Rngs,
   ):
     self.config = config
-    if residual_loops is None:
-      residual_loops = default_residual_loops()
-    kw = dict(
-      dtype=dtype,
-      param_dtype=param_dtype,
-      remat=remat,
-      residual_loops=bool(residual_loops),
-      rngs=rngs,
+    kw = clip_lib.tower_kwargs(
+      residual_loops, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs
     )
     self.vision = VisionTower(config.vision, **kw)
     self.text = TextTower(config.text, config.embed_dim, **kw)
     self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init, param_dtype))
     self.logit_bias = nnx.Param(jnp.asarray(config.logit_bias_init, param_dtype))
-
-  @property
-  def image_size(self) -> int:
-    return self.config.vision.image_size
-
-  @property
-  def residual_loops(self) -> bool:
-    return self.vision.residual_loops
-
-  def encode_image(self, pixels: jax.Array) -> jax.Array:
-    """[N,S,S,3] (mean = std = 0.5 normalised) -> [N, embed_dim], NOT L2-normalised."""
-    return self.vision(pixels)
-
-  def encode_text(self, ids: jax.Array) -> jax.Array:
-    """int [N, context_length] -> [N, embed_dim], NOT L2-normalised."""
-    return self.text(ids)
-
-  def __call__(self, pixels: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(logits_per_image, logits_per_text) = exp(logit_scale) * cosines + logit_bias."""
-    img = l2_normalize(self.encode_image(pixels))
-    txt = l2_normalize(self.encode_text(ids))
-    scale = jnp.exp(self.logit_scale[...].astype(jnp.float32))
-    logits_per_text = scale * (txt @ img.T) + self.logit_bias[...].astype(jnp.float32)
-    return logits_per_text.T, logits_per_text
 
 
 # ------------------------------------------------------------------------ Hugging Face import
