@@ -169,15 +169,19 @@ class Encoder:
     return self._run(lambda ids: _embed_texts(gdef, state, ids), self.tokenize(texts))
 
 
-def views(teacher: nnx.Module, student: nnx.Module, **kw) -> dict[str, Encoder]:
-  """The encoders evaluation compares (``VIEWS``):
+def views(
+  teacher: nnx.Module, student: nnx.Module, names: tuple[str, ...] = VIEWS, **kw
+) -> dict[str, Encoder]:
+  """The encoders evaluation compares (``VIEWS``; only ``names`` are built: each places its
+  weights on the mesh):
 
   teacher      f_r for every image, frozen text tower              (before alignment)
   student      generated images through f_g, real images through f_r (GMAIL Algorithm 1)
   student_all  f_g for every image (the §3.2 variant; image-text alignment trains this path)
   """
-  return {
-    "teacher": Encoder(teacher, **kw),
-    "student": Encoder(teacher, generated=student, **kw),
-    "student_all": Encoder(student, **kw),
+  make = {
+    "teacher": lambda: Encoder(teacher, **kw),
+    "student": lambda: Encoder(teacher, generated=student, **kw),
+    "student_all": lambda: Encoder(student, **kw),
   }
+  return {name: make[name]() for name in names}

@@ -145,6 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       enc = encoders.views(
         teacher,
         student,
+        (view,),  # only the view this objective trains
         tokenizer=tokenizer,
         mesh=mesh,
         mean=spec.mean,
