@@ -6,7 +6,7 @@ three encoders of ``encoders.views``, and writes
 
   DIR/eval/metrics.json         {'step', 'encoders': {name: {metric: value}}, 'gap_reduction': ...}
   DIR/eval/tsne_gen_real.png    t-SNE of real vs generated embeddings, before/after alignment
-                                (when config.evals has a ``type='gap', pairs='gen_real'`` set)
+                                (when config.evals has a gap set with generated-real pairs)
   DIR/eval/training_curves.png  from DIR/metrics.jsonl (when present)
 
 Encoders (the evaluators.common interface):
@@ -28,7 +28,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from gmail_jax import cli, encoders
 from gmail_jax import metrics as metrics_lib
@@ -40,24 +39,6 @@ ENCODERS = encoders.VIEWS
 
 def _unprefix(metrics: dict[str, float], prefix: str) -> dict[str, float]:
   return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
-
-
-def tsne_gen_real(
-  path: str, gap_ev, encs: dict, *, max_points: int = 500, seed: int = 0, method: str = "tsne"
-) -> str:
-  """Before (teacher on both) / after (student on generated) t-SNE of a gen_real gap eval set."""
-  from gmail_jax.evaluators import common, plots
-
-  n = len(gap_ev.x_items)
-  idx = np.sort(np.random.default_rng(seed).permutation(n)[:max_points])
-  gen = [gap_ev.x_items[i] for i in idx]
-  real = [gap_ev.y_items[i] for i in idx]
-  bs = gap_ev.batch_size
-  teacher, student = encs["teacher"], encs["student"]
-  real_t = common.encode_in_batches(teacher.encode_images, real, bs)
-  gen_t = common.encode_in_batches(teacher.encode_generated, gen, bs)
-  gen_s = common.encode_in_batches(student.encode_generated, gen, bs)
-  return plots.plot_alignment_tsne(path, real_t, gen_t, real_t, gen_s, method=method, seed=seed)
 
 
 def evaluate(
@@ -114,11 +95,15 @@ def evaluate(
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     if plots:
-      gen_real = [ev for ev in gap_evs if ev.pairs == "gen_real"]
+      gen_real = [ev for ev in gap_evs if ev.pairs in ("gen_real", "class_gen_real")]
       if gen_real:
         with jax.set_mesh(run.mesh):
-          p = tsne_gen_real(
-            os.path.join(out_dir, "tsne_gen_real.png"), gen_real[0], encs, max_points=tsne_points
+          p = plots_lib.plot_gap_tsne(
+            os.path.join(out_dir, "tsne_gen_real.png"),
+            gen_real[0],
+            encs["teacher"],
+            encs["student"],
+            max_points=tsne_points,
           )
         report["plots"].append(p)
       curves = os.path.join(workdir, "metrics.jsonl")

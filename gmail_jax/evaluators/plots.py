@@ -162,3 +162,26 @@ def plot_training_curves(metrics_jsonl: str, path: str, step_key: str = "step") 
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+def plot_gap_tsne(
+  path: str,
+  gap_ev: Any,
+  teacher: Any,
+  student: Any,
+  *,
+  max_points: int = 500,
+  seed: int = 0,
+  method: str = "tsne",
+) -> str:
+  """Before (teacher on both) / after (student on generated) t-SNE of a generated-real gap eval
+  set (``gap_ev.x_items`` generated, ``y_items`` real; up to ``max_points`` pairs)."""
+  n = len(gap_ev.x_items)
+  idx = np.sort(np.random.default_rng(seed).permutation(n)[:max_points])
+  gen = [gap_ev.x_items[i] for i in idx]
+  real = [gap_ev.y_items[i] for i in idx]
+  bs = gap_ev.batch_size
+  real_t = common.encode_in_batches(teacher.encode_images, real, bs)
+  gen_t = common.encode_in_batches(lambda b: common.encode_generated(teacher, b), gen, bs)
+  gen_s = common.encode_in_batches(lambda b: common.encode_generated(student, b), gen, bs)
+  return plot_alignment_tsne(path, real_t, gen_t, real_t, gen_s, method=method, seed=seed)

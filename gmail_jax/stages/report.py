@@ -167,12 +167,11 @@ def run(
   path.write_text(json.dumps(out, indent=2))
   (workdir / "report.md").write_text(report.markdown(out, rc.title))
 
-  from gmail_jax import evaluate
-
-  evaluate.tsne_gen_real(
+  plots.plot_gap_tsne(
     str(workdir / "tsne.png"),
     pairs,
-    views,
+    views["teacher"],
+    views["student"],
     max_points=rc.tsne_points,
     seed=rc.probe_seed,
     method=rc.tsne_method,
