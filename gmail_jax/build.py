@@ -130,10 +130,9 @@ def make_student(config: ml_collections.ConfigDict, teacher: nnx.Module):
   return train_step.Models(teacher=teacher_def, student=student_def), lora, rng, frozen
 
 
-def initial_params(config, models: train_step.Models, lora, frozen) -> dict[str, Any]:
+def initial_params(config: ml_collections.ConfigDict, lora, frozen) -> dict[str, Any]:
   """The trainable pytree: LoRA [+ a COPY of the vision projection] [+ log 1/tau] [+ the sigmoid
   text term's bias, from the teacher's logit_bias when it has one (SigLIP), else -10]."""
-  del models
   params: dict[str, Any] = {"lora": lora}
   if config.lora.train_proj:
     proj, _ = nnx.split_state(frozen, train_step.is_proj, ...)
@@ -153,7 +152,7 @@ def abstract_train_state(config: ml_collections.ConfigDict) -> dict[str, Any]:
   teacher = nnx.eval_shape(lambda: tower(config).make(cfg, rngs=nnx.Rngs(0), **kw))
   models, lora, rng, frozen = make_student(config, teacher)
   tx, _ = optim.make_optimizer(config.optim, config.total_steps)
-  params = jax.eval_shape(lambda f: initial_params(config, models, lora, f), frozen)
+  params = jax.eval_shape(lambda f: initial_params(config, lora, f), frozen)
   state = jax.eval_shape(lambda p: train_step.init_train_state(p, tx), params)
   return {"models": models, "frozen": frozen, "rng": rng, "state": state}
 
@@ -169,7 +168,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
     )
   models, lora, rng, frozen = make_student(config, teacher)
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
-  params = initial_params(config, models, lora, frozen)
+  params = initial_params(config, lora, frozen)
   params = place(params, shd.param_shardings(params, mesh, fsdp=fsdp))
   rng = place(rng, jax.tree.map(lambda _: shd.replicated(mesh), rng))
   state = train_step.init_train_state(params, tx)

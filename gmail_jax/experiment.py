@@ -45,7 +45,7 @@ RECORDS = "stages"
 
 
 def check_stages(config: ml_collections.ConfigDict) -> None:
-  """config.stages: known names, each once, 'align' present when a later stage needs a run."""
+  """config.stages: a non-empty sequence of known stage names, each once."""
   names = list(config.stages)
   unknown = [n for n in names if n not in STAGES]
   if unknown:
