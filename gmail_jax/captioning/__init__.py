@@ -1,0 +1,1 @@
+"""Image captioning from CLIP features: ClipCap and DeCap on a GPT-2 decoder."""
