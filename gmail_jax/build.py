@@ -131,14 +131,20 @@ def make_student(config: ml_collections.ConfigDict, teacher: nnx.Module):
 
 
 def initial_params(config: ml_collections.ConfigDict, lora, frozen) -> dict[str, Any]:
-  """The trainable pytree: LoRA [+ a COPY of the vision projection] [+ log 1/tau] [+ the sigmoid
+  """The trainable pytree: LoRA [+ a COPY of the vision projection] [+ log 1/tau, from
+  loss.temperature or the teacher's logit_scale (loss.temperature_from)] [+ the sigmoid
   text term's bias, from the teacher's logit_bias when it has one (SigLIP), else -10]."""
   params: dict[str, Any] = {"lora": lora}
   if config.lora.train_proj:
     proj, _ = nnx.split_state(frozen, train_step.is_proj, ...)
     params["proj"] = jax.tree.map(jnp.copy, proj)  # own buffer: the state is donated
   if config.loss.learn_temperature:
-    params["log_scale"] = jnp.asarray(math.log(1.0 / config.loss.temperature), jnp.float32)
+    if objectives.get(config.loss.mode).temperature_from(config) == "teacher":
+      # Starts at the teacher's learned scale (clamped as temperature_of clamps it).
+      log_scale = jnp.minimum(frozen["logit_scale"][...], objectives.base.MAX_LOG_SCALE)
+    else:
+      log_scale = math.log(1.0 / config.loss.temperature)
+    params["log_scale"] = jnp.asarray(log_scale, jnp.float32).reshape(())
   if config.loss.text_weight and config.loss.text_loss == "sigmoid":
     bias = frozen["logit_bias"][...] if "logit_bias" in frozen else -10.0
     params["text_bias"] = jnp.asarray(bias, jnp.float32).reshape(())

@@ -45,6 +45,34 @@ def _row_infonce(logits: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, 
   return nll, acc
 
 
+def negative_log_weights(sim: jax.Array, beta: float, mask: jax.Array | None) -> jax.Array:
+  """log w_ij of the negative re-weighting (papers.md §B.3, after Robinson et al. 2021), [B, B]:
+
+      w_ij = exp(β s_ij) / mean_{k ∈ N_i} exp(β s_ik)   for j ∈ N_i (off-diagonal, unmasked)
+      log w_ij = 0 on the diagonal and masked columns
+
+  Adding log w to the logits turns row i's denominator into exp(l_ii) + Σ_{j∈N_i} w_ij exp(l_ij):
+  harder negatives (higher cosine s_ij) weigh more, the mean weight is 1, β = 0 is plain InfoNCE.
+  The weights are constants (stop_gradient), as in importance re-weighting.
+  """
+  n = sim.shape[0]
+  neg = ~jnp.eye(n, dtype=bool) if mask is None else ~(jnp.eye(n, dtype=bool) | mask)
+  b = float(beta) * jax.lax.stop_gradient(sim.astype(jnp.float32))
+  count = jnp.maximum(jnp.sum(neg, axis=1, keepdims=True), 1).astype(jnp.float32)
+  log_mean = jax.nn.logsumexp(jnp.where(neg, b, -jnp.inf), axis=1, keepdims=True) - jnp.log(count)
+  return jnp.where(neg, b - jnp.where(jnp.isfinite(log_mean), log_mean, 0.0), 0.0)
+
+
+def _nce_rows(
+  logits: jax.Array, sim: jax.Array, mask: jax.Array | None, neg_beta: float | None
+) -> tuple[jax.Array, jax.Array]:
+  """_row_infonce, with the negatives re-weighted when ``neg_beta`` is set (accuracy unweighted)."""
+  nll, acc = _row_infonce(logits, mask)
+  if neg_beta is not None:
+    nll, _ = _row_infonce(logits + negative_log_weights(sim, neg_beta, mask), mask)
+  return nll, acc
+
+
 def gen_real_infonce(
   z_gen: jax.Array,
   z_real: jax.Array,
@@ -52,6 +80,7 @@ def gen_real_infonce(
   *,
   group: jax.Array | None = None,
   symmetric: bool = False,
+  neg_beta: float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """GMAIL cross-modality alignment loss (Mo & Yun 2025, Eq. 1).
 
@@ -61,7 +90,8 @@ def gen_real_infonce(
   One-directional gen->real: anchors are the student embeddings of generated images, the positive
   is the paired real image under the frozen teacher, negatives are all other real images of the
   (global) batch. ``symmetric`` averages it with the real->gen direction (columns, same mask).
-  With ``group=None`` nothing is masked, which is literally Eq. 1.
+  With ``group=None`` nothing is masked, which is literally Eq. 1. ``neg_beta`` re-weights the
+  negatives (``negative_log_weights``; TPC-CMA's cma.nce='reweighted'); None = Eq. 1.
 
   Args:
     z_gen: [B, D] student embeddings of generated images (any scale; normalised here).
@@ -78,10 +108,10 @@ def gen_real_infonce(
   sim = zg @ zr.T
   logits = sim / temperature
   mask = false_negative_mask(group, sim.shape[0])
-  nll, acc = _row_infonce(logits, mask)
+  nll, acc = _nce_rows(logits, sim, mask, neg_beta)
   loss = jnp.mean(nll)
   if symmetric:
-    nll_t, _ = _row_infonce(logits.T, None if mask is None else mask.T)
+    nll_t, _ = _nce_rows(logits.T, sim.T, None if mask is None else mask.T, neg_beta)
     loss = 0.5 * (loss + jnp.mean(nll_t))
   return loss, {"pair_acc": jnp.mean(acc), "pos_cos": jnp.mean(jnp.diagonal(sim))}
 
@@ -92,6 +122,7 @@ def clip_loss(
   logit_scale: float | jax.Array,
   *,
   group: jax.Array | None = None,
+  neg_beta: float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Symmetric CLIP InfoNCE (Radford et al., 2021) with a linear logit scale.
 
@@ -99,13 +130,14 @@ def clip_loss(
 
   Used as GMAIL's optional text term between the student's generated-image embeddings and the
   frozen text tower's caption embeddings. ``logit_scale`` is exp(CLIP's log-scale), i.e. 1/tau.
-  ``group`` masks false negatives exactly as in ``gen_real_infonce``.
+  ``group`` masks false negatives and ``neg_beta`` re-weights them as in ``gen_real_infonce``.
   """
   zi, zt = l2_normalize(z_image), l2_normalize(z_text)
-  logits = logit_scale * (zi @ zt.T)
+  sim = zi @ zt.T
+  logits = logit_scale * sim
   mask = false_negative_mask(group, logits.shape[0])
-  nll_i, acc_i = _row_infonce(logits, mask)
-  nll_t, _ = _row_infonce(logits.T, None if mask is None else mask.T)
+  nll_i, acc_i = _nce_rows(logits, sim, mask, neg_beta)
+  nll_t, _ = _nce_rows(logits.T, sim.T, None if mask is None else mask.T, neg_beta)
   loss = 0.5 * (jnp.mean(nll_i) + jnp.mean(nll_t))
   return loss, {"text_acc": jnp.mean(acc_i)}
 

@@ -68,6 +68,10 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     config.model.text_context = 0  # written before the key existed: never stretched
   if "loss" in config and "text_loss" not in config.loss:
     config.loss.text_loss = "softmax"  # likewise: the CLIP text term
+  if "loss" in config and "temperature_from" not in config.loss:
+    config.loss.temperature_from = "config"  # likewise: loss.temperature was the only source
+  if "cma" in config and "form" not in config.cma:
+    config.cma.update(form="additive", nce="infonce", nce_beta=0.5)  # likewise: L_NCE + α·L_CMA
   return config
 
 

@@ -24,7 +24,14 @@ from gmail_jax.errors import ConfigError
 from gmail_jax.models import towers
 
 # Keys whose children are not fixed by the schema (checked by their owner; see module docstring).
-FREE_FORM = ("evals", "model.overrides")
+FREE_FORM = (
+  "evals",
+  "model.overrides",
+  "caption.captioner",
+  "caption.train",
+  "caption.test",
+  "caption.real",
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -65,6 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.mode = "gmail"  # objective (gmail_jax/objectives/): gmail | tpc_cma
   c.loss.temperature = 0.07
+  # Where the InfoNCE temperature (fixed, or the learned one's start) comes from: 'config' =
+  # loss.temperature; 'teacher' = 1/exp(the frozen teacher's learned logit_scale), TPC-CMA
+  # image_text only; 'auto' = 'teacher' for TPC-CMA image_text pairs, 'config' otherwise.
+  c.loss.temperature_from = "auto"
   c.loss.learn_temperature = False
   c.loss.symmetric = False
   c.loss.text_weight = 0.0  # lambda of the CLIP text term; 0 = Algorithm 1
@@ -82,6 +93,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.cma.rho = 1.0
   c.cma.eps = 1e-8
   c.cma.pairs = "gen_real"
+  # L = w_NCE·L_NCE + α_eff·L_CMA with w_NCE = 1 ('additive') or 1 − α_eff ('convex'); equal at α=0.
+  c.cma.form = "additive"
+  # L_NCE: 'infonce' or 'reweighted' (negatives weighted by exp(nce_beta·cos), papers.md §B.3).
+  c.cma.nce = "infonce"
+  c.cma.nce_beta = 0.5
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"
@@ -140,6 +156,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.report.synthetic_baseline = True
   c.report.tsne_method = "tsne"  # tsne | pca
   c.report.tsne_points = 300
+
+  # Stage 'caption' (gmail_jax/stages/caption.py; evaluators/captioning.py documents the keys).
+  c.caption = ml_collections.ConfigDict()
+  c.caption.method = "clipcap"  # clipcap | decap
+  # Encoders (stages/caption.py): teacher | student | student_all | as_if_real
+  c.caption.views = ("teacher", "student")
+  c.caption.train = ml_collections.ConfigDict({"kind": "classes", "root": ""})  # captioning/data.py
+  c.caption.train_path = "generated"  # training images through f_g ('generated') or f_r ('real')
+  c.caption.real = ml_collections.ConfigDict()  # real training pairs (ClipCap's Proj-Real head)
+  c.caption.test = ml_collections.ConfigDict({"kind": "classes", "root": ""})  # '' = splits' test
+  c.caption.templates = ()  # class-folder captions: '{}' = the class name
+  c.caption.batch_size = 64  # embedding batch
+  c.caption.captioner = ml_collections.ConfigDict()  # captioning/clipcap.py DEFAULTS overrides
 
   # Stage 'generate' (gmail_jax/stages/generate.py): the generation config family's own base
   # (gmail_jax/generate.py), so a typo there is refused like any other key.
@@ -250,6 +279,7 @@ RESUMABLE = (
   "mesh",
   "evals",
   "report",
+  "caption",
   "generate",
   "splits",
   "teacher_pretrain",
@@ -283,11 +313,14 @@ def resume_changes(
   saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict
 ) -> tuple[dict[str, tuple], dict[str, tuple]]:
   """({key: (old, new)} refused, {key: (old, new)} allowed) between a run's saved config and the
-  config it is resumed with (see RESUMABLE)."""
+  config it is resumed with (see RESUMABLE). A key the saved config predates is compared with
+  its default here: a key added later defaults to what runs did before it existed."""
   a, b = flat(saved), flat(new)
+  defaults = flat(base_config())
   refused, allowed = {}, {}
   for key in sorted(set(a) | set(b)):
-    if a.get(key) != b.get(key):
+    old = a.get(key, defaults.get(key))
+    if old != b.get(key):
       free = any(key == k or key.startswith(k + ".") for k in RESUMABLE)
-      (allowed if free else refused)[key] = (a.get(key), b.get(key))
+      (allowed if free else refused)[key] = (old, b.get(key))
   return refused, allowed

@@ -1,4 +1,5 @@
-"""Figures: t-SNE of real vs generated embeddings (GMAIL Fig. 3 style) and training curves.
+"""Figures: t-SNE of real vs generated embeddings (GMAIL Fig. 3 style), training curves, and task
+quality against each modality gap with its least-squares line (the sweep's R² figure).
 
 matplotlib with the Agg backend (no display needed); every function writes one PNG and returns
 its path.
@@ -185,3 +186,52 @@ def plot_gap_tsne(
   gen_t = common.encode_in_batches(lambda b: common.encode_generated(teacher, b), gen, bs)
   gen_s = common.encode_in_batches(lambda b: common.encode_generated(student, b), gen, bs)
   return plot_alignment_tsne(path, real_t, gen_t, real_t, gen_s, method=method, seed=seed)
+
+
+def plot_task_vs_gap(
+  rows: Sequence[dict],
+  gap_keys: Sequence[str],
+  task_keys: Sequence[str],
+  path: str,
+  *,
+  color_key: str = "alpha_target",
+) -> str:
+  """Grid PNG: task metric (row) against gap metric (column), one point per checkpoint (colour =
+  ``color_key``; None, the teacher, as black crosses), the OLS line and its R² (regression.py)."""
+  from gmail_jax.evaluators import regression
+
+  fig, axes = plt.subplots(
+    len(task_keys),
+    len(gap_keys),
+    figsize=(3.2 * len(gap_keys), 2.8 * len(task_keys)),
+    squeeze=False,
+  )
+  for i, tk in enumerate(task_keys):
+    for j, gk in enumerate(gap_keys):
+      ax = axes[i][j]
+      pts = [r for r in rows if r.get(gk) is not None and r.get(tk) is not None]
+      g = np.array([r[gk] for r in pts], np.float64)
+      t = np.array([r[tk] for r in pts], np.float64)
+      c = [r.get(color_key) for r in pts]
+      learned = [k for k, v in enumerate(c) if v is not None]
+      fixed = [k for k, v in enumerate(c) if v is None]
+      if learned:
+        sc = ax.scatter(g[learned], t[learned], c=[c[k] for k in learned], cmap="viridis", s=18)
+        if i == 0 and j == len(gap_keys) - 1:
+          fig.colorbar(sc, ax=ax, label=color_key)
+      if fixed:
+        ax.scatter(g[fixed], t[fixed], c="black", marker="x", s=24, label="teacher")
+      title = gk
+      if len(pts) >= 2:
+        a, b, r2 = regression.ols_fit(g, t)
+        xs = np.linspace(g.min(), g.max(), 2)
+        ax.plot(xs, a + b * xs, "r-", lw=1)
+        title = f"{gk}  R²={r2:.3f}"
+      ax.set_title(title, fontsize=9)
+      ax.set_xlabel(gk, fontsize=8)
+      ax.set_ylabel(tk, fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

@@ -2,6 +2,7 @@
 
     objective = objectives.make(config)     # an objectives.base.Objective bound to config
     objectives.validate(config)             # one-line ConfigErrors, before anything is built
+    objectives.trained_temperature(config, params, teacher_scale)   # the τ a run trained with
 
 A new loss is a module with an ``Objective`` subclass named ``OBJECTIVE`` and one line in
 ``REGISTRY`` (or ``register(name, cls)`` at run time, e.g. in a test).
@@ -11,12 +12,22 @@ from __future__ import annotations
 
 import importlib
 
+import jax.numpy as jnp
 import ml_collections
 
 from gmail_jax.errors import ConfigError
 from gmail_jax.objectives.base import Objective, Targets, temperature_of
 
-__all__ = ["REGISTRY", "Objective", "Targets", "get", "make", "register", "temperature_of"]
+__all__ = [
+  "REGISTRY",
+  "Objective",
+  "Targets",
+  "get",
+  "make",
+  "register",
+  "temperature_of",
+  "trained_temperature",
+]
 
 REGISTRY: dict[str, str | type[Objective]] = {
   "gmail": "gmail_jax.objectives.gmail",
@@ -44,3 +55,12 @@ def make(config: ml_collections.ConfigDict) -> Objective:
   cls = get(config.loss.mode)
   cls.validate(config)
   return cls(config)
+
+
+def trained_temperature(config: ml_collections.ConfigDict, params: dict, teacher_scale) -> float:
+  """The InfoNCE τ of a run's trainable ``params`` (its learned log_scale if any), else the
+  teacher's 1/``teacher_scale`` (exp of its logit_scale) or config.loss.temperature, as training
+  resolved config.loss.temperature_from."""
+  src = get(config.loss.mode).temperature_from(config)
+  scale = jnp.asarray(teacher_scale, jnp.float32) if src == "teacher" else None
+  return float(temperature_of(params, config.loss, scale))

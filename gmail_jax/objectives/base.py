@@ -22,6 +22,7 @@ import ml_collections
 from gmail_jax.errors import ConfigError
 
 MAX_LOG_SCALE = math.log(100.0)  # CLIP clamps 1/tau at 100
+TEMPERATURE_FROM = ("auto", "config", "teacher")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +39,15 @@ class Targets:
   group: jax.Array | None
 
 
-def temperature_of(head: dict, loss_cfg: ml_collections.ConfigDict) -> jax.Array:
-  """tau = exp(-log_scale) if learned (clamped at 1/100), else the fixed config.loss.temperature."""
+def temperature_of(
+  head: dict, loss_cfg: ml_collections.ConfigDict, teacher_scale: jax.Array | None = None
+) -> jax.Array:
+  """tau = exp(-log_scale) if learned (clamped at 1/100); else 1/teacher_scale when given (the
+  teacher's own exp(logit_scale), as its forward uses it); else config.loss.temperature."""
   if "log_scale" in head:
     return jnp.exp(-jnp.minimum(head["log_scale"], MAX_LOG_SCALE))
+  if teacher_scale is not None:
+    return 1.0 / jnp.asarray(teacher_scale, jnp.float32)
   return jnp.asarray(loss_cfg.temperature, jnp.float32)
 
 
@@ -59,11 +65,33 @@ class Objective(abc.ABC):
     self.config = config
 
   @classmethod
+  def temperature_from(cls, config: ml_collections.ConfigDict) -> str:
+    """'config' or 'teacher': config.loss.temperature_from with 'auto' resolved (here 'config';
+    objectives that align to the teacher's own text tower override this)."""
+    src = config.loss.temperature_from
+    return "config" if src == "auto" else src
+
+  @classmethod
   def validate(cls, config: ml_collections.ConfigDict) -> None:
     """One-line ConfigErrors naming the key, before anything is built (subclasses extend it)."""
     loss = config.loss
+    if loss.temperature_from not in TEMPERATURE_FROM:
+      raise ConfigError(
+        f"config.loss.temperature_from: {loss.temperature_from!r} not in {TEMPERATURE_FROM}"
+      )
+    if cls.temperature_from(config) == "teacher" and not cls.teacher_temperature_ok(config):
+      raise ConfigError(
+        f"config.loss.temperature_from: 'teacher' needs image-text pairs (loss.mode='tpc_cma',"
+        f" cma.pairs='image_text'), got loss.mode={loss.mode!r}"
+      )
     if not loss.learn_temperature and not loss.temperature > 0:
       raise ConfigError(f"config.loss.temperature: must be > 0, got {loss.temperature}")
+
+  @classmethod
+  def teacher_temperature_ok(cls, config: ml_collections.ConfigDict) -> bool:
+    """Whether the NCE term compares to the teacher's text tower, whose logit scale then applies."""
+    del config
+    return False
 
   @abc.abstractmethod
   def parts(
