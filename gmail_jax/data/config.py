@@ -26,6 +26,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   gens_per_caption:  generated images used per (real image, caption) item and epoch; the others
                      rotate in on later epochs. 0 = all of them every epoch
   augment_generated: random resized crop + horizontal flip on generated images only
+  draft_decode:      decode JPEGs >= 4x image_size (short side) at 1/2-1/8 scale (libjpeg DCT
+                     scaling) before the resize; faster, but pixels differ from the exact CLIP
+                     preprocessing (coco-mini at 64 px: mean |diff| ~1/255, up to ~8/255 on
+                     textured photos). Off by default; not applied to augmented generated images.
+                     Prefer ``gmail_jax.data.prepare`` (stores images resized once)
   caption_template:  class-folder captions, ``{class}`` is the folder name (underscores -> spaces)
   synthetic_size / synthetic_image_size: the synthetic source (tests, benchmarks)
   tfds_*:            TFDS ``data_source`` name/split/data_dir and the feature keys to read
@@ -42,6 +47,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.gens_per_caption = 1
   c.augment_generated = False
   c.augment_scale = (0.5, 1.0)
+  c.draft_decode = False
   c.caption_template = "a photo of a {class}."
   c.synthetic_size = 256
   c.synthetic_image_size = 64

@@ -12,9 +12,32 @@ import PIL.Image
 from gmail_jax.data.preprocess import to_rgb
 from gmail_jax.data.rejects import BadInput
 
+# A draft-decoded JPEG keeps at least DRAFT_GAP x the wanted short side, so the bicubic resize that
+# follows still does most of the downscaling (Pillow's ``thumbnail`` uses the same 2x gap): the
+# 1/2, 1/4, 1/8 DCT scaling alone is a box-like filter, visibly softer/aliased than bicubic.
+DRAFT_GAP = 2
 
-def decode_image(data: bytes | np.ndarray | PIL.Image.Image, name: str) -> PIL.Image.Image:
-  """A fully loaded RGB PIL image, or :class:`BadInput` naming ``name`` and why it is unusable."""
+
+def draft_size(width: int, height: int, short: int) -> tuple[int, int] | None:
+  """The size to ask ``PIL.JpegImagePlugin.draft`` for so the decoded short side stays >=
+  ``DRAFT_GAP * short``; None when no 1/2, 1/4 or 1/8 scale fits (decode at full size)."""
+  need = DRAFT_GAP * short
+  if short < 1 or min(width, height) < 2 * need:
+    return None
+  s = min(width, height)
+  return -(-width * need // s), -(-height * need // s)
+
+
+def decode_image(
+  data: bytes | np.ndarray | PIL.Image.Image, name: str, *, draft_short: int | None = None
+) -> PIL.Image.Image:
+  """A fully loaded RGB PIL image, or :class:`BadInput` naming ``name`` and why it is unusable.
+
+  ``draft_short``: a JPEG whose short side is at least ``2 * DRAFT_GAP * draft_short`` is decoded
+  at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling, much cheaper than a full decode), keeping its short
+  side >= ``DRAFT_GAP * draft_short``. Pixels then differ slightly from a full decode followed by
+  the same resize (tests/test_data_preprocess.py bounds by how much); None = always full size.
+  """
   if isinstance(data, PIL.Image.Image | np.ndarray):
     try:
       return to_rgb(data)
@@ -26,6 +49,10 @@ def decode_image(data: bytes | np.ndarray | PIL.Image.Image, name: str) -> PIL.I
     with warnings.catch_warnings():
       warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
       image = PIL.Image.open(io.BytesIO(data))
+      if draft_short and image.format == "JPEG":
+        size = draft_size(image.width, image.height, draft_short)
+        if size is not None:
+          image.draft("RGB", size)
       image.load()  # decode now: truncation only shows up here
     if image.width < 1 or image.height < 1:
       raise BadInput(name, f"empty image {image.width}x{image.height}")

@@ -94,8 +94,12 @@ class LoadPair:
     augment_scale=(0.5, 1.0),
     keep_index: bool = False,
     resize: preprocess.ResizeMode = "shortest_edge_crop",
+    draft_decode: bool = False,
   ):
     self.resize = resize
+    # The augmented crop draws its box in the decoded image's pixels: never draft-decode it.
+    self.draft_real = int(image_size) if draft_decode else None
+    self.draft_gen = None if augment else self.draft_real
     self.source, self.image_size, self.seed, self.log = source, int(image_size), int(seed), log
     self.augment, self.augment_scale, self.keep_index = (
       bool(augment),
@@ -109,9 +113,9 @@ class LoadPair:
     try:
       pair = self.source.get(slot, epoch)
       name = pair.gen_name
-      gen = decode_image(pair.gen, pair.gen_name)
+      gen = decode_image(pair.gen, pair.gen_name, draft_short=self.draft_gen)
       name = pair.real_name
-      real = decode_image(pair.real, pair.real_name)
+      real = decode_image(pair.real, pair.real_name, draft_short=self.draft_real)
       name = pair.real_name
       real_crop = preprocess.resize(real, self.image_size, self.resize)
       name = pair.gen_name
@@ -222,6 +226,7 @@ def make_dataset(
     augment_scale=tuple(data.get("augment_scale", (0.5, 1.0))),
     keep_index=keep_index,
     resize=_resize_mode(config),
+    draft_decode=bool(data.get("draft_decode", False)),
   )
   ds = grain.MapDataset.source(order)[pi::pc].map(load)  # None = rejected; skipped below
   ds = ds.to_iter_dataset(

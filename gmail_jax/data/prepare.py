@@ -17,15 +17,24 @@ Sources (``--kind`` auto-detected):
   (any of jpg/jpeg/png/webp). Each generated image becomes one record; ``real_id`` numbers keys.
 
 Output in ``--out``: ``pairs-NNNNN.array_record`` (records in :mod:`gmail_jax.data.records`
-format, original encoded bytes), ``index.npz`` (``item, group, real_id`` per record, used for
-pairing without reading the shards), ``meta.json``, and ``rejects.jsonl`` (skipped inputs).
+format), ``index.npz`` (``item, group, real_id`` per record, used for pairing without reading the
+shards), ``meta.json``, and ``rejects.jsonl`` (skipped inputs).
 Train on it with ``config.data.source='array_record'``, ``config.data.root=OUT``.
+
+Stored images (``--resize_short``, ``--quality``): by default every image whose short side exceeds
+256 px is stored as a JPEG (quality 90) resized with PIL bicubic so its short side is 256 (long side
+``int(256 * long / short)``, the CLIP rule), so training decodes small JPEGs: a 224 crop with room
+for random-resized-crop augmentation. Large JPEGs are draft-decoded (DCT downscaling, see
+:func:`gmail_jax.data.images.decode_image`) before that resize. Smaller images are never upscaled;
+their original bytes are kept, as are all bytes with ``--resize_short=0``. Every input is decoded
+(also with ``--verify=false`` when resizing), so corrupt files go to ``rejects.jsonl``.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import io
 import json
 import multiprocessing
 import os
@@ -35,8 +44,10 @@ import tarfile
 import time
 
 import numpy as np
+import PIL.Image
 
 from gmail_jax.data.images import decode_image
+from gmail_jax.data.preprocess import resize_output_size
 from gmail_jax.data.records import pack_pair
 from gmail_jax.data.rejects import BadInput, BadInputError, RejectLog
 from gmail_jax.data.sources import (
@@ -59,21 +70,44 @@ def _writer(path: str):
   return ArrayRecordWriter(path, "group_size:1")  # one record per chunk: fast random access
 
 
-def _check(data: bytes, name: str, verify: bool) -> bytes:
-  if verify:
-    decode_image(data, name)
-  return data
+DEFAULT_RESIZE_SHORT = 256  # 224 crops + headroom for random resized crops
+DEFAULT_QUALITY = 90
 
 
-def _write_rows(path: str, rows: list[dict], log: RejectLog, verify: bool) -> list[tuple]:
+def _stored(data: bytes, name: str, verify: bool, resize_short: int, quality: int) -> bytes:
+  """The bytes to store for one image: the original file, or a JPEG resized to ``resize_short``.
+
+  Raises :class:`BadInput` for an undecodable image (whenever it is decoded: always when resizing).
+  """
+  if not resize_short:
+    if verify:
+      decode_image(data, name)
+    return data
+  image = decode_image(data, name, draft_short=resize_short)
+  with PIL.Image.open(io.BytesIO(data)) as header:  # the size before draft scaling
+    width, height = header.size
+  if min(width, height) <= resize_short:  # never upscale: keep the original bytes
+    return data
+  # from the original size: a draft-scaled size is rounded up and could shift the long side
+  new_h, new_w = resize_output_size(height, width, resize_short)
+  out = image.resize((new_w, new_h), resample=PIL.Image.Resampling.BICUBIC)
+  buf = io.BytesIO()
+  out.save(buf, "JPEG", quality=quality)
+  return buf.getvalue()
+
+
+def _write_rows(
+  path: str, rows: list[dict], log: RejectLog, verify: bool, resize_short: int, quality: int
+) -> list[tuple]:
   """Rows of paths -> one shard; returns (item, group, real_id) of the records written."""
   kept = []
   writer = _writer(path)
+  store = (verify, resize_short, quality)
   try:
     for row in rows:
       try:
-        gen = _check(read_bytes(row["gen_path"]), row["gen_path"], verify)
-        real = _check(read_bytes(row["real_path"]), row["real_path"], verify)
+        gen = _stored(read_bytes(row["gen_path"]), row["gen_path"], *store)
+        real = _stored(read_bytes(row["real_path"]), row["real_path"], *store)
       except BadInput as e:
         log.reject(e.path, e.reason)
         continue
@@ -158,17 +192,20 @@ def _wds_pairs(key: str, members: dict, gen_dir: str | None, where: str):
   return caption, members[real[0]], f"{where}.{real[0]}", gens, group
 
 
-def _write_tar(path: str, tar_path: str, gen_dir, log: RejectLog, verify: bool):
+def _write_tar(
+  path: str, tar_path: str, gen_dir, log: RejectLog, verify: bool, resize_short: int, quality: int
+):
   """One webdataset tar -> one shard; returns (local_key_index, group_str, local_key_index)."""
   kept = []
   writer = _writer(path)
+  store = (verify, resize_short, quality)
   try:
     n_keys = 0
     for key, members in _wds_examples(tar_path, gen_dir):
       where = f"{tar_path}:{key}"
       try:
         caption, real, real_name, gens, group = _wds_pairs(key, members, gen_dir, where)
-        _check(real, real_name, verify)
+        real = _stored(real, real_name, *store)
       except BadInput as e:
         log.reject(e.path, e.reason)
         continue
@@ -176,7 +213,7 @@ def _write_tar(path: str, tar_path: str, gen_dir, log: RejectLog, verify: bool):
       n_keys += 1
       for gen_name, gen in gens:
         try:
-          _check(gen, gen_name, verify)
+          gen = _stored(gen, gen_name, *store)
         except BadInput as e:
           log.reject(e.path, e.reason)
           continue
@@ -223,9 +260,18 @@ def prepare(
   num_workers: int = 1,
   verify: bool = True,
   on_bad_input: str = "skip",
+  resize_short: int | None = DEFAULT_RESIZE_SHORT,
+  quality: int = DEFAULT_QUALITY,
 ) -> dict:
-  """Write ``src`` as ArrayRecord shards under ``out``; returns the meta dict (also meta.json)."""
+  """Write ``src`` as ArrayRecord shards under ``out``; returns the meta dict (also meta.json).
+
+  ``resize_short``: short side of the stored images (larger ones are resized and re-encoded as
+  JPEG at ``quality``); 0 or None keeps every image's original bytes.
+  """
   start = time.time()
+  resize_short = int(resize_short or 0)
+  if resize_short < 0 or not 1 <= quality <= 100:
+    raise InputError(f"prepare: --resize_short={resize_short} >= 0, --quality={quality} in 1..100")
   outp = pathlib.Path(out)
   outp.mkdir(parents=True, exist_ok=True)
   for old in outp.glob("pairs-*.array_record"):
@@ -255,7 +301,8 @@ def prepare(
     n_shards = max(1, -(-len(rows) // shard_size))
     for s in range(n_shards):
       path = str(outp / f"pairs-{s:05d}-of-{n_shards:05d}.array_record")
-      jobs.append((_write_rows, (path, rows[s * shard_size : (s + 1) * shard_size], log, verify)))
+      chunk = rows[s * shard_size : (s + 1) * shard_size]
+      jobs.append((_write_rows, (path, chunk, log, verify, resize_short, quality)))
   elif kind == "wds":
     parts = src.split(",")
     tars = []
@@ -266,7 +313,7 @@ def prepare(
       raise InputError(f"prepare: no .tar shards in {src}")
     for s, tar in enumerate(tars):
       path = str(outp / f"pairs-{s:05d}-of-{len(tars):05d}.array_record")
-      jobs.append((_write_tar, (path, tar, gen_dir, log, verify)))
+      jobs.append((_write_tar, (path, tar, gen_dir, log, verify, resize_short, quality)))
   else:
     raise InputError(f"prepare: --kind={kind!r}: expected auto, manifest, class_folders or wds")
 
@@ -311,6 +358,9 @@ def prepare(
     "num_shards": len(jobs),
     "num_rejected": rejected,
     "manifest_columns": list(MANIFEST_COLUMNS),
+    # images with a larger short side were stored resized as JPEG at this quality; None: originals
+    "resize_short": resize_short or None,
+    "quality": quality if resize_short else None,
     "seconds": round(time.time() - start, 2),
   }
   write_meta(outp, meta)
@@ -339,7 +389,14 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--num_workers", type=int, default=1, help="processes writing shards")
   p.add_argument("--verify", default="true", choices=["true", "false"], help="decode every image")
   p.add_argument("--on_bad_input", default="skip", choices=["skip", "fail"])
+  p.add_argument(
+    "--resize_short",
+    default=str(DEFAULT_RESIZE_SHORT),
+    help="store larger images resized to this short side (JPEG); 0 or none: original bytes",
+  )
+  p.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality of resizes")
   a = p.parse_args(argv)
+  short = 0 if a.resize_short.lower() in ("0", "none", "") else int(a.resize_short)
   try:
     meta = prepare(
       a.src,
@@ -353,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
       num_workers=a.num_workers,
       verify=a.verify == "true",
       on_bad_input=a.on_bad_input,
+      resize_short=short,
+      quality=a.quality,
     )
   except (BadInputError, ValueError, FileNotFoundError) as e:
     print(f"prepare: error: {e}", file=sys.stderr)

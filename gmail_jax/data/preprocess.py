@@ -41,8 +41,13 @@ def to_rgb(image: PIL.Image.Image | np.ndarray) -> PIL.Image.Image:
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
       raise ValueError(f"numpy images must be [H,W], [H,W,3] or [H,W,4], got shape {image.shape}")
     image = PIL.Image.fromarray(image)
-  if not isinstance(image, PIL.Image.Image):
+  elif not isinstance(image, PIL.Image.Image):
     raise TypeError(f"expected a PIL image or a uint8 numpy array, got {type(image).__name__}")
+  elif image.mode == "RGB" and image.info.get("transparency") is None:
+    # Already RGB: ``convert`` would only copy it (twice per image in the input pipeline: decode,
+    # then resize). Loaded here as ``convert`` would, so a file-backed image is read now.
+    image.load()
+    return image
   if "A" in image.getbands() or image.info.get("transparency") is not None:
     rgba = image.convert("RGBA")
     background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -64,9 +69,12 @@ def resize_center_crop(image: PIL.Image.Image | np.ndarray, size: int) -> np.nda
   if width < 1 or height < 1:
     raise ValueError(f"empty image of size {width}x{height}")
   new_h, new_w = resize_output_size(height, width, size)
-  out = np.asarray(rgb.resize((new_w, new_h), resample=PIL.Image.Resampling.BICUBIC))
+  out = rgb.resize((new_w, new_h), resample=PIL.Image.Resampling.BICUBIC)
   top, left = (new_h - size) // 2, (new_w - size) // 2
-  return np.ascontiguousarray(out[top : top + size, left : left + size])
+  # Crop in PIL: one copy of the crop into numpy, not of the whole resized image, then the crop.
+  # (Resizing only the crop with ``resize(box=...)`` would be ~30% cheaper but is not bit-exact:
+  # +-1 on ~1e-4 of pixels vs CLIPImageProcessor, which tests hold to equality.)
+  return np.asarray(out.crop((left, top, left + size, top + size)))
 
 
 def resize_squash(image: PIL.Image.Image | np.ndarray, size: int) -> np.ndarray:
