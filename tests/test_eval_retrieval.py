@@ -48,6 +48,39 @@ def test_recall_matches_brute_force_with_ties(caps_per_image):
   assert all(0.0 <= v <= 1.0 for v in got.values())
 
 
+def _counting_recall(img, txt, t2i, ks, chunk):
+  """The previous implementation: two matmuls, ranks by counting every negative >= the positive."""
+  img_j, txt_j, t2i_j = jnp.asarray(img), jnp.asarray(txt), jnp.asarray(t2i, jnp.int32)
+  i2t_rank, t2i_rank = [], []
+  for lo in range(0, len(img), chunk):
+    rows = jnp.arange(lo, min(lo + chunk, len(img)))
+    sims, positive = img_j[rows] @ txt_j.T, t2i_j[None, :] == rows[:, None]
+    best = jnp.max(jnp.where(positive, sims, -jnp.inf), axis=1, keepdims=True)
+    i2t_rank.append(np.asarray(jnp.sum((sims >= best) & ~positive, axis=1)))
+  for lo in range(0, len(txt), chunk):
+    sims, target = txt_j[lo : lo + chunk] @ img_j.T, t2i_j[lo : lo + chunk]
+    onehot = jnp.arange(sims.shape[1])[None, :] == target[:, None]
+    own = jnp.sum(jnp.where(onehot, sims, 0.0), axis=1, keepdims=True)
+    t2i_rank.append(np.asarray(jnp.sum((sims >= own) & ~onehot, axis=1)))
+  i2t_rank, t2i_rank = np.concatenate(i2t_rank), np.concatenate(t2i_rank)
+  out = {f"i2t_r{k}": float(np.mean(i2t_rank < k)) for k in ks}
+  return out | {f"t2i_r{k}": float(np.mean(t2i_rank < k)) for k in ks}
+
+
+@pytest.mark.parametrize(("n_img", "chunk", "ks"), [(300, 64, (1, 5, 10)), (7, 3, (1, 3, 20))])
+def test_partial_top_k_equals_counting_with_ties(n_img, chunk, ks):
+  # Small-integer embeddings (exact fp32 dot products) -> many exactly tied scores; ragged chunks,
+  # and ks beyond the number of negatives (n_img=7, k=20: every caption is a hit).
+  rng = np.random.default_rng(n_img)
+  img = rng.integers(-2, 3, size=(n_img, 6)).astype(np.float32)
+  t2i = rng.permutation(np.concatenate([np.arange(n_img), rng.integers(0, n_img, 4 * n_img)]))
+  txt = rng.integers(-2, 3, size=(len(t2i), 6)).astype(np.float32)
+  txt[::4] = img[t2i[::4]]
+  got = retrieval.recall_at_k(img, txt, t2i, ks, chunk=chunk)
+  assert got == _counting_recall(img, txt, t2i, ks, chunk)
+  assert got == _brute_force(img.astype(int), txt.astype(int), t2i, ks)
+
+
 def test_recall_pessimistic_ties_constant_model():
   # Every score equal: the positive is ranked behind all negatives.
   img, txt = np.ones((20, 4)), np.ones((100, 4))

@@ -7,6 +7,7 @@ pass L2-normalised embeddings (what `encode_images` / `encode_texts` return) to 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,19 +19,35 @@ from gmail_jax.data import eval_sets
 from gmail_jax.evaluators import common
 
 
-@jax.jit
-def _i2t_counts(sims: jax.Array, positive: jax.Array) -> jax.Array:
-  """Per image row: #negative texts scoring >= the best positive text (pessimistic ties)."""
-  best = jnp.max(jnp.where(positive, sims, -jnp.inf), axis=1, keepdims=True)
-  return jnp.sum((sims >= best) & ~positive, axis=1)
+@functools.partial(jax.jit, static_argnames=("kmax",))
+def _ranks(img_chunks: jax.Array, txt: jax.Array, t2i: jax.Array, n_img: int, kmax: int):
+  """One pass of ``txt @ img_chunk.T`` blocks [Nt, C] (each score computed once, both directions).
 
+  image→text is local to a block (all texts are in it): count the negatives >= the best positive.
+  text→image needs every image: carry each text's top-``kmax`` negative scores across blocks
+  (partial top-k, no sort of all Ni) and its own score. Returns (i2t rank per padded image row
+  [Nc*C], t2i kmax largest negatives [Nt, kmax], t2i own score [Nt]).
+  """
+  n_chunks, c, _ = img_chunks.shape
 
-@jax.jit
-def _t2i_counts(sims: jax.Array, target: jax.Array) -> jax.Array:
-  """Per text row: #other images scoring >= the caption's own image (pessimistic ties)."""
-  onehot = jnp.arange(sims.shape[1])[None, :] == target[:, None]
-  own = jnp.sum(jnp.where(onehot, sims, 0.0), axis=1, keepdims=True)
-  return jnp.sum((sims >= own) & ~onehot, axis=1)
+  def step(carry, xs):
+    top, own = carry
+    chunk, lo = xs
+    block = txt @ chunk.T  # [Nt, C]
+    cols = lo + jnp.arange(c)
+    pos = t2i[:, None] == cols[None, :]
+    neg_ok = ~pos & (cols < n_img)[None, :]  # padded image rows are nobody's negative
+    best = jnp.max(jnp.where(pos, block, -jnp.inf), axis=0)
+    i2t = jnp.sum(jnp.where(neg_ok & (block >= best[None, :]), 1, 0), axis=0)
+    neg = jnp.where(neg_ok, block, -jnp.inf)
+    top = jax.lax.top_k(jnp.concatenate([top, jax.lax.top_k(neg, kmax)[0]], axis=1), kmax)[0]
+    own = own + jnp.sum(jnp.where(pos, block, 0.0), axis=1)  # each text's image is in one block
+    return (top, own), i2t
+
+  init = (jnp.full((txt.shape[0], kmax), -jnp.inf, txt.dtype), jnp.zeros(txt.shape[0], txt.dtype))
+  starts = jnp.arange(n_chunks) * c
+  (top, own), i2t = jax.lax.scan(step, init, (img_chunks, starts))
+  return i2t.reshape(-1), top, own
 
 
 def recall_at_k(
@@ -60,7 +77,11 @@ def recall_at_k(
     text_emb: [Nt, D].
     text_to_image: int [Nt], index into image_emb of each caption's image.
     ks: the K values.
-    chunk: query rows per similarity block (bounds device memory: chunk × N scores).
+    chunk: image rows per similarity block (bounds device memory: chunk × Nt scores).
+
+  Each score is computed once (one ``Nt × Ni`` matmul in blocks); text→image ranks are not counted
+  but read off a partial top-k: rank_j < k ⇔ the k-th largest negative score < s_i(j)j (the same
+  pessimistic tie rule). Equal, bit for bit, to counting on the same scores.
 
   Returns:
     {'i2t_r1': ..., 'i2t_r5': ..., 'i2t_r10': ..., 't2i_r1': ..., ...} as Python floats.
@@ -80,22 +101,25 @@ def recall_at_k(
   if (n_caps == 0).any():
     raise ValueError(f"recall_at_k: images without captions: {np.flatnonzero(n_caps == 0)[:10]}")
 
-  img_j, txt_j, t2i_j = jnp.asarray(img), jnp.asarray(txt), jnp.asarray(t2i, jnp.int32)
-  i2t_rank = []
-  for lo in range(0, img.shape[0], chunk):
-    rows = jnp.arange(lo, min(lo + chunk, img.shape[0]))
-    sims = img_j[rows] @ txt_j.T
-    i2t_rank.append(np.asarray(_i2t_counts(sims, t2i_j[None, :] == rows[:, None])))
-  t2i_rank = []
-  for lo in range(0, txt.shape[0], chunk):
-    sims = txt_j[lo : lo + chunk] @ img_j.T
-    t2i_rank.append(np.asarray(_t2i_counts(sims, t2i_j[lo : lo + chunk])))
-  i2t_rank, t2i_rank = np.concatenate(i2t_rank), np.concatenate(t2i_rank)
+  kmax = max(ks)
+  chunk = max(min(int(chunk), img.shape[0]), kmax)  # a block's top-k needs >= kmax columns
+  n_chunks = -(-img.shape[0] // chunk)
+  padded = np.zeros((n_chunks * chunk, img.shape[1]), np.float32)
+  padded[: img.shape[0]] = img
+  i2t_rank, top, own = _ranks(
+    jnp.asarray(padded.reshape(n_chunks, chunk, -1)),
+    jnp.asarray(txt),
+    jnp.asarray(t2i, jnp.int32),
+    img.shape[0],
+    kmax,
+  )
+  i2t_rank = np.asarray(i2t_rank)[: img.shape[0]]
+  top, own = np.asarray(top), np.asarray(own)
   out = {}
   for k in ks:
     out[f"i2t_r{k}"] = float(np.mean(i2t_rank < k))
   for k in ks:
-    out[f"t2i_r{k}"] = float(np.mean(t2i_rank < k))
+    out[f"t2i_r{k}"] = float(np.mean(top[:, k - 1] < own))  # < k negatives score >= own
   return out
 
 
