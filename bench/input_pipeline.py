@@ -1,11 +1,17 @@
 """Input-pipeline throughput: pairs/s of read + decode + resize_center_crop (+ tokenize).
 
-  .venv/bin/python bench/input_pipeline.py --dataset=coco --workers=1,2 --image_size=224
+  .venv/bin/python -m bench.input_pipeline --dataset=coco --workers=0,1,2 --image_size=224
+  .venv/bin/python -m bench.input_pipeline --dataset=coco --source=array_record --resize_short=256
 
 ``coco``: a manifest over coco-mini (239 COCO photos, ~640 px; generated := another photo) written
-to a temp dir; ``cifake``: the CIFAKE sample as class folders (32 px, upsampled). ``--workers``
-lists grain worker-process counts to time (0 = main process with ``--read_threads`` threads).
-The first ``--warmup`` batches (worker start-up) are not timed. Last stdout line: JSON.
+to a temp dir; ``cifake``: the CIFAKE sample as class folders (32 px, upsampled). ``--source``:
+``raw`` reads those files; ``array_record`` first runs ``gmail_jax.data.prepare`` on them into the
+temp dir (``--resize_short``, ``--quality``; 0 keeps the original bytes; not timed) and reads the
+shards. ``--workers`` lists grain worker-process counts to time (0 = main process with
+``--read_threads`` threads). The first ``--warmup`` batches (worker start-up) are not timed.
+``pairs_per_s_per_core`` divides by the cores the decoding can use: min(affinity, workers) with
+workers (the main process only collates), min(affinity, read_threads) without. Last stdout line:
+JSON.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ flags.FLAGS.mark_as_parsed()  # grain workers read absl flags (google/grain#1355
 
 import ml_collections  # noqa: E402
 
-from gmail_jax.data import pipeline  # noqa: E402
+from bench import common  # noqa: E402
+from gmail_jax.data import pipeline, prepare  # noqa: E402
 from gmail_jax.data.config import default_data_config  # noqa: E402
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -46,6 +53,10 @@ def coco_manifest(out: pathlib.Path) -> pathlib.Path:
   return path
 
 
+def cores_used(workers: int, read_threads: int) -> int:
+  return max(1, min(common.cpu_count(), workers if workers > 0 else read_threads))
+
+
 def run(config, tokenizer, workers: int, batches: int, warmup: int, workdir: str) -> dict:
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.num_workers = workers
@@ -59,11 +70,14 @@ def run(config, tokenizer, workers: int, batches: int, warmup: int, workdir: str
   t2 = time.perf_counter()
   it.close()
   pairs = batches * b["gen_image"].shape[0]
+  cores = cores_used(workers, config.data.read_threads)
   return {
     "workers": workers,
     "pairs": pairs,
     "seconds": round(t2 - t1, 3),
     "pairs_per_s": round(pairs / (t2 - t1), 1),
+    "cores": cores,
+    "pairs_per_s_per_core": round(pairs / (t2 - t1) / cores, 1),
     "startup_s": round(t1 - t0, 2),
   }
 
@@ -78,6 +92,9 @@ def main(argv=None) -> None:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--read_threads", type=int, default=1)
   p.add_argument("--tokenize", type=int, default=1)
+  p.add_argument("--source", default="raw", choices=["raw", "array_record"])
+  p.add_argument("--resize_short", type=int, default=prepare.DEFAULT_RESIZE_SHORT)
+  p.add_argument("--quality", type=int, default=prepare.DEFAULT_QUALITY)
   a = p.parse_args(argv)
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -93,6 +110,13 @@ def main(argv=None) -> None:
     else:
       config.data.source = "class_folders"
       config.data.root = str(SHARED / "cifake-sd14-test-sample")
+    prepared = None
+    if a.source == "array_record":
+      src = config.data.manifest if a.dataset == "coco" else config.data.root
+      out = os.path.join(tmp, "shards")
+      prepared = prepare.prepare(src, out, resize_short=a.resize_short, quality=a.quality)
+      config.data.source, config.data.root = "array_record", out
+      print(f"prepared {prepared['num_records']} pairs in {prepared['seconds']} s", file=sys.stderr)
     tokenizer = None
     if a.tokenize:
       from gmail_jax.models.tokenizer import Tokenizer
@@ -108,11 +132,15 @@ def main(argv=None) -> None:
       {
         "bench": "input_pipeline",
         "dataset": a.dataset,
+        "source": a.source,
+        "resize_short": a.resize_short if a.source == "array_record" else None,
+        "quality": a.quality if a.source == "array_record" and a.resize_short else None,
         "image_size": a.image_size,
         "batch_size": a.batch_size,
         "read_threads": a.read_threads,
         "tokenize": bool(a.tokenize),
-        "cpu_count": os.cpu_count(),
+        "cpu_count": {"os": os.cpu_count(), "affinity": common.cpu_count()},
+        "load_average": common.load_average(),
         "results": results,
       }
     )
