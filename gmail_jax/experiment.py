@@ -40,6 +40,7 @@ STAGES: dict[str, str] = {
   "teacher": "gmail_jax.stages.teacher",
   "align": "gmail_jax.stages.align",
   "report": "gmail_jax.stages.report",
+  "caption": "gmail_jax.stages.caption",
 }
 RECORDS = "stages"
 

@@ -45,8 +45,11 @@ class Run:
   def tower(self) -> towers.Tower:
     return towers.get(self.config.model.name)
 
-  def encoders(self, batch_size: int = 64) -> dict[str, encoders.Encoder]:
-    """teacher / student / student_all (encoders.views), preprocessing of the run's tower."""
+  def encoders(
+    self, batch_size: int = 64, names: tuple[str, ...] = encoders.VIEWS
+  ) -> dict[str, encoders.Encoder]:
+    """teacher / student / student_all (encoders.views; only ``names``), preprocessing of the
+    run's tower."""
     spec = self.tower.preprocess
     return encoders.views(
       self.teacher,
@@ -57,6 +60,7 @@ class Run:
       mean=spec.mean,
       std=spec.std,
       resize=spec.resize,
+      names=names,
     )
 
 

@@ -9,18 +9,25 @@ Stanford CoreNLP 3.6.0 models, which pycocoevalcap would otherwise try to downlo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import json
 import os
+import pathlib
 import re
 import shutil
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from absl import logging
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
+
+from gmail_jax.errors import ConfigError
+from gmail_jax.evaluators import common
 
 # Tokens pycocoevalcap drops after PTB tokenisation. The bracket names in it are upper case while
 # `-lowerCase` makes PTB emit "-lrb-", so brackets survive in the toolkit; we keep that quirk.
@@ -278,3 +285,160 @@ def caption_metrics(
     reason = "" if shutil.which("java") else ": no `java` on PATH (install a Java runtime)"
     logging.warning("caption_metrics: skipped %s%s", ", ".join(skipped), reason)
   return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The captioning evaluator: train a captioner on one encoder's embeddings, caption the test set.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CaptioningResult:
+  metrics: dict[str, float]
+  candidates: dict[str, str]  # test image id -> generated caption (direct)
+  references: dict[str, list[str]]
+  projected: dict[str, str] | None  # DeCap's projection decoding
+  losses: list[float]
+  settings: dict[str, Any]
+
+  def summary(self) -> dict[str, Any]:
+    return {
+      "metrics": self.metrics,
+      "settings": self.settings,
+      "num_test_images": len(self.candidates),
+      "train_steps": len(self.losses),
+      "first_loss": self.losses[0] if self.losses else None,
+      "final_loss": float(np.mean(self.losses[-10:])) if self.losses else None,
+    }
+
+
+def write_results(out_dir: str | os.PathLike, results: Mapping[str, CaptioningResult]) -> dict:
+  """out_dir/captions.jsonl (view, id, caption[, projected], references) and
+  out_dir/captioning.json ({view: summary}) for the results of several encoders ("views")."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  rows = []
+  for view, r in results.items():
+    for key, caption in r.candidates.items():
+      row = {"view": view, "id": key, "caption": caption}
+      if r.projected is not None:
+        row["projected"] = r.projected[key]
+      rows.append({**row, "references": r.references[key]})
+  paths = {"captions": str(out / "captions.jsonl"), "metrics": str(out / "captioning.json")}
+  _atomic_write(paths["captions"], "".join(json.dumps(r) + "\n" for r in rows))
+  summary = {view: r.summary() for view, r in results.items()}
+  _atomic_write(paths["metrics"], json.dumps(summary, indent=2, sort_keys=True))
+  return paths
+
+
+def _atomic_write(path: str, text: str) -> None:
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+class CaptioningEvaluator(common.Evaluator):
+  """`config.evals.<name> = dict(type='captioning', method='clipcap', train=SPEC, test=SPEC,
+  real=None, train_path='generated', templates=(), image_size=224, batch_size=64, captioner={},
+  every_steps=0)`; SPEC: a dict of ``captioning/data.py``.
+
+  ``compute(encoder)`` trains a fresh captioner on the encoder's embeddings and captions the test
+  images (real) through ``encoder.encode_images`` (f_r):
+
+  clipcap  trains on (``train`` images, captions) embedded by ``encode_generated`` (f_g; with
+           ``train_path='real'``, ``encode_images``), plus ``real`` pairs through ``encode_images``
+           into the Proj-Real head (dual projection, captioning/clipcap.py).
+  decap    trains on the ``train`` captions' text embeddings only (``encode_texts``); reports the
+           direct decoding of the test image embeddings (keys as caption_metrics) and the
+           projection decoding over the training captions' embeddings (``proj_`` keys).
+
+  ``captioner``: settings overrides (captioning/clipcap.py DEFAULTS / decap.py SETTINGS).
+  """
+
+  def __init__(
+    self,
+    name: str,
+    *,
+    train: Mapping[str, Any],
+    test: Mapping[str, Any],
+    method: str = "clipcap",
+    real: Mapping[str, Any] | None = None,
+    train_path: str = "generated",
+    templates: Sequence[str] = (),
+    image_size: int = 224,
+    resize: str = "shortest_edge_crop",
+    batch_size: int = 64,
+    captioner: Mapping[str, Any] | None = None,
+    every_steps: int = 0,
+    prefix: str | None = None,
+  ):
+    from gmail_jax.captioning import clipcap, decap
+    from gmail_jax.captioning import data as cap_data
+
+    super().__init__(name, every_steps=every_steps, prefix=prefix)
+    if method not in ("clipcap", "decap"):
+      raise ConfigError(f"config.evals.{name}.method: 'clipcap' or 'decap', got {method!r}")
+    if train_path not in ("generated", "real"):
+      raise ConfigError(
+        f"config.evals.{name}.train_path: 'generated' or 'real', got {train_path!r}"
+      )
+    self.method, self.train_path, self.batch_size = method, train_path, batch_size
+    overrides = dict(captioner or {})
+    self.settings = decap.settings(overrides) if method == "decap" else clipcap.settings(overrides)
+    kw = {"image_size": image_size, "resize": resize, "templates": tuple(templates)}
+    where = f"config.evals.{name}"
+    self.test = cap_data.load(test, where=f"{where}.test", **kw)
+    if method == "decap":  # text only: the images of the training set are never read
+      self.train_captions = list(
+        dict.fromkeys(_train_captions(train, templates, where=f"{where}.train"))
+      )
+      self.train = self.real = None
+    else:
+      self.train = cap_data.load(train, where=f"{where}.train", **kw)
+      self.real = cap_data.load(real, where=f"{where}.real", **kw) if real else None
+
+  def compute(self, encoder: Any) -> dict[str, float]:
+    return self.caption(encoder).metrics
+
+  def caption(self, encoder: Any, log: Any = None) -> CaptioningResult:
+    from gmail_jax.captioning import clipcap, decap
+
+    bs = self.batch_size
+    enc = common.as_encoder(encoder)
+    test_feats = common.encode_in_batches(enc.encode_images, self.test.images, bs)
+    projected = None
+    if self.method == "decap":
+      text_feats = common.encode_in_batches(enc.encode_texts, self.train_captions, bs)
+      trained = decap.train(self.settings, text_feats, self.train_captions, log=log)
+      direct = trained.caption(test_feats)
+      projected = trained.caption(decap.project(test_feats, text_feats))
+    else:
+      embed = enc.encode_generated if self.train_path == "generated" else enc.encode_images
+      index, captions = self.train.pairs()
+      gen = common.encode_in_batches(embed, self.train.images, bs)[index]
+      real = None
+      if self.real is not None:
+        r_index, r_captions = self.real.pairs()
+        real = (
+          common.encode_in_batches(enc.encode_images, self.real.images, bs)[r_index],
+          r_captions,
+        )
+      trained = clipcap.train(self.settings, (gen, captions), real, log=log)
+      direct = trained.caption(test_feats)
+    ids = self.test.ids
+    references = dict(zip(ids, self.test.references, strict=True))
+    candidates = dict(zip(ids, direct, strict=True))
+    metrics = caption_metrics(candidates, references)
+    if projected is not None:
+      projected = dict(zip(ids, projected, strict=True))
+      metrics.update({f"proj_{k}": v for k, v in caption_metrics(projected, references).items()})
+    return CaptioningResult(
+      metrics, candidates, references, projected, trained.losses, dict(self.settings)
+    )
+
+
+def _train_captions(spec: Mapping[str, Any], templates: Sequence[str], *, where: str) -> list[str]:
+  """Every training caption of ``spec`` without decoding its images (DeCap is text-only)."""
+  from gmail_jax.captioning import data as cap_data
+
+  return cap_data.captions_only(spec, templates=templates, where=where)

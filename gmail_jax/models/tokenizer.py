@@ -185,6 +185,22 @@ class Tokenizer:
           ids.extend(self._word_ids(word))
     return ids
 
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of token ids: stops at the first EOT, skips SOT, ``</w>`` ends a word (as in
+    OpenAI's ``SimpleTokenizer.decode``)."""
+    if not hasattr(self, "_inverse"):
+      self._inverse = {i: s for s, i in self.vocab.items()}
+      self._byte_decoder = {u: b for b, u in self.byte_encoder.items()}
+    symbols = []
+    for i in ids:
+      i = int(i)
+      if i == self.eot_id:
+        break
+      if i != self.sot_id:
+        symbols.append(self._inverse.get(i, ""))
+    raw = bytearray(self._byte_decoder[c] for c in "".join(symbols))
+    return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
   def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
     """int32 [N, context_length]: SOT, ids truncated to ``context_length - 2``, EOT, EOT padding."""
     if isinstance(texts, str):

@@ -17,14 +17,11 @@ import time
 from typing import Any
 
 import ml_collections
-import numpy as np
-from flax import nnx
 
-from gmail_jax import build, contrastive, encoders, report
+from gmail_jax import build, encoders, report
 from gmail_jax import run as run_lib
 from gmail_jax.evaluators import gap, plots, probe, zeroshot
 from gmail_jax.models import lora as lora_lib
-from gmail_jax.models.tokenizer import Tokenizer
 
 KEYS = None  # the whole config
 ON_CHANGE = "rerun"  # cheap and deterministic: measured again
@@ -33,44 +30,6 @@ ALL_PROCESSES = False
 
 def complete(workdir: pathlib.Path, outputs: dict[str, Any]) -> bool:
   return pathlib.Path(outputs["report"]).is_file()
-
-
-def synthetic_finetune(
-  config: ml_collections.ConfigDict, teacher: nnx.Module, train: Any
-) -> tuple[nnx.Module, int]:
-  """Baseline: a LoRA copy of the teacher (GMAIL's targets and budget) trained with the CLIP loss
-  on generated image-caption pairs (captions from config.data.caption_template); text tower and
-  base weights frozen. Returns (model with LoRA merged, trainable parameter count)."""
-  model = nnx.clone(teacher)
-  lora_lib.apply_lora(
-    model,
-    rank=config.lora.rank,
-    alpha=config.lora.alpha,
-    dropout=config.lora.dropout,
-    targets=build.lora_targets(config),
-    rngs=nnx.Rngs(params=config.seed + 1, dropout=config.seed + 1),
-  )
-  n_trainable = lora_lib.count_params(nnx.state(model, nnx.LoRAParam))
-  template = config.data.caption_template
-  captions = [
-    template.format(**{"class": train.classnames[y].replace("_", " ")}) for y in train.labels
-  ]
-  ids = np.asarray(Tokenizer(context_length=model.config.text.context_length)(captions), np.int32)
-  contrastive.contrastive_finetune(
-    model,
-    np.stack(train.images),
-    ids,
-    train.labels.astype(np.int32),
-    wrt=nnx.LoRAParam,
-    steps=config.total_steps,
-    batch_size=config.batch_size,
-    lr=config.optim.lr,
-    weight_decay=config.optim.weight_decay,
-    warmup_steps=config.optim.warmup_steps,
-    seed=config.seed,
-  )
-  lora_lib.merge_lora(model)
-  return model, n_trainable
 
 
 def _curves(workdir: pathlib.Path) -> None:
@@ -134,7 +93,7 @@ def run(
     "real_upper": real_upper.compute(views["teacher"]),
   }
   if rc.synthetic_baseline:
-    model, n_trainable = synthetic_finetune(config, loaded.teacher, transfer.train)
+    model, n_trainable = baselines.synthetic_finetune(config, loaded.teacher, transfer.train)
     spec = loaded.tower.preprocess
     syn = encoders.Encoder(
       model, tokenizer=loaded.tokenizer, mesh=loaded.mesh, batch_size=rc.batch_size,

@@ -1,0 +1,184 @@
+"""A prefix captioner: CLIP embedding -> mapper head -> prefix embeddings -> GPT-2 -> caption.
+
+ClipCap and DeCap are both this model. ClipCap maps an image embedding to a 10- or 40-vector
+prefix of a (pretrained) GPT-2; DeCap maps a text embedding to a 1-vector prefix of a small GPT-2
+trained from scratch. GMAIL's dual projection (papers.md A.6 #5) is two heads over one language
+model: ``gen`` (Proj-Gen) fed by f_g(generated image), ``real`` (Proj-Real) fed by f_r(real image).
+
+    cap = Captioner(lm, mapper="mlp", clip_dim=512, prefix_length=10, heads=("gen", "real"), rngs=…)
+    losses = fit(cap, feats, head, ids, mask, steps=…, batch_size=40, lr=2e-5, warmup_steps=5000)
+    ids = generate(cap, feats, head="real", max_len=30, beam_size=1)
+
+Training: the prefix is followed by the caption's token embeddings; position P-1+t predicts token
+t (teacher forcing), the loss is the mean token cross-entropy over the caption and its EOS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gmail_jax.captioning import gpt2
+from gmail_jax.captioning.mappers import make_mapper
+
+
+class Captioner(nnx.Module):
+  def __init__(
+    self,
+    lm: gpt2.GPT2,
+    *,
+    mapper: str,
+    clip_dim: int,
+    prefix_length: int,
+    heads: Sequence[str] = ("shared",),
+    rngs: nnx.Rngs,
+    **mapper_kwargs,
+  ):
+    if not heads or len(set(heads)) != len(heads):
+      raise ValueError(f"Captioner: heads must be distinct names, got {heads}")
+    self.lm = lm
+    self.head_names = tuple(heads)
+    self.prefix_length = prefix_length
+    self.heads = nnx.List(
+      [
+        make_mapper(mapper, clip_dim, lm.config.n_embd, prefix_length, rngs=rngs, **mapper_kwargs)
+        for _ in heads
+      ]
+    )
+
+  def head_index(self, head: str) -> int:
+    if head not in self.head_names:
+      raise ValueError(f"Captioner: no head {head!r} (heads: {self.head_names})")
+    return self.head_names.index(head)
+
+  def prefix(self, feats: jax.Array, head: jax.Array) -> jax.Array:
+    """[B, C] embeddings, int [B] head index per row -> [B, P, D] prefix embeddings."""
+    if len(self.heads) == 1:
+      return self.heads[0](feats)
+    every = jnp.stack([h(feats) for h in self.heads])  # [H, B, P, D]; the heads are small
+    return every[head, jnp.arange(feats.shape[0])]
+
+  def __call__(self, feats: jax.Array, head: jax.Array, ids: jax.Array) -> jax.Array:
+    """Teacher-forced logits [B, T, V]: position t predicts ids[:, t]."""
+    prefix = self.prefix(feats, head)
+    tokens = self.lm.embed(ids[:, :-1]).astype(prefix.dtype)
+    logits, _ = self.lm(inputs_embeds=jnp.concatenate([prefix, tokens], axis=1))
+    return logits[:, self.prefix_length - 1 :]
+
+
+def trainable_filter(trainable: str) -> nnx.filterlib.Filter:
+  """'prefix': the mapper heads only (ClipCap --only_prefix, GPT-2 frozen); 'all': everything."""
+  if trainable == "prefix":
+    return nnx.All(nnx.Param, nnx.PathContains("heads"))
+  if trainable == "all":
+    return nnx.Param
+  raise ValueError(f"trainable: 'prefix' or 'all', got {trainable!r}")
+
+
+def fit(
+  captioner: Captioner,
+  feats: np.ndarray,
+  head: np.ndarray,
+  ids: np.ndarray,
+  mask: np.ndarray,
+  *,
+  steps: int,
+  batch_size: int,
+  lr: float,
+  warmup_steps: int,
+  weight_decay: float = 0.01,
+  label_smoothing: float = 0.0,
+  trainable: str = "all",
+  seed: int = 0,
+  log: Callable[[int, float], None] | None = None,
+) -> list[float]:
+  """Trains ``captioner`` in place; returns the per-step losses.
+
+  AdamW with ClipCap's schedule (linear warm-up to ``lr``, then linear decay to 0 at ``steps``);
+  batches are epochs of a permutation drawn from ``seed`` (deterministic).
+  feats: float [N, C]; head: int [N] (index into captioner.head_names); ids / mask: int [N, T].
+  """
+  n = len(feats)
+  if not (len(head) == len(ids) == len(mask) == n) or n == 0:
+    raise ValueError(f"fit: need aligned non-empty rows, got {n}/{len(head)}/{len(ids)}")
+  batch_size = min(batch_size, n)
+  graphdef, train_state, rest = nnx.split(captioner, trainable_filter(trainable), ...)
+  warmup = min(warmup_steps, max(steps - 1, 0))
+  sched = optax.join_schedules(
+    [
+      optax.linear_schedule(0.0, lr, max(warmup, 1)),
+      optax.linear_schedule(lr, 0.0, max(steps - warmup, 1)),
+    ],
+    [warmup],
+  )
+  tx = optax.adamw(sched, weight_decay=weight_decay)
+  opt_state = tx.init(train_state)
+
+  @jax.jit
+  def step_fn(train_state, opt_state, rest, f, h, t, m):
+    def loss_fn(ts):
+      logits = nnx.merge(graphdef, ts, rest)(f, h, t)
+      return gpt2.lm_loss(logits, t, m, label_smoothing=label_smoothing)
+
+    loss, grads = jax.value_and_grad(loss_fn)(train_state)
+    updates, opt_state = tx.update(grads, opt_state, train_state)
+    return optax.apply_updates(train_state, updates), opt_state, loss
+
+  rng = np.random.default_rng(seed)
+  order = np.empty(0, np.int64)
+  losses = []
+  feats = np.asarray(feats, np.float32)
+  head, ids, mask = (np.asarray(a, np.int32) for a in (head, ids, mask))
+  for step in range(steps):
+    if len(order) < batch_size:
+      order = np.concatenate([order, rng.permutation(n)])
+    idx, order = order[:batch_size], order[batch_size:]
+    train_state, opt_state, loss = step_fn(
+      train_state, opt_state, rest, feats[idx], head[idx], ids[idx], mask[idx]
+    )
+    losses.append(float(loss))
+    if log is not None:
+      log(step + 1, losses[-1])
+  nnx.update(captioner, train_state)
+  return losses
+
+
+@nnx.jit
+def _prefix(captioner: Captioner, feats: jax.Array, head: jax.Array) -> jax.Array:
+  return captioner.prefix(feats, head)
+
+
+def generate(
+  captioner: Captioner,
+  feats: np.ndarray,
+  *,
+  head: str,
+  eos_id: int,
+  max_len: int,
+  beam_size: int = 1,
+  batch_size: int = 64,
+) -> np.ndarray:
+  """Token ids int32 [N, max_len] (EOS-terminated) of captions for ``feats`` through ``head``.
+
+  Batches are padded to ``batch_size`` so every batch reuses one compiled decoder."""
+  feats = np.asarray(feats, np.float32)
+  idx = captioner.head_index(head)
+  out = []
+  for lo in range(0, len(feats), batch_size):
+    chunk = feats[lo : lo + batch_size]
+    n = len(chunk)
+    padded = np.concatenate([chunk, np.zeros((batch_size - n, chunk.shape[1]), np.float32)])
+    prefix = _prefix(captioner, jnp.asarray(padded), jnp.full((batch_size,), idx, jnp.int32))
+    if beam_size == 1:
+      ids = gpt2.greedy_decode(captioner.lm, prefix, max_len=max_len, eos_id=eos_id)
+    else:
+      ids = gpt2.beam_search(
+        captioner.lm, prefix, beam_size=beam_size, max_len=max_len, eos_id=eos_id
+      )
+    out.append(np.asarray(ids)[:n])
+  return np.concatenate(out) if out else np.zeros((0, max_len), np.int32)
