@@ -49,7 +49,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "steps": 60 if smoke else 400,
       "batch_size": 64,
       "max_len": 16,
-      "seed": 0,
     }
   )
   return c

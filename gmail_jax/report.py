@@ -17,7 +17,9 @@ pairs matched by class); transfer_accuracy: linear probe fitted on generated tra
 tested on held-out real ones (evaluators/probe.py).
 
 ``python -m gmail_jax.report --aggregate DIR1 DIR2 ... [--out FILE]`` prints mean ± std (sample
-std, ddof=1) of every number over runs (seeds) as a Markdown table and writes it as JSON.
+std, ddof=1) of every number over runs (seeds) as a Markdown table and writes it as JSON;
+``--file eval/captioning.json`` does the same for the caption stage's metrics (one row per
+encoder).
 """
 
 from __future__ import annotations
@@ -135,20 +137,42 @@ def aggregate(reports: Sequence[dict]) -> dict:
   return out
 
 
+def captioning_markdown(agg: dict, title: str) -> str:
+  """Rows = encoders of eval/captioning.json, columns = their caption metrics (mean ± std)."""
+  views = [v for v in agg if isinstance(agg[v], dict) and "metrics" in agg[v]]
+  keys = [k for k in agg[views[0]]["metrics"]] if views else []
+  lines = [
+    f"# {title}",
+    "",
+    "| encoder | " + " | ".join(keys) + " |",
+    "|---" * (len(keys) + 1) + "|",
+  ]
+  for v in views:
+    m = agg[v]["metrics"]
+    cells = [f"{m[k]['mean']:.3f}±{m[k]['std']:.3f}" if k in m else "" for k in keys]
+    lines.append(f"| {v} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m gmail_jax.report", description=__doc__.split("\n")[0])
   p.add_argument("--aggregate", nargs="+", required=True, metavar="WORKDIR")
   p.add_argument("--out", default=None, help="write the aggregate JSON here (and .md next to it)")
+  p.add_argument("--file", default="report.json", help="the JSON in each WORKDIR to aggregate")
   args = p.parse_args(argv)
   reports = []
   for d in args.aggregate:
-    path = pathlib.Path(d) / "report.json"
+    path = pathlib.Path(d) / args.file
     if not path.exists():
       print(f"error: {path} not found (did the run finish?)", file=sys.stderr)
       return 2
     reports.append(json.loads(path.read_text()))
   agg = aggregate(reports)
-  md = markdown(agg, f"GMAIL small-scale reproduction, {len(reports)} runs (mean ± std)")
+  title = f"GMAIL small-scale reproduction, {len(reports)} runs (mean ± std)"
+  if args.file == "report.json":
+    md = markdown(agg, title)
+  else:
+    md = captioning_markdown(agg, f"{args.file}, {len(reports)} runs (mean ± std)")
   print(md)
   if args.out:
     pathlib.Path(args.out).write_text(json.dumps(agg, indent=2))

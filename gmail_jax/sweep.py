@@ -15,7 +15,10 @@ held-out split (never trained on):
                     test images, y = frozen text tower on their class captions.
                     Tasks: zeroshot_top1 over the class captions; joint_ari (k-means on x ∪ y,
                     k = #classes, evaluators/clustering.py); probe_acc (a linear probe fitted on
-                    the even-indexed x, tested on the odd: how discriminative the images stay)
+                    the even-indexed x, tested on the odd: how discriminative the images stay);
+                    decap_cider / decap_proj_cider (DeCap, captioning/decap.py, trained on the
+                    text embeddings of the class captions only, fed x directly / projected onto
+                    the caption memory: CIDEr-D against the class's captions)
   pairs=gen_real    x = f_g(rendered test digit), y = f_r(real test scan of the same class, paired
                     in order). Tasks: class_acc (nearest real-class-centroid top-1 of x);
                     joint_ari of x ∪ y; transfer_acc (GMAIL's: a probe fitted on x, tested on
@@ -36,6 +39,7 @@ Also WORKDIR/sweep.md (the tables) and WORKDIR/sweep_r2.png (plots.plot_task_vs_
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -56,7 +60,7 @@ from gmail_jax.evaluators import clustering, common, gap, plots, probe, regressi
 SHARED = ("splits", "teacher")  # stages whose outputs every α run of a seed shares
 GAPS = (*gap.GAP_KEYS, "paired_cosine")
 TASKS = {
-  "image_text": ("zeroshot_top1", "joint_ari", "probe_acc"),
+  "image_text": ("zeroshot_top1", "joint_ari", "probe_acc", "decap_cider", "decap_proj_cider"),
   "gen_real": ("class_acc", "joint_ari", "transfer_acc"),
 }
 
@@ -80,6 +84,7 @@ def held_out_pairs(
   names = [c.replace("_", " ") for c in real.classnames]
   captions = [config.data.caption_template.format(**{"class": n}) for n in names]
   out = {"classes": names, "class_captions": captions, "real": real.images}
+  out["caption_set"], out["seed"] = class_caption_set(config, names), int(config.seed)
   out["real_labels"] = real.labels
   if config.cma.pairs == "gen_real":
     gen = eval_sets.load_class_set(os.path.join(test_root, "generated"), per_class=max_per_class)
@@ -90,6 +95,45 @@ def held_out_pairs(
     out["gen"] = [gen.images[i] for i in gi]
     out["gen_labels"] = gen.labels[gi]
     out["paired_real"] = [real.images[i] for i in ri]
+  return out
+
+
+# DeCap (captioning/decap.py: 4 layers, 4 heads, label smoothing 0.1) sized for the held-out sets
+# here: a few dozen class captions, so a narrow decoder trained for many epochs.
+DECAP = {"lm_width": 64, "lr": 1e-3, "warmup_steps": 20, "steps": 300, "batch_size": 64}
+# The text tower is frozen in every run of a seed, so their decoders would be identical: one is
+# trained per distinct (text embeddings, seed) and reused.
+_DECODERS: dict[tuple[str, int, int], Any] = {}
+
+
+def class_caption_set(config: ml_collections.ConfigDict, names: Sequence[str]) -> list[list[str]]:
+  """Per class, its captions: the teacher's pretraining templates (else the data's template)."""
+  templates = tuple(config.teacher_pretrain.templates) or (config.data.caption_template,)
+  return [[t.format(name=n, **{"class": n}) for t in templates] for n in names]
+
+
+def decap_cider(
+  enc, x: np.ndarray, labels: np.ndarray, refs: list[list[str]], seed: int, steps: int
+) -> dict:
+  """TPC-CMA's interchangeability measure: a DeCap decoder trained on the text embeddings of the
+  class captions only, fed the image embeddings x directly (decap_cider) and projected onto the
+  caption memory (decap_proj_cider); CIDEr-D against the image's class captions."""
+  from gmail_jax.captioning import decap
+  from gmail_jax.evaluators.captioning import caption_metrics
+
+  captions = [c for r in refs for c in r]
+  text = common.l2_normalize(common.encode_in_batches(enc.encode_texts, captions, 256))
+  key = (hashlib.sha256(np.ascontiguousarray(text, np.float32).tobytes()).hexdigest(), seed, steps)
+  if key not in _DECODERS:
+    settings = decap.settings({**DECAP, "seed": seed, "steps": steps})
+    _DECODERS[key] = decap.train(settings, text, captions)
+  trained = _DECODERS[key]
+  references = {i: refs[int(y)] for i, y in enumerate(labels)}
+  out = {}
+  for key, feats in (("decap_cider", x), ("decap_proj_cider", decap.project(x, text))):
+    got = dict(enumerate(trained.caption(feats)))
+    scores = caption_metrics(got, references, tokenize="python", meteor=False, spice=False)
+    out[key] = scores["CIDEr"]
   return out
 
 
@@ -111,6 +155,11 @@ def measure(views: dict, pairs: str, data: dict, *, student: bool, batch_size: i
       "zeroshot_top1": float(next(iter(acc.values()))),
       "joint_ari": clustering.joint_ari(x, y, labels, k),
       "probe_acc": probe.probe_accuracy(x[even], labels[even], x[odd], labels[odd]),
+      **(
+        decap_cider(enc, x, labels, data["caption_set"], data["seed"], data["decap_steps"])
+        if data["decap_steps"] > 0
+        else {}
+      ),
     }
   else:
     enc = views["student" if student else "teacher"]
@@ -166,6 +215,7 @@ def _sweep_seed(
   seed: int | None,
   extra_arg: str,
   max_per_class: int,
+  decap_steps: int,
 ) -> tuple[list[dict], ml_collections.ConfigDict, dict]:
   """Teacher row + one row per α for one seed (runs trained in root/alpha_<α>)."""
   rows: list[dict[str, Any]] = []
@@ -189,6 +239,7 @@ def _sweep_seed(
     with jax.set_mesh(run.mesh):
       if data is None:
         data = held_out_pairs(config, outputs["test"], max_per_class)
+        data["decap_steps"] = decap_steps
         rows.append(
           {
             "run": "teacher",
@@ -254,6 +305,7 @@ def run_sweep(
   extra_arg: str = "",
   max_per_class: int = 100,
   seeds: Sequence[int] | None = None,
+  decap_steps: int = DECAP["steps"],
 ) -> dict:
   """Trains every (seed, α), measures teacher + students on the held-out split; writes and
   returns the sweep dict (module docstring). seeds=None: the config's seed in WORKDIR/alpha_<α>."""
@@ -262,10 +314,12 @@ def run_sweep(
   config = data = None
   for seed in seeds if seeds else [None]:
     root = workdir if seed is None else os.path.join(workdir, f"seed_{seed}")
-    seed_rows, config, data = _sweep_seed(config_spec, alphas, root, seed, extra_arg, max_per_class)
+    seed_rows, config, data = _sweep_seed(
+      config_spec, alphas, root, seed, extra_arg, max_per_class, decap_steps
+    )
     rows.extend(seed_rows)
   pairs = config.cma.pairs
-  tasks = TASKS[pairs]
+  tasks = tuple(t for t in TASKS[pairs] if decap_steps > 0 or not t.startswith("decap_"))
   table = {
     "config": config_spec,
     "extra_arg": extra_arg,
@@ -354,6 +408,7 @@ def main(argv) -> None:
       extra_arg=f.arg,
       max_per_class=f.max_per_class,
       seeds=seeds,
+      decap_steps=f.decap_steps,
     )
   print(markdown(table))
 
@@ -367,5 +422,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("seeds", "", "Comma list of config.seed values ('' = the config's seed).")
   flags.DEFINE_string("arg", "", "Extra config arg, e.g. 'mode=smoke,pairs=gen_real'.")
   flags.DEFINE_integer("max_per_class", 100, "Held-out images per class measured.")
+  flags.DEFINE_integer(
+    "decap_steps", DECAP["steps"], "DeCap decoder training steps (image_text; 0 = no DeCap)."
+  )
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -127,6 +127,7 @@ def test_sweep_smoke_writes_rows_and_r2(tmp_path):
     extra_arg="mode=smoke",
     max_per_class=10,
     seeds=[0],
+    decap_steps=40,
   )
   saved = json.loads((tmp_path / "sweep.json").read_text())
   for gk, by_task in table["r2"].items():

@@ -9,7 +9,7 @@
                                                    rows of one image grouped
 
 Training uses every (image, caption) pair (``pairs``); testing uses each image's captions as its
-references.
+references (and, for class folders, its class name: ``class_named``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class CaptionedImages:
   ids: list[str]  # one per image: its file name (class/file for class folders)
   images: list  # uint8 [S, S, 3] crops
   references: list[list[str]]
+  classes: list[str] | None = None  # class folders: each image's class name, else None
 
   def pairs(self) -> tuple[np.ndarray, list[str]]:
     """(image index per pair, caption per pair): every caption of every image."""
@@ -85,7 +86,7 @@ def load(
     names = [c.replace("_", " ") for c in cset.classnames]
     refs = [[t.format(names[y]) for t in templates] for y in cset.labels]
     ids = [os.path.join(*pathlib.Path(p).parts[-2:]) for p in cset.paths]  # class/file
-    return CaptionedImages(ids, list(cset.images), refs)
+    return CaptionedImages(ids, list(cset.images), refs, [names[y] for y in cset.labels])
   column = spec.get("column", "gen_path")
   table = sources.read_manifest_table(spec["path"], ("caption", column)).to_pydict()
   base = os.path.dirname(os.path.abspath(spec["path"]))
@@ -122,3 +123,15 @@ def captions_only(
     return [t.format(n.replace("_", " ")) for n in names for t in templates]
   column = spec.get("column", "gen_path")
   return list(sources.read_manifest_table(spec["path"], ("caption", column))["caption"].to_pylist())
+
+
+def class_named(captions: Sequence[str], classes: Sequence[str], names: Sequence[str]) -> float:
+  """Fraction of captions that name their image's class and no other class (whole words)."""
+  import re
+
+  hits = 0
+  for caption, cls in zip(captions, classes, strict=True):
+    words = " " + " ".join(re.findall(r"[a-z0-9]+", caption.lower())) + " "
+    named = {n for n in names if f" {n.lower()} " in words}
+    hits += named == {cls}
+  return hits / max(len(captions), 1)

@@ -225,6 +225,7 @@ def caption_metrics(
   references: Mapping[Hashable, list[str]],
   *,
   tokenize: str = "auto",
+  meteor: bool = True,
   spice: bool | None = None,
 ) -> dict[str, float]:
   """COCO caption metrics of one candidate per id against its references, as the COCO toolkit.
@@ -233,15 +234,16 @@ def caption_metrics(
   with the 'closest' reference length, ROUGE-L (beta 1.2) averaged over ids, CIDEr-D
   (pycocoevalcap's `Cider`: sigma 6, clipping, x10) with document frequencies over the references
   of all scored ids, so scoring a split in chunks and averaging is not the same number.
-  METEOR runs when `java` is on PATH. SPICE runs when `java` and its CoreNLP models are there
-  (spice=None), never (spice=False), or must (spice=True: raises if it cannot). A skipped metric
-  is absent from the result and named in one warning per call.
+  METEOR runs when `java` is on PATH (meteor=False skips it silently). SPICE runs when `java`
+  and its CoreNLP models are there (spice=None), never (spice=False), or must (spice=True: raises
+  if it cannot). A skipped metric is absent from the result and named in one warning per call.
 
   Args:
     candidates: {id: caption}.
     references: {id: [caption, ...]}, non-empty for every candidate id.
     tokenize: 'auto', 'ptb' or 'python' (see tokenize_captions), or 'none' for captions that are
       already tokenised (split on whitespace only).
+    meteor: see above (False for a quick CIDEr where a JVM start would dominate).
     spice: see above.
 
   Returns:
@@ -269,7 +271,9 @@ def caption_metrics(
   out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
 
   skipped = []
-  if shutil.which("java"):
+  if not meteor:
+    pass
+  elif shutil.which("java"):
     out["METEOR"] = _meteor(gts, res)
   else:
     skipped.append("METEOR")
@@ -352,6 +356,9 @@ class CaptioningEvaluator(common.Evaluator):
            direct decoding of the test image embeddings (keys as caption_metrics) and the
            projection decoding over the training captions' embeddings (``proj_`` keys).
 
+  Class-folder test sets also report ``class_named``: the fraction of captions that name the
+  image's class and no other (captioning/data.py).
+
   ``captioner``: settings overrides (captioning/clipcap.py DEFAULTS / decap.py SETTINGS).
   """
 
@@ -429,6 +436,12 @@ class CaptioningEvaluator(common.Evaluator):
     references = dict(zip(ids, self.test.references, strict=True))
     candidates = dict(zip(ids, direct, strict=True))
     metrics = caption_metrics(candidates, references)
+    if self.test.classes is not None:  # class folders: does the caption name the right class?
+      from gmail_jax.captioning.data import class_named
+
+      metrics["class_named"] = class_named(
+        direct, self.test.classes, sorted(set(self.test.classes))
+      )
     if projected is not None:
       projected = dict(zip(ids, projected, strict=True))
       metrics.update({f"proj_{k}": v for k, v in caption_metrics(projected, references).items()})

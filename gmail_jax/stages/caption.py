@@ -108,7 +108,7 @@ def evaluator(config: ml_collections.ConfigDict, inputs: dict[str, Any]):
     image_size=config.data.image_size,
     resize=build.tower(config).preprocess.resize,
     batch_size=cc["batch_size"],
-    captioner=cc["captioner"],
+    captioner={"seed": config.seed, **cc["captioner"]},  # seeded like the run unless set
   )
 
 
