@@ -260,6 +260,33 @@ def test_clipcap_mini_config_runs_end_to_end(tmp_path):
   for key in ("BLEU_1", "BLEU_4", "ROUGE_L", "CIDEr"):
     assert 0.0 <= summary["metrics"][key] < 10.0
   assert summary["train_steps"] == 40 and summary["final_loss"] < summary["first_loss"]
+  # Other captioner settings: the stage reruns on the embeddings it saved (not re-embedded).
+  cached = workdir / "eval" / "features" / "teacher" / "test.npz"
+  stamp = cached.stat().st_mtime_ns
+  proc = run_cli(
+    "configs/clipcap.py:mini,short=True",
+    workdir,
+    "--config.caption.captioner.steps=30",
+    cache_dir=tmp_path / "cache",
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  summary = json.loads((workdir / "eval" / "captioning.json").read_text())["teacher"]
+  assert summary["train_steps"] == 30 and cached.stat().st_mtime_ns == stamp
+
+
+def test_embedding_cache_recomputes_when_the_key_changes(tmp_path):
+  from gmail_jax.evaluators.captioning import _cached
+
+  calls = []
+
+  def compute(v):
+    calls.append(v)
+    return np.full((2, 3), v, np.float32)
+
+  assert _cached(str(tmp_path), "test", "a", lambda: compute(1))[0, 0] == 1
+  assert _cached(str(tmp_path), "test", "a", lambda: compute(2))[0, 0] == 1  # read back
+  assert _cached(str(tmp_path), "test", "b", lambda: compute(3))[0, 0] == 3  # other encoder
+  assert calls == [1, 3]
 
 
 def test_class_named_counts_captions_naming_only_their_class():

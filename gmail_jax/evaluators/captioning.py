@@ -407,29 +407,41 @@ class CaptioningEvaluator(common.Evaluator):
   def compute(self, encoder: Any) -> dict[str, float]:
     return self.caption(encoder).metrics
 
-  def caption(self, encoder: Any, log: Any = None) -> CaptioningResult:
+  def caption(
+    self, encoder: Any, log: Any = None, *, cache_dir: str | None = None, encoder_key: str = ""
+  ) -> CaptioningResult:
+    """Embeds (once: with ``cache_dir``, embeddings of the same ``encoder_key`` and images are
+    read back, as ClipCap's parse_coco.py), trains the captioner, captions the test images."""
     from gmail_jax.captioning import clipcap, decap
 
     bs = self.batch_size
     enc = common.as_encoder(encoder)
-    test_feats = common.encode_in_batches(enc.encode_images, self.test.images, bs)
+
+    def embed(role: str, fn: Any, items: Sequence, ids: Sequence[str]) -> np.ndarray:
+      return _cached(
+        cache_dir,
+        role,
+        f"{encoder_key}|{_ids_key(ids)}",
+        lambda: common.encode_in_batches(fn, items, bs),
+      )
+
+    test_feats = embed("test", enc.encode_images, self.test.images, self.test.ids)
     projected = None
     if self.method == "decap":
-      text_feats = common.encode_in_batches(enc.encode_texts, self.train_captions, bs)
-      trained = decap.train(self.settings, text_feats, self.train_captions, log=log)
+      captions = self.train_captions
+      text_feats = embed("train_text", enc.encode_texts, captions, captions)
+      trained = decap.train(self.settings, text_feats, captions, log=log)
       direct = trained.caption(test_feats)
       projected = trained.caption(decap.project(test_feats, text_feats))
     else:
-      embed = enc.encode_generated if self.train_path == "generated" else enc.encode_images
+      fn = enc.encode_generated if self.train_path == "generated" else enc.encode_images
       index, captions = self.train.pairs()
-      gen = common.encode_in_batches(embed, self.train.images, bs)[index]
+      gen = embed(f"train_{self.train_path}", fn, self.train.images, self.train.ids)[index]
       real = None
       if self.real is not None:
         r_index, r_captions = self.real.pairs()
-        real = (
-          common.encode_in_batches(enc.encode_images, self.real.images, bs)[r_index],
-          r_captions,
-        )
+        feats = embed("train_real_pairs", enc.encode_images, self.real.images, self.real.ids)
+        real = (feats[r_index], r_captions)
       trained = clipcap.train(self.settings, (gen, captions), real, log=log)
       direct = trained.caption(test_feats)
     ids = self.test.ids
@@ -455,3 +467,26 @@ def _train_captions(spec: Mapping[str, Any], templates: Sequence[str], *, where:
   from gmail_jax.captioning import data as cap_data
 
   return cap_data.captions_only(spec, templates=templates, where=where)
+
+
+def _ids_key(ids: Sequence[str]) -> str:
+  import hashlib
+
+  return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:16]
+
+
+def _cached(cache_dir: str | None, role: str, key: str, compute: Any) -> np.ndarray:
+  """``compute()``, or the array saved under ``cache_dir/role.npz`` with the same ``key``."""
+  if cache_dir is None:
+    return compute()
+  path = pathlib.Path(cache_dir) / f"{role}.npz"
+  if path.exists():
+    with np.load(path) as saved:
+      if str(saved["key"]) == key:
+        return saved["x"]
+  x = np.asarray(compute())
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp.npz")
+  np.savez(tmp, x=x, key=np.asarray(key))
+  os.replace(tmp, path)
+  return x

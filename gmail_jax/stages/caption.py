@@ -14,11 +14,14 @@ settings and seed:
                experiments only), used for every image
 
 Writes WORKDIR/eval/captions.jsonl (view, id, caption, references) and
-WORKDIR/eval/captioning.json ({view: metrics, captioner settings, training loss}).
+WORKDIR/eval/captioning.json ({view: metrics, captioner settings, training loss}). Embeddings are
+computed once and kept in WORKDIR/eval/features/<view>/ (keyed by the encoder's identity and the
+image ids), so a rerun with other captioner settings trains on them directly, as ClipCap does.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 import time
 from typing import Any
@@ -47,7 +50,8 @@ def complete(workdir: pathlib.Path, outputs: dict[str, Any]) -> bool:
 
 def _encoders(
   config: ml_collections.ConfigDict, workdir: pathlib.Path, inputs: dict[str, Any]
-) -> dict[str, encoders.Encoder]:
+) -> dict[str, tuple[encoders.Encoder, str]]:
+  """{view: (encoder, its identity for the embedding cache)}."""
   views = tuple(config.caption.views)
   unknown = [v for v in views if v not in VIEWS]
   if unknown or not views:
@@ -64,7 +68,11 @@ def _encoders(
       model = build.build_teacher(config, mesh, fsdp=False)
     tokenizer = build.tokenizer(config, model.config.text.context_length)
     kw = dict(tokenizer=tokenizer, mesh=mesh, mean=spec.mean, std=spec.std, resize=spec.resize)
-    return {"teacher": encoders.Encoder(model, **kw)}
+    key = json.dumps(
+      [build.teacher_source(config), config.model.to_dict(), config.data.image_size],
+      sort_keys=True,
+    )
+    return {"teacher": (encoders.Encoder(model, **kw), key)}
   loaded = run_lib.load_run(workdir)
   out = loaded.encoders(names=tuple(v for v in views if v in encoders.VIEWS))
   if "as_if_real" in views:
@@ -83,7 +91,8 @@ def _encoders(
       std=spec.std,
       resize=spec.resize,
     )
-  return {v: out[v] for v in views}
+  run_key = f"run:{workdir}@{loaded.step}:seed={config.seed}:size={config.data.image_size}"
+  return {v: (out[v], f"{run_key}:{v}") for v in views}
 
 
 def evaluator(config: ml_collections.ConfigDict, inputs: dict[str, Any]):
@@ -119,14 +128,15 @@ def run(
   ev = evaluator(config, inputs)
   every = max(1, int(config.log_every_steps))
   results = {}
-  for view, enc in _encoders(config, workdir, inputs).items():
+  for view, (enc, key) in _encoders(config, workdir, inputs).items():
 
     def log(step: int, loss: float, view=view) -> None:
       if step % every == 0:
         logging.info("caption %s: step %d loss %.4f", view, step, loss)
 
     with jax.set_mesh(enc.mesh):
-      results[view] = ev.caption(enc, log=log)
+      cache = str(workdir / OUT / "features" / view)
+      results[view] = ev.caption(enc, log=log, cache_dir=cache, encoder_key=key)
     logging.info(
       "caption %s: %s (%.0f s so far)",
       view,
