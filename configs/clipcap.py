@@ -22,7 +22,9 @@ few minutes, offline: a seeded random tiny CLIP tower (no pretrained weights exi
 photos × 5 captions, tested on its 159 val2017 photos with all their COCO captions as references.
 It checks the wiring, not quality: a random encoder cannot describe a photo, so the captions are
 the corpus's most frequent phrases. Writes WORKDIR/eval/captions.jsonl and captioning.json.
-Measured (mini, seed 0): see README "Captioning".
+Measured (mini, seed 0, 2 shared CPU cores): 66 s wall; 300 steps, loss 6.8 -> 1.6; BLEU-4 0.030,
+METEOR 0.090, ROUGE-L 0.303, CIDEr 0.069 over the 159 photos — fluent COCO-like captions
+("a white plate holding a pizza on a ...") unrelated to the photo, as a random encoder must give.
 """
 
 from __future__ import annotations
