@@ -11,7 +11,8 @@ Arg (after ``:`` or the sweep's ``--arg``, comma-separated ``key=value``): alpha
   (gram | residual), dataset (digits | cifake: configs/cifake.py's data and teacher; root = the
   cifake-sd14-test-sample dir), form (additive | convex), nce (infonce | reweighted),
   temperature_from (auto | config | teacher; auto = the teacher's logit scale for image_text,
-  0.07 for gen_real), learn_temperature (bool, starts from that value).
+  0.07 for gen_real), learn_temperature (bool, starts from that value), teacher_steps (teacher
+  pretraining steps; 0 = the dataset config's).
 
 Setup: the quickstart's tiny CLIP teacher, pretrained with the CLIP loss on real digit scans
 (configs/quickstart.py, stage 1), then TPC-CMA fine-tuning of the student's image tower (LoRA on
@@ -53,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     nce="infonce",
     temperature_from="auto",
     learn_temperature=False,
+    teacher_steps=0,
   )
   if a.pairs not in tpc_cma.PAIRS:
     raise ValueError(f"configs/tpc_cma.py:pairs={a.pairs}: expected one of {tpc_cma.PAIRS}")
@@ -66,6 +68,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     c = quickstart.get_config(a.mode)
     c.log_every_steps = 5
+  if a.teacher_steps:  # a longer-trained (stronger) teacher than the dataset's default
+    c.teacher_pretrain.steps = a.teacher_steps
   c.loss.mode = "tpc_cma"
   c.loss.temperature_from = a.temperature_from
   c.loss.learn_temperature = a.learn_temperature

@@ -20,6 +20,7 @@ import ml_collections
 
 from gmail_jax import build, encoders, report
 from gmail_jax import run as run_lib
+from gmail_jax.baselines import synthetic_finetune
 from gmail_jax.evaluators import gap, plots, probe, zeroshot
 from gmail_jax.models import lora as lora_lib
 
@@ -93,7 +94,7 @@ def run(
     "real_upper": real_upper.compute(views["teacher"]),
   }
   if rc.synthetic_baseline:
-    model, n_trainable = baselines.synthetic_finetune(config, loaded.teacher, transfer.train)
+    model, n_trainable = synthetic_finetune(config, loaded.teacher, transfer.train)
     spec = loaded.tower.preprocess
     syn = encoders.Encoder(
       model, tokenizer=loaded.tokenizer, mesh=loaded.mesh, batch_size=rc.batch_size,
