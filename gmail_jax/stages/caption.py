@@ -95,7 +95,9 @@ def _encoders(
   return {v: (out[v], f"{run_key}:{v}") for v in views}
 
 
-def evaluator(config: ml_collections.ConfigDict, inputs: dict[str, Any]):
+def evaluator(
+  config: ml_collections.ConfigDict, inputs: dict[str, Any]
+) -> captioning.CaptioningEvaluator:
   """The evaluator of ``config.caption``; an empty class-folder root means the splits stage's."""
   cc = config.caption.to_dict()
   for role, split, sub in (("train", "train", "generated"), ("test", "test", "real")):
