@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from gmail_jax import fit as fit_lib
 from gmail_jax.data import preprocess
 from gmail_jax.models import clip as clip_lib
 
@@ -65,22 +66,19 @@ def contrastive_finetune(
   warmup_steps: int = 0,
   seed: int = 0,
   log: Callable[[int, float], None] | None = None,
+  log_every: int = 1,
 ) -> list[float]:
   """Train ``model`` in place with ``group_clip_loss`` on (images, caption ids); returns losses.
 
   images: uint8 [N, S, S, 3] (normalised on device); ids: int32 [N, L]; groups: int [N].
   ``wrt`` picks the trainable variables (nnx.Param = everything, nnx.LoRAParam = adapters only;
   the rest, e.g. the text tower for LoRA, stays frozen). AdamW with linear warmup + cosine decay,
-  global-norm clipping 1.0; batches are epochs of a permutation drawn from ``seed``.
+  global-norm clipping 1.0; the loop is ``fit.fit_arrays`` (batches: epochs of a permutation drawn
+  from ``seed``; ``log(step, loss)`` every ``log_every`` steps).
   """
   n = len(images)
   if n < 2 or len(ids) != n or len(groups) != n:
     raise ValueError(f"contrastive_finetune: need >= 2 aligned items, got {len(images)}/{len(ids)}")
-  batch_size = min(batch_size, n)
-  if isinstance(wrt, type) and issubclass(wrt, nnx.LoRAParam):
-    graphdef, train_state, rest = nnx.split(model, nnx.LoRAParam, ...)
-  else:
-    graphdef, train_state, rest = nnx.split(model, wrt, ...)
   sched = optax.warmup_cosine_decay_schedule(
     0.0, lr, max(warmup_steps, 1), max(steps, warmup_steps + 1), end_value=0.1 * lr
   )
@@ -90,32 +88,20 @@ def contrastive_finetune(
       sched, weight_decay=weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
     ),
   )
-  opt_state = tx.init(train_state)
 
-  @jax.jit
-  def step_fn(train_state, opt_state, rest, img, tok, grp):
-    def loss_fn(ts):
-      m = nnx.merge(graphdef, ts, rest)
-      zi = m.encode_image(preprocess.normalize(img))
-      zt = m.encode_text(tok)
-      return group_clip_loss(zi, zt, m.logit_scale[...], grp)
+  def loss_fn(m: clip_lib.CLIP, img, tok, grp) -> jax.Array:
+    zi = m.encode_image(preprocess.normalize(img))
+    return group_clip_loss(zi, m.encode_text(tok), m.logit_scale[...], grp)
 
-    loss, grads = jax.value_and_grad(loss_fn)(train_state)
-    updates, opt_state = tx.update(grads, opt_state, train_state)
-    return optax.apply_updates(train_state, updates), opt_state, loss
-
-  rng = np.random.default_rng(seed)
-  order = np.empty(0, np.int64)
-  losses = []
-  for step in range(steps):
-    if len(order) < batch_size:
-      order = np.concatenate([order, rng.permutation(n)])
-    idx, order = order[:batch_size], order[batch_size:]
-    train_state, opt_state, loss = step_fn(
-      train_state, opt_state, rest, images[idx], ids[idx], groups[idx].astype(np.int32)
-    )
-    losses.append(float(loss))
-    if log is not None:
-      log(step + 1, losses[-1])
-  nnx.update(model, train_state)
-  return losses
+  return fit_lib.fit_arrays(
+    model,
+    wrt,
+    loss_fn,
+    (images, ids, groups.astype(np.int32)),
+    tx=tx,
+    steps=steps,
+    batch_size=min(batch_size, n),
+    seed=seed,
+    log=log,
+    log_every=log_every,
+  )

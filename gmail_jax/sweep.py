@@ -101,9 +101,6 @@ def held_out_pairs(
 # DeCap (captioning/decap.py: 4 layers, 4 heads, label smoothing 0.1) sized for the held-out sets
 # here: a few dozen class captions, so a narrow decoder trained for many epochs.
 DECAP = {"lm_width": 64, "lr": 1e-3, "warmup_steps": 20, "steps": 300, "batch_size": 64}
-# The text tower is frozen in every run of a seed, so their decoders would be identical: one is
-# trained per distinct (text embeddings, seed) and reused.
-_DECODERS: dict[tuple[str, int, int], Any] = {}
 
 
 def class_caption_set(config: ml_collections.ConfigDict, names: Sequence[str]) -> list[list[str]]:
@@ -113,7 +110,13 @@ def class_caption_set(config: ml_collections.ConfigDict, names: Sequence[str]) -
 
 
 def decap_cider(
-  enc, x: np.ndarray, labels: np.ndarray, refs: list[list[str]], seed: int, steps: int
+  enc,
+  x: np.ndarray,
+  labels: np.ndarray,
+  refs: list[list[str]],
+  seed: int,
+  steps: int,
+  decoders: dict,
 ) -> dict:
   """TPC-CMA's interchangeability measure: a DeCap decoder trained on the text embeddings of the
   class captions only, fed the image embeddings x directly (decap_cider) and projected onto the
@@ -123,11 +126,14 @@ def decap_cider(
 
   captions = [c for r in refs for c in r]
   text = common.l2_normalize(common.encode_in_batches(enc.encode_texts, captions, 256))
-  key = (hashlib.sha256(np.ascontiguousarray(text, np.float32).tobytes()).hexdigest(), seed, steps)
-  if key not in _DECODERS:
-    settings = decap.settings({**DECAP, "seed": seed, "steps": steps})
-    _DECODERS[key] = decap.train(settings, text, captions)
-  trained = _DECODERS[key]
+  # The text tower is frozen in every run of a seed, so their decoders would be identical: one is
+  # trained per distinct text embeddings (``decoders``: the seed's) and reused.
+  key = hashlib.sha256(np.ascontiguousarray(text, np.float32).tobytes()).hexdigest()
+  if key not in decoders:
+    decoders[key] = decap.train(
+      decap.settings({**DECAP, "seed": seed, "steps": steps}), text, captions
+    )
+  trained = decoders[key]
   references = {i: refs[int(y)] for i, y in enumerate(labels)}
   out = {}
   for key, feats in (("decap_cider", x), ("decap_proj_cider", decap.project(x, text))):
@@ -156,7 +162,9 @@ def measure(views: dict, pairs: str, data: dict, *, student: bool, batch_size: i
       "joint_ari": clustering.joint_ari(x, y, labels, k),
       "probe_acc": probe.probe_accuracy(x[even], labels[even], x[odd], labels[odd]),
       **(
-        decap_cider(enc, x, labels, data["caption_set"], data["seed"], data["decap_steps"])
+        decap_cider(
+          enc, x, labels, data["caption_set"], data["seed"], data["decap_steps"], data["decoders"]
+        )
         if data["decap_steps"] > 0
         else {}
       ),
@@ -239,7 +247,7 @@ def _sweep_seed(
     with jax.set_mesh(run.mesh):
       if data is None:
         data = held_out_pairs(config, outputs["test"], max_per_class)
-        data["decap_steps"] = decap_steps
+        data["decap_steps"], data["decoders"] = decap_steps, {}
         rows.append(
           {
             "run": "teacher",

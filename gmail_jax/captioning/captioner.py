@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from gmail_jax import fit as fit_lib
 from gmail_jax.captioning import gpt2
 from gmail_jax.captioning.mappers import make_mapper
 
@@ -96,8 +97,9 @@ def fit(
   trainable: str = "all",
   seed: int = 0,
   log: Callable[[int, float], None] | None = None,
+  log_every: int = 1,
 ) -> list[float]:
-  """Trains ``captioner`` in place; returns the per-step losses.
+  """Trains ``captioner`` in place (``fit.fit_arrays``); returns the per-step losses.
 
   AdamW with ClipCap's schedule (linear warm-up to ``lr``, then linear decay to 0 at ``steps``);
   batches are epochs of a permutation drawn from ``seed`` (deterministic).
@@ -106,8 +108,6 @@ def fit(
   n = len(feats)
   if not (len(head) == len(ids) == len(mask) == n) or n == 0:
     raise ValueError(f"fit: need aligned non-empty rows, got {n}/{len(head)}/{len(ids)}")
-  batch_size = min(batch_size, n)
-  graphdef, train_state, rest = nnx.split(captioner, trainable_filter(trainable), ...)
   warmup = min(warmup_steps, max(steps - 1, 0))
   sched = optax.join_schedules(
     [
@@ -116,36 +116,23 @@ def fit(
     ],
     [warmup],
   )
-  tx = optax.adamw(sched, weight_decay=weight_decay)
-  opt_state = tx.init(train_state)
 
-  @jax.jit
-  def step_fn(train_state, opt_state, rest, f, h, t, m):
-    def loss_fn(ts):
-      logits = nnx.merge(graphdef, ts, rest)(f, h, t)
-      return gpt2.lm_loss(logits, t, m, label_smoothing=label_smoothing)
+  def loss_fn(model: Captioner, f, h, t, m) -> jax.Array:
+    return gpt2.lm_loss(model(f, h, t), t, m, label_smoothing=label_smoothing)
 
-    loss, grads = jax.value_and_grad(loss_fn)(train_state)
-    updates, opt_state = tx.update(grads, opt_state, train_state)
-    return optax.apply_updates(train_state, updates), opt_state, loss
-
-  rng = np.random.default_rng(seed)
-  order = np.empty(0, np.int64)
-  losses = []
-  feats = np.asarray(feats, np.float32)
-  head, ids, mask = (np.asarray(a, np.int32) for a in (head, ids, mask))
-  for step in range(steps):
-    if len(order) < batch_size:
-      order = np.concatenate([order, rng.permutation(n)])
-    idx, order = order[:batch_size], order[batch_size:]
-    train_state, opt_state, loss = step_fn(
-      train_state, opt_state, rest, feats[idx], head[idx], ids[idx], mask[idx]
-    )
-    losses.append(float(loss))
-    if log is not None:
-      log(step + 1, losses[-1])
-  nnx.update(captioner, train_state)
-  return losses
+  arrays = (np.asarray(feats, np.float32), *(np.asarray(a, np.int32) for a in (head, ids, mask)))
+  return fit_lib.fit_arrays(
+    captioner,
+    trainable_filter(trainable),
+    loss_fn,
+    arrays,
+    tx=optax.adamw(sched, weight_decay=weight_decay),
+    steps=steps,
+    batch_size=min(batch_size, n),
+    seed=seed,
+    log=log,
+    log_every=log_every,
+  )
 
 
 @nnx.jit

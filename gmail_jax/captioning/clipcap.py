@@ -125,6 +125,7 @@ def train(
   real: tuple[np.ndarray, list[str]] | None = None,
   *,
   log: Callable[[int, float], None] | None = None,
+  log_every: int = 1,
 ) -> Trained:
   """Trains on (embeddings [N, C], one caption per row) of generated and/or real pairs."""
   parts = [(name, p) for name, p in (("gen", generated), ("real", real)) if p is not None]
@@ -157,6 +158,7 @@ def train(
     trainable=s["trainable"],
     seed=s["seed"],
     log=log,
+    log_every=log_every,
   )
   real_head = "shared"
   if s["dual_projection"]:

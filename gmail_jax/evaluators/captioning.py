@@ -397,7 +397,7 @@ class CaptioningEvaluator(common.Evaluator):
     self.test = cap_data.load(test, where=f"{where}.test", **kw)
     if method == "decap":  # text only: the images of the training set are never read
       self.train_captions = list(
-        dict.fromkeys(_train_captions(train, templates, where=f"{where}.train"))
+        dict.fromkeys(cap_data.captions_only(train, templates=templates, where=f"{where}.train"))
       )
       self.train = self.real = None
     else:
@@ -408,7 +408,13 @@ class CaptioningEvaluator(common.Evaluator):
     return self.caption(encoder).metrics
 
   def caption(
-    self, encoder: Any, log: Any = None, *, cache_dir: str | None = None, encoder_key: str = ""
+    self,
+    encoder: Any,
+    log: Any = None,
+    *,
+    log_every: int = 1,
+    cache_dir: str | None = None,
+    encoder_key: str = "",
   ) -> CaptioningResult:
     """Embeds (once: with ``cache_dir``, embeddings of the same ``encoder_key`` and images are
     read back, as ClipCap's parse_coco.py), trains the captioner, captions the test images."""
@@ -430,7 +436,7 @@ class CaptioningEvaluator(common.Evaluator):
     if self.method == "decap":
       captions = self.train_captions
       text_feats = embed("train_text", enc.encode_texts, captions, captions)
-      trained = decap.train(self.settings, text_feats, captions, log=log)
+      trained = decap.train(self.settings, text_feats, captions, log=log, log_every=log_every)
       direct = trained.caption(test_feats)
       projected = trained.caption(decap.project(test_feats, text_feats))
     else:
@@ -442,7 +448,7 @@ class CaptioningEvaluator(common.Evaluator):
         r_index, r_captions = self.real.pairs()
         feats = embed("train_real_pairs", enc.encode_images, self.real.images, self.real.ids)
         real = (feats[r_index], r_captions)
-      trained = clipcap.train(self.settings, (gen, captions), real, log=log)
+      trained = clipcap.train(self.settings, (gen, captions), real, log=log, log_every=log_every)
       direct = trained.caption(test_feats)
     ids = self.test.ids
     references = dict(zip(ids, self.test.references, strict=True))
@@ -460,13 +466,6 @@ class CaptioningEvaluator(common.Evaluator):
     return CaptioningResult(
       metrics, candidates, references, projected, trained.losses, dict(self.settings)
     )
-
-
-def _train_captions(spec: Mapping[str, Any], templates: Sequence[str], *, where: str) -> list[str]:
-  """Every training caption of ``spec`` without decoding its images (DeCap is text-only)."""
-  from gmail_jax.captioning import data as cap_data
-
-  return cap_data.captions_only(spec, templates=templates, where=where)
 
 
 def _ids_key(ids: Sequence[str]) -> str:

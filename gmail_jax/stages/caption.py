@@ -133,12 +133,11 @@ def run(
   for view, (enc, key) in _encoders(config, workdir, inputs).items():
 
     def log(step: int, loss: float, view=view) -> None:
-      if step % every == 0:
-        logging.info("caption %s: step %d loss %.4f", view, step, loss)
+      logging.info("caption %s: step %d loss %.4f", view, step, loss)
 
     with jax.set_mesh(enc.mesh):
       cache = str(workdir / OUT / "features" / view)
-      results[view] = ev.caption(enc, log=log, cache_dir=cache, encoder_key=key)
+      results[view] = ev.caption(enc, log=log, log_every=every, cache_dir=cache, encoder_key=key)
     logging.info(
       "caption %s: %s (%.0f s so far)",
       view,

@@ -243,6 +243,7 @@ def run(
       warmup_steps=tp.warmup_steps,
       seed=config.seed,
       log=log,
+      log_every=log_every,
     )
   if model_dir(workdir).exists():  # an interrupted earlier attempt
     shutil.rmtree(model_dir(workdir))
