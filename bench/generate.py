@@ -46,15 +46,15 @@ def cached_sd21() -> str | None:
 def load(model: str | None, shapes: str, device: str, dtype, workdir: str):
   import diffusers
 
-  from gmail_jax import generate
+  from gmail_jax.generation import diffusers_backend
 
-  generate._quiet()
+  diffusers_backend.quiet_loggers()
   if model:
     pipe = diffusers.DiffusionPipeline.from_pretrained(
       model, dtype=dtype, safety_checker=None, requires_safety_checker=False
     )
   else:
-    path = generate.ensure_random_pipeline(pathlib.Path(workdir) / shapes, shapes, 0)
+    path = diffusers_backend.ensure_random_pipeline(pathlib.Path(workdir) / shapes, shapes, 0)
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), dtype=dtype)
   pipe.set_progress_bar_config(disable=True)
   return pipe.to(device)

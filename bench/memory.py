@@ -64,9 +64,9 @@ def analyse(
   from jax.sharding import NamedSharding
 
   from bench.train_step import gmail_config
-  from gmail_jax import build, optim
-  from gmail_jax import sharding as shd
   from gmail_jax.models import clip as clip_lib
+  from gmail_jax.training import build, optim
+  from gmail_jax.training import sharding as shd
 
   args = argparse.Namespace(variant=variant, dtype=dtype, remat=remat, batch=batch, rank=4)
   config = gmail_config(args)

@@ -10,7 +10,7 @@ Both steps: frozen CLIP ViT teacher on the real image (no gradient), the same we
 
 gmail_jax: ``build.build`` + ``build.make_step`` exactly as ``train.py`` runs them
 (the state is donated; no host sync inside the timed loop). ``--cached`` also times the step with
-a precomputed ``teacher_emb`` (gmail_jax/teacher_cache.py: the teacher forward is skipped).
+a precomputed ``teacher_emb`` (gmail_jax/training/teacher_cache.py: the teacher forward is skipped).
 Peer: transformers ``CLIPVisionModelWithProjection`` + peft ``LoraConfig``, eager and
 ``torch.compile`` (bench/torch_peer.py), each with its best thread count (--torch-threads).
 Everything is built and warmed up first; then timing windows run round-robin (gmail_jax, cached,
@@ -118,9 +118,9 @@ def gmail_runners(args, workdir: str) -> tuple[list[Runner], dict]:
   import jax
   import numpy as np
 
-  from gmail_jax import build
-  from gmail_jax import sharding as shd
   from gmail_jax.models import clip as clip_lib
+  from gmail_jax.training import build
+  from gmail_jax.training import sharding as shd
 
   config = gmail_config(args)
   cfg = clip_lib.clip_config(args.variant)
@@ -165,8 +165,8 @@ def gmail_runners(args, workdir: str) -> tuple[list[Runner], dict]:
   sync = lambda x: x.block_until_ready()
   variants = {"gmail_jax": batches}
   if args.cached:
-    # Teacher embeddings exactly as the cache delivers them (gmail_jax/teacher_cache.py).
-    from gmail_jax import teacher_cache
+    # Teacher embeddings exactly as the cache delivers them (gmail_jax/training/teacher_cache.py).
+    from gmail_jax.training import teacher_cache
 
     embed = teacher_cache.make_teacher_embed(built["models"], frozen, mesh)
     variants["gmail_jax_cached"] = [

@@ -10,15 +10,15 @@ Data (gmail_jax/data/digits.py, materialised under WORKDIR/data by gmail_jax/dat
               blur and pixel noise, downsampled like the scans (a documented stand-in for a
               generator); pairs share the class ("a photo of the digit seven.").
   30% of each is held out (WORKDIR/data/test) and never used to train anything.
-Stages (``config.stages``, gmail_jax/experiment.py), in one run:
-  splits   train / held-out views under WORKDIR/data (gmail_jax/stages/splits.py);
+Stages (``config.stages``, gmail_jax/experiments/driver.py), in one run:
+  splits   train / held-out views under WORKDIR/data (gmail_jax/experiments/stages/splits.py);
   teacher  f_r: a tiny CLIP (ViT 16px/4, width 64, 2+2 layers) pretrained with the CLIP loss on
            the real train-split scans and template captions, saved as a HF CLIP directory
-           WORKDIR/teacher/model (gmail_jax/stages/teacher.py);
+           WORKDIR/teacher/model (gmail_jax/experiments/stages/teacher.py);
   align    GMAIL: LoRA (rank 4, attention + MLP) student f_g aligned with L_align on
            generated->real pairs of the same class (the regular trainer, same-class negatives
            masked; config.init = the teacher directory);
-  report   WORKDIR/report.json, report.md, tsne.png, curves.png (gmail_jax/stages/report.py).
+  report   WORKDIR/report.json, report.md, tsne.png, curves.png (experiments/stages/report.py).
 Measured (seeds 0, 1, 2, mean ± std; report.md per seed, ``gmail_jax.report --aggregate``):
 paired gen-real cosine 0.468 ± 0.021 -> 0.669 ± 0.014 (ceiling for class-level pairs, two real
 scans of one class under f_r: 0.854); probe transfer accuracy on held-out real scans

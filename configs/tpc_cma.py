@@ -80,6 +80,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.cma.form = a.form
   c.cma.nce = a.nce
   # The quickstart's GMAIL report (probe transfer, Synthetic baseline) does not apply here; the
-  # sweep (gmail_jax/sweep.py) measures held-out gaps and task metrics instead.
+  # sweep (gmail_jax/experiments/sweep.py) measures held-out gaps and task metrics instead.
   c.stages = ("splits", "teacher", "align")
   return c

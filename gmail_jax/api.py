@@ -10,7 +10,7 @@
 Images may be a list of PIL images / uint8 HWC arrays of any size, a uint8 ``[N, H, W, 3]`` array
 (resized like the tower's image processor unless already ``image_size``), or a float
 ``[N, S, S, 3]`` array that is already CLIP-normalised. Forwards are jitted and run in fixed-size
-batches of ``batch_size`` split over the local devices (gmail_jax/encoders.py).
+batches of ``batch_size`` split over the local devices (gmail_jax/training/encoders.py).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import os
 
 import jax
 
-from gmail_jax import sharding as shd
-from gmail_jax.encoders import Encoder
 from gmail_jax.errors import ConfigError
 from gmail_jax.models import towers
 from gmail_jax.models.tokenizer import Tokenizer
+from gmail_jax.training import sharding as shd
+from gmail_jax.training.encoders import Encoder
 
 ClipEncoder = Encoder  # the public name (DESIGN.md §3)
 

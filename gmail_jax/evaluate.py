@@ -1,138 +1,47 @@
-r"""Evaluate a run: ``python -m gmail_jax.evaluate --config=configs/NAME.py --workdir=DIR``.
+r"""``python -m gmail_jax.evaluate --workdir=DIR [--config=configs/NAME.py] [--step=N]``.
 
-Loads the run with ``run.load_run`` (the teacher exactly as training built it, the student from
-DIR's latest Orbax checkpoint with LoRA merged), runs every evaluator of ``config.evals`` on the
-three encoders of ``encoders.views``, and writes
-
-  DIR/eval/metrics.json         {'step', 'encoders': {name: {metric: value}}, 'gap_reduction': ...}
-  DIR/eval/tsne_gen_real.png    t-SNE of real vs generated embeddings, before/after alignment
-                                (when config.evals has a gap set with generated-real pairs)
-  DIR/eval/training_curves.png  from DIR/metrics.jsonl (when present)
-
-Encoders (the evaluators.common interface):
-  teacher      f_r for every image, frozen text tower              (before alignment)
-  student      generated images through f_g, real images through f_r, frozen text tower
-               (GMAIL Algorithm 1 inference path; what 'gen_real' gaps measure)
-  student_all  f_g for every image (the documented variant, and TPC-CMA's image-text setting)
-``gap_reduction[enc][eval]`` = 100·(1 − G_enc / G_teacher) per gap kind (gap evaluators only).
-
-``--config`` defaults to DIR/config.json (written by training); ``--step`` picks a checkpoint.
-Errors from bad input end the run with one line (``GMAIL_TRACEBACK=1`` shows the traceback).
+Runs every evaluator of ``config.evals`` on the run's teacher / student / student_all encoders and
+writes DIR/eval/metrics.json and plots (gmail_jax/experiments/evaluation.py). ``--config``
+defaults to DIR/config.json (written by training); ``--step`` picks a checkpoint. Errors from bad
+input end the run with one line (``GMAIL_TRACEBACK=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
 
 import jax
-import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
 
-from gmail_jax import cli, encoders
-from gmail_jax import metrics as metrics_lib
-from gmail_jax import run as run_lib
-from gmail_jax.errors import ConfigError
+from gmail_jax import cli
+from gmail_jax.experiments import evaluation
+from gmail_jax.training import metrics
+from gmail_jax.training.encoders import VIEWS
 
-ENCODERS = encoders.VIEWS
-
-
-def _unprefix(metrics: dict[str, float], prefix: str) -> dict[str, float]:
-  return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
-
-
-def evaluate(
-  config: ml_collections.ConfigDict,
-  workdir: str,
-  *,
-  step: int | None = None,
-  which: tuple[str, ...] = ENCODERS,
-  plots: bool = True,
-  tsne_points: int = 500,
-) -> dict[str, Any]:
-  """Runs config.evals on the run's encoders; writes and returns DIR/eval/metrics.json's dict."""
-  from gmail_jax.evaluators import common, gap
-  from gmail_jax.evaluators import plots as plots_lib
-
-  unknown = [w for w in which if w not in ENCODERS]
-  if unknown:
-    raise ConfigError(f"--encoders: unknown {unknown}; choose from {list(ENCODERS)}")
-  workdir = os.path.abspath(workdir)
-  from gmail_jax.models import towers
-
-  # Pre-cropped eval images follow the run's tower resize (evaluators that take ``resize``).
-  evaluators = common.from_config(config.get("evals"), resize=towers.resize_mode(config))
-  if not evaluators:
-    raise ConfigError("config.evals: empty; nothing to evaluate (add e.g. a 'gap' evaluator)")
-  run = run_lib.load_run(workdir, step, config=config)
-  encs = run.encoders()
-  results: dict[str, dict[str, float]] = {}
-  with jax.set_mesh(run.mesh):
-    for name in which:
-      out: dict[str, float] = {}
-      for ev in evaluators:
-        out.update(ev.run(encs[name], run.step))
-      results[name] = out
-
-  reduction: dict[str, dict[str, dict[str, float]]] = {}
-  gap_evs = [ev for ev in evaluators if isinstance(ev, gap.GapEvaluator)]
-  if "teacher" in results:
-    for name in (w for w in which if w != "teacher"):
-      reduction[name] = {
-        ev.name: gap.gap_reduction(
-          _unprefix(results["teacher"], ev.prefix), _unprefix(results[name], ev.prefix)
-        )
-        for ev in gap_evs
-      }
-  report: dict[str, Any] = {
-    "step": run.step,
-    "workdir": workdir,
-    "encoders": results,
-    "gap_reduction": reduction,
-    "plots": [],
-  }
-  out_dir = os.path.join(workdir, "eval")
-  if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    if plots:
-      gen_real = [ev for ev in gap_evs if ev.pairs in ("gen_real", "class_gen_real")]
-      if gen_real:
-        with jax.set_mesh(run.mesh):
-          p = plots_lib.plot_gap_tsne(
-            os.path.join(out_dir, "tsne_gen_real.png"),
-            gen_real[0],
-            encs["teacher"],
-            encs["student"],
-            max_points=tsne_points,
-          )
-        report["plots"].append(p)
-      curves = os.path.join(workdir, "metrics.jsonl")
-      if os.path.exists(curves):
-        p = plots_lib.plot_training_curves(curves, os.path.join(out_dir, "training_curves.png"))
-        report["plots"].append(p)
-    path = os.path.join(out_dir, "metrics.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(report, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
-  return report
-
-
-# ---------------------------------------------------------------------------------------------
-# absl entry point.
-# ---------------------------------------------------------------------------------------------
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file (default: WORKDIR/config.json).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/, metrics.jsonl).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_ENCODERS = flags.DEFINE_string("encoders", ",".join(VIEWS), "Comma list of " + ", ".join(VIEWS))
+_PLOTS = flags.DEFINE_bool("plots", True, "Write the t-SNE and training-curve PNGs.")
+_TSNE_POINTS = flags.DEFINE_integer("tsne_points", 500, "Pairs in the t-SNE plot (subsampled).")
 
 
 def main(argv) -> None:
-  from absl import app, flags
-
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  f = flags.FLAGS
   with cli.one_line_errors():
-    config = f.config if f.config is not None else metrics_lib.read_config(f.workdir)
-    which = tuple(w.strip() for w in f.encoders.split(",") if w.strip())
-    report = evaluate(
-      config, f.workdir, step=f.step, which=which, plots=f.plots, tsne_points=f.tsne_points
+    config = _CONFIG.value if _CONFIG.value is not None else metrics.read_config(_WORKDIR.value)
+    which = tuple(w.strip() for w in _ENCODERS.value.split(",") if w.strip())
+    report = evaluation.evaluate(
+      config,
+      _WORKDIR.value,
+      step=_STEP.value,
+      which=which,
+      plots=_PLOTS.value,
+      tsne_points=_TSNE_POINTS.value,
     )
   if jax.process_index() == 0:
     for name, m in report["encoders"].items():
@@ -140,23 +49,6 @@ def main(argv) -> None:
     print(f"wrote {os.path.join(report['workdir'], 'eval', 'metrics.json')}")
 
 
-def _define_flags() -> None:
-  from absl import flags
-  from ml_collections import config_flags
-
-  config_flags.DEFINE_config_file(
-    "config", None, "Config file (default: WORKDIR/config.json).", lock_config=True
-  )
-  flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/, metrics.jsonl).")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  flags.DEFINE_string("encoders", ",".join(ENCODERS), "Comma list of " + ", ".join(ENCODERS))
-  flags.DEFINE_bool("plots", True, "Write the t-SNE and training-curve PNGs.")
-  flags.DEFINE_integer("tsne_points", 500, "Pairs in the t-SNE plot (subsampled).")
-  flags.mark_flags_as_required(["workdir"])
-
-
 if __name__ == "__main__":
-  from absl import app
-
-  _define_flags()
+  flags.mark_flags_as_required(["workdir"])
   app.run(main)

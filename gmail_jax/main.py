@@ -1,7 +1,7 @@
 r"""Entry point: ``python -m gmail_jax.main --config=configs/NAME.py --workdir=DIR``.
 
 Thin on purpose (flax examples): flags, multi-process init, then the config's stages
-(``experiment.run``: e.g. splits → teacher → align → report; plain training is ``('align',)``).
+(``driver.run``: e.g. splits → teacher → align → report; plain training is ``('align',)``).
 Overrides: ``--config.batch_size=64 --config.lora.rank=8``; ``configs/coco.py:L/14`` passes an arg.
 Multi-process: set ``--coordinator_address/--num_processes/--process_id`` (or the JAX_COORDINATOR_
 ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables); on TPU pods and SLURM the flag
@@ -52,7 +52,8 @@ def main(argv):
   _maybe_initialize_distributed()
   import jax
 
-  from gmail_jax import cli, experiment
+  from gmail_jax import cli
+  from gmail_jax.experiments import driver
 
   logging.info(
     "process %d/%d, devices: %d local / %d global (%s)",
@@ -65,7 +66,7 @@ def main(argv):
   if logging.get_verbosity() < logging.DEBUG:  # Orbax INFO: ~50 lines/save; --verbosity=1 keeps it
     logging.get_absl_logger().addFilter(lambda r: r.levelno > 20 or "/orbax/" not in r.pathname)
   with cli.one_line_errors():
-    experiment.run(_CONFIG.value, _WORKDIR.value)
+    driver.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

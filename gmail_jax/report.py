@@ -1,25 +1,8 @@
-"""Reports of the small reproductions: the report.json layout, Markdown, mean ± std over seeds.
+"""``python -m gmail_jax.report --aggregate DIR0 DIR1 DIR2 [--out FILE] [--file F]``.
 
-The report stage (gmail_jax/stages/report.py) measures every number with the evaluators that
-``gmail_jax.evaluate`` runs and writes WORKDIR/report.json:
-
-    before     teacher f_r on both paths           gap fields + transfer_accuracy
-    after      GMAIL: f_g on generated, f_r real   gap fields + transfer_accuracy, trainable_params,
-                                                   lora_targets
-    baselines  teacher_direct, real_upper (probe trained on real), synthetic_finetune ("fine-tune
-               on generated as if real", GMAIL Table 9: the same LoRA targets, rank and budget as
-               GMAIL; trainable_params, lora_targets), real_real_reference (two real images of a
-               class under f_r)
-    variants   after_student_real: f_g on both paths (paper §3.2)
-
-Gap fields: paired_cosine, raw_gap, centroid_gap, distribution_gap (evaluators/gap.py, held-out
-pairs matched by class); transfer_accuracy: linear probe fitted on generated train-split embeddings,
-tested on held-out real ones (evaluators/probe.py).
-
-``python -m gmail_jax.report --aggregate DIR1 DIR2 ... [--out FILE]`` prints mean ± std (sample
-std, ddof=1) of every number over runs (seeds) as a Markdown table and writes it as JSON;
-``--file eval/captioning.json`` does the same for the caption stage's metrics (one row per
-encoder).
+Prints mean ± std (sample std) of every number of DIR/report.json (or DIR/F, e.g.
+``--file eval/captioning.json``) over runs, as a Markdown table; ``--out`` also writes it as JSON
+and Markdown (gmail_jax/experiments/report.py).
 """
 
 from __future__ import annotations
@@ -30,128 +13,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-import numpy as np
-
-GAP_FIELDS = ("paired_cosine", "raw_gap", "centroid_gap", "distribution_gap")
-STAGE_FIELDS = GAP_FIELDS + ("transfer_accuracy",)
-# gap evaluator key -> report key
-GAP_NAMES = {
-  "paired_cosine": "paired_cosine",
-  "raw": "raw_gap",
-  "centroid": "centroid_gap",
-  "distribution": "distribution_gap",
-}
-
-
-def gap_fields(metrics: dict[str, float]) -> dict[str, float]:
-  """The report's names for an (unprefixed) gap evaluator result."""
-  return {name: float(metrics[key]) for key, name in GAP_NAMES.items()}
-
-
-def markdown(report: dict, title: str = "GMAIL small-scale reproduction") -> str:
-  """A readable Markdown table of report.json (values or 'mean ± std' strings)."""
-
-  def fmt(v):
-    if isinstance(v, dict) and "mean" in v:
-      return f"{v['mean']:.3f} ± {v['std']:.3f}"
-    return f"{v:.3f}" if isinstance(v, float | int) else "–"
-
-  rows = [
-    ("teacher f_r on both (before alignment)", report["before"]),
-    ("GMAIL: f_g on generated, f_r on real (after)", report["after"]),
-  ]
-  b = report.get("baselines", {})
-  if "synthetic_finetune" in b:
-    rows.append(
-      ("fine-tune on generated as if real (Table 9 'Synthetic')", b["synthetic_finetune"])
-    )
-  v = report.get("variants", {})
-  if "after_student_real" in v:
-    rows.append(("variant: f_g on both (§3.2 path)", v["after_student_real"]))
-  if "real_real_reference" in b:
-    rows.append(("reference: two real images of a class, f_r", b["real_real_reference"]))
-  if "real_upper" in b:
-    rows.append(("upper reference: probe trained on real", b["real_upper"]))
-  lines = [
-    f"# {title}",
-    "",
-    "Gaps: held-out (generated, real) pairs matched by class. Transfer: linear probe trained on",
-    "generated train-split embeddings, tested on held-out real images.",
-    "",
-    "| encoder | paired cos ↑ | raw gap ↓ | centroid gap ↓ | distrib. gap ↓ | transfer acc ↑ |",
-    "|---|---|---|---|---|---|",
-  ]
-  for name, r in rows:
-    lines.append(f"| {name} | " + " | ".join(fmt(r.get(k)) for k in STAGE_FIELDS) + " |")
-  extra = {
-    k: report[k] for k in ("teacher_zeroshot_real", "teacher_zeroshot_generated") if k in report
-  }
-  if extra:
-    lines += [
-      "",
-      "Teacher zero-shot accuracy (class prompts): "
-      + ", ".join(f"{k.split('_')[-1]} {fmt(val)}" for k, val in extra.items()),
-    ]
-  for key in ("test_pairs", "seeds", "runs"):
-    if key in report:
-      val = report[key]
-      val = int(val["mean"]) if isinstance(val, dict) and "mean" in val else val
-      lines.append(f"\n{key}: {val}")
-  return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# Aggregation over seeds.
-# ---------------------------------------------------------------------------------------------
-
-
-def _numbers(d: dict, prefix: str = "") -> dict[str, float]:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_numbers(v, key + "/"))
-    elif isinstance(v, float | int) and not isinstance(v, bool):
-      out[key] = float(v)
-  return out
-
-
-def aggregate(reports: Sequence[dict]) -> dict:
-  """Mean and sample std (ddof=1; 0 for a single run) of every shared number, nested like input."""
-  flat = [_numbers(r) for r in reports]
-  keys = [k for k in flat[0] if all(k in f for f in flat)]
-  out: dict = {}
-  for k in keys:
-    vals = np.asarray([f[k] for f in flat])
-    node = out
-    parts = k.split("/")
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node[parts[-1]] = {
-      "mean": float(vals.mean()),
-      "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
-      "values": vals.tolist(),
-    }
-  out["runs"] = len(reports)
-  out["seeds"] = [r.get("seed") for r in reports]
-  return out
-
-
-def captioning_markdown(agg: dict, title: str) -> str:
-  """Rows = encoders of eval/captioning.json, columns = their caption metrics (mean ± std)."""
-  views = [v for v in agg if isinstance(agg[v], dict) and "metrics" in agg[v]]
-  keys = [k for k in agg[views[0]]["metrics"]] if views else []
-  lines = [
-    f"# {title}",
-    "",
-    "| encoder | " + " | ".join(keys) + " |",
-    "|---" * (len(keys) + 1) + "|",
-  ]
-  for v in views:
-    m = agg[v]["metrics"]
-    cells = [f"{m[k]['mean']:.3f}±{m[k]['std']:.3f}" if k in m else "" for k in keys]
-    lines.append(f"| {v} | " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+from gmail_jax.experiments import report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,19 +22,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--out", default=None, help="write the aggregate JSON here (and .md next to it)")
   p.add_argument("--file", default="report.json", help="the JSON in each WORKDIR to aggregate")
   args = p.parse_args(argv)
-  reports = []
-  for d in args.aggregate:
-    path = pathlib.Path(d) / args.file
-    if not path.exists():
-      print(f"error: {path} not found (did the run finish?)", file=sys.stderr)
-      return 2
-    reports.append(json.loads(path.read_text()))
-  agg = aggregate(reports)
-  title = f"GMAIL small-scale reproduction, {len(reports)} runs (mean ± std)"
-  if args.file == "report.json":
-    md = markdown(agg, title)
-  else:
-    md = captioning_markdown(agg, f"{args.file}, {len(reports)} runs (mean ± std)")
+  try:
+    agg, md = report.aggregate_workdirs(args.aggregate, args.file)
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(md)
   if args.out:
     pathlib.Path(args.out).write_text(json.dumps(agg, indent=2))

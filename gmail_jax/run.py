@@ -21,11 +21,12 @@ import jax
 import ml_collections
 from flax import nnx
 
-from gmail_jax import build, checkpointing, encoders, schema
-from gmail_jax import metrics as metrics_lib
-from gmail_jax import sharding as shd
+from gmail_jax import schema
 from gmail_jax.models import towers
 from gmail_jax.models.tokenizer import Tokenizer
+from gmail_jax.training import build, checkpointing, encoders
+from gmail_jax.training import metrics as metrics_lib
+from gmail_jax.training import sharding as shd
 
 
 @dataclasses.dataclass

@@ -18,7 +18,7 @@ import json
 
 import ml_collections
 
-from gmail_jax import generate, objectives, optim
+from gmail_jax import objectives
 from gmail_jax.data.config import default_data_config
 from gmail_jax.errors import ConfigError
 from gmail_jax.models import towers
@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpoints = True
   c.init = ""  # HF CLIP dir or hub id for the frozen teacher; "" = random init (tests)
-  # The experiment: stage names in order (gmail_jax/experiment.py). 'align' = GMAIL / TPC-CMA
+  # The experiment: stage names in order (experiments/driver.py). 'align' = GMAIL / TPC-CMA
   # training; the small reproductions prepend 'splits', 'teacher' and append 'report'.
   c.stages = ("align",)
 
@@ -116,7 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = default_data_config()
 
-  # Teacher-embedding cache (gmail_jax/teacher_cache.py): real images are not augmented, so
+  # Teacher-embedding cache (gmail_jax/training/teacher_cache.py): real images are not augmented, so
   # f_r(x_r) is computed once per real_id and the step skips the teacher forward.
   c.teacher_cache = ml_collections.ConfigDict()
   c.teacher_cache.enabled = False
@@ -124,7 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher_cache.rebuild = False  # True: discard a stale cache instead of refusing it
   c.teacher_cache.precompute = True  # one pass before training (else fill on first sight)
 
-  # Stage 'splits' (gmail_jax/stages/splits.py): train / held-out views under WORKDIR/data.
+  # Stage 'splits' (experiments/stages/splits.py): train / held-out views under WORKDIR/data.
   c.splits = ml_collections.ConfigDict()
   c.splits.kind = "class_folders"  # digits | class_folders
   c.splits.seed = 0
@@ -133,7 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.splits.test_per_class = 100  # class_folders
   c.splits.train_per_class = 0  # class_folders; 0 = all the rest
 
-  # Stage 'teacher' (gmail_jax/stages/teacher.py): a tiny CLIP pretrained on real images, saved as
+  # Stage 'teacher' (experiments/stages/teacher.py): a tiny CLIP pretrained on real images, saved as
   # a Hugging Face CLIP directory that the align stage loads as its config.init.
   c.teacher_pretrain = ml_collections.ConfigDict()
   c.teacher_pretrain.source = "folder"  # folder | zip
@@ -147,7 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher_pretrain.weight_decay = 0.05
   c.teacher_pretrain.max_per_class = 0  # 0 = all
 
-  # Stage 'report' (gmail_jax/stages/report.py).
+  # Stage 'report' (experiments/stages/report.py).
   c.report = ml_collections.ConfigDict()
   c.report.title = "GMAIL small-scale reproduction"
   c.report.batch_size = 256
@@ -157,7 +157,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.report.tsne_method = "tsne"  # tsne | pca
   c.report.tsne_points = 300
 
-  # Stage 'caption' (gmail_jax/stages/caption.py; evaluators/captioning.py documents the keys).
+  # Stage 'caption' (experiments/stages/caption.py; evaluators/captioning.py documents the keys).
   c.caption = ml_collections.ConfigDict()
   c.caption.method = "clipcap"  # clipcap | decap
   # Encoders (stages/caption.py): teacher | student | student_all | as_if_real
@@ -170,9 +170,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.caption.batch_size = 64  # embedding batch
   c.caption.captioner = ml_collections.ConfigDict()  # captioning/clipcap.py DEFAULTS overrides
 
-  # Stage 'generate' (gmail_jax/stages/generate.py): the generation config family's own base
-  # (gmail_jax/generate.py), so a typo there is refused like any other key.
-  c.generate = generate.base_config()
+  # Stage 'generate' (experiments/stages/generate.py): the generation config family
+  # (generation_config below), so a typo there is refused like any other key.
+  c.generate = generation_config()
 
   # Training-time / `gmail_jax.evaluate` evaluators: name -> dict(type=..., every_steps=..., ...).
   c.evals = ml_collections.ConfigDict()
@@ -188,6 +188,43 @@ def base_config() -> ml_collections.ConfigDict:
   c.wandb.mode = "offline"
   c.wandb.dir = ""  # files go to DIR/wandb/; "" = WORKDIR (so WORKDIR/wandb/)
   c.wandb.tags = ()
+  return c
+
+
+def generation_config() -> ml_collections.ConfigDict:
+  """Every key of a generation config (``python -m gmail_jax.generate``, the 'generate' stage),
+  with its default: the schema of configs/generate/*.py (values: generation/config.py)."""
+  c = ml_collections.ConfigDict()
+  c.mode = "generate"  # generate | import
+  c.backend = "diffusers"  # the text-to-image runtime (generation/config.py BACKENDS)
+  c.captions = ""  # COCO captions JSON | Karpathy JSON | CSV / TSV / JSONL / Parquet (see above)
+  c.split = ""  # Karpathy JSON: comma-separated splits ("train,restval"); "" = all
+  c.real_images = ""  # folder that COCO / Karpathy file names and relative real_path are in
+  c.only_with_real = False  # keep only captions whose real image exists
+  c.max_captions = 0  # the first N captions (after only_with_real); 0 = all
+  c.images_per_caption = 1  # K
+  c.model = "stabilityai/stable-diffusion-2-1-base"  # hub id | diffusers dir | 'random'
+  # model='random': a random StableDiffusionPipeline built offline into DIR/pipeline (tests,
+  # benchmarks): 'tiny' (32-wide, 2x VAE) or 'sd21' (SD 2.1's shapes and cost, random weights).
+  c.random = ml_collections.ConfigDict({"shapes": "tiny", "seed": 0})
+  c.scheduler = ""  # a diffusers scheduler class name (DPMSolverMultistepScheduler); "" = model's
+  c.steps = 50
+  c.guidance = 7.5
+  c.resolution = 512  # height = width, a multiple of 8
+  c.negative_prompt = ""
+  c.dtype = "auto"  # auto (float16 on GPU, float32 on CPU) | float32 | float16 | bfloat16
+  c.batch_size = 8  # prompts per pipeline call
+  c.chunk_size = 256  # images per shard file (the unit of sharding and of the atomic output)
+  c.seed = 0
+  c.safety_checker = "none"  # none | pipeline | hub id or dir of a StableDiffusionSafetyChecker
+  c.long_prompt = "truncate"  # over the text encoder's 77 tokens: truncate (as SD does) | reject
+  c.image_format = "jpeg"  # jpeg | png
+  c.jpeg_quality = 95
+  c.device = ""  # "" = cuda when available, else cpu
+  c.compile = False  # torch.compile the UNet (long warm-up; pays off over thousands of batches)
+  c.progress_every_s = 10.0
+  c.import_dir = ""  # mode='import': <caption_id>_<k>.<ext> anywhere below (K=1: <caption_id>.ext)
+  c.import_workers = 8  # threads decoding imported images
   return c
 
 
@@ -234,11 +271,10 @@ WANDB_MODES = ("online", "offline", "disabled")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Every check that can fail before anything is built or compiled (one line, naming the key)."""
-  from gmail_jax import experiment  # the stage registry imports the stages, which import this
-
+  """The checks of the keys every part reads (one line, naming the key): known keys, the model,
+  LoRA targets, the objective. The owners check the rest before building anything: the trainer
+  its optimizer and batch layout (training/train.py ``check``), the driver its stages."""
   check(config)
-  experiment.check_stages(config)
   for key in POSITIVE:
     if int(config[key]) < 1:
       raise ConfigError(f"config.{key}: must be >= 1, got {config[key]}")
@@ -258,9 +294,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f" tower ({sorted(tower.lora_targets)}) nor a path regex"
       )
   objectives.validate(config)
-  if int(config.optim.accum_steps) < 1:
-    raise ConfigError(f"config.optim.accum_steps: must be >= 1, got {config.optim.accum_steps}")
-  optim.make_schedule(config.optim, config.total_steps)  # validates schedule keys
 
 
 # Keys a resumed run may change: they do not alter what the saved state means (logging, cadence,

@@ -176,7 +176,8 @@ def color_encoder(dim: int = 8) -> dict:
 
 
 def test_captioning_evaluator_clipcap_and_decap_caption_a_known_encoder(tmp_path):
-  from gmail_jax.evaluators import captioning, common
+  from gmail_jax.captioning import evaluator as captioning
+  from gmail_jax.evaluators import common
 
   write_color_folders(tmp_path / "train", 10, 0)
   write_color_folders(tmp_path / "test", 3, 1)
@@ -275,7 +276,7 @@ def test_clipcap_mini_config_runs_end_to_end(tmp_path):
 
 
 def test_embedding_cache_recomputes_when_the_key_changes(tmp_path):
-  from gmail_jax.evaluators.captioning import _cached
+  from gmail_jax.captioning.evaluator import _cached
 
   calls = []
 

@@ -34,7 +34,7 @@ def test_cifake_smoke_is_reproducible_and_leak_free(shared, tmp_path):
   train = {(p.parent.name, p.name) for p in (wd / "data" / "train" / "real").rglob("*.jpg")}
   test = {(p.parent.name, p.name) for p in (wd / "data" / "test" / "real").rglob("*.jpg")}
   assert len(test) == 100 and not train & test
-  from gmail_jax.stages.teacher import list_class_folder, zip_class_members
+  from gmail_jax.experiments.stages.teacher import list_class_folder, zip_class_members
 
   sample = {(c, p.name) for p, c in zip(*list_class_folder(data / "real"), strict=True)}
   with zipfile.ZipFile(zip_path) as zf:

@@ -6,8 +6,9 @@ import pytest
 from config_helpers import CONFIGS
 from config_helpers import load_config as load
 
-from gmail_jax import build, schema, sharding, train
+from gmail_jax import schema
 from gmail_jax.models import lora
+from gmail_jax.training import build, sharding, train
 
 
 def config_names() -> list[str]:
@@ -58,7 +59,7 @@ def test_bad_config_names_the_key(mutate, match):
   config = load("tiny")
   mutate(config)
   with pytest.raises(ValueError, match=match):
-    schema.validate(config)
+    train.check(config)
 
 
 def test_bad_mesh_and_batch():

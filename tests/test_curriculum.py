@@ -1,11 +1,11 @@
-"""Three-phase α(t) curriculum and the gradient-aware cap (gmail_jax/curriculum.py)."""
+"""Three-phase α(t) curriculum and the gradient-aware cap (gmail_jax/objectives/curriculum.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gmail_jax import curriculum
+from gmail_jax.objectives import curriculum
 
 
 @pytest.mark.parametrize("shape", ["linear", "cosine"])

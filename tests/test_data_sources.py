@@ -238,7 +238,7 @@ def test_prepare_resize_short(shared, tmp_path):
 def test_train_on_resized_array_record(shared, tmp_path):
   from config_helpers import load_config
 
-  from gmail_jax import train
+  from gmail_jax.training import train
 
   out, rows, _, _ = _resized_shards(shared, tmp_path, "--resize_short=48")
   config = load_config("tiny")

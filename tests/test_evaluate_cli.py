@@ -12,8 +12,9 @@ import PIL.Image
 import pytest
 
 from configs import tiny
-from gmail_jax import evaluate, train
 from gmail_jax import run as run_lib
+from gmail_jax.experiments import evaluation as evaluate
+from gmail_jax.training import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N_PAIRS = 16

@@ -18,10 +18,12 @@ import PIL.Image
 import pytest
 from config_helpers import load_config
 
-from gmail_jax import api, train
-from gmail_jax import export as export_lib
+from gmail_jax import api
 from gmail_jax.data import preprocess
 from gmail_jax.errors import ConfigError, InputError
+from gmail_jax.export import exporter as export_lib
+from gmail_jax.export import peft_adapter
+from gmail_jax.training import train
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -124,7 +126,7 @@ def _load_clip(path) -> object:
 
 
 def _peft_model(out: pathlib.Path):
-  cfg = json.loads((out / export_lib.PEFT_CONFIG).read_text())
+  cfg = json.loads((out / peft_adapter.PEFT_CONFIG).read_text())
   base = _load_clip(cfg["base_model_name_or_path"])
   return peft.PeftModel.from_pretrained(base, str(out)).eval(), cfg
 
@@ -160,7 +162,10 @@ def test_teacher_hf_export_equals_the_base_directory(attn_run, hf_dir, coco, tmp
 def test_peft_adapter_attn(attn_run, hf_dir, coco, tmp_path):
   photos, _ = coco
   out = pathlib.Path(export_lib.export(attn_run, tmp_path / "peft", format="peft"))
-  assert sorted(p.name for p in out.iterdir()) == [export_lib.PEFT_CONFIG, export_lib.PEFT_WEIGHTS]
+  assert sorted(p.name for p in out.iterdir()) == [
+    peft_adapter.PEFT_CONFIG,
+    peft_adapter.PEFT_WEIGHTS,
+  ]
   model, cfg = _peft_model(out)
   assert cfg["base_model_name_or_path"] == str(hf_dir)
   assert cfg["r"] == 4 and cfg["lora_alpha"] == 4.0 and cfg["modules_to_save"] is None
@@ -188,7 +193,7 @@ def test_peft_adapter_mlp_and_projection(proj_run, hf_dir, coco, tmp_path):
     "fc1",
     "fc2",
   }
-  tensors = load_file(str(out / export_lib.PEFT_WEIGHTS))
+  tensors = load_file(str(out / peft_adapter.PEFT_WEIGHTS))
   fc1 = "base_model.model.vision_model.encoder.layers.0.mlp.fc1"
   assert tensors[f"{fc1}.lora_A.weight"].shape == (4, 32)  # (r, in)
   assert tensors[f"{fc1}.lora_B.weight"].shape == (64, 4)  # (out, r)

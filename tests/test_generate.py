@@ -1,4 +1,4 @@
-"""Generation (gmail_jax/generate.py): the tiny random pipeline on 40 COCO val2017 captions, K=2;
+"""Generation (gmail_jax/generation/): the tiny random pipeline on 40 COCO val2017 captions, K=2;
 SIGKILL + restart, two parallel shards, training on the manifest, import mode, per-caption rejects.
 
 The pipeline runs in subprocesses with one torch thread: on a shared 2-core machine, torch's
@@ -22,10 +22,13 @@ import pyarrow.parquet as pq
 import pytest
 from config_helpers import CONFIGS
 
-from gmail_jax import experiment, generate
+from gmail_jax import schema
 from gmail_jax.data.rejects import read_rejects
 from gmail_jax.errors import ConfigError, InputError
-from gmail_jax.stages import align
+from gmail_jax.experiments import driver
+from gmail_jax.experiments.stages import align
+from gmail_jax.generation import captions, runner, seeds, store
+from gmail_jax.generation import config as gen_config
 
 pytest.importorskip("diffusers")
 
@@ -112,7 +115,7 @@ def test_manifest_joins_back_to_captions_and_real_images(reference, coco):
     assert pathlib.Path(r["real_path"]).resolve() == real_dir.resolve() / images[a["image_id"]]
     assert pathlib.Path(r["real_path"]).is_file()
     assert r["group"] == str(a["image_id"])
-    assert r["seed"] == generate.image_seed(0, r["caption_id"], r["k"])
+    assert r["seed"] == seeds.image_seed(0, r["caption_id"], r["k"])
     assert pixels(reference, r).shape == (32, 32, 3)
   assert len({r["seed"] for r in manifest}) == len(manifest)
   summary = json.loads((reference / "summary.json").read_text())
@@ -228,7 +231,7 @@ class _WordTokenizer:
 
 def fake_config(tmp_path, texts, **overrides):
   tmp_path.mkdir(parents=True, exist_ok=True)
-  c = generate.base_config()
+  c = schema.generation_config()
   real = tmp_path / "real.jpg"
   PIL.Image.new("RGB", (8, 8), (10, 20, 30)).save(real)
   c.captions = captions_csv(tmp_path / "captions.csv", texts, real)
@@ -248,7 +251,7 @@ def test_per_caption_failures_are_rejects_not_fatal(tmp_path):
   config = fake_config(tmp_path, texts, long_prompt="reject")
   out = tmp_path / "out"
   pipe = FakePipeline()
-  summary = generate.generate(config, out, pipeline=pipe)
+  summary = runner.generate(config, out, pipeline=pipe)
   assert summary["complete"] and summary["captions"] == 6
   got = rows(out)
   assert {(r["caption_id"], r["k"]) for r in got} == {(c, k) for c in ("c0", "c5") for k in (0, 1)}
@@ -263,23 +266,23 @@ def test_per_caption_failures_are_rejects_not_fatal(tmp_path):
   # Seeds depend on (seed, caption_id, k) only: the same image whatever the batch it was in.
   a = pixels(out, got[0])
   c2 = fake_config(tmp_path / "one", ["a red car"], batch_size=1, chunk_size=1)
-  generate.generate(c2, tmp_path / "alone", pipeline=FakePipeline())
+  runner.generate(c2, tmp_path / "alone", pipeline=FakePipeline())
   np.testing.assert_array_equal(pixels(tmp_path / "alone", rows(tmp_path / "alone")[0]), a)
   # Rerun: every chunk is done, the pipeline is not called.
   pipe2 = FakePipeline()
-  generate.generate(config, out, pipeline=pipe2)
+  runner.generate(config, out, pipeline=pipe2)
   assert pipe2.calls == []
 
 
 def test_resume_refuses_a_changed_setting_and_changed_captions(tmp_path):
   config = fake_config(tmp_path, ["a", "b", "c"])
-  generate.generate(config, tmp_path / "out", pipeline=FakePipeline())
+  runner.generate(config, tmp_path / "out", pipeline=FakePipeline())
   with pytest.raises(ConfigError, match=r"config\.steps: 10 differs from 50"):
-    generate.generate(
+    runner.generate(
       fake_config(tmp_path, ["a", "b", "c"], steps=10), tmp_path / "out", pipeline=FakePipeline()
     )
   with pytest.raises(InputError, match="not the captions"):
-    generate.generate(fake_config(tmp_path, ["a", "b", "d"]), tmp_path / "out", pipeline=None)
+    runner.generate(fake_config(tmp_path, ["a", "b", "d"]), tmp_path / "out", pipeline=None)
 
 
 def test_partial_chunk_resumes_from_its_journal(tmp_path):
@@ -287,7 +290,7 @@ def test_partial_chunk_resumes_from_its_journal(tmp_path):
   that batch leaves, with a torn last line) is finished without generating batch 0 again."""
   config = fake_config(tmp_path, ["p0", "p1", "p2", "p3"], chunk_size=8, batch_size=3)
   full = FakePipeline()
-  generate.generate(config, tmp_path / "full", pipeline=full)
+  runner.generate(config, tmp_path / "full", pipeline=full)
   assert [len(c) for c in full.calls] == [3, 3, 2]
   done = pq.read_table(tmp_path / "full" / "parts" / "part-000000.parquet").to_pylist()[:3]
   out = tmp_path / "out"
@@ -298,7 +301,7 @@ def test_partial_chunk_resumes_from_its_journal(tmp_path):
   journal = json.dumps({"batch": 0, "rows": done}) + "\n" + '{"batch": 1, "ro'
   (out / "parts" / "part-000000.jsonl").write_text(journal)
   resumed = FakePipeline()
-  generate.generate(config, out, pipeline=resumed)
+  runner.generate(config, out, pipeline=resumed)
   assert resumed.calls == full.calls[1:]
   assert rows(out) == rows(tmp_path / "full")
   for r in rows(out):
@@ -320,7 +323,7 @@ def test_import_reports_missing_and_corrupt_and_imports_the_rest(tmp_path):
   (folder / "c4_0.png").write_bytes(data[: len(data) // 2])  # corrupt: cut short
   (folder / "nobody_0.png").write_bytes((folder / "c0_0.png").read_bytes())  # unmatched
   config.import_dir = str(folder)
-  summary = generate.run(config, tmp_path / "out")
+  summary = runner.run(config, tmp_path / "out")
   assert summary["images"] == 18 and summary["missing"] == 1
   reasons = dict(summary["reject_reasons"])
   assert (reasons.pop("missing image"), reasons.pop("unmatched")) == (1, 1)
@@ -347,13 +350,13 @@ def test_stage_outputs_the_manifest_and_align_trains_on_it(reference, tmp_path):
   config.model.variant = "mu"
   config.data.image_size = 16
   config.batch_size, config.total_steps, config.checkpoint_every_steps = 8, 2, 2
-  outputs = experiment.run(config, tmp_path)
+  outputs = driver.run(config, tmp_path)
   assert outputs["manifest"] == str(tmp_path / "generate" / "manifest.parquet")
   assert len(rows(tmp_path / "generate")) == 8
   saved = json.loads((tmp_path / "config.json").read_text())
   assert (saved["data"]["source"], saved["data"]["manifest"]) == ("manifest", outputs["manifest"])
   assert (tmp_path / "checkpoints" / "2").is_dir()
-  assert experiment.run(config, tmp_path) == outputs  # recorded and complete: both skipped
+  assert driver.run(config, tmp_path) == outputs  # recorded and complete: both skipped
   wired = align.stage_config(load_config_tiny(), outputs)
   assert (wired.data.source, wired.data.manifest) == ("manifest", outputs["manifest"])
 
@@ -365,46 +368,45 @@ def load_config_tiny():
 
 
 def test_shards_from_flags_jax_or_slurm_environment():
-  assert generate.resolve_shard(environ={}) == (0, 1)
-  assert generate.resolve_shard(4, 3, environ={"JAX_NUM_PROCESSES": "2"}) == (3, 4)
+  assert runner.resolve_shard(environ={}) == (0, 1)
+  assert runner.resolve_shard(4, 3, environ={"JAX_NUM_PROCESSES": "2"}) == (3, 4)
   jax_env = {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1", "SLURM_NTASKS": "8"}
-  assert generate.resolve_shard(environ=jax_env) == (1, 2)
-  assert generate.resolve_shard(environ={"SLURM_NTASKS": "8", "SLURM_PROCID": "5"}) == (5, 8)
+  assert runner.resolve_shard(environ=jax_env) == (1, 2)
+  assert runner.resolve_shard(environ={"SLURM_NTASKS": "8", "SLURM_PROCID": "5"}) == (5, 8)
   with pytest.raises(ConfigError, match="--shard_index=2"):
-    generate.resolve_shard(2, 2, environ={})
+    runner.resolve_shard(2, 2, environ={})
   with pytest.raises(ConfigError, match="both or neither"):
-    generate.resolve_shard(2, None, environ={})
-  chunks = [set(generate.shard_chunks(7, i, 3)) for i in range(3)]
+    runner.resolve_shard(2, None, environ={})
+  chunks = [set(store.shard_chunks(7, i, 3)) for i in range(3)]
   assert set().union(*chunks) == set(range(7)) and sum(map(len, chunks)) == 7
 
 
 def test_seeds_are_a_function_of_seed_caption_and_k():
-  s = generate.image_seed(0, "123", 1)
-  assert s == generate.image_seed(0, "123", 1) and 0 <= s < 2**63
+  s = seeds.image_seed(0, "123", 1)
+  assert s == seeds.image_seed(0, "123", 1) and 0 <= s < 2**63
   assert (
-    len({generate.image_seed(b, c, k) for b in (0, 1) for c in ("1", "01", "x") for k in (0, 1)})
-    == 12
+    len({seeds.image_seed(b, c, k) for b in (0, 1) for c in ("1", "01", "x") for k in (0, 1)}) == 12
   )
-  assert generate.caption_key("123") == 123 and generate.caption_key("0123") != 123
+  assert seeds.caption_key("123") == 123 and seeds.caption_key("0123") != 123
 
 
 def test_config_checks_name_the_key(tmp_path):
-  c = generate.base_config()
+  c = schema.generation_config()
   c.captions = "x.json"
   c.stpes = 3
   with pytest.raises(ConfigError, match=r"config\.stpes: unknown key"):
-    generate.check(c)
-  c = generate.base_config()
+    gen_config.check(c)
+  c = schema.generation_config()
   c.captions = "x.json"
   c.resolution = 100
   with pytest.raises(ConfigError, match=r"config\.resolution"):
-    generate.check(c)
-  c = generate.base_config()
+    gen_config.check(c)
+  c = schema.generation_config()
   c.captions = str(tmp_path / "nope.json")
   with pytest.raises(InputError, match="file not found"):
-    generate.read_captions(c)
+    captions.read_captions(c)
   bad = tmp_path / "bad.csv"
   bad.write_text("caption_id,caption\na/b,hello\n")
   c.captions = str(bad)
   with pytest.raises(InputError, match="not file-name safe"):
-    generate.read_captions(c)
+    captions.read_captions(c)

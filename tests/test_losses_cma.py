@@ -1,11 +1,11 @@
-"""TPC-CMA loss terms (gmail_jax/losses.py, TPC-CMA section) against float64 numpy references."""
+"""TPC-CMA loss terms (objectives/losses.py, TPC-CMA) against float64 numpy references."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gmail_jax import losses
+from gmail_jax.objectives import losses
 
 
 def _norm(a):

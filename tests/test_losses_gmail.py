@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gmail_jax import losses
+from gmail_jax.objectives import losses
 
 
 def _norm(x):

@@ -1,4 +1,4 @@
-"""hf_export.save_pretrained: NNX CLIP -> transformers CLIP directory -> back, bit for bit.
+"""hf_dir.save_pretrained: NNX CLIP -> transformers CLIP directory -> back, bit for bit.
 
 Offline: a random tiny NNX CLIP (16-token context, 32px images in 4px patches, gelu vision and
 quick_gelu text) is exported; convert.load_pretrained must give back the same state and config,
@@ -18,8 +18,9 @@ from conftest import shared_path
 from flax import nnx
 
 from gmail_jax.data import preprocess
+from gmail_jax.export import hf_dir
 from gmail_jax.models import clip as clip_lib
-from gmail_jax.models import convert, hf_export, lora
+from gmail_jax.models import convert, lora
 from gmail_jax.models import tokenizer as tk
 
 CONTEXT = 16
@@ -98,7 +99,7 @@ def _load_hf(out: str):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
   model = _random_model(_config(), seed=0)
-  out = hf_export.save_pretrained(model, str(tmp_path_factory.mktemp("export") / "clip"))
+  out = hf_dir.save_pretrained(model, str(tmp_path_factory.mktemp("export") / "clip"))
   return model, pathlib.Path(out)
 
 
@@ -169,7 +170,7 @@ def test_image_processor_on_coco_photos(exported):
 def test_legacy_eos_pools_at_argmax_in_both(tmp_path):
   # eos_token_id == 2 is HF's legacy marker: pool at argmax(ids), not at the first EOT.
   model = _random_model(_config(text_eos_token_id=2, text_layers=1, vision_layers=1), seed=3)
-  out = hf_export.save_pretrained(model, str(tmp_path / "legacy"))
+  out = hf_dir.save_pretrained(model, str(tmp_path / "legacy"))
   hf_cfg = json.loads((tmp_path / "legacy" / "config.json").read_text())
   assert hf_cfg["text_config"]["eos_token_id"] == 2
   assert convert.load_pretrained(out).config.text.eos_token_id == 2
@@ -190,10 +191,10 @@ def test_lora_refused_until_merged(tmp_path):
       layer.lora_b[...] = jnp.asarray(rng.standard_normal(layer.lora_b.shape), jnp.float32)
   out = tmp_path / "merged"
   with pytest.raises(ValueError, match="merge_lora") as e:
-    hf_export.save_pretrained(model, str(out))
+    hf_dir.save_pretrained(model, str(out))
   assert "\n" not in str(e.value) and not out.exists() and _temp_leftovers(tmp_path) == []
   lora.merge_lora(model)
-  hf_export.save_pretrained(model, str(out))
+  hf_dir.save_pretrained(model, str(out))
   loaded = convert.load_pretrained(str(out))
   _assert_same_state(loaded, model)
   assert not np.array_equal(np.asarray(loaded.vision.blocks[0].attn.q_proj.kernel[...]), base_q)
@@ -205,22 +206,22 @@ def test_existing_out_dir(exported, tmp_path):
   out.mkdir()
   (out / "keep.txt").write_text("mine")
   with pytest.raises(FileExistsError, match="not empty") as e:
-    hf_export.save_pretrained(model, str(out))
+    hf_dir.save_pretrained(model, str(out))
   assert "\n" not in str(e.value) and (out / "keep.txt").read_text() == "mine"
   # overwrite=True replaces it; tokenizer_dir gives the same files as openai-clip's BPE.
   tok_dir = tmp_path / "tok"
   tok_dir.mkdir()
   hf_tiny.write_clip_tokenizer_files(tok_dir)
-  hf_export.save_pretrained(model, str(out), tokenizer_dir=str(tok_dir), overwrite=True)
+  hf_dir.save_pretrained(model, str(out), tokenizer_dir=str(tok_dir), overwrite=True)
   assert not (out / "keep.txt").exists()
   for name in ("vocab.json", "merges.txt", "config.json", "tokenizer_config.json"):
     assert (out / name).read_bytes() == (first / name).read_bytes(), name
   # An existing empty directory is simply filled.
   (tmp_path / "empty").mkdir()
-  hf_export.save_pretrained(model, str(tmp_path / "empty"))
+  hf_dir.save_pretrained(model, str(tmp_path / "empty"))
   assert (tmp_path / "empty" / "model.safetensors").exists()
   assert _temp_leftovers(tmp_path) == []
   # A tokenizer whose EOT is not the model's eos_token_id would pool the wrong token.
   bad = _random_model(_config(text_eos_token_id=49406, text_layers=1, vision_layers=1), seed=4)
   with pytest.raises(ValueError, match="eos_token_id"):
-    hf_export.save_pretrained(bad, str(tmp_path / "bad"))
+    hf_dir.save_pretrained(bad, str(tmp_path / "bad"))

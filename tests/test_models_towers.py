@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 from gmail_jax.data import preprocess
 from gmail_jax.models import clip as clip_lib
-from gmail_jax.models import convert, lora, towers
+from gmail_jax.models import clip_tower, convert, lora, towers
 
 
 def test_clip_tower_provides_everything():
@@ -22,7 +22,7 @@ def test_clip_tower_provides_everything():
   assert cfg == clip_lib.clip_config("B/32", vision_layers=2)
   model = tower.make(tower.arch_config("mu"), rngs=nnx.Rngs(0), residual_loops=False)
   assert isinstance(model, clip_lib.CLIP) and model.residual_loops is False
-  assert tower.load_pretrained is convert.load_pretrained
+  assert tower.load_pretrained is clip_tower.load_pretrained
   assert tower.preprocess.mean == preprocess.CLIP_MEAN
   assert tower.preprocess.std == preprocess.CLIP_STD
   assert tower.preprocess.resize == "shortest_edge_crop"

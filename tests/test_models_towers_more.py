@@ -227,7 +227,7 @@ def test_unknown_layout_names_first_unmapped_key(openai_files, tmp_path):
 def _tiny_train(workdir, **overrides):
   from config_helpers import load_config
 
-  from gmail_jax import train
+  from gmail_jax.training import train
 
   config = load_config("tiny")
   config.total_steps, config.checkpoint_every_steps, config.log_every_steps = 4, 2, 2
@@ -239,7 +239,7 @@ def _tiny_train(workdir, **overrides):
 
 
 def _assert_trained_and_resumed(workdir, first: int, last: int, run):
-  from gmail_jax import checkpointing
+  from gmail_jax.training import checkpointing
 
   run(total_steps=first)
   assert checkpointing.saved_steps(str(workdir))[-1] == first
@@ -504,7 +504,7 @@ def test_siglip_tower_registered():
 
 
 def test_sigmoid_loss_matches_transformers(siglip_dir):
-  from gmail_jax import losses
+  from gmail_jax.objectives import losses
 
   hf, _ = siglip_dir
   rng = np.random.default_rng(0)
@@ -574,7 +574,8 @@ def test_siglip_run_exports_to_transformers(siglip_dir, spiece, tmp_path):
   """A trained SigLIP run exported with --format=hf loads as transformers' SiglipModel (and its
   tokenizer / image processor) and embeds like load_student; --format=peft over the teacher too."""
   transformers = pytest.importorskip("transformers")
-  from gmail_jax import export
+  from gmail_jax.export import exporter as export
+  from gmail_jax.export import peft_adapter
 
   hf, path = siglip_dir
   workdir = tmp_path / "run"
@@ -619,7 +620,7 @@ def test_siglip_run_exports_to_transformers(siglip_dir, spiece, tmp_path):
   peft = pytest.importorskip("peft")
   adapter = tmp_path / "peft"
   export.export(workdir, adapter, format="peft")
-  cfg = json.loads((adapter / export.PEFT_CONFIG).read_text())
+  cfg = json.loads((adapter / peft_adapter.PEFT_CONFIG).read_text())
   assert cfg["base_model_name_or_path"] == str(path)
   assert all(
     t.startswith(("vision_model.encoder.", "text_model.encoder.")) for t in cfg["target_modules"]
@@ -633,7 +634,7 @@ def test_siglip_run_exports_to_transformers(siglip_dir, spiece, tmp_path):
 
 def test_siglip_training_evals_use_the_towers_preprocessing(siglip_dir, tmp_path, monkeypatch):
   """Training-time evals of a SigLIP run embed with SigLIP's mean/std and squash resize."""
-  from gmail_jax import encoders
+  from gmail_jax.training import encoders
 
   _, path = siglip_dir
   seen = []

@@ -15,8 +15,9 @@ import PIL.Image
 import pytest
 from config_helpers import load_config
 
-from gmail_jax import metrics, schema, train
+from gmail_jax import schema
 from gmail_jax.errors import ConfigError
+from gmail_jax.training import metrics, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "launch" / "colab_restore.ipynb"

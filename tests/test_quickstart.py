@@ -27,7 +27,7 @@ def smoke_env(cache_dir: pathlib.Path) -> dict:
 
 
 def report_fields():
-  from gmail_jax.report import STAGE_FIELDS
+  from gmail_jax.experiments.report import STAGE_FIELDS
 
   return STAGE_FIELDS
 
@@ -75,7 +75,7 @@ def test_split_is_stratified_and_disjoint():
 def test_group_clip_loss_reduces_to_clip_loss_and_handles_shared_groups():
   import jax.numpy as jnp
 
-  from gmail_jax.contrastive import group_clip_loss
+  from gmail_jax.training.contrastive import group_clip_loss
 
   rng = np.random.default_rng(0)
   img, txt = rng.normal(size=(5, 8)), rng.normal(size=(5, 8))
@@ -102,7 +102,7 @@ def test_group_clip_loss_reduces_to_clip_loss_and_handles_shared_groups():
 
 
 def test_aggregate_mean_and_sample_std():
-  from gmail_jax import report
+  from gmail_jax.experiments import report
 
   agg = report.aggregate([{"after": {"x": 1.0}, "seed": 0}, {"after": {"x": 3.0}, "seed": 1}])
   assert agg["after"]["x"]["mean"] == 2.0

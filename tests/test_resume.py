@@ -11,10 +11,11 @@ import pytest
 from config_helpers import load_config
 from flax import nnx
 
-from gmail_jax import api, checkpointing, train
+from gmail_jax import api
 from gmail_jax.errors import ResumeError
+from gmail_jax.export import hf_dir
 from gmail_jax.models import clip as clip_lib
-from gmail_jax.models import hf_export
+from gmail_jax.training import checkpointing, train
 
 STEPS = 6
 
@@ -101,7 +102,7 @@ def test_every_checkpoint_corrupt_is_one_line_naming_the_directory(tmp_path):
 def test_perturbed_teacher_in_the_init_directory_is_refused(tmp_path):
   teacher_dir = tmp_path / "teacher"
   model = clip_lib.CLIP(clip_lib.clip_config("mu"), rngs=nnx.Rngs(0))
-  hf_export.save_pretrained(model, str(teacher_dir))
+  hf_dir.save_pretrained(model, str(teacher_dir))
   workdir = tmp_path / "run"
   train.train_and_evaluate(config(total_steps=2, init=str(teacher_dir)), str(workdir))
   # 1 % noise on every weight: a float checksum with a tolerance would accept this teacher.
@@ -111,7 +112,7 @@ def test_perturbed_teacher_in_the_init_directory_is_refused(tmp_path):
     lambda w: w * (1 + 0.01 * rng.standard_normal(w.shape)).astype(w.dtype), state
   )
   nnx.update(model, noisy)
-  hf_export.save_pretrained(model, str(teacher_dir), overwrite=True)
+  hf_dir.save_pretrained(model, str(teacher_dir), overwrite=True)
   with pytest.raises(ResumeError, match=r"the teacher differs") as e:
     train.train_and_evaluate(config(total_steps=4, init=str(teacher_dir)), str(workdir))
   assert str(teacher_dir) in str(e.value)

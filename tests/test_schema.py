@@ -8,8 +8,9 @@ import ml_collections
 import pytest
 from config_helpers import load_config
 
-from gmail_jax import experiment, schema
+from gmail_jax import schema
 from gmail_jax.errors import ConfigError
+from gmail_jax.experiments import driver
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GROUPS = [k for k, v in schema.base_config().items() if isinstance(v, ml_collections.ConfigDict)]
@@ -22,7 +23,7 @@ def test_unknown_key_in_any_group_is_refused_before_building(group, tmp_path):
   node.typo_key = 1  # what a config file does (ConfigDicts accept new attributes)
   name = f"config.{group}.typo_key" if group else "config.typo_key"
   with pytest.raises(ConfigError, match=rf"^{name}: unknown key"):
-    experiment.run(config, tmp_path)
+    driver.run(config, tmp_path)
   assert not any(tmp_path.iterdir())  # nothing written, nothing compiled
 
 
@@ -35,18 +36,18 @@ def test_free_form_groups_are_checked_by_their_owner(tmp_path):
   config = load_config("tiny")
   config.model.overrides = ml_collections.ConfigDict({"vision_depth": 2})
   with pytest.raises(ValueError, match="bad override"):
-    experiment.run(config, tmp_path)
+    driver.run(config, tmp_path)
   config = load_config("tiny")
   config.evals.bad = ml_collections.ConfigDict({"type": "gap", "pairz": "gen_real"})
   with pytest.raises(ValueError, match=r"config\.evals\.bad: unknown keys \['pairz'\]"):
-    experiment.run(config, tmp_path)
+    driver.run(config, tmp_path)
 
 
 def test_unknown_stage_and_missing_group():
   config = load_config("tiny")
   config.stages = ("align", "caption_me")
   with pytest.raises(ConfigError, match=r"config\.stages: unknown stage 'caption_me'"):
-    schema.validate(config)
+    driver.check(config)
   config = load_config("tiny")
   del config["teacher_cache"]
   with pytest.raises(ConfigError, match=r"config\.teacher_cache: missing"):
@@ -75,9 +76,9 @@ def test_config_file_typo_is_one_line_from_the_command_line(tmp_path):
 
 def test_trainer_imports_no_stage_around_it():
   code = (
-    "import sys, gmail_jax.train\n"
-    "bad = [m for m in sys.modules if m.startswith(('gmail_jax.stages', 'gmail_jax.report',"
-    " 'gmail_jax.contrastive', 'gmail_jax.experiment'))]\n"
+    "import sys, gmail_jax.training.train\n"
+    "bad = [m for m in sys.modules if m.startswith(('gmail_jax.experiments',"
+    " 'gmail_jax.training.contrastive'))]\n"
     "assert not bad, bad\n"
   )
   subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env={"JAX_PLATFORMS": "cpu"})

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from gmail_jax import losses, objectives, sweep, train
+from gmail_jax import objectives
 from gmail_jax import run as run_lib
 from gmail_jax.evaluators import regression
+from gmail_jax.experiments import sweep
+from gmail_jax.objectives import losses
+from gmail_jax.training import train
 
 
 def _lstsq_r2(g, t):

@@ -11,7 +11,7 @@ from config_helpers import load_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gmail_jax import build, fingerprint, sharding, teacher_cache, train
+from gmail_jax.training import build, fingerprint, sharding, teacher_cache, train
 
 
 def tiny_config(**overrides):

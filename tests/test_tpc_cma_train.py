@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from gmail_jax import schema, train
+from gmail_jax import schema
+from gmail_jax.training import train
 
 STEPS = 8
 ANCHOR, RAMP = 0.25, 0.25  # Anchor: updates 0-1, Ramp: 2-3, Stabilize: 4-7

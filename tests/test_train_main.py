@@ -17,8 +17,9 @@ import portpicker
 import pytest
 from config_helpers import load_config
 
-from gmail_jax import checkpointing, objectives, train
+from gmail_jax import objectives
 from gmail_jax.objectives.gmail import GMAIL
+from gmail_jax.training import checkpointing, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 8

@@ -6,7 +6,8 @@ import numpy as np
 from config_helpers import load_config
 from flax import nnx
 
-from gmail_jax import build, objectives, sharding, train_step
+from gmail_jax import objectives
+from gmail_jax.training import build, sharding, train_step
 
 
 def tiny_config(**loss):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
-from gmail_jax import generate
+from gmail_jax import schema
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     real_images="/data/coco/images",
     split="train,restval",
   )
-  c = generate.base_config()
+  c = schema.generation_config()
   c.captions = a.captions
   c.real_images = a.real_images
   c.split = a.split  # Karpathy JSON only (a COCO captions file is one split already)

@@ -19,14 +19,14 @@ import pathlib
 
 import ml_collections
 
-from gmail_jax import generate
+from gmail_jax import schema
 
 SHARED = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
-  c = generate.base_config()
+  c = schema.generation_config()
   c.captions = str(SHARED / "coco-captions-val2017" / "captions_val2017.json")
   c.real_images = str(SHARED / "coco-mini" / "val2017")
   c.only_with_real = True

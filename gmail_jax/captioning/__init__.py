@@ -1,1 +1,3 @@
-"""Image captioning from CLIP features: ClipCap and DeCap on a GPT-2 decoder."""
+"""Image captioning from CLIP features: GPT-2 (NNX), ClipCap and DeCap, their caption sets and
+the captioning evaluator. May import training (fit), evaluators, models, data; never experiments.
+"""

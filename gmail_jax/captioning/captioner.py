@@ -23,9 +23,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gmail_jax import fit as fit_lib
 from gmail_jax.captioning import gpt2
 from gmail_jax.captioning.mappers import make_mapper
+from gmail_jax.training import fit as fit_lib
 
 
 class Captioner(nnx.Module):

@@ -178,12 +178,6 @@ def _process(process_index, process_count) -> tuple[int, int]:
   return int(process_index), int(process_count)
 
 
-def _resize_mode(config) -> preprocess.ResizeMode:
-  from gmail_jax.models import towers  # lazily: other pipeline users need not import jax
-
-  return towers.resize_mode(config)
-
-
 def make_dataset(
   config,
   *,
@@ -198,11 +192,14 @@ def make_dataset(
   drop_remainder: bool = True,
   keep_index: bool = False,
   keep_caption: bool = False,
+  resize: preprocess.ResizeMode = "shortest_edge_crop",
 ) -> grain.IterDataset:
   """The per-process batched ``grain.IterDataset`` (see module docstring).
 
   ``batch_size`` is per process; default ``config.batch_size // process_count``. ``num_epochs=None``
   repeats forever. ``keep_index`` adds ``slot``/``epoch`` (tests), ``keep_caption`` the strings.
+  ``resize``: how real images become ``image_size`` crops, as the model's image processor does
+  (``models.towers.resize_mode(config)``; CLIP's by default).
   """
   data = config.data
   validate(data)
@@ -225,7 +222,7 @@ def make_dataset(
     augment=data.augment_generated,
     augment_scale=tuple(data.get("augment_scale", (0.5, 1.0))),
     keep_index=keep_index,
-    resize=_resize_mode(config),
+    resize=resize,
     draft_decode=bool(data.get("draft_decode", False)),
   )
   ds = grain.MapDataset.source(order)[pi::pc].map(load)  # None = rejected; skipped below

@@ -45,7 +45,7 @@ REGISTRY: dict[str, str] = {
   "gap": "gmail_jax.evaluators.gap:GapEvaluator",
   "clustering": "gmail_jax.evaluators.clustering:ClusteringEvaluator",
   "probe": "gmail_jax.evaluators.probe:ProbeEvaluator",
-  "captioning": "gmail_jax.evaluators.captioning:CaptioningEvaluator",
+  "captioning": "gmail_jax.captioning.evaluator:CaptioningEvaluator",
 }
 
 # ---------------------------------------------------------------------------------------------

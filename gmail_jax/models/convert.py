@@ -308,15 +308,11 @@ def resolve_source(src: str) -> str:
 def load_pretrained(
   src: str, *, dtype=None, remat: bool = False, residual_loops: bool | None = None
 ) -> CLIP:
-  """A :class:`CLIP` from a HF CLIP directory (model.safetensors / pytorch_model.bin) or hub id,
-  or an OpenAI / OpenCLIP checkpoint file or OpenCLIP directory (models/openai_ckpt.py).
+  """A :class:`CLIP` from a HF CLIP directory (model.safetensors / pytorch_model.bin) or hub id
+  (OpenAI / OpenCLIP files: models/openai_ckpt.py; the CLIP tower takes either).
 
   ``dtype``, ``remat``, ``residual_loops``: as in :class:`CLIP` (None = the backend default).
   """
-  from gmail_jax.models import openai_ckpt  # imports this module
-
-  if openai_ckpt.is_openai_source(os.fspath(src)):
-    return openai_ckpt.load_pretrained(src, dtype=dtype, remat=remat, residual_loops=residual_loops)
   ckpt_dir = resolve_source(os.fspath(src))
   config = clip_config_from_hf(read_hf_config(ckpt_dir))
   files = _weight_files(ckpt_dir)

@@ -5,7 +5,8 @@
     objectives.trained_temperature(config, params, teacher_scale)   # the τ a run trained with
 
 A new loss is a module with an ``Objective`` subclass named ``OBJECTIVE`` and one line in
-``REGISTRY`` (or ``register(name, cls)`` at run time, e.g. in a test).
+``REGISTRY`` (or ``register(name, cls)`` at run time, e.g. in a test). Pure jnp math lives beside
+them (losses.py, curriculum.py). May import errors only.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gmail_jax import losses
 from gmail_jax.errors import ConfigError
+from gmail_jax.objectives import losses
 from gmail_jax.objectives.base import Objective, Targets, temperature_of
 
 TEXT_LOSSES = ("softmax", "sigmoid")

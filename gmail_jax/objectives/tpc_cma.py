@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gmail_jax import curriculum, losses
 from gmail_jax.errors import ConfigError
+from gmail_jax.objectives import curriculum, losses
 from gmail_jax.objectives.base import Objective, Targets, temperature_of
 
 PAIRS = ("gen_real", "image_text")

@@ -2,7 +2,7 @@
 evaluator (the same code ``gmail_jax.evaluate`` runs).
 
 Inputs: the align stage's run in WORKDIR (``run.load_run``) and the 'splits' stage's ``train`` /
-``test`` views. Writes WORKDIR/report.json (layout: gmail_jax/report.py), report.md, tsne.png and
+``test`` views. Writes WORKDIR/report.json (layout: experiments/report.py), report.md, tsne.png and
 curves.png. The "fine-tune on generated as if real" baseline (GMAIL Table 9 'Synthetic') trains
 a LoRA copy of the teacher with the CLIP loss on generated image-caption pairs, with GMAIL's own
 LoRA targets, rank, alpha, steps, batch and learning rate; both record ``trainable_params`` and
@@ -18,11 +18,12 @@ from typing import Any
 
 import ml_collections
 
-from gmail_jax import build, encoders, report
 from gmail_jax import run as run_lib
-from gmail_jax.baselines import synthetic_finetune
 from gmail_jax.evaluators import gap, plots, probe, zeroshot
+from gmail_jax.experiments import report
+from gmail_jax.experiments.baselines import synthetic_finetune
 from gmail_jax.models import lora as lora_lib
+from gmail_jax.training import build, encoders
 
 KEYS = None  # the whole config
 ON_CHANGE = "rerun"  # cheap and deterministic: measured again

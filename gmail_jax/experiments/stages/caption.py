@@ -1,5 +1,5 @@
 """Stage 'caption': train a captioner (ClipCap or DeCap) on an encoder's embeddings, caption real
-test images, score them (``evaluators/captioning.py``; settings in ``config.caption``).
+test images, score them (``captioning/evaluator.py``; settings in ``config.caption``).
 
 ``config.caption.views`` picks the encoders, each measured with a fresh captioner of the same
 settings and seed:
@@ -30,12 +30,13 @@ import jax
 import ml_collections
 from absl import logging
 
-from gmail_jax import baselines, build, encoders
 from gmail_jax import run as run_lib
-from gmail_jax import sharding as shd
+from gmail_jax.captioning.evaluator import CaptioningEvaluator, write_results
 from gmail_jax.data import eval_sets
 from gmail_jax.errors import ConfigError
-from gmail_jax.evaluators import captioning
+from gmail_jax.experiments import baselines
+from gmail_jax.training import build, encoders
+from gmail_jax.training import sharding as shd
 
 KEYS = None  # the whole config
 ON_CHANGE = "rerun"  # deterministic: trained and measured again
@@ -95,9 +96,7 @@ def _encoders(
   return {v: (out[v], f"{run_key}:{v}") for v in views}
 
 
-def evaluator(
-  config: ml_collections.ConfigDict, inputs: dict[str, Any]
-) -> captioning.CaptioningEvaluator:
+def evaluator(config: ml_collections.ConfigDict, inputs: dict[str, Any]) -> CaptioningEvaluator:
   """The evaluator of ``config.caption``; an empty class-folder root means the splits stage's."""
   cc = config.caption.to_dict()
   for role, split, sub in (("train", "train", "generated"), ("test", "test", "real")):
@@ -108,7 +107,7 @@ def evaluator(
       spec["path"] = config.data.manifest
     cc[role] = spec
   real = cc.get("real") or None
-  return captioning.CaptioningEvaluator(
+  return CaptioningEvaluator(
     "captioning",
     method=cc["method"],
     train=cc["train"],
@@ -144,5 +143,5 @@ def run(
       {k: round(v, 4) for k, v in results[view].metrics.items()},
       time.time() - t0,
     )
-  paths = captioning.write_results(workdir / OUT, results)
+  paths = write_results(workdir / OUT, results)
   return {"captions": paths["captions"], "captioning": paths["metrics"]}

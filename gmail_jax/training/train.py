@@ -4,7 +4,7 @@
 config checks → mesh → model (teacher, student) → data → restore → update step → evals → train
 loop. Outputs under WORKDIR: config.json, metrics.jsonl, tb/, checkpoints/ (Orbax: trainable state
 + optimizer + step + data-iterator state), rejects.jsonl. It is the 'align' stage of an experiment
-(gmail_jax/experiment.py); it knows nothing of the stages around it.
+(gmail_jax/experiments/driver.py); it knows nothing of the stages around it.
 
 Init order (see checkpointing.py): 1. resume from WORKDIR/checkpoints, 2. frozen weights from
 ``config.init``, 3. random init from ``config.model`` and ``config.seed`` (build.py).
@@ -20,12 +20,13 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from gmail_jax import build, checkpointing, encoders, objectives, schema
-from gmail_jax import metrics as metrics_lib
-from gmail_jax import sharding as shd
+from gmail_jax import objectives, schema
 from gmail_jax.errors import ConfigError, ResumeError
 from gmail_jax.models import lora as lora_lib
 from gmail_jax.models import towers
+from gmail_jax.training import build, checkpointing, encoders, optim
+from gmail_jax.training import metrics as metrics_lib
+from gmail_jax.training import sharding as shd
 
 jax.config.update("jax_threefry_partitionable", True)
 
@@ -35,20 +36,28 @@ def write_note(msg: str) -> None:
     logging.info("NOTE: %s", msg)
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+  """Every check of the training config that can fail before anything is built (one line)."""
+  schema.validate(config)
+  if int(config.optim.accum_steps) < 1:
+    raise ConfigError(f"config.optim.accum_steps: must be >= 1, got {config.optim.accum_steps}")
+  optim.make_schedule(config.optim, config.total_steps)  # validates the schedule's keys
+  if config.teacher_cache.enabled and not objectives.make(config).needs_real:
+    raise ConfigError(
+      f"config.teacher_cache.enabled: loss.mode={config.loss.mode!r} with these pairs never uses"
+      " teacher image embeddings; disable the cache"
+    )
+  if config.wandb.enabled and importlib.util.find_spec("wandb") is None:
+    raise ConfigError(f"config.wandb.enabled: pip install {metrics_lib.WANDB_PIN} (or [wandb])")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the GMAIL student; returns the last logged metrics."""
   workdir = os.path.abspath(workdir)
 
   # ---------------------------------------------------------------------------- config checks
-  schema.validate(config)
+  check(config)
   objective = objectives.make(config)
-  if config.teacher_cache.enabled and not objective.needs_real:
-    raise ConfigError(
-      f"config.teacher_cache.enabled: loss.mode={config.loss.mode!r} with these pairs never uses"
-      " teacher image embeddings; disable the cache"
-    )
-  if config.wandb.enabled and importlib.util.find_spec("wandb") is None:  # before building
-    raise ConfigError(f"config.wandb.enabled: pip install {metrics_lib.WANDB_PIN} (or [wandb])")
   # A resume may not change what the saved state means: compared before anything is written.
   resumed_from, allowed = None, {}
   saved_steps = checkpointing.saved_steps(workdir)
@@ -88,7 +97,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f" params; trainable {lora_lib.count_params(state['params']):,}"
     )
     tokenizer = build.tokenizer(config, built["text_context"])
-    data_iter = pipeline.make_train_iterator(config, tokenizer=tokenizer, workdir=workdir)
+    data_iter = pipeline.make_train_iterator(
+      config, tokenizer=tokenizer, workdir=workdir, resize=towers.resize_mode(config)
+    )
 
     # -------------------------------------------------------------------------------- restore
     ckpt = checkpointing.Checkpointer(
@@ -113,7 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step_fn = build.make_step(config, built, mesh, objective)
 
     # ------------------------------------------------------- teacher-embedding cache (optional)
-    from gmail_jax import teacher_cache
+    from gmail_jax.training import teacher_cache
 
     cache = teacher_cache.from_config(
       config,

@@ -1,4 +1,4 @@
-"""Stage 'align': GMAIL / TPC-CMA training of the LoRA student (gmail_jax/train.py) in WORKDIR.
+"""Stage 'align': GMAIL / TPC-CMA training of the LoRA student (training/train.py) in WORKDIR.
 
 Earlier stages' outputs become this stage's config: a pretrained teacher directory
 (``model_dir``) is its ``config.init``, a train split (``train``) its ``config.data.root``. The
@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from gmail_jax import checkpointing, train
+from gmail_jax.training import checkpointing, train
 
 KEYS = None  # the whole config
 ON_CHANGE = "rerun"  # the trainer resumes (and refuses what it cannot honour)
@@ -40,6 +40,10 @@ def complete(workdir: pathlib.Path, outputs: dict[str, Any]) -> bool:
     return ckpt.latest_step() == outputs["step"]
   finally:
     ckpt.close()
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  train.check(config)
 
 
 def run(

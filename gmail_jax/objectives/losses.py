@@ -208,7 +208,7 @@ def gmail_loss(
 # TPC-CMA: centroid and distribution alignment terms.
 # ---------------------------------------------------------------------------------------------
 # Reconstruction (papers.md §B.3): L_CMA = L_C + λ_D·L_D on L2-normalised paired embeddings of one
-# (global) batch; the training mode is L = L_InfoNCE + α(t)·L_CMA (gmail_jax/curriculum.py).
+# (global) batch; the training mode is L = L_InfoNCE + α(t)·L_CMA (curriculum.py).
 
 DISTRIBUTION_KINDS = ("gram", "residual")
 

@@ -29,11 +29,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gmail_jax import sharding as shd
 from gmail_jax.data import preprocess as pp
 from gmail_jax.evaluators import common
 from gmail_jax.models.clip import l2_normalize
 from gmail_jax.models.tokenizer import Tokenizer
+from gmail_jax.training import sharding as shd
 
 VIEWS = ("teacher", "student", "student_all")
 

@@ -22,12 +22,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gmail_jax import fingerprint, objectives, optim, train_step
-from gmail_jax import sharding as shd
+from gmail_jax import objectives
 from gmail_jax.errors import ConfigError
 from gmail_jax.models import lora as lora_lib
 from gmail_jax.models import towers
 from gmail_jax.models.tokenizer import Tokenizer
+from gmail_jax.training import fingerprint, optim, train_step
+from gmail_jax.training import sharding as shd
 
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}  # None = float32 compute
 

@@ -23,7 +23,7 @@ train step then skips the teacher forward (train_step.make_train_step). Process 
 (the data dir is assumed shared by all processes); the others keep copy-on-write views and fill
 them from the same all-gathered rows, so every process holds the same cache.
 
-Key: the teacher's exact weights fingerprint (gmail_jax/fingerprint.py, the identity checkpoints
+Key: the teacher's exact weights fingerprint (training/fingerprint.py, the identity checkpoints
 use too) with its architecture, dtype and crop size; the data description includes what the ids
 mean (the source's ordered real-image keys), so a reordered manifest is never reused silently.
 """
@@ -41,8 +41,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gmail_jax import fingerprint
 from gmail_jax.errors import UserError
+from gmail_jax.models import towers
+from gmail_jax.training import fingerprint
 
 META = "meta.json"
 EMB = "embeddings.npy"
@@ -277,8 +278,8 @@ def make_teacher_embed(
   vision tower), jitted with the batch sharded over the mesh; rows are all-gathered so every
   process can fill its cache with the global batch.
   """
-  from gmail_jax import train_step
   from gmail_jax.data import pipeline, preprocess
+  from gmail_jax.training import train_step
 
   mean = preprocess.CLIP_MEAN if mean is None else mean
   std = preprocess.CLIP_STD if std is None else std
@@ -343,7 +344,12 @@ def precompute(
 
   b = int(batch_size or config.batch_size // jax.process_count())
   it = pipeline.make_eval_iterator(
-    config, tokenizer=None, workdir=workdir, batch_size=b, keep_caption=False
+    config,
+    tokenizer=None,
+    workdir=workdir,
+    batch_size=b,
+    keep_caption=False,
+    resize=towers.resize_mode(config),
   )
   written = 0
   try:
@@ -402,7 +408,6 @@ def from_config(
     dim=int(model_config.embed_dim),
     rebuild=bool(tc.rebuild),
   )
-  from gmail_jax.models import towers
 
   spec = towers.get(config.model.name).preprocess
   embed = make_teacher_embed(models, frozen, mesh, mean=spec.mean, std=spec.std)

@@ -33,9 +33,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gmail_jax import objectives
-from gmail_jax import sharding as shd
 from gmail_jax.data import preprocess
 from gmail_jax.models import towers
+from gmail_jax.training import sharding as shd
 
 
 @dataclasses.dataclass(frozen=True)

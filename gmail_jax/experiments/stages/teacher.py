@@ -3,11 +3,11 @@
 The small-scale reproductions need a "CLIP pretrained on real images" (GMAIL's f_r) that exists
 offline in seconds, so we train one: the tower of ``config.model`` (variant + overrides, at
 ``data.image_size``) on real images with class-template captions, all parameters trained, with
-CLIP's contrastive loss (gmail_jax/contrastive.py). Deterministic in ``config.seed``: init, batch
+CLIP's contrastive loss (training/contrastive.py). Deterministic in ``config.seed``: init, batch
 order, caption templates.
 
 Output: WORKDIR/teacher/model/ — a transformers CLIP directory (config.json, model.safetensors,
-tokenizer and preprocessor files; models/hf_export.py) that the align stage loads as its
+tokenizer and preprocessor files; export/hf_dir.py) that the align stage loads as its
 ``config.init`` — and WORKDIR/teacher/{metrics.jsonl, info.json}.
 """
 
@@ -26,11 +26,12 @@ import numpy as np
 import PIL.Image
 from flax import nnx
 
-from gmail_jax import contrastive
 from gmail_jax.data import preprocess
 from gmail_jax.errors import ConfigError, InputError
-from gmail_jax.models import hf_export, towers
+from gmail_jax.export import hf_dir
+from gmail_jax.models import towers
 from gmail_jax.models.tokenizer import Tokenizer
+from gmail_jax.training import contrastive
 
 KEYS = (
   "seed",
@@ -247,7 +248,7 @@ def run(
     )
   if model_dir(workdir).exists():  # an interrupted earlier attempt
     shutil.rmtree(model_dir(workdir))
-  hf_export.save_pretrained(model, str(model_dir(workdir)))
+  hf_dir.save_pretrained(model, str(model_dir(workdir)))
   info = {
     "images": len(images),
     "classes": names,

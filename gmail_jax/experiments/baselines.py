@@ -13,9 +13,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gmail_jax import build, contrastive
 from gmail_jax.models import lora as lora_lib
 from gmail_jax.models.tokenizer import Tokenizer
+from gmail_jax.training import build, contrastive
 
 
 def synthetic_finetune(

@@ -1,7 +1,7 @@
-r"""Export a run: ``python -m gmail_jax.export --workdir=DIR --format=hf|peft --out=OUT``.
+"""Export a run (``python -m gmail_jax.export --workdir=DIR --format=hf|peft --out=OUT``).
 
   --format=hf     OUT is a transformers directory of the run's tower (config.model.name): CLIP
-                  (``hf_export.save_pretrained``) or SigLIP (``save_siglip_pretrained``): the
+                  (``hf_dir.save_pretrained``) or SigLIP (``save_siglip_pretrained``): the
                   student with LoRA (and a trained vision projection) merged, or the frozen
                   teacher with ``--which=teacher``; both towers, tokenizer and preprocessor config
                   included. ``transformers.CLIPModel`` / ``SiglipModel.from_pretrained(OUT)``
@@ -21,7 +21,6 @@ r"""Export a run: ``python -m gmail_jax.export --workdir=DIR --format=hf|peft --
 
 ``--step`` picks a checkpoint (default: the latest). A non-empty OUT is refused unless ``--force``,
 which replaces it; OUT appears atomically (built in a sibling temp directory, then renamed).
-Errors from bad input end the run with one line (``GMAIL_TRACEBACK=1`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -30,25 +29,21 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from flax import nnx
 
-from gmail_jax import checkpointing, cli
 from gmail_jax import run as run_lib
-from gmail_jax import sharding as shd
 from gmail_jax.errors import ConfigError, InputError
-from gmail_jax.models import convert, hf_export
+from gmail_jax.export import hf_dir, peft_adapter
+from gmail_jax.models import convert
+from gmail_jax.training import checkpointing
+from gmail_jax.training import sharding as shd
 
 FORMATS = ("hf", "peft")
 WHICH = ("student", "teacher")
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
 BASE_DIR = "base"
 
 
@@ -85,10 +80,8 @@ def _save_model(run: run_lib.Run, model: nnx.Module, out: str, *, overwrite: boo
   """``model`` as a transformers directory of the run's tower (CLIPModel or SiglipModel)."""
   if run.config.model.name == "siglip":
     # The run's SiglipTokenizer read config.init's spiece.model; the export ships that file.
-    return hf_export.save_siglip_pretrained(
-      model, out, spiece=run.tokenizer.path, overwrite=overwrite
-    )
-  return hf_export.save_pretrained(
+    return hf_dir.save_siglip_pretrained(model, out, spiece=run.tokenizer.path, overwrite=overwrite)
+  return hf_dir.save_pretrained(
     model, out, tokenizer_dir=tokenizer_dir(run.config), overwrite=overwrite
   )
 
@@ -117,69 +110,6 @@ def base_model_name(config: ml_collections.ConfigDict) -> str | None:
   if not config.init:
     return None
   return os.path.abspath(config.init) if os.path.isdir(config.init) else config.init
-
-
-def peft_tensors(
-  params: dict[str, Any], key_fn=convert.hf_key
-) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
-  """(tensors, target_modules, modules_to_save) of a PEFT adapter for the trainable ``params``.
-
-  Module names come from ``key_fn`` (the tower's ``hf_key``) of each adapted Dense's kernel, so
-  they follow the same NNX -> HF mapping as the full export. PEFT names a ``modules_to_save`` copy
-  by the original parameter key (it strips ``modules_to_save.default`` when saving and restores it
-  on load).
-  """
-  tensors: dict[str, np.ndarray] = {}
-  targets: list[str] = []
-  for path, var in nnx.to_flat_state(params["lora"]):
-    *module, name = (str(p) for p in path)
-    key, _ = key_fn((*module, "kernel"))
-    target = key.removesuffix(".weight")
-    if ".head.attention." in key:
-      # SigLIP's MAP head is torch's MultiheadAttention (q/k/v stacked in in_proj): no Linears.
-      raise ConfigError(f"--format=peft: {target} is not a module PEFT can adapt; use --format=hf")
-    if target not in targets:
-      targets.append(target)
-    value = np.asarray(jax.device_get(var[...]), np.float32)
-    # Ours: x @ A @ B with A [in, r], B [r, out]; torch Linear weights are [out, in].
-    kind = {"lora_a": "lora_A", "lora_b": "lora_B"}[name]
-    tensors[f"{PEFT_PREFIX}{target}.{kind}.weight"] = value.T.copy(order="C")
-  to_save: list[str] = []
-  if "proj" in params:
-    for path, var in nnx.to_flat_state(params["proj"]):
-      key, fn = key_fn(path)
-      value = np.asarray(jax.device_get(var[...]), np.float32)
-      tensors[PEFT_PREFIX + key] = convert.to_hf_layout(fn, value).copy(order="C")
-      module = key.rsplit(".", 1)[0]
-      if module not in to_save:
-        to_save.append(module)
-  return tensors, targets, to_save
-
-
-def adapter_config(
-  config: ml_collections.ConfigDict,
-  base: str | None,
-  targets: list[str],
-  modules_to_save: list[str],
-) -> dict[str, Any]:
-  """``adapter_config.json`` (peft.LoraConfig); keys it omits take PEFT's defaults."""
-  return {
-    "peft_type": "LORA",
-    "task_type": None,
-    "base_model_name_or_path": base,
-    "r": int(config.lora.rank),
-    # PEFT scales by lora_alpha / r (no rslora): the same alpha gives our scale alpha / rank.
-    "lora_alpha": float(config.lora.alpha),
-    "lora_dropout": float(config.lora.dropout),
-    "target_modules": targets,
-    "modules_to_save": modules_to_save or None,
-    "bias": "none",
-    "fan_in_fan_out": False,
-    "use_rslora": False,
-    "use_dora": False,
-    "init_lora_weights": True,
-    "inference_mode": True,
-  }
 
 
 def _check_out(out: str, workdir: str, force: bool) -> None:
@@ -214,7 +144,7 @@ def _save_peft(run: run_lib.Run, out: str) -> str:
   from safetensors.numpy import save_file
 
   params = run.state["params"]
-  tensors, targets, to_save = peft_tensors(params, hf_key_fn(run.config))
+  tensors, targets, to_save = peft_adapter.peft_tensors(params, hf_key_fn(run.config))
   rank = int(run.config.lora.rank)
   for name, t in tensors.items():
     if name.endswith(".lora_A.weight") and t.shape[0] != rank:
@@ -227,48 +157,13 @@ def _save_peft(run: run_lib.Run, out: str) -> str:
     if base is None:  # a random teacher exists only in the run: ship it with the adapter
       _save_model(run, run.teacher, os.path.join(tmp, BASE_DIR))
       base = os.path.join(out, BASE_DIR)
-    cfg = adapter_config(run.config, base, targets, to_save)
-    with open(os.path.join(tmp, PEFT_CONFIG), "w", encoding="utf-8") as f:
+    cfg = peft_adapter.adapter_config(run.config, base, targets, to_save)
+    with open(os.path.join(tmp, peft_adapter.PEFT_CONFIG), "w", encoding="utf-8") as f:
       json.dump(cfg, f, indent=2)
     # transformers / PEFT refuse safetensors files without format metadata.
-    save_file(tensors, os.path.join(tmp, PEFT_WEIGHTS), metadata={"format": "pt"})
-    hf_export._replace_dir(tmp, out, parent, name)
+    save_file(tensors, os.path.join(tmp, peft_adapter.PEFT_WEIGHTS), metadata={"format": "pt"})
+    hf_dir._replace_dir(tmp, out, parent, name)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return out
-
-
-# ---------------------------------------------------------------------------------------------
-# absl entry point.
-# ---------------------------------------------------------------------------------------------
-
-
-def main(argv) -> None:
-  from absl import app, flags
-
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  f = flags.FLAGS
-  with cli.one_line_errors():
-    out = export(f.workdir, f.out, format=f.format, step=f.step, which=f.which, force=f.force)
-  print(f"wrote {out}")
-
-
-def _define_flags() -> None:
-  from absl import flags
-
-  flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
-  flags.DEFINE_string("format", None, "hf (transformers model directory) or peft (LoRA adapter).")
-  flags.DEFINE_string("out", None, "Output directory.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  flags.DEFINE_string("which", "student", "student or teacher (teacher: --format=hf only).")
-  flags.DEFINE_bool("force", False, "Replace a non-empty --out.")
-  flags.mark_flags_as_required(["workdir", "format", "out"])
-
-
-if __name__ == "__main__":
-  from absl import app
-
-  _define_flags()
-  app.run(main)

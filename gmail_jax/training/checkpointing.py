@@ -7,7 +7,7 @@ Each step directory under ``WORKDIR/checkpoints/<step>/`` holds three items:
     meta   {'step', 'teacher': {'source', 'fingerprint'}}                  (JsonSave)
 
 Frozen weights are never written (big_vision distill: "we don't ever modify them"); ``meta``
-records where they came from and their exact fingerprint (gmail_jax/fingerprint.py), so a resume
+records where they came from and their exact fingerprint (training/fingerprint.py), so a resume
 on other teacher weights is refused by name.
 
 Restore walks back from the newest step to the newest intact one (``restore_latest``): a step

@@ -1,6 +1,6 @@
-"""Stage 'generate': captions -> generated images and their manifest (gmail_jax/generate.py).
+"""Stage 'generate': captions -> generated images and their manifest (gmail_jax/generation/).
 
-Reads ``config.generate`` (a generation config: ``generate.base_config()``), writes
+Reads ``config.generate`` (a generation config: ``schema.generation_config()``), writes
 WORKDIR/generate/ (images, parts, manifest.parquet) and outputs {'manifest'}: the align stage then
 trains on it (``data.source='manifest'``). Every process generates its share (shard = process
 index); process 0 writes the manifest once all are done. A rerun resumes; a changed value that
@@ -20,8 +20,8 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from gmail_jax import generate
-from gmail_jax.errors import ConfigError
+from gmail_jax.generation import config as generation_config
+from gmail_jax.generation import importer, runner, store
 
 KEYS = ("generate",)
 ON_CHANGE = "rerun"  # the generator resumes, and refuses changes that would mix settings
@@ -33,24 +33,26 @@ def complete(workdir: pathlib.Path, outputs: dict[str, Any]) -> bool:
   return pathlib.Path(outputs["manifest"]).is_file()
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+  generation_config.check(config.generate)
+
+
 def run(
   config: ml_collections.ConfigDict, workdir: pathlib.Path, inputs: dict[str, Any]
 ) -> dict[str, Any]:
   del inputs
-  if "generate" not in config:
-    raise ConfigError("config.generate: missing (a generation config: generate.base_config())")
   gen = config.generate
   out = pathlib.Path(workdir) / "generate"
   index, count = jax.process_index(), jax.process_count()
   if gen.mode == "import":
     if index == 0:
-      generate.import_images(gen, out)
+      importer.import_images(gen, out)
   else:
-    generate.generate(gen, out, shard_index=index, num_shards=count, finalize_when_done=count == 1)
+    runner.generate(gen, out, shard_index=index, num_shards=count, finalize_when_done=count == 1)
     if count > 1:
       multihost_utils.sync_global_devices("generate: every shard done")
-      if index == 0 and generate.finalize(gen, out) is None:
+      if index == 0 and runner.finalize(gen, out) is None:
         raise RuntimeError(f"{out}: chunks missing after every shard finished")
   if count > 1:
     multihost_utils.sync_global_devices("generate: manifest written")
-  return {"manifest": str(generate.manifest_path(out))}
+  return {"manifest": str(store.manifest_path(out))}

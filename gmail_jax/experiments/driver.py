@@ -3,7 +3,7 @@
     python -m gmail_jax.main --config=configs/quickstart.py --workdir=DIR
     config.stages = ("splits", "teacher", "align", "report")
 
-Each stage is one module of ``gmail_jax/stages/`` plus one line in ``STAGES``; it reads its inputs
+Each stage is one module of ``experiments/stages/`` plus one line in ``STAGES``; it reads its inputs
 from, and writes its outputs to, the workdir, and provides:
 
     KEYS       config keys whose values define its outputs (None = the whole config)
@@ -13,6 +13,8 @@ from, and writes its outputs to, the workdir, and provides:
     ALL_PROCESSES  True when every process must run it (training); else process 0 runs it
     run(config, workdir, inputs) -> outputs     outputs: JSON-able dict, merged into ``inputs``
     complete(workdir, outputs) -> bool          the recorded outputs are all still there
+    check(config)  (optional)                   one-line ConfigError for values the stage cannot
+                                                use; the driver calls each listed stage's first
 
 The driver records each finished stage in WORKDIR/stages/<name>.json (the values of its KEYS and
 its outputs) and skips the stage when the record matches the config and ``complete`` holds.
@@ -32,15 +34,16 @@ import ml_collections
 from absl import logging
 from jax.experimental import multihost_utils
 
+from gmail_jax import schema
 from gmail_jax.errors import ConfigError, StageError
 
 STAGES: dict[str, str] = {
-  "generate": "gmail_jax.stages.generate",
-  "splits": "gmail_jax.stages.splits",
-  "teacher": "gmail_jax.stages.teacher",
-  "align": "gmail_jax.stages.align",
-  "report": "gmail_jax.stages.report",
-  "caption": "gmail_jax.stages.caption",
+  "generate": "gmail_jax.experiments.stages.generate",
+  "splits": "gmail_jax.experiments.stages.splits",
+  "teacher": "gmail_jax.experiments.stages.teacher",
+  "align": "gmail_jax.experiments.stages.align",
+  "report": "gmail_jax.experiments.stages.report",
+  "caption": "gmail_jax.experiments.stages.caption",
 }
 RECORDS = "stages"
 
@@ -127,11 +130,20 @@ def _run_one(
   return outputs
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+  """The whole config, before any stage builds anything: the keys every part reads, the stage
+  list, then each listed stage's own ``check``."""
+  schema.validate(config)
+  check_stages(config)
+  for name in config.stages:
+    stage_check = getattr(stage(name), "check", None)
+    if stage_check is not None:
+      stage_check(config)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Runs ``config.stages`` in order in ``workdir``; returns every stage's outputs, merged."""
-  from gmail_jax import schema
-
-  schema.validate(config)  # the whole config, before any stage builds anything
+  check(config)
   workdir = pathlib.Path(os.path.abspath(os.fspath(workdir)))
   inputs: dict[str, Any] = {}
   for name in config.stages:

@@ -17,9 +17,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gmail_jax import fit as fit_lib
 from gmail_jax.data import preprocess
 from gmail_jax.models import clip as clip_lib
+from gmail_jax.training import fit as fit_lib
 
 # ---------------------------------------------------------------------------------------------
 # Loss.

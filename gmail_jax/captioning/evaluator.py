@@ -1,0 +1,210 @@
+"""The captioning evaluator: train a captioner on one encoder's embeddings, caption the test set.
+
+Registered as evaluator type 'captioning' (evaluators/common.py), so ``gmail_jax.evaluate`` and the
+caption stage run it; ``write_results`` writes captions.jsonl and captioning.json. The metrics are
+``evaluators.captioning.caption_metrics`` (pycocoevalcap).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from gmail_jax.captioning import clipcap, decap
+from gmail_jax.captioning import data as cap_data
+from gmail_jax.errors import ConfigError
+from gmail_jax.evaluators import common
+from gmail_jax.evaluators.captioning import caption_metrics
+
+
+@dataclasses.dataclass
+class CaptioningResult:
+  metrics: dict[str, float]
+  candidates: dict[str, str]  # test image id -> generated caption (direct)
+  references: dict[str, list[str]]
+  projected: dict[str, str] | None  # DeCap's projection decoding
+  losses: list[float]
+  settings: dict[str, Any]
+
+  def summary(self) -> dict[str, Any]:
+    return {
+      "metrics": self.metrics,
+      "settings": self.settings,
+      "num_test_images": len(self.candidates),
+      "train_steps": len(self.losses),
+      "first_loss": self.losses[0] if self.losses else None,
+      "final_loss": float(np.mean(self.losses[-10:])) if self.losses else None,
+    }
+
+
+def write_results(out_dir: str | os.PathLike, results: Mapping[str, CaptioningResult]) -> dict:
+  """out_dir/captions.jsonl (view, id, caption[, projected], references) and
+  out_dir/captioning.json ({view: summary}) for the results of several encoders ("views")."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  rows = []
+  for view, r in results.items():
+    for key, caption in r.candidates.items():
+      row = {"view": view, "id": key, "caption": caption}
+      if r.projected is not None:
+        row["projected"] = r.projected[key]
+      rows.append({**row, "references": r.references[key]})
+  paths = {"captions": str(out / "captions.jsonl"), "metrics": str(out / "captioning.json")}
+  _atomic_write(paths["captions"], "".join(json.dumps(r) + "\n" for r in rows))
+  summary = {view: r.summary() for view, r in results.items()}
+  _atomic_write(paths["metrics"], json.dumps(summary, indent=2, sort_keys=True))
+  return paths
+
+
+def _atomic_write(path: str, text: str) -> None:
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+class CaptioningEvaluator(common.Evaluator):
+  """`config.evals.<name> = dict(type='captioning', method='clipcap', train=SPEC, test=SPEC,
+  real=None, train_path='generated', templates=(), image_size=224, batch_size=64, captioner={},
+  every_steps=0)`; SPEC: a dict of ``captioning/data.py``.
+
+  ``compute(encoder)`` trains a fresh captioner on the encoder's embeddings and captions the test
+  images (real) through ``encoder.encode_images`` (f_r):
+
+  clipcap  trains on (``train`` images, captions) embedded by ``encode_generated`` (f_g; with
+           ``train_path='real'``, ``encode_images``), plus ``real`` pairs through ``encode_images``
+           into the Proj-Real head (dual projection, captioning/clipcap.py).
+  decap    trains on the ``train`` captions' text embeddings only (``encode_texts``); reports the
+           direct decoding of the test image embeddings (keys as caption_metrics) and the
+           projection decoding over the training captions' embeddings (``proj_`` keys).
+
+  Class-folder test sets also report ``class_named``: the fraction of captions that name the
+  image's class and no other (captioning/data.py).
+
+  ``captioner``: settings overrides (captioning/clipcap.py DEFAULTS / decap.py SETTINGS).
+  """
+
+  def __init__(
+    self,
+    name: str,
+    *,
+    train: Mapping[str, Any],
+    test: Mapping[str, Any],
+    method: str = "clipcap",
+    real: Mapping[str, Any] | None = None,
+    train_path: str = "generated",
+    templates: Sequence[str] = (),
+    image_size: int = 224,
+    resize: str = "shortest_edge_crop",
+    batch_size: int = 64,
+    captioner: Mapping[str, Any] | None = None,
+    every_steps: int = 0,
+    prefix: str | None = None,
+  ):
+    super().__init__(name, every_steps=every_steps, prefix=prefix)
+    if method not in ("clipcap", "decap"):
+      raise ConfigError(f"config.evals.{name}.method: 'clipcap' or 'decap', got {method!r}")
+    if train_path not in ("generated", "real"):
+      raise ConfigError(
+        f"config.evals.{name}.train_path: 'generated' or 'real', got {train_path!r}"
+      )
+    self.method, self.train_path, self.batch_size = method, train_path, batch_size
+    overrides = dict(captioner or {})
+    self.settings = decap.settings(overrides) if method == "decap" else clipcap.settings(overrides)
+    kw = {"image_size": image_size, "resize": resize, "templates": tuple(templates)}
+    where = f"config.evals.{name}"
+    self.test = cap_data.load(test, where=f"{where}.test", **kw)
+    if method == "decap":  # text only: the images of the training set are never read
+      self.train_captions = list(
+        dict.fromkeys(cap_data.captions_only(train, templates=templates, where=f"{where}.train"))
+      )
+      self.train = self.real = None
+    else:
+      self.train = cap_data.load(train, where=f"{where}.train", **kw)
+      self.real = cap_data.load(real, where=f"{where}.real", **kw) if real else None
+
+  def compute(self, encoder: Any) -> dict[str, float]:
+    return self.caption(encoder).metrics
+
+  def caption(
+    self,
+    encoder: Any,
+    log: Any = None,
+    *,
+    log_every: int = 1,
+    cache_dir: str | None = None,
+    encoder_key: str = "",
+  ) -> CaptioningResult:
+    """Embeds (once: with ``cache_dir``, embeddings of the same ``encoder_key`` and images are
+    read back, as ClipCap's parse_coco.py), trains the captioner, captions the test images."""
+    bs = self.batch_size
+    enc = common.as_encoder(encoder)
+
+    def embed(role: str, fn: Any, items: Sequence, ids: Sequence[str]) -> np.ndarray:
+      return _cached(
+        cache_dir,
+        role,
+        f"{encoder_key}|{_ids_key(ids)}",
+        lambda: common.encode_in_batches(fn, items, bs),
+      )
+
+    test_feats = embed("test", enc.encode_images, self.test.images, self.test.ids)
+    projected = None
+    if self.method == "decap":
+      captions = self.train_captions
+      text_feats = embed("train_text", enc.encode_texts, captions, captions)
+      trained = decap.train(self.settings, text_feats, captions, log=log, log_every=log_every)
+      direct = trained.caption(test_feats)
+      projected = trained.caption(decap.project(test_feats, text_feats))
+    else:
+      fn = enc.encode_generated if self.train_path == "generated" else enc.encode_images
+      index, captions = self.train.pairs()
+      gen = embed(f"train_{self.train_path}", fn, self.train.images, self.train.ids)[index]
+      real = None
+      if self.real is not None:
+        r_index, r_captions = self.real.pairs()
+        feats = embed("train_real_pairs", enc.encode_images, self.real.images, self.real.ids)
+        real = (feats[r_index], r_captions)
+      trained = clipcap.train(self.settings, (gen, captions), real, log=log, log_every=log_every)
+      direct = trained.caption(test_feats)
+    ids = self.test.ids
+    references = dict(zip(ids, self.test.references, strict=True))
+    candidates = dict(zip(ids, direct, strict=True))
+    metrics = caption_metrics(candidates, references)
+    if self.test.classes is not None:  # class folders: does the caption name the right class?
+      metrics["class_named"] = cap_data.class_named(
+        direct, self.test.classes, sorted(set(self.test.classes))
+      )
+    if projected is not None:
+      projected = dict(zip(ids, projected, strict=True))
+      metrics.update({f"proj_{k}": v for k, v in caption_metrics(projected, references).items()})
+    return CaptioningResult(
+      metrics, candidates, references, projected, trained.losses, dict(self.settings)
+    )
+
+
+def _ids_key(ids: Sequence[str]) -> str:
+  return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:16]
+
+
+def _cached(cache_dir: str | None, role: str, key: str, compute: Any) -> np.ndarray:
+  """``compute()``, or the array saved under ``cache_dir/role.npz`` with the same ``key``."""
+  if cache_dir is None:
+    return compute()
+  path = pathlib.Path(cache_dir) / f"{role}.npz"
+  if path.exists():
+    with np.load(path) as saved:
+      if str(saved["key"]) == key:
+        return saved["x"]
+  x = np.asarray(compute())
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp.npz")
+  np.savez(tmp, x=x, key=np.asarray(key))
+  os.replace(tmp, path)
+  return x

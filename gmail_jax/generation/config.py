@@ -1,0 +1,114 @@
+"""The generation config family: value checks, and the plan that pins what the images mean.
+
+Every key and its default is in ``schema.generation_config()`` (``configs/generate/*.py`` start
+from it). ``check`` refuses unknown keys and values that cannot work, before anything loads.
+``plan`` / ``check_plan``: DIR/generate.json records the values that define the images (PLAN_KEYS)
+and the captions' fingerprint; a rerun with other values is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import ml_collections
+
+from gmail_jax import schema
+from gmail_jax.errors import ConfigError, InputError
+from gmail_jax.generation.captions import Captions
+from gmail_jax.generation.store import atomic_write, num_chunks
+
+MODES = ("generate", "import")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+IMAGE_FORMATS = {"jpeg": "jpg", "png": "png"}
+RANDOM_SHAPES = ("tiny", "sd21")
+PLAN = "generate.json"
+# config.backend -> the module that runs the text-to-image model (one module per backend).
+BACKENDS = {"diffusers": "gmail_jax.generation.diffusers_backend"}
+# Values that define the images (a resumed run must use the same ones). Paths are left out: the
+# captions are compared by content, and real_path / group are joined when the manifest is written.
+PLAN_KEYS = (
+  "split", "only_with_real", "max_captions", "images_per_caption", "model", "random", "scheduler",
+  "steps", "guidance", "resolution", "negative_prompt", "dtype", "batch_size", "chunk_size", "seed",
+  "safety_checker", "long_prompt", "image_format", "jpeg_quality",
+)  # fmt: skip
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """One-line ConfigError for an unknown or missing key or a value that cannot work."""
+  base = schema.generation_config()
+  for group, node, ref in (("", config, base), ("random.", config.get("random"), base.random)):
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ConfigError(f"config.{group or 'random'}: expected a group of keys")
+    for key in node:
+      if key not in ref:
+        raise ConfigError(
+          f"config.{group}{key}: unknown key of a generation config (known: {sorted(ref)})"
+        )
+    for key in ref:
+      if key not in node:
+        raise ConfigError(f"config.{group}{key}: missing (start from schema.generation_config())")
+  if config.backend not in BACKENDS:
+    raise ConfigError(f"config.backend: {config.backend!r} not in {sorted(BACKENDS)}")
+  if config.mode not in MODES:
+    raise ConfigError(f"config.mode: {config.mode!r} not in {MODES}")
+  if not config.captions:
+    raise ConfigError("config.captions: empty; name a COCO / Karpathy JSON or a CSV/JSONL/Parquet")
+  for key in ("images_per_caption", "steps", "batch_size", "chunk_size"):
+    if int(config[key]) < 1:
+      raise ConfigError(f"config.{key}: must be >= 1, got {config[key]}")
+  if config.max_captions < 0:
+    raise ConfigError(f"config.max_captions: must be >= 0 (0 = all), got {config.max_captions}")
+  if config.resolution < 8 or config.resolution % 8:
+    raise ConfigError(f"config.resolution: a multiple of 8, got {config.resolution}")
+  if config.dtype not in DTYPES:
+    raise ConfigError(f"config.dtype: {config.dtype!r} not in {DTYPES}")
+  if config.image_format not in IMAGE_FORMATS:
+    raise ConfigError(f"config.image_format: {config.image_format!r} not in jpeg, png")
+  if not 1 <= config.jpeg_quality <= 100:
+    raise ConfigError(f"config.jpeg_quality: 1..100, got {config.jpeg_quality}")
+  if config.long_prompt not in ("truncate", "reject"):
+    raise ConfigError(f"config.long_prompt: {config.long_prompt!r} not in truncate, reject")
+  if not config.safety_checker:
+    raise ConfigError("config.safety_checker: empty; use 'none', 'pipeline' or a checker path")
+  if config.model == "random" and config.random.shapes not in RANDOM_SHAPES:
+    raise ConfigError(f"config.random.shapes: {config.random.shapes!r} not in {RANDOM_SHAPES}")
+  if config.mode == "import" and not config.import_dir:
+    raise ConfigError("config.import_dir: empty; mode='import' reads images from it")
+
+
+# ---------------------------------------------------------------------------------------- plan
+
+
+def make_plan(config: ml_collections.ConfigDict, captions: Captions, dtype: str) -> dict:
+  values = json.loads(config.to_json_best_effort())
+  plan = {k: values[k] for k in PLAN_KEYS}
+  plan["dtype"] = dtype  # resolved: 'auto' means float16 on a GPU and float32 on a CPU
+  n_items = len(captions) * config.images_per_caption
+  return {
+    "config": plan,
+    "captions": {"count": len(captions), "sha256": captions.fingerprint()},
+    "items": n_items,
+    "chunks": num_chunks(n_items, config.chunk_size),
+  }
+
+
+def check_plan(workdir: pathlib.Path, plan: dict) -> None:
+  """Writes DIR/generate.json, or refuses values that differ from the recorded ones."""
+  path = workdir / PLAN
+  if not path.exists():
+    atomic_write(path, json.dumps(plan, indent=2, sort_keys=True).encode())
+    return
+  old = json.loads(path.read_text())
+  changed = [k for k in plan["config"] if old["config"].get(k) != plan["config"][k]]
+  if changed:
+    k = changed[0]
+    raise ConfigError(
+      f"config.{k}: {plan['config'][k]!r} differs from {old['config'].get(k)!r} that {path}"
+      " records for the images already there; use the original value or a new --workdir"
+    )
+  if old["captions"] != plan["captions"]:
+    raise InputError(
+      f"config.captions: not the captions {path} was generated for ({old['captions']['count']}"
+      f" then, {plan['captions']['count']} now, or changed text); use a new --workdir"
+    )

@@ -1,0 +1,108 @@
+"""mode='import': images made elsewhere (MaxDiffusion on TPUs, FLUX, ...) become the manifest.
+
+Files named ``<caption_id>_<k>.<ext>`` (K=1: ``<caption_id>.<ext>``) anywhere below
+``config.import_dir`` are matched to their caption, each decoded once to verify it.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import os
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from gmail_jax.data.rejects import BadInput, RejectLog
+from gmail_jax.errors import InputError
+from gmail_jax.generation import store
+from gmail_jax.generation.captions import read_captions
+from gmail_jax.generation.config import check
+
+IMPORT_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _parse_name(stem: str, K: int) -> tuple[str, int] | None:
+  cid, sep, k = stem.rpartition("_")
+  if sep and k.isdigit():
+    return cid, int(k)
+  return (stem, 0) if K == 1 else None
+
+
+def import_images(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+  """mode='import': ``config.import_dir`` images named ``<caption_id>_<k>.<ext>`` become the
+  manifest, each decoded once to verify it. Missing, corrupt, duplicate and unmatched files are
+  rejects (DIR/rejects.jsonl) and counted; the images stay where they are (absolute gen_path)."""
+  from gmail_jax.data.images import decode_image
+  from gmail_jax.data.sources import read_bytes
+
+  check(config)
+  workdir = pathlib.Path(os.path.abspath(workdir))
+  workdir.mkdir(parents=True, exist_ok=True)
+  root = pathlib.Path(config.import_dir)
+  if not root.is_dir():
+    raise InputError(f"config.import_dir: not a directory: {root}")
+  captions = read_captions(config)
+  K = config.images_per_caption
+  log = RejectLog.for_workdir(workdir)
+  known = set(captions.ids)
+  found: dict[tuple[str, int], str] = {}
+  reasons: list[str] = []
+
+  def reject(path: str, reason: str, **extra) -> None:
+    log.reject(path, reason, **extra)
+    reasons.append(reason)
+
+  for f in sorted(root.rglob("*")):
+    if f.suffix.lower() not in IMPORT_EXTS or not f.is_file():
+      continue
+    key = _parse_name(f.stem, K)
+    if key is None or key[0] not in known or key[1] >= K:
+      reject(str(f), f"unmatched: no caption_id / k < {K} for this file name")
+    elif key in found:
+      reject(str(f), f"duplicate: ({key[0]}, {key[1]}) is also {found[key]}")
+    else:
+      found[key] = str(f.resolve())
+
+  def verify(path: str) -> str | None:
+    try:
+      decode_image(read_bytes(path), path)
+    except BadInput as e:
+      return e.reason
+    return None
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, config.import_workers)) as pool:
+    bad = dict(zip(found, pool.map(verify, found.values()), strict=True))
+  rows: dict[str, list] = {"caption_id": [], "k": []}
+  gen_path = []
+  for cid in captions.ids:
+    for k in range(K):
+      path = found.get((cid, k))
+      if path is None:
+        reject(f"{root}/{cid}_{k}.*", "missing image", caption_id=cid, k=k)
+      elif bad[(cid, k)] is not None:
+        reject(path, bad[(cid, k)], caption_id=cid, k=k)
+      else:
+        rows["caption_id"].append(cid)
+        rows["k"].append(k)
+        gen_path.append(path)
+  if not gen_path:
+    raise InputError(f"config.import_dir: no usable image for any caption under {root}")
+  table = store.manifest_table(captions, rows, gen_path, [None] * len(gen_path))
+  path = store.write_manifest(workdir, table)
+  kinds = collections.Counter(r.split(":")[0] for r in reasons)
+  return store.write_summary(
+    workdir,
+    {
+      "mode": "import",
+      "complete": True,
+      "manifest": str(path),
+      "captions": len(captions),
+      "images_per_caption": K,
+      "images": len(gen_path),
+      "rejected": len(reasons),
+      "reject_reasons": dict(kinds),
+      "missing": kinds.get("missing image", 0),
+    },
+  )

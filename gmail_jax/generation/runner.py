@@ -1,0 +1,301 @@
+"""Captions -> generated images (GMAIL's second modality), exactly once, sharded and resumable.
+
+``run(config, workdir)`` is ``python -m gmail_jax.generate``: ``mode='generate'`` runs the text-to-
+image backend of ``config.backend`` (generation/config.py BACKENDS; diffusers: PyTorch,
+``pip install -e .[gen]``); ``mode='import'`` turns images made elsewhere (MaxDiffusion on TPUs,
+FLUX, ...) into the same manifest (importer.py). Captions: captions.py; seeds: seeds.py.
+
+Output (DIR = --workdir):
+  DIR/manifest.parquet   one row per image: caption_id, k, caption, gen_path (relative to DIR),
+                         seed, and real_path / group when the captions know them. It trains as is:
+                         --config.data.source=manifest --config.data.manifest=DIR/manifest.parquet
+  DIR/images/<chunk>/<caption_id>_<k>.jpg|png
+  DIR/rejects.jsonl      per-image failures (empty or over-long prompt, NSFW-blocked, non-finite
+                         pixels, a pipeline error on that prompt alone), counted in summary.json
+  DIR/summary.json       counts; DIR/generate.json the plan (values that define the outputs)
+
+Work split: chunk c (store.py) belongs to shard c % num_shards (from --num_shards/--shard_index,
+else JAX_NUM_PROCESSES / JAX_PROCESS_ID, else SLURM_NTASKS / SLURM_PROCID). A restart (SIGKILL,
+preemption) skips finished chunks and the finished batches of a partial chunk: no (caption_id, k)
+is missing or duplicated, and the batches are the ones an uninterrupted run forms. The process that
+finds every chunk done writes the manifest (temp + rename; concurrent writers write the same bytes).
+
+Safety checker (``safety_checker``): 'none' (default) loads none and keeps every image (SD 2.x
+ships none; SD 1.x ships one and it is dropped); 'pipeline' uses the one the model ships (an error
+if it ships none); a hub id / directory loads a ``StableDiffusionSafetyChecker`` and its
+``CLIPImageProcessor`` from there. An image it flags is not saved (the pipeline blacks it out): it
+is a reject ('nsfw: blocked by the safety checker'), and a rerun does not retry it.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import math
+import os
+import pathlib
+import shutil
+import time
+from types import ModuleType
+from typing import Any
+
+import ml_collections
+
+from gmail_jax.data.rejects import RejectLog
+from gmail_jax.errors import ConfigError
+from gmail_jax.generation import store
+from gmail_jax.generation.captions import Captions, read_captions
+from gmail_jax.generation.config import BACKENDS, IMAGE_FORMATS, check, check_plan, make_plan
+from gmail_jax.generation.importer import import_images
+from gmail_jax.generation.seeds import image_seed
+from gmail_jax.generation.store import (
+  chunk_items,
+  journal_path,
+  num_chunks,
+  part_path,
+  shard_chunks,
+)
+
+
+def backend(config: ml_collections.ConfigDict) -> ModuleType:
+  """The module of ``config.backend`` (generation/config.py BACKENDS)."""
+  return importlib.import_module(BACKENDS[config.backend])
+
+
+def resolve_shard(
+  num_shards: int | None = None,
+  shard_index: int | None = None,
+  environ: dict[str, str] | None = None,
+) -> tuple[int, int]:
+  """(shard_index, num_shards): the flags, else JAX_* / SLURM_* process variables, else (0, 1)."""
+  env = os.environ if environ is None else environ
+  if num_shards is None and shard_index is None:
+    for n_key, i_key in (("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"), ("SLURM_NTASKS", "SLURM_PROCID")):
+      if env.get(n_key) and env.get(i_key):
+        num_shards, shard_index = int(env[n_key]), int(env[i_key])
+        break
+    else:
+      num_shards, shard_index = 1, 0
+  if num_shards is None or shard_index is None:
+    raise ConfigError("--num_shards and --shard_index: give both or neither")
+  if not 0 <= shard_index < num_shards:
+    raise ConfigError(f"--shard_index={shard_index}: must be in [0, --num_shards={num_shards})")
+  return int(shard_index), int(num_shards)
+
+
+# ---------------------------------------------------------------------------------- generation
+
+
+class Progress:
+  """A progress line every ``every_s`` seconds: done / total, images/s and ETA."""
+
+  def __init__(self, total: int, label: str, every_s: float):
+    self.total, self.label, self.every_s = total, label, every_s
+    self.done = self.rejected = 0
+    self.t0 = self.last = time.monotonic()
+
+  def update(self, images: int, rejected: int = 0, force: bool = False) -> None:
+    self.done += images + rejected
+    self.rejected += rejected
+    now = time.monotonic()
+    if force or now - self.last >= self.every_s:
+      self.last = now
+      rate = self.done / max(now - self.t0, 1e-9)
+      left = (self.total - self.done) / rate if rate > 0 else float("inf")
+      eta = "?"
+      if math.isfinite(left):
+        m, sec = divmod(int(left), 60)
+        eta = f"{m // 60}:{m % 60:02d}:{sec:02d}"  # hours unbounded: CC12M runs for days
+      pct = 100.0 * self.done / max(self.total, 1)
+      print(
+        f"generate {self.label}: {self.done}/{self.total} images ({pct:.0f}%), {rate:.2f}"
+        f" images/s, ETA {eta}, {self.rejected} rejected",
+        flush=True,
+      )
+
+
+class _Chunker:
+  """Generates the chunks of one shard into DIR (see the module docstring)."""
+
+  def __init__(self, config, workdir: pathlib.Path, captions: Captions, engine, log: RejectLog):
+    self.config, self.workdir, self.captions, self.log = config, workdir, captions, log
+    self.engine = engine
+    self.tokenizer = engine.tokenizer
+    self.ext = IMAGE_FORMATS[config.image_format]
+    self.tmp = workdir / "tmp"
+    self._tokens: dict[int, int] = {}
+
+  def _prompt_issue(self, ci: int) -> tuple[str | None, bool]:
+    """(reject reason or None, truncated) of caption ``ci`` before any generation."""
+    text = self.captions.texts[ci]
+    if not text:
+      return "empty caption", False
+    if self.tokenizer is None:
+      return None, False
+    if ci not in self._tokens:
+      self._tokens[ci] = len(self.tokenizer(text, truncation=False).input_ids)
+    limit = int(self.tokenizer.model_max_length)
+    if self._tokens[ci] <= limit:
+      return None, False
+    if self.config.long_prompt == "reject":
+      return f"prompt too long: {self._tokens[ci]} tokens > {limit}", False
+    return None, True
+
+  def _reject(self, row: dict, reason: str) -> dict:
+    cid, k = row["caption_id"], row["k"]
+    self.log.reject(f"{self.captions.source}#{cid}_{k}", reason, caption_id=cid, k=k)
+    return {**row, "gen_path": None, "reject": reason}
+
+  def run_chunk(self, c: int, progress: Progress) -> None:
+    K = self.config.images_per_caption
+    n_items = len(self.captions) * K
+    part, journal = part_path(self.workdir, c), journal_path(self.workdir, c)
+    done = store.read_journal(journal)
+    images_dir = self.workdir / "images" / f"{c:06d}"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    pre, todo = [], []
+    for item in chunk_items(c, n_items, self.config.chunk_size):
+      ci, k = divmod(item, K)
+      cid = self.captions.ids[ci]
+      row = {"caption_id": cid, "k": k, "seed": image_seed(self.config.seed, cid, k)}
+      reason, truncated = self._prompt_issue(ci)
+      row["truncated"] = truncated
+      (pre if reason else todo).append((ci, row, reason))
+    rows = [self._reject(row, reason) for _, row, reason in pre]
+    if pre:
+      progress.update(0, rejected=len(pre))
+    bs = self.config.batch_size
+    for b in range(math.ceil(len(todo) / bs)):
+      batch = todo[b * bs : (b + 1) * bs]
+      if b in done:
+        rows += done[b]
+        continue
+      results = self.engine([self.captions.texts[ci] for ci, _, _ in batch],
+                            [row["seed"] for _, row, _ in batch])  # fmt: skip
+      out = []
+      for (_, row, _), (pixels, reason) in zip(batch, results, strict=True):
+        if reason is not None:
+          out.append(self._reject(row, reason))
+          continue
+        name = f"{row['caption_id']}_{row['k']}.{self.ext}"
+        data = store.encode_image(pixels, self.config.image_format, self.config.jpeg_quality)
+        store.atomic_write(images_dir / name, data, self.tmp)
+        rel = (images_dir / name).relative_to(self.workdir).as_posix()
+        out.append({**row, "gen_path": rel, "reject": None})
+      store.append_line(journal, {"batch": b, "rows": out})
+      rows += out
+      n_bad = sum(r["reject"] is not None for r in out)
+      progress.update(len(out) - n_bad, rejected=n_bad)
+    store.write_part(part, rows, self.tmp)
+    journal.unlink(missing_ok=True)
+
+
+def generate(
+  config: ml_collections.ConfigDict,
+  workdir: str | os.PathLike,
+  *,
+  shard_index: int = 0,
+  num_shards: int = 1,
+  pipeline: Any = None,
+  finalize_when_done: bool = True,
+) -> dict[str, Any]:
+  """Generates this shard's chunks into ``workdir``; writes the manifest when every chunk is done.
+
+  ``pipeline``: a loaded pipeline of ``config.backend`` (else the backend loads it). Returns the
+  summary (``complete``: whether the manifest was written by this call).
+  """
+  check(config)
+  workdir = pathlib.Path(os.path.abspath(workdir))
+  for d in ("parts", "images", "tmp"):
+    (workdir / d).mkdir(parents=True, exist_ok=True)
+  captions = read_captions(config)
+  runs = backend(config)
+  plan = make_plan(config, captions, runs.dtype_of(config, pipeline))
+  check_plan(workdir, plan)
+  label = f"[shard {shard_index}/{num_shards}]"
+  n_items = plan["items"]
+  mine = list(shard_chunks(plan["chunks"], shard_index, num_shards))
+  todo = [c for c in mine if not part_path(workdir, c).exists()]
+  left = sum(len(chunk_items(c, n_items, config.chunk_size)) for c in todo)
+  left -= sum(
+    len(rows) for c in todo for rows in store.read_journal(journal_path(workdir, c)).values()
+  )
+  print(
+    f"generate {label}: {len(captions)} captions x {config.images_per_caption} = {n_items}"
+    f" images in {plan['chunks']} chunks; this shard: {len(mine)} chunks, {left} images to go",
+    flush=True,
+  )
+  if todo:
+    pipe = pipeline if pipeline is not None else runs.load(config, workdir)
+    engine = runs.Engine(pipe, config)
+    chunker = _Chunker(config, workdir, captions, engine, RejectLog.for_workdir(workdir))
+    progress = Progress(left, label, config.progress_every_s)
+    for c in todo:
+      if not part_path(workdir, c).exists():  # another process of the same shard may have done it
+        chunker.run_chunk(c, progress)
+    progress.update(0, force=True)
+  summary = finalize(config, workdir, captions=captions) if finalize_when_done else None
+  return summary or {"complete": False, "shard": shard_index, "num_shards": num_shards}
+
+
+def finalize(
+  config: ml_collections.ConfigDict,
+  workdir: str | os.PathLike,
+  *,
+  captions: Captions | None = None,
+) -> dict[str, Any] | None:
+  """Writes DIR/manifest.parquet and DIR/summary.json when every chunk is done; else None."""
+  import pyarrow as pa
+  import pyarrow.compute as pc
+  import pyarrow.parquet as pq
+
+  workdir = pathlib.Path(os.path.abspath(workdir))
+  captions = captions or read_captions(config)
+  n_items = len(captions) * config.images_per_caption
+  n_chunks = num_chunks(n_items, config.chunk_size)
+  if not all(part_path(workdir, c).exists() for c in range(n_chunks)):
+    return None
+  parts = pa.concat_tables([pq.read_table(part_path(workdir, c)) for c in range(n_chunks)])
+  keys = list(
+    zip(parts.column("caption_id").to_pylist(), parts.column("k").to_pylist(), strict=True)
+  )
+  if len(keys) != n_items or len(set(keys)) != n_items:  # a bug, not a user error
+    raise RuntimeError(
+      f"{workdir}/parts: {len(set(keys))} distinct (caption_id, k) in {len(keys)} rows,"
+      f" {n_items} expected"
+    )
+  ok = parts.filter(pc.is_null(parts.column("reject")))
+  rows = {"caption_id": ok.column("caption_id").to_pylist(), "k": ok.column("k").to_pylist()}
+  table = store.manifest_table(captions, rows, ok.column("gen_path"), ok.column("seed"))
+  path = store.write_manifest(workdir, table)
+  shutil.rmtree(workdir / "tmp", ignore_errors=True)
+  rejects = [r for r in parts.column("reject").to_pylist() if r is not None]
+  return store.write_summary(
+    workdir,
+    {
+      "mode": "generate",
+      "complete": True,
+      "manifest": str(path),
+      "captions": len(captions),
+      "images_per_caption": config.images_per_caption,
+      "images": ok.num_rows,
+      "rejected": len(rejects),
+      "reject_reasons": dict(collections.Counter(r.split(":")[0] for r in rejects)),
+      "truncated_prompts": int(pc.sum(parts.column("truncated")).as_py() or 0),
+    },
+  )
+
+
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str | os.PathLike,
+  *,
+  shard_index: int | None = None,
+  num_shards: int | None = None,
+) -> dict[str, Any]:
+  """What ``python -m gmail_jax.generate`` does: import, or generate this process's shard."""
+  check(config)
+  if config.mode == "import":
+    return import_images(config, workdir)
+  i, n = resolve_shard(num_shards, shard_index)
+  return generate(config, workdir, shard_index=i, num_shards=n)

@@ -1,1 +1,0 @@
-"""The stages of an experiment, one module each (registry and driver: gmail_jax/experiment.py)."""
