@@ -179,14 +179,15 @@ def test_synthetic_source_deterministic(tmp_path):
   assert sum(len(x["real_id"]) for x in got) == 10 and got[0]["gen_image"].shape[1:] == (24, 24, 3)
 
 
-def test_tfds_missing_is_a_clear_error_or_works(tmp_path):
+@pytest.mark.optional_extra("tfds")
+def test_tfds_missing_is_a_clear_error(tmp_path):
   try:
     import tensorflow_datasets  # noqa: F401
   except ImportError:
     cfg = make_config(source="tfds", tfds_name="my_pairs")
     with pytest.raises(ImportError, match=r"pip install -e \.\[tfds\]"):
       pipeline.make_dataset(cfg, tokenizer=None, workdir=tmp_path)
-    pytest.skip("tensorflow-datasets not installed (optional extra [tfds])")
+    return
   pytest.skip("tensorflow-datasets installed but no prepared pair dataset is available offline")
 
 

@@ -9,6 +9,7 @@ import pathlib
 import numpy as np
 import PIL.Image
 import pytest
+from conftest import shared_path
 
 from gmail_jax import api
 from gmail_jax.data import preprocess
@@ -18,22 +19,19 @@ from gmail_jax.models.tokenizer import Tokenizer
 
 torch = pytest.importorskip("torch")
 
-SHARED = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-PHOTOS = SHARED / "coco-mini" / "val2017"
-CAPTIONS = SHARED / "coco-captions-val2017" / "captions_val2017.json"
+
+def _photo_dir() -> pathlib.Path:
+  return shared_path("coco-mini", "val2017")
 
 
 def _photos(n: int = 4) -> list[PIL.Image.Image]:
-  if not PHOTOS.is_dir():
-    pytest.skip(f"{PHOTOS} not present")
-  return [PIL.Image.open(p).convert("RGB") for p in sorted(PHOTOS.glob("*.jpg"))[:n]]
+  return [PIL.Image.open(p).convert("RGB") for p in sorted(_photo_dir().glob("*.jpg"))[:n]]
 
 
 def _captions(n: int | None = 6) -> list[str]:
   """The first ``n`` COCO val2017 captions (None: all 25,014)."""
-  if not CAPTIONS.exists():
-    pytest.skip(f"{CAPTIONS} not present")
-  anns = json.loads(CAPTIONS.read_text())["annotations"]
+  path = shared_path("coco-captions-val2017", "captions_val2017.json")
+  anns = json.loads(path.read_text())["annotations"]
   return [a["caption"] for a in anns[:n]]
 
 
@@ -649,8 +647,8 @@ def test_siglip_training_evals_use_the_towers_preprocessing(siglip_dir, tmp_path
   gap = dict(
     type="gap",
     pairs="image_text",
-    images_dir=str(PHOTOS),
-    captions_json=str(CAPTIONS),
+    images_dir=str(_photo_dir()),
+    captions_json=str(shared_path("coco-captions-val2017", "captions_val2017.json")),
     max_pairs=8,
     batch_size=8,
     every_steps=2,
@@ -666,7 +664,7 @@ def test_eval_crops_follow_the_towers_resize(tmp_path):
   """Evaluators that pre-crop (image_size) take the run's resize mode from from_config."""
   from gmail_jax.evaluators import common
 
-  photos = sorted(PHOTOS.glob("*.jpg"))[:4] if PHOTOS.is_dir() else pytest.skip("no photos")
+  photos = sorted(_photo_dir().glob("*.jpg"))[:4]
   for k, p in enumerate(photos):
     (tmp_path / "real" / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
     (tmp_path / "real" / f"c{k % 2}" / p.name).symlink_to(p)
