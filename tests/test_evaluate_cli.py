@@ -86,12 +86,19 @@ def test_cli_writes_metrics_and_plots(run):
 
 
 def test_in_process_matches_cli_and_restores_checkpoint(run):
+  """The CLI (config read back from config.json, checkpoint restored in a fresh process) and an
+  in-process call with the original config give the same numbers: compared with the bytes the
+  CLI wrote, read before the in-process call rewrites the file."""
   c, workdir = run
   loaded = run_lib.load_run(str(workdir), config=c)
   assert loaded.step == 4
+  res = _cli(f"--workdir={workdir}", "--encoders=teacher,student", "--noplots")
+  assert res.returncode == 0, res.stderr[-2000:]
+  cli = json.loads((workdir / "eval" / "metrics.json").read_bytes())
   out = evaluate.evaluate(c, str(workdir), which=("teacher", "student"), plots=False)
-  cli = json.loads((workdir / "eval" / "metrics.json").read_text())
+  assert set(cli["encoders"]) == {"teacher", "student"} and cli["step"] == out["step"] == 4
   for name in ("teacher", "student"):
+    assert set(out["encoders"][name]) == set(cli["encoders"][name]), name
     for k, v in out["encoders"][name].items():
       assert v == pytest.approx(cli["encoders"][name][k], rel=1e-5, abs=1e-7), (name, k)
 

@@ -13,7 +13,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 import types
 
 import numpy as np
@@ -27,6 +26,7 @@ from gmail_jax.data.rejects import read_rejects
 from gmail_jax.errors import ConfigError, InputError
 from gmail_jax.experiments import driver
 from gmail_jax.experiments.stages import align
+from gmail_jax.faults import KILL_AT
 from gmail_jax.generation import captions, runner, seeds, store
 from gmail_jax.generation import config as gen_config
 
@@ -49,16 +49,17 @@ def load_gen_config(name: str = "tiny"):
 
 def env(**extra) -> dict:
   e = dict(os.environ, OMP_NUM_THREADS="1", GMAIL_TRACEBACK="1", HF_HUB_OFFLINE="1")
-  for key in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS", "SLURM_PROCID"):
+  for key in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS", "SLURM_PROCID", KILL_AT):
     e.pop(key, None)
   e.update(extra)
   return e
 
 
-def start(workdir, *flags) -> subprocess.Popen:
+def start(workdir, *flags, kill_at: str | None = None) -> subprocess.Popen:
   cmd = [sys.executable, "-m", "gmail_jax.generate", TINY, f"--workdir={workdir}", *flags]
+  extra = {KILL_AT: kill_at} if kill_at else {}
   return subprocess.Popen(
-    cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    cmd, cwd=ROOT, env=env(**extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
   )
 
 
@@ -127,19 +128,24 @@ def test_manifest_joins_back_to_captions_and_real_images(reference, coco):
   assert rows(reference) == manifest and before
 
 
-def test_sigkill_then_restart_is_complete_and_equal(reference, tmp_path):
+@pytest.mark.parametrize(
+  "kill_at, journaled, parts",
+  [
+    ("image:3", 0, 0),  # mid-batch: 3 of the first batch's 4 images written, none journaled
+    ("batch:2", 2, 0),  # two batches journaled, chunk 0 (4 batches) unfinished
+    ("chunk:0", 0, 1),  # chunk 0's part written, its journal gone
+  ],
+)
+def test_sigkill_then_restart_is_complete_and_equal(reference, tmp_path, kill_at, journaled, parts):
+  """The generator SIGKILLs itself at a named point (gmail_jax/faults.py), so a failure replays."""
   model = f"--config.model={reference / 'pipeline'}"
-  proc = start(tmp_path, model)
-  deadline = time.time() + 120
-  parts = tmp_path / "parts"
-  while time.time() < deadline and proc.poll() is None:
-    if parts.exists() and any(parts.iterdir()):  # a batch (journal) or a chunk (part) is done
-      break
-    time.sleep(0.01)
-  assert proc.poll() is None, "generation ended before SIGKILL"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  proc = start(tmp_path, model, kill_at=kill_at)
+  out, _ = proc.communicate(timeout=240)
+  assert proc.returncode == -signal.SIGKILL, out[-3000:]
   assert not (tmp_path / "manifest.parquet").exists()
+  assert len(list((tmp_path / "parts").glob("*.parquet"))) == parts
+  batches = [line for f in (tmp_path / "parts").glob("*.jsonl") for line in f.open()]
+  assert len(batches) == journaled
   finish(start(tmp_path, model))
   got, ref = rows(tmp_path), rows(reference)
   keys = [(r["caption_id"], r["k"]) for r in got]

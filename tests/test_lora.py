@@ -65,9 +65,9 @@ def test_merge_equals_unmerged_and_unmerge_restores(model):
   teacher_def, _ = nnx.split(model)
   lora.apply_lora(model, rank=4, alpha=8.0, rngs=nnx.Rngs(1))
   # Give B non-zero values so the adapter matters.
-  for path, layer in lora.dense_layers(model).items():
-    if layer.lora_b is not None:
-      layer.lora_b[...] = 0.1 * jax.random.normal(jax.random.key(hash(path) % 1000), (4, 32))
+  for i, (_, layer) in enumerate(sorted(lora.dense_layers(model).items())):
+    if layer.lora_b is not None:  # a seed per layer that is the same in every process
+      layer.lora_b[...] = 0.1 * jax.random.normal(jax.random.key(i), (4, 32))
   x = _pixels()
   unmerged = np.asarray(model.vision(x))
   kernel0 = np.asarray(model.vision.blocks[0].attn.q_proj.kernel[...])

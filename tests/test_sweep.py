@@ -62,7 +62,7 @@ def _loss_and_grad(config, z, targets, step=3):
   return jax.value_and_grad(total)(z)
 
 
-def test_convex_and_additive_coincide_at_alpha_zero_only():
+def test_convex_form_is_its_formula_and_equals_additive_at_alpha_zero():
   kz, kt = jax.random.split(jax.random.key(0))
   z = jax.random.normal(kz, (8, 16))
   targets = objectives.Targets(
@@ -76,9 +76,18 @@ def test_convex_and_additive_coincide_at_alpha_zero_only():
   (l_add, g_add), (l_cvx, g_cvx) = out["additive", 0.0], out["convex", 0.0]
   assert float(l_add) == float(l_cvx)
   np.testing.assert_array_equal(np.asarray(g_add), np.asarray(g_cvx))
+  # At α = 0.5 (stabilize phase, cap ρ·|∇NCE|/|∇CMA| = 1 with unit part norms): additive is
+  # L_NCE + 0.5·L_CMA and convex (1 − 0.5)·L_NCE + 0.5·L_CMA, so they differ by 0.5·L_NCE.
   (l_add, g_add), (l_cvx, g_cvx) = out["additive", 0.5], out["convex", 0.5]
-  assert abs(float(l_add) - float(l_cvx)) > 1e-3
-  assert not np.allclose(np.asarray(g_add), np.asarray(g_cvx))
+  obj = objectives.make(_tpc_config(form="convex", alpha_target=0.5))
+  nce, cma = (lambda z, i=i: obj.parts({}, z, targets, jnp.asarray(3))[0][i] for i in (0, 1))
+  assert float(l_cvx) == pytest.approx(0.5 * float(nce(z)) + 0.5 * float(cma(z)), rel=1e-6)
+  assert float(l_add) == pytest.approx(float(nce(z)) + 0.5 * float(cma(z)), rel=1e-6)
+  assert float(l_add) - float(l_cvx) == pytest.approx(0.5 * float(nce(z)), rel=1e-5)
+  g_nce, g_cma = np.asarray(jax.grad(nce)(z)), np.asarray(jax.grad(cma)(z))
+  np.testing.assert_allclose(np.asarray(g_cvx), 0.5 * g_nce + 0.5 * g_cma, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(g_add - g_cvx), 0.5 * g_nce, rtol=1e-4, atol=1e-7)
+  assert np.abs(g_nce).max() > 1e-3  # the difference is not trivially zero
 
 
 def test_reweighted_infonce_matches_its_formula():

@@ -3,10 +3,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from config_helpers import load_config
 from flax import nnx
 
 from gmail_jax import objectives
+from gmail_jax.data import preprocess
+from gmail_jax.models import towers
 from gmail_jax.training import build, sharding, train_step
 
 
@@ -38,7 +41,51 @@ def batches(n, b=16, s=16, seed=0):
   return out
 
 
-def run(config, mesh, data, tmp_path):
+def full_batch_grad_norm(config, built, params, batch, step: int) -> float:
+  """||dL/dparams|| by plain jax.grad on one device: L = sum_p w_p * part_p of the whole batch,
+  the weights held fixed (from per-part gradient norms when the objective asks for them). No mesh,
+  no VJP cotangents, no microbatches: the reference the jitted step's gradient must equal."""
+  objective = objectives.make(config)
+  spec = towers.get(config.model.name).preprocess
+  one = jax.devices()[0]
+  frozen, rng, params = (
+    jax.device_put(jax.device_get(x), one) for x in (built["frozen"], built["rng"], params)
+  )
+  models = built["models"]
+  pixels = lambda key: preprocess.normalize(jnp.asarray(batch[key]), spec.mean, spec.std)
+  teacher = nnx.merge(models.teacher, frozen)
+  z_real = teacher.vision(pixels("real_image")) if objective.needs_real else None
+  z_text = text_scale = None
+  if objective.needs_text:
+    z_text = teacher.text(jnp.asarray(batch["text"]))
+    text_scale = jnp.exp(teacher.logit_scale[...].astype(jnp.float32))
+  targets = objectives.Targets(z_real, z_text, text_scale, jnp.asarray(batch["group"]))
+  x = pixels("real_image" if objective.student_input == "real" else "gen_image")
+  drop = train_step.dropout_rngs(rng, jnp.int32(step))
+
+  def parts(p):
+    enc = {k: v for k, v in p.items() if k in ("lora", "proj")}
+    head = {k: v for k, v in p.items() if k not in enc}
+    z = train_step.student_embed(models, enc, frozen, drop, x)
+    return objective.parts(head, z, targets, jnp.int32(step))[0]
+
+  @jax.jit
+  def grad_norm(p):
+    values = parts(p)
+    per_part = [jax.grad(lambda q, i=i: parts(q)[i])(p) for i in range(len(objective.part_names))]
+    norms = jnp.stack([optax.tree.norm(g) for g in per_part])
+    w, _ = objective.weights(values, jnp.int32(step), norms if objective.needs_part_grads else None)
+    return optax.tree.norm(
+      jax.tree.map(lambda *gs: sum(w[i] * g for i, g in enumerate(gs)), *per_part)
+    )
+
+  return float(grad_norm(params))
+
+
+def run(config, mesh, data, tmp_path, reference_steps: int = 0):
+  """Trains on ``data``; the first ``reference_steps`` steps' grad_norm are checked against
+  ``full_batch_grad_norm`` (after the run, outside the mesh)."""
+  checks = []
   with jax.set_mesh(mesh):
     built = build.build(config, mesh)
     state, frozen, rng = built["state"], built["frozen"], built["rng"]
@@ -46,18 +93,24 @@ def run(config, mesh, data, tmp_path):
     frozen_before = [np.asarray(x).copy() for x in jax.tree.leaves(frozen)]
     lora_before = [np.asarray(x).copy() for x in jax.tree.leaves(state["params"])]
     losses = []
-    for b in data:
+    for i, b in enumerate(data):
+      params = jax.device_get(state["params"]) if i < reference_steps else None
       glob = {k: sharding.put_global(v, sharding.batch_sharding(mesh)) for k, v in b.items()}
       state, m = step(state, frozen, rng, glob)
       losses.append(float(m["loss"]))
-    return {
-      "losses": np.array(losses),
-      "state": jax.device_get(state),
-      "frozen": frozen,
-      "frozen_before": frozen_before,
-      "lora_before": lora_before,
-      "built": built,
-    }
+      if params is not None:
+        checks.append((params, b, i, float(m["grad_norm"])))
+  for params, b, i, got in checks:
+    want = full_batch_grad_norm(config, built, params, b, i)
+    np.testing.assert_allclose(got, want, rtol=1e-4, err_msg=f"grad_norm of step {i}")
+  return {
+    "losses": np.array(losses),
+    "state": jax.device_get(state),
+    "frozen": frozen,
+    "frozen_before": frozen_before,
+    "lora_before": lora_before,
+    "built": built,
+  }
 
 
 def test_only_lora_moves_and_frozen_is_bitwise_unchanged(tmp_path):
@@ -99,8 +152,8 @@ def test_student_equals_teacher_at_step0(tmp_path):
 def test_one_vs_eight_devices_same_losses(tmp_path):
   config = tiny_config(symmetric=True)
   data = batches(2)
-  one = run(config, sharding.make_mesh(config.mesh, jax.devices()[:1]), data, tmp_path / "a")
-  eight = run(config, sharding.make_mesh(config.mesh), data, tmp_path / "b")
+  one = run(config, sharding.make_mesh(config.mesh, jax.devices()[:1]), data, tmp_path / "a", 2)
+  eight = run(config, sharding.make_mesh(config.mesh), data, tmp_path / "b", 2)
   np.testing.assert_allclose(one["losses"], eight["losses"], atol=1e-5, rtol=0)
   for a, b in zip(
     jax.tree.leaves(one["state"]["params"]), jax.tree.leaves(eight["state"]["params"]), strict=True
@@ -116,8 +169,8 @@ def test_grad_accumulation_is_exact_under_fsdp(tmp_path):
   acc = tiny_config(symmetric=True, text_weight=0.5)
   acc.mesh.fsdp = fsdp
   acc.optim.accum_steps = 2
-  a = run(base, sharding.make_mesh(base.mesh), data, tmp_path / "a")
-  b = run(acc, sharding.make_mesh(acc.mesh), data, tmp_path / "b")
+  a = run(base, sharding.make_mesh(base.mesh), data, tmp_path / "a", 1)
+  b = run(acc, sharding.make_mesh(acc.mesh), data, tmp_path / "b", 2)
   np.testing.assert_allclose(a["losses"], b["losses"], atol=1e-5, rtol=0)
   for x, y in zip(
     jax.tree.leaves(a["state"]["params"]), jax.tree.leaves(b["state"]["params"]), strict=True
@@ -153,8 +206,8 @@ def test_registered_toy_loss_trains_and_accumulates_exactly(tmp_path, monkeypatc
     c.loss.mode = "toy"
     c.optim.accum_steps = k
     configs.append(c)
-  a = run(configs[0], sharding.make_mesh(configs[0].mesh), data, tmp_path / "a")
-  b = run(configs[1], sharding.make_mesh(configs[1].mesh), data, tmp_path / "b")
+  a = run(configs[0], sharding.make_mesh(configs[0].mesh), data, tmp_path / "a", 1)
+  b = run(configs[1], sharding.make_mesh(configs[1].mesh), data, tmp_path / "b", 2)
   moved = [
     not np.array_equal(x, np.asarray(y))
     for x, y in zip(a["lora_before"], jax.tree.leaves(a["state"]["params"]), strict=True)

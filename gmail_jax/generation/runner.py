@@ -41,6 +41,7 @@ from typing import Any
 
 import ml_collections
 
+from gmail_jax import faults
 from gmail_jax.data.rejects import RejectLog
 from gmail_jax.errors import ConfigError
 from gmail_jax.generation import store
@@ -123,6 +124,7 @@ class _Chunker:
     self.tokenizer = engine.tokenizer
     self.ext = IMAGE_FORMATS[config.image_format]
     self.tmp = workdir / "tmp"
+    self.images_written = self.batches_journaled = 0  # by this process (crash points)
     self._tokens: dict[int, int] = {}
 
   def _prompt_issue(self, ci: int) -> tuple[str | None, bool]:
@@ -180,14 +182,19 @@ class _Chunker:
         name = f"{row['caption_id']}_{row['k']}.{self.ext}"
         data = store.encode_image(pixels, self.config.image_format, self.config.jpeg_quality)
         store.atomic_write(images_dir / name, data, self.tmp)
+        self.images_written += 1
+        faults.kill_point("image", self.images_written)
         rel = (images_dir / name).relative_to(self.workdir).as_posix()
         out.append({**row, "gen_path": rel, "reject": None})
       store.append_line(journal, {"batch": b, "rows": out})
+      self.batches_journaled += 1
+      faults.kill_point("batch", self.batches_journaled)
       rows += out
       n_bad = sum(r["reject"] is not None for r in out)
       progress.update(len(out) - n_bad, rejected=n_bad)
     store.write_part(part, rows, self.tmp)
     journal.unlink(missing_ok=True)
+    faults.kill_point("chunk", c)
 
 
 def generate(

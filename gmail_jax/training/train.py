@@ -20,7 +20,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from gmail_jax import objectives, schema
+from gmail_jax import faults, objectives, schema
 from gmail_jax.errors import ConfigError, ResumeError
 from gmail_jax.models import lora as lora_lib
 from gmail_jax.models import towers
@@ -180,6 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           local = teacher_cache.attach(local, *cache)
         batch = pipeline.global_batch(local, mesh)
         state, m = step_fn(state, frozen, rng, batch)
+        faults.kill_point("step", step)
         is_last = step == config.total_steps
         log_now = step % config.log_every_steps == 0 or is_last
         ckpt_now = step % config.checkpoint_every_steps == 0 or is_last
@@ -196,6 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
         if ckpt_now:
           ckpt.save(step, state, data_iter=data_iter, teacher=teacher_id)
+          faults.kill_point("async_save", step)
+          faults.kill_point("checkpoint", step, before=ckpt.wait)
         ev = run_evals(step)
         if ev:
           last.update(writer.write(step, ev))

@@ -1,0 +1,25 @@
+"""Crash points for the crash-safety tests: ``GMAIL_KILL_AT=<point>:<n>`` makes the process SIGKILL
+itself the moment it reaches ``<point>`` for the ``n``-th time (or at step ``n``), so a kill at
+the worst moment replays exactly instead of depending on the clock.
+
+Points: training ``step`` (step n computed, nothing logged or saved), ``async_save`` (checkpoint
+n issued, possibly still being written), ``checkpoint`` (checkpoint n committed); generation
+``image`` (the n-th image written, its batch not yet journaled), ``batch`` (the n-th batch
+journaled), ``chunk`` (chunk n's part written). Unset (every real run): nothing happens.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+
+KILL_AT = "GMAIL_KILL_AT"
+
+
+def kill_point(point: str, n: int, before: Callable[[], object] | None = None) -> None:
+  """SIGKILL this process when ``GMAIL_KILL_AT`` names ``point:n`` (after ``before()``)."""
+  if os.environ.get(KILL_AT) == f"{point}:{n}":
+    if before is not None:
+      before()
+    os.kill(os.getpid(), signal.SIGKILL)
