@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from gmail_jax.evaluators import clustering
@@ -40,13 +41,22 @@ def _classes(n_per=20, k=4, d=16, gap=0.0, noise=0.05, seed=0):
 
 
 def test_joint_ari_is_sklearn_ari_of_joint_kmeans():
-  x, y, labels = _classes(noise=1.5, seed=1)
-  pred = clustering.joint_kmeans_labels(x, y, 4, seed=3)
-  assert pred.shape == (2 * len(labels),)
+  """Overlapping classes (0 < ARI < 1), a modality offset and random row norms; the reference is
+  built here from clustering.py's documented protocol: L2-normalise x and y, concatenate,
+  sklearn KMeans(k, n_init=10, random_state=seed), ARI against the labels given to both halves."""
+  x, y, labels = _classes(noise=4.0, gap=3.0, seed=1)
+  rng = np.random.default_rng(5)
+  x = x * np.exp(rng.normal(size=(len(x), 1)))
+  y = y * np.exp(rng.normal(size=(len(y), 1)))
+  l2 = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
+  z = np.concatenate([l2(x), l2(y)])
+  pred = KMeans(n_clusters=4, n_init=10, random_state=3).fit_predict(z)
   want = adjusted_rand_score(np.concatenate([labels, labels]), pred)
+  assert 0.0 < want < 1.0, want
   got = clustering.joint_ari(x, y, labels, 4, seed=3)
   assert got == pytest.approx(want, abs=1e-12)
   assert clustering.joint_ari(x, y, labels, 4, seed=3) == got  # deterministic for a seed
+  assert clustering.joint_kmeans_labels(x, y, 4, seed=3).shape == (2 * len(labels),)
 
 
 def test_joint_ari_perfect_and_gapped_models():

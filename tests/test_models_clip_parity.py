@@ -1,8 +1,8 @@
 """NNX CLIP loaded from a HF checkpoint == transformers' PyTorch CLIPModel (fp32 <= 1e-4).
 
 Also: bf16 compute vs fp32 for random-init B/32 (both towers), batch 2. Measured on CPU
-(jax 0.10.2): min cosine of the normalised embeds 0.99993, max abs diff 1.8e-3 .. 2.1e-3 (two
-different random inits); asserted: cosine > 0.999 and max abs diff < 2e-2.
+(jax 0.10.2, this test's numpy init, seed 0): min cosine of the normalised embeds 0.999927, max abs
+diff 1.77e-3; asserted: cosine > 0.9998 and max abs diff < 3e-3 (just above what was measured).
 """
 
 import json
@@ -215,7 +215,8 @@ def test_bf16_close_to_fp32_b32():
     worst_cos = min(worst_cos, float(jnp.sum(a * b, -1).min()))
     worst_diff = max(worst_diff, float(jnp.abs(a - b).max()))
   print(f"bf16 vs fp32 B/32: min cosine {worst_cos:.6f}, max abs diff {worst_diff:.2e}")
-  assert worst_cos > 0.999 and worst_diff < 2e-2, (worst_cos, worst_diff)
+  # Measured (CPU, jax 0.10.2): min cosine 0.999927, max abs diff 1.77e-3.
+  assert worst_cos > 0.9998 and worst_diff < 3e-3, (worst_cos, worst_diff)
 
 
 @pytest.mark.parametrize("causal", [False, True])
