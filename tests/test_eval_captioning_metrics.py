@@ -1,4 +1,5 @@
-"""caption_metrics vs pycocoevalcap's scorers on COCO val2017; the Python PTB tokenizer; errors."""
+"""caption_metrics vs pycocoevalcap alone (its Java PTBTokenizer and scorers) on COCO val2017; the
+Python PTB tokenizer; errors."""
 
 import contextlib
 import io
@@ -11,7 +12,9 @@ import shutil
 import pytest
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from gmail_jax.evaluators import captioning
 
@@ -39,27 +42,29 @@ def _split(by_image, n=None):
   return {i: by_image[i][0] for i in ids}, {i: by_image[i][1:] for i in ids}
 
 
-def _direct(cands, refs, with_meteor):
-  """pycocoevalcap's scorers called as COCOEvalCap does, on inputs tokenised separately."""
-  res = {
-    k: v[0] for k, v in captioning.tokenize_captions({k: [c] for k, c in cands.items()}).items()
-  }
-  res = {k: [v] for k, v in res.items()}
-  gts = captioning.tokenize_captions(refs)
+def _coco_eval_cap(cands, refs, with_meteor):
+  """pycocoevalcap alone, as `COCOEvalCap.evaluate` runs it: its Java PTBTokenizer on the
+  references and on the candidates (two calls, as there), then its scorers; nothing of ours."""
+  tokenizer = PTBTokenizer()
+  gts = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
+  res = tokenizer.tokenize({k: [{"caption": c}] for k, c in cands.items()})
+  # It zips output lines back to ids: a line break inside a caption would shift them silently.
+  assert list(gts) == list(refs) and list(res) == list(cands)
+  assert [len(v) for v in gts.values()] == [len(v) for v in refs.values()]
   with contextlib.redirect_stdout(io.StringIO()):
     bleu, _ = Bleu(4).compute_score(gts, res)
   out = {f"BLEU_{n}": b for n, b in enumerate(bleu, 1)}
   out["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
   out["CIDEr"] = Cider().compute_score(gts, res)[0]
   if with_meteor:
-    out["METEOR"] = captioning._meteor(gts, res)
+    meteor = Meteor()
+    try:
+      out["METEOR"] = meteor.compute_score(gts, res)[0]
+    finally:  # stop the JVM now (Meteor.__del__ would only kill it, whenever it runs)
+      meteor.meteor_p.stdin.close()
+      meteor.meteor_p.kill()
+      meteor.meteor_p.wait()
   return out
-
-
-@pytest.fixture
-def no_meteor(monkeypatch):
-  """METEOR's JVM start (~10 s here) is tested once, on 200 images; elsewhere it is left out."""
-  monkeypatch.setattr(captioning, "_meteor", lambda gts, res: None)
 
 
 def _check_equal(got, want):
@@ -69,19 +74,29 @@ def _check_equal(got, want):
     assert abs(got[k] - v) <= 1e-6, (k, got[k], v)
 
 
+needs_java = pytest.mark.skipif(
+  not HAS_JAVA, reason="needs java: pycocoevalcap's PTBTokenizer and METEOR are Java programs"
+)
+
+
+@needs_java
 def test_matches_pycocoevalcap_on_200_images(val2017):
+  """METEOR's JVM start (~10 s here) is tested here only, on 200 images."""
   cands, refs = _split(val2017, 200)
   got = captioning.caption_metrics(cands, refs, spice=False)
-  _check_equal(got, _direct(cands, refs, with_meteor=HAS_JAVA))
+  _check_equal(got, _coco_eval_cap(cands, refs, with_meteor=True))
+  assert set(got) == {"BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr"}
   assert 0.3 < got["BLEU_1"] < 1 and 0.2 < got["CIDEr"] < 2, got  # human vs human: sane range
 
 
-def test_matches_pycocoevalcap_on_all_val2017(val2017, no_meteor):
+@needs_java
+def test_matches_pycocoevalcap_on_all_val2017(val2017):
   """5,000 images: CIDEr document frequencies over the whole reference set."""
   cands, refs = _split(val2017)
-  got = captioning.caption_metrics(cands, refs, spice=False)
-  got.pop("METEOR", None)
-  _check_equal(got, _direct(cands, refs, with_meteor=False))
+  want = _coco_eval_cap(cands, refs, with_meteor=False)
+  for method in ("ptb", "python"):  # also the pure-Python tokeniser used where java is missing
+    got = captioning.caption_metrics(cands, refs, tokenize=method, meteor=False, spice=False)
+    _check_equal(got, want)
 
 
 @pytest.mark.skipif(not HAS_JAVA, reason="needs java for Stanford PTBTokenizer")
@@ -121,15 +136,15 @@ def test_python_tokenizer_hand_written_ptb(caption, tokens):
     assert captioning.tokenize_captions({0: [caption]}, method="ptb") == {0: [tokens]}
 
 
-def test_identical_candidate_scores_higher_than_shuffled(val2017, no_meteor):
+def test_identical_candidate_scores_higher_than_shuffled(val2017):
   _, refs = _split(val2017, 50)
   same = {k: v[0] for k, v in refs.items()}
   keys = list(refs)
   shuffled = dict(
     zip(keys, [same[k] for k in random.Random(0).sample(keys, len(keys))], strict=True)
   )
-  a = captioning.caption_metrics(same, refs, tokenize="python", spice=False)
-  b = captioning.caption_metrics(shuffled, refs, tokenize="python", spice=False)
+  a = captioning.caption_metrics(same, refs, tokenize="python", meteor=False, spice=False)
+  b = captioning.caption_metrics(shuffled, refs, tokenize="python", meteor=False, spice=False)
   assert a["BLEU_4"] > 1 - 1e-6 and a["ROUGE_L"] > 1 - 1e-6
   assert a["CIDEr"] > b["CIDEr"] + 1 and a["BLEU_4"] > b["BLEU_4"]
 
