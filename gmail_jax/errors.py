@@ -27,3 +27,9 @@ class StageError(UserError, ValueError):
 
 class ResumeError(UserError, ValueError):
   """A resume that would change what the saved state means (named keys, teacher, checkpoints)."""
+
+
+def first_line(e: BaseException) -> str:
+  """The first line of an exception's message, whitespace collapsed (for one-line errors)."""
+  text = str(e).strip()
+  return " ".join(text.splitlines()[0].split()) if text else type(e).__name__

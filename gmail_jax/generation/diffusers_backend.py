@@ -21,11 +21,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from gmail_jax.errors import ConfigError, InputError
+from gmail_jax.errors import ConfigError, InputError, first_line
 from gmail_jax.generation.config import RANDOM_SHAPES
 from gmail_jax.generation.store import tmp_name
-
-_MAX_CONSECUTIVE_FAILURES = 16  # past this, failures are systemic (a bug, a broken device): raise
 
 
 def write_clip_tokenizer(path: pathlib.Path) -> pathlib.Path:
@@ -181,6 +179,8 @@ def load(config: ml_collections.ConfigDict, workdir: pathlib.Path):
       ensure_random_pipeline(workdir / "pipeline", config.random.shapes, config.random.seed)
     )
   kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+  if config.revision and not os.path.isdir(path):  # a hub id: the pinned snapshot
+    kwargs["revision"] = config.revision
   checker = config.safety_checker
   if checker == "none":
     kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -194,13 +194,17 @@ def load(config: ml_collections.ConfigDict, workdir: pathlib.Path):
       )
       kwargs["feature_extractor"] = transformers.CLIPImageProcessor.from_pretrained(checker)
     except OSError as e:
-      raise InputError(
-        f"config.safety_checker: cannot load {checker!r}: {_first_line(e)}"
-      ) from None
+      raise InputError(f"config.safety_checker: cannot load {checker!r}: {first_line(e)}") from None
   try:
     pipe = diffusers.DiffusionPipeline.from_pretrained(path, **kwargs)
   except OSError as e:
-    raise InputError(f"config.model: cannot load {path!r}: {_first_line(e)}") from None
+    raise InputError(f"config.model: cannot load {path!r}: {first_line(e)}") from None
+  unet = getattr(pipe, "unet", None)
+  if unet is not None and unet.dtype != kwargs["dtype"]:  # diffusers versions differ in the keyword
+    raise ConfigError(
+      f"config.dtype={dtype!r}: {path!r} loaded with {str(unet.dtype).removeprefix('torch.')}"
+      " weights (the installed diffusers ignored the dtype keyword); use the pinned diffusers"
+    )
   if checker == "pipeline" and getattr(pipe, "safety_checker", None) is None:
     raise ConfigError(f"config.safety_checker='pipeline': {path!r} ships no safety checker")
   if config.scheduler:
@@ -215,17 +219,12 @@ def load(config: ml_collections.ConfigDict, workdir: pathlib.Path):
   return pipe
 
 
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return " ".join(text.splitlines()[0].split()) if text else type(e).__name__
-
-
 class Engine:
-  """Calls the pipeline on a batch; one image or a reject reason per prompt.
+  """Calls the pipeline on a batch: one image, or a reject reason that belongs to the caption.
 
-  A batch that raises is retried prompt by prompt, so one bad prompt costs only its own images
-  (those retried alone may differ in the last bits from a batched run). ``_MAX_CONSECUTIVE_
-  FAILURES`` failed prompts in a row are not per-prompt: the last error is raised.
+  Reasons of a caption: the safety checker blocked its image, or its pixels are non-finite and
+  stay so when the image is generated alone. An exception is never a caption's: it propagates
+  (the runner retries the batch, then stops without recording it, so a rerun generates it).
   """
 
   def __init__(self, pipe: Any, config: ml_collections.ConfigDict):
@@ -233,7 +232,6 @@ class Engine:
 
     self.pipe, self.config, self.torch = pipe, config, torch
     self.tokenizer = getattr(pipe, "tokenizer", None)
-    self.consecutive_failures = 0
 
   def _call(self, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, list[bool]]:
     c = self.config
@@ -257,22 +255,14 @@ class Engine:
   def __call__(
     self, prompts: list[str], seeds: list[int]
   ) -> list[tuple[np.ndarray | None, str | None]]:
-    try:
-      images, nsfw = self._call(prompts, seeds)
-    except Exception as e:
-      if _is_oom(e):  # not the prompt's fault: a smaller batch_size is the fix
-        raise
-      if len(prompts) == 1:
-        return [self._failed(e)]
-      return [self([p], [s])[0] for p, s in zip(prompts, seeds, strict=True)]
-    self.consecutive_failures = 0
-    return [self._one(x, flagged) for x, flagged in zip(images, nsfw, strict=True)]
-
-  def _failed(self, e: Exception) -> tuple[None, str]:
-    self.consecutive_failures += 1
-    if self.consecutive_failures >= _MAX_CONSECUTIVE_FAILURES:
-      raise e
-    return None, f"pipeline error: {type(e).__name__}: {_first_line(e)}"
+    images, nsfw = self._call(prompts, seeds)
+    out = []
+    for i, (image, flagged) in enumerate(zip(images, nsfw, strict=True)):
+      if not flagged and not np.all(np.isfinite(image)) and len(prompts) > 1:
+        # An overflow may come from the batch; the caption is rejected only if it reproduces.
+        (image,), (flagged,) = self._call([prompts[i]], [seeds[i]])
+      out.append(self._one(image, flagged))
+    return out
 
   @staticmethod
   def _one(image: np.ndarray, nsfw: bool) -> tuple[np.ndarray | None, str | None]:
@@ -282,6 +272,30 @@ class Engine:
       return None, "non-finite pixels: the pipeline overflowed (try dtype bfloat16 or float32)"
     return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8), None
 
+  @staticmethod
+  def out_of_memory(e: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError: not retried (a lower batch_size is the fix)."""
+    return type(e).__name__ == "OutOfMemoryError"
 
-def _is_oom(e: Exception) -> bool:
-  return type(e).__name__ == "OutOfMemoryError"  # torch.cuda.OutOfMemoryError: lower batch_size
+
+def weights_fingerprint(pipe: Any) -> str | None:
+  """sha256 of every weight of the pipeline's models (name, dtype, shape, bytes), in name order:
+  what the images were generated with, whatever the path or revision said (None: not a
+  diffusers pipeline, e.g. a stand-in in tests)."""
+  import hashlib
+
+  import torch
+
+  components = getattr(pipe, "components", None)
+  if not isinstance(components, dict):
+    return None
+  h = hashlib.sha256()
+  for name in sorted(components):
+    module = components[name]
+    if not isinstance(module, torch.nn.Module):
+      continue
+    for key, t in sorted(module.state_dict().items()):
+      t = t.detach().to("cpu").contiguous()
+      h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}\n".encode())
+      h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+  return h.hexdigest()

@@ -23,11 +23,17 @@ from gmail_jax.generation.config import check
 IMPORT_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def _parse_name(stem: str, K: int) -> tuple[str, int] | None:
+def match_name(stem: str, K: int, known: set[str]) -> list[tuple[str, int]]:
+  """The (caption_id, k) a file name can mean: ``<caption_id>_<k>`` with k < K, or, with K = 1,
+  ``<caption_id>`` alone. Ids may themselves end in ``_<digits>`` (``img_001``), so both readings
+  are tried against the known ids; two matches are an ambiguous name."""
+  out = []
   cid, sep, k = stem.rpartition("_")
-  if sep and k.isdigit():
-    return cid, int(k)
-  return (stem, 0) if K == 1 else None
+  if sep and k.isdigit() and str(int(k)) == k and int(k) < K and cid in known:
+    out.append((cid, int(k)))
+  if K == 1 and stem in known:
+    out.append((stem, 0))
+  return out
 
 
 def import_images(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -57,9 +63,14 @@ def import_images(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
   for f in sorted(root.rglob("*")):
     if f.suffix.lower() not in IMPORT_EXTS or not f.is_file():
       continue
-    key = _parse_name(f.stem, K)
-    if key is None or key[0] not in known or key[1] >= K:
+    keys = match_name(f.stem, K, known)
+    if not keys:
       reject(str(f), f"unmatched: no caption_id / k < {K} for this file name")
+      continue
+    key = keys[0]
+    if len(keys) > 1:
+      named = " or ".join(f"caption {c!r} image {k}" for c, k in keys)
+      reject(str(f), f"ambiguous: the name could mean {named}; rename it <caption_id>_<k>")
     elif key in found:
       reject(str(f), f"duplicate: ({key[0]}, {key[1]}) is also {found[key]}")
     else:

@@ -10,9 +10,14 @@ Output (DIR = --workdir):
                          seed, and real_path / group when the captions know them. It trains as is:
                          --config.data.source=manifest --config.data.manifest=DIR/manifest.parquet
   DIR/images/<chunk>/<caption_id>_<k>.jpg|png
-  DIR/rejects.jsonl      per-image failures (empty or over-long prompt, NSFW-blocked, non-finite
-                         pixels, a pipeline error on that prompt alone), counted in summary.json
-  DIR/summary.json       counts; DIR/generate.json the plan (values that define the outputs)
+  DIR/rejects.jsonl      per-caption failures (empty or over-long prompt, NSFW-blocked,
+                         non-finite pixels that reproduce alone), counted in summary.json
+  DIR/summary.json       counts; DIR/generate.json the plan (values that define the outputs);
+                         DIR/weights.json the fingerprint of the weights that generated them
+
+An exception from the backend (a device fault, out of memory, a bug) is never a caption's
+reject: the batch is retried ``config.retries`` times, then the run stops naming the error with
+nothing of the batch recorded, and a rerun generates it (with another batch_size if needed).
 
 Work split: chunk c (store.py) belongs to shard c % num_shards (from --num_shards/--shard_index,
 else JAX_NUM_PROCESSES / JAX_PROCESS_ID, else SLURM_NTASKS / SLURM_PROCID). A restart (SIGKILL,
@@ -40,13 +45,21 @@ from types import ModuleType
 from typing import Any
 
 import ml_collections
+from absl import logging
 
 from gmail_jax import faults
 from gmail_jax.data.rejects import RejectLog
-from gmail_jax.errors import ConfigError
+from gmail_jax.errors import ConfigError, first_line
 from gmail_jax.generation import store
 from gmail_jax.generation.captions import Captions, read_captions
-from gmail_jax.generation.config import BACKENDS, IMAGE_FORMATS, check, check_plan, make_plan
+from gmail_jax.generation.config import (
+  BACKENDS,
+  IMAGE_FORMATS,
+  check,
+  check_plan,
+  check_weights,
+  make_plan,
+)
 from gmail_jax.generation.importer import import_images
 from gmail_jax.generation.seeds import image_seed
 from gmail_jax.generation.store import (
@@ -148,6 +161,27 @@ class _Chunker:
     self.log.reject(f"{self.captions.source}#{cid}_{k}", reason, caption_id=cid, k=k)
     return {**row, "gen_path": None, "reject": reason}
 
+  def _generate(self, c: int, batch: list) -> list[tuple[Any, str | None]]:
+    """The engine on one batch, retried ``config.retries`` times on an exception (a device
+    fault is not a caption's fault); then the run stops, nothing of the batch recorded."""
+    prompts = [self.captions.texts[ci] for _, ci, _ in batch]
+    seeds = [row["seed"] for _, _, row in batch]
+    for attempt in range(self.config.retries + 1):
+      try:
+        return self.engine(prompts, seeds)
+      except Exception as e:
+        oom = self.engine.out_of_memory(e)
+        if oom or attempt == self.config.retries:
+          first = batch[0][2]
+          raise RuntimeError(
+            f"generation stopped in chunk {c} at {first['caption_id']}_{first['k']} ({len(batch)}"
+            f" images, {attempt + 1} tries): {type(e).__name__}: {first_line(e)}. Nothing of"
+            " this batch was recorded: rerun the same command to generate it"
+            + (" with a lower config.batch_size" if oom else "")
+          ) from e
+        logging.warning("generation: %s on try %d, retrying the batch", first_line(e), attempt + 1)
+    raise AssertionError("unreachable")
+
   def run_chunk(self, c: int, progress: Progress) -> None:
     K = self.config.images_per_caption
     n_items = len(self.captions) * K
@@ -155,45 +189,48 @@ class _Chunker:
     done = store.read_journal(journal)
     images_dir = self.workdir / "images" / f"{c:06d}"
     images_dir.mkdir(parents=True, exist_ok=True)
-    pre, todo = [], []
+    rows: dict[int, dict] = {}  # item -> its row, written in item order
+    todo = []
     for item in chunk_items(c, n_items, self.config.chunk_size):
       ci, k = divmod(item, K)
       cid = self.captions.ids[ci]
       row = {"caption_id": cid, "k": k, "seed": image_seed(self.config.seed, cid, k)}
       reason, truncated = self._prompt_issue(ci)
       row["truncated"] = truncated
-      (pre if reason else todo).append((ci, row, reason))
-    rows = [self._reject(row, reason) for _, row, reason in pre]
-    if pre:
-      progress.update(0, rejected=len(pre))
+      if reason:
+        rows[item] = self._reject(row, reason)
+        progress.update(0, rejected=1)
+      elif (cid, k) in done:
+        rows[item] = done[cid, k]
+      else:
+        todo.append((item, ci, row))
+    # The noise is per image, so batches may differ from an earlier run's (another batch_size).
     bs = self.config.batch_size
-    for b in range(math.ceil(len(todo) / bs)):
-      batch = todo[b * bs : (b + 1) * bs]
-      if b in done:
-        rows += done[b]
-        continue
-      results = self.engine([self.captions.texts[ci] for ci, _, _ in batch],
-                            [row["seed"] for _, row, _ in batch])  # fmt: skip
+    for start in range(0, len(todo), bs):
+      batch = todo[start : start + bs]
+      results = self._generate(c, batch)
       out = []
-      for (_, row, _), (pixels, reason) in zip(batch, results, strict=True):
+      for (item, _, row), (pixels, reason) in zip(batch, results, strict=True):
         if reason is not None:
-          out.append(self._reject(row, reason))
+          rows[item] = self._reject(row, reason)
+          out.append(rows[item])
           continue
         name = f"{row['caption_id']}_{row['k']}.{self.ext}"
         data = store.encode_image(pixels, self.config.image_format, self.config.jpeg_quality)
-        store.atomic_write(images_dir / name, data, self.tmp)
+        store.atomic_write(images_dir / name, data, self.tmp, durable=True)
         self.images_written += 1
         faults.kill_point("image", self.images_written)
         rel = (images_dir / name).relative_to(self.workdir).as_posix()
-        out.append({**row, "gen_path": rel, "reject": None})
-      store.append_line(journal, {"batch": b, "rows": out})
+        rows[item] = {**row, "gen_path": rel, "reject": None}
+        out.append(rows[item])
+      store.fsync_dir(images_dir)  # the images' names are on disk before the entry naming them
+      store.write_journal_entry(journal, batch[0][0], out)
       self.batches_journaled += 1
       faults.kill_point("batch", self.batches_journaled)
-      rows += out
       n_bad = sum(r["reject"] is not None for r in out)
       progress.update(len(out) - n_bad, rejected=n_bad)
-    store.write_part(part, rows, self.tmp)
-    journal.unlink(missing_ok=True)
+    store.write_part(part, [rows[i] for i in sorted(rows)], self.tmp)
+    store.remove_journal(journal)
     faults.kill_point("chunk", c)
 
 
@@ -224,9 +261,7 @@ def generate(
   mine = list(shard_chunks(plan["chunks"], shard_index, num_shards))
   todo = [c for c in mine if not part_path(workdir, c).exists()]
   left = sum(len(chunk_items(c, n_items, config.chunk_size)) for c in todo)
-  left -= sum(
-    len(rows) for c in todo for rows in store.read_journal(journal_path(workdir, c)).values()
-  )
+  left -= sum(len(store.read_journal(journal_path(workdir, c))) for c in todo)
   print(
     f"generate {label}: {len(captions)} captions x {config.images_per_caption} = {n_items}"
     f" images in {plan['chunks']} chunks; this shard: {len(mine)} chunks, {left} images to go",
@@ -234,6 +269,9 @@ def generate(
   )
   if todo:
     pipe = pipeline if pipeline is not None else runs.load(config, workdir)
+    fingerprint = runs.weights_fingerprint(pipe)
+    if fingerprint is not None:
+      check_weights(workdir, config.model, fingerprint)
     engine = runs.Engine(pipe, config)
     chunker = _Chunker(config, workdir, captions, engine, RejectLog.for_workdir(workdir))
     progress = Progress(left, label, config.progress_every_s)

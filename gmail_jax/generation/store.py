@@ -1,9 +1,13 @@
-"""Where generated images go: chunks, per-batch journals, atomic parts, the manifest and summary.
+"""Where generated images go: chunks, per-batch journal entries, atomic parts, the manifest.
 
 Work split: item i = (caption i // K, k = i % K); chunk c = items [c*chunk_size, (c+1)*chunk_size).
-A finished chunk is DIR/parts/part-<c>.parquet (temp name + rename); inside a chunk each batch's
-images are renamed into place and then recorded in DIR/parts/part-<c>.jsonl, so a restart skips
-finished chunks and finished batches. No torch here: every backend writes through this module.
+A finished chunk is DIR/parts/part-<c>.parquet. Inside a chunk, each batch's images are written
+(fsynced, renamed into place, their directory fsynced) before the batch's journal entry
+DIR/parts/part-<c>.journal/item-<i>.json (its rows, keyed by (caption_id, k)) is written the same
+way, so after a kill or a power loss every journaled image is on disk, and a restart generates
+exactly the items of the chunk that no entry records, in batches of the current batch_size.
+Every file is written whole under a temp name and renamed (an object store writes it whole);
+nothing is appended to. No torch here: every backend writes through this module.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import socket
 
 import numpy as np
@@ -39,10 +44,45 @@ def tmp_name(name: str) -> str:
   return f"{name}.tmp-{socket.gethostname()}-{os.getpid()}"
 
 
-def atomic_write(path: pathlib.Path, data: bytes, tmp_dir: pathlib.Path | None = None) -> None:
+def atomic_write(
+  path: pathlib.Path, data: bytes, tmp_dir: pathlib.Path | None = None, durable: bool = False
+) -> None:
+  """``data`` at ``path``, whole or not at all (temp name + rename); ``durable``: the bytes reach
+  the disk before the rename (fsync), so a power loss never leaves a named but empty file."""
   tmp = (tmp_dir or path.parent) / tmp_name(path.name)
-  tmp.write_bytes(data)
+  with open(tmp, "wb") as f:
+    f.write(data)
+    if durable:
+      f.flush()
+      os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def fsync_dir(path: pathlib.Path) -> None:
+  """Makes the renames into ``path`` durable (the directory entry, not only the file)."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def create_exclusive(path: pathlib.Path, data: bytes) -> bool:
+  """Writes ``path`` only if no file is there, whole (temp file + hard link, which fails when
+  the name exists: two processes starting together cannot both write it). Returns whether this
+  call created it."""
+  tmp = path.parent / tmp_name(path.name)
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  try:
+    os.link(tmp, path)
+    return True
+  except FileExistsError:
+    return False
+  finally:
+    tmp.unlink()
 
 
 def part_path(workdir: pathlib.Path, c: int) -> pathlib.Path:
@@ -50,28 +90,37 @@ def part_path(workdir: pathlib.Path, c: int) -> pathlib.Path:
 
 
 def journal_path(workdir: pathlib.Path, c: int) -> pathlib.Path:
-  return workdir / "parts" / f"part-{c:06d}.jsonl"
+  return workdir / "parts" / f"part-{c:06d}.journal"
 
 
-def append_line(path: pathlib.Path, record: dict) -> None:
-  # One O_APPEND write: a SIGKILL leaves whole lines (a torn last line is ignored on read).
-  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-  try:
-    os.write(fd, (json.dumps(record) + "\n").encode())
-  finally:
-    os.close(fd)
+def write_journal_entry(journal: pathlib.Path, first_item: int, rows: list[dict]) -> None:
+  """One batch's rows, durable, after its images (see the module docstring)."""
+  journal.mkdir(exist_ok=True)
+  entry = journal / f"item-{first_item:09d}.json"
+  atomic_write(entry, json.dumps({"rows": rows}).encode(), durable=True)
+  fsync_dir(journal)
 
 
-def read_journal(path: pathlib.Path) -> dict[int, list[dict]]:
-  done: dict[int, list[dict]] = {}
-  if path.exists():
-    for line in path.read_text().splitlines():
-      try:
-        rec = json.loads(line)
-      except ValueError:
-        continue
-      done[int(rec["batch"])] = rec["rows"]
+def read_journal(journal: pathlib.Path) -> dict[tuple[str, int], dict]:
+  """{(caption_id, k): row} of a chunk's journal entries (temp files of a killed write ignored;
+  also reads the single-file journal part-<c>.jsonl that earlier versions appended to)."""
+  done: dict[tuple[str, int], dict] = {}
+  texts = [p.read_text() for p in sorted(journal.glob("item-*.json"))] if journal.is_dir() else []
+  legacy = journal.with_suffix(".jsonl")
+  if legacy.exists():
+    texts += legacy.read_text().splitlines()
+  for text in texts:
+    try:
+      rows = json.loads(text)["rows"]
+    except (ValueError, KeyError):
+      continue  # a torn last line of a legacy journal
+    done.update({(r["caption_id"], int(r["k"])): r for r in rows})
   return done
+
+
+def remove_journal(journal: pathlib.Path) -> None:
+  shutil.rmtree(journal, ignore_errors=True)
+  journal.with_suffix(".jsonl").unlink(missing_ok=True)
 
 
 PART_COLUMNS = ("caption_id", "k", "gen_path", "seed", "reject", "truncated")
