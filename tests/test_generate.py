@@ -595,3 +595,23 @@ def test_import_matches_ids_that_end_in_digits_and_rejects_ambiguous_names(tmp_p
   logged = [r for r in read_rejects(tmp_path / "out") if r["reason"].startswith("ambiguous")]
   assert len(logged) == 1 and "'a_0'" in logged[0]["reason"] and "'a'" in logged[0]["reason"]
   assert summary["missing"] == 2  # 'a' and 'a_0': the one file could be either
+
+
+class OverflowPipeline(FakePipeline):
+  """'BATCHNAN' prompts overflow only inside a batch of several; 'NAN' prompts always do."""
+
+  def __call__(self, **kwargs):
+    out = super().__call__(**kwargs)
+    for i, p in enumerate(kwargs["prompt"]):
+      if "NAN" in p and ("BATCH" not in p or len(kwargs["prompt"]) > 1):
+        out.images[i, 0, 0, 0] = np.nan
+    return out
+
+
+def test_non_finite_pixels_are_a_reject_only_when_they_reproduce_alone(tmp_path):
+  config = fake_config(tmp_path, ["a cat", "BATCHNAN dog", "NAN bird"], images_per_caption=1)
+  pipe = OverflowPipeline()
+  summary = runner.generate(config, tmp_path / "out", pipeline=pipe)
+  assert summary["reject_reasons"] == {"non-finite pixels": 1}
+  assert [r["caption_id"] for r in rows(tmp_path / "out")] == ["c0", "c1"]
+  assert pipe.calls == [["a cat", "BATCHNAN dog", "NAN bird"], ["BATCHNAN dog"], ["NAN bird"]]
