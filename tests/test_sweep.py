@@ -1,8 +1,11 @@
 """TPC-CMA sweep pieces: OLS R², the teacher's logit scale as the image-text default, the convex /
-additive forms and the re-weighted InfoNCE, and the sweep's smoke mode end to end."""
+additive forms and the re-weighted InfoNCE, the sweep table's statistics (headline R² over the
+per-setting means, not pooled), its retrieval-labelled task, atomic writes and re-deriving the
+statistics from a sweep.json, and the sweep's smoke mode end to end."""
 
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +15,8 @@ import pytest
 from configs import tiny
 from gmail_jax import objectives
 from gmail_jax import run as run_lib
-from gmail_jax.evaluators import regression
+from gmail_jax.captioning import decap
+from gmail_jax.evaluators import plots, regression
 from gmail_jax.experiments import sweep
 from gmail_jax.objectives import losses
 from gmail_jax.training import train
@@ -131,6 +135,167 @@ def test_image_text_default_temperature_is_the_teachers(tmp_path):
     objectives.validate(c)
 
 
+def _table(rows, tasks=sweep.TASKS["image_text"]):
+  """A sweep table as run_sweep builds it, before add_stats."""
+  return {
+    "config": "configs/tpc_cma.py",
+    "extra_arg": "",
+    "pairs": "image_text",
+    "form": "additive",
+    "nce": "infonce",
+    "seeds": sorted({r["seed"] for r in rows}),
+    "alphas": sorted({r["alpha_target"] for r in rows if r["alpha_target"] is not None}),
+    "n_pairs": 40,
+    "gap_metrics": list(sweep.GAPS),
+    "task_metrics": list(tasks),
+    "rows": rows,
+    "summary": sweep.summarize(rows, (*sweep.GAPS, *tasks)),
+  }
+
+
+def _seed_shifted_rows():
+  """3 seeds × (teacher + 5 α): per setting the tasks are orthogonal to every gap (R² over the
+  means 0), but each seed shifts gaps and tasks together, so the pooled rows fit that shift."""
+  g = np.array([1.0, 0.8, 0.5, 0.4, 0.35, 0.3])
+  dg = g - g.mean()
+  base = np.array([0.3, 0.9, 0.1, 0.7, 0.2, 0.6])
+  t = base - (base - base.mean()) @ dg / (dg @ dg) * dg
+  rows = []
+  for seed, d in ((0, -1.0), (1, 0.0), (2, 1.0)):
+    for i, a in enumerate((None, 0.0, 0.05, 0.2, 0.5, 1.0)):
+      row = {"run": f"seed_{seed}/alpha_{a}", "seed": seed, "alpha_target": a}
+      row.update({gk: g[i] + d + 0.01 * k for k, gk in enumerate(sweep.GAPS)})
+      row.update({tk: t[i] - 3.0 * d + 0.1 * k for k, tk in enumerate(sweep.TASKS["image_text"])})
+      row["reduction_vs_teacher"] = row["reduction_vs_alpha0"] = None
+      rows.append(row)
+  return rows
+
+
+def test_sweep_r2_is_over_the_per_setting_means_not_the_pooled_rows():
+  rows = _seed_shifted_rows()
+  table = sweep.add_stats(_table(rows))
+  pooled = regression.r2_table(rows, sweep.GAPS, sweep.TASKS["image_text"])  # the earlier r2
+  for gk in sweep.GAPS:
+    for tk in sweep.TASKS["image_text"]:
+      means = {}
+      for r in rows:
+        means.setdefault(r["alpha_target"], []).append((r[gk], r[tk]))
+      g, t = (np.array([np.mean([p[i] for p in v]) for v in means.values()]) for i in (0, 1))
+      assert table["r2"][gk][tk] == pytest.approx(_lstsq_r2(g, t), abs=1e-9)
+      assert table["r2"][gk][tk] < 1e-9 < 0.85 < pooled[gk][tk]
+      cell = table["stats"][gk][tk]
+      assert cell["r2"] == table["r2"][gk][tk]
+      assert cell["pooled_r2"] == pytest.approx(pooled[gk][tk], abs=1e-12)
+      assert (cell["n_points"], cell["n_seeds"], cell["n_rows"]) == (6, 3, 18)
+  assert table["stats_bootstrap"] == {"resamples": 2000, "rng_seed": 0}
+  md = sweep.markdown(table)
+  assert "over the per-setting seed means" in md and "2000 resamples of the seeds" in md
+  assert "Within-seed R²" in md and "Spearman ρ" in md and "Pooled R² over all 18 rows" in md
+  cell = table["stats"]["raw"]["zeroshot_top1"]
+  lo, hi = cell["bootstrap_ci95"]
+  within = cell["within_seed_r2"]
+  assert f"| raw | {cell['r2']:.3f} [{lo:.3f}, {hi:.3f}] |" in md
+  assert f"| raw | {within['mean']:.3f} ± {within['std']:.3f} |" in md
+  assert f"| raw | {cell['spearman']:.3f} |" in md
+  assert f"| raw | {cell['pooled_r2']:.3f} |" in md
+
+
+def test_decap_proj_cider_is_labelled_retrieval_and_not_counted():
+  assert decap.PROJECTION_TAU == 0.01  # the τ TASK_NOTES states
+  rows = _seed_shifted_rows()
+  table = sweep.add_stats(_table(rows))
+  assert "decap_proj_cider" in table["task_metrics"] and "decap_proj_cider" in rows[0]
+  assert table["independent_task_metrics"] == [
+    "zeroshot_top1",
+    "joint_ari",
+    "probe_acc",
+    "decap_cider",
+  ]
+  assert "retrieval at τ = 0.01" in table["task_notes"]["decap_proj_cider"]
+  md = sweep.markdown(table)
+  headers = [line for line in md.splitlines() if line.startswith("| α_target") or "| gap |" in line]
+  assert len(headers) == 5
+  for line in headers:
+    cells = [c.strip() for c in line.split("|")]
+    assert "decap_proj_cider (retrieval)" in cells and "decap_proj_cider" not in cells
+  assert "Independent task metrics (4): zeroshot_top1, joint_ari, probe_acc, decap_cider." in md
+  assert "decap_proj_cider (retrieval): " in md
+  assert sweep.task_label("decap_cider") == "decap_cider"
+  gen_real = sweep.add_stats({**_table(rows), "task_metrics": list(sweep.TASKS["gen_real"])})
+  assert gen_real["independent_task_metrics"] == list(sweep.TASKS["gen_real"])
+  assert gen_real["task_notes"] == {}
+
+
+def test_write_outputs_is_atomic(tmp_path, monkeypatch):
+  old = sweep.add_stats(_table(_seed_shifted_rows()[:12]), n_resamples=50)
+  sweep.write_outputs(old, str(tmp_path), plot=False)
+  before = {n: (tmp_path / n).read_bytes() for n in ("sweep.json", "sweep.md")}
+  assert json.loads(before["sweep.json"])["rows"] == old["rows"]
+  new = sweep.add_stats(_table(_seed_shifted_rows()), n_resamples=50)
+  real_dump = json.dump
+
+  def crash(obj, f, **kw):  # part of the file, then the process dies
+    f.write(json.dumps(obj, **kw)[:100])
+    raise KeyboardInterrupt("killed during json.dump")
+
+  monkeypatch.setattr(sweep.json, "dump", crash)
+  with pytest.raises(KeyboardInterrupt):
+    sweep.write_outputs(new, str(tmp_path), plot=False)
+  assert {n: (tmp_path / n).read_bytes() for n in before} == before
+  assert sorted(os.listdir(tmp_path)) == ["sweep.json", "sweep.md"]  # no temporary file left
+  monkeypatch.setattr(sweep.json, "dump", real_dump)
+  sweep.write_outputs(new, str(tmp_path))
+  assert len(json.loads((tmp_path / "sweep.json").read_text())["rows"]) == 18
+  assert (tmp_path / "sweep.md").read_text() == sweep.markdown(new)
+  assert sorted(os.listdir(tmp_path)) == ["sweep.json", "sweep.md", "sweep_r2.png"]
+
+
+def _same(a, b) -> bool:
+  """Equal nested JSON values, nan equal to nan (json writes both as NaN)."""
+  return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def test_stats_from_sweep_json_rederives_the_statistics(tmp_path):
+  rows = _seed_shifted_rows()
+  rows[5]["decap_cider"] = None  # a missing value survives the JSON round trip as null
+  # A sweep.json of the earlier layout: rows, metrics lists and the pooled r2, no stats.
+  legacy = {**_table(rows), "r2": regression.r2_table(rows, sweep.GAPS, sweep.TASKS["image_text"])}
+  (tmp_path / "sweep.json").write_text(json.dumps(legacy, indent=2))
+  got = sweep.stats_from_sweep_json(str(tmp_path / "sweep.json"))
+  tasks = sweep.TASKS["image_text"]
+  assert _same(got["stats"], regression.sweep_stats(rows, sweep.GAPS, tasks))
+  assert got["r2"]["raw"]["zeroshot_top1"] == got["stats"]["raw"]["zeroshot_top1"]["r2"]
+  assert got["r2"]["raw"]["zeroshot_top1"] != legacy["r2"]["raw"]["zeroshot_top1"]
+  assert got["independent_task_metrics"] == [t for t in tasks if t != "decap_proj_cider"]
+  assert got["stats"]["raw"]["decap_cider"]["n_rows"] == 17
+  assert "Within-seed R²" in sweep.markdown(got)
+  # What a sweep writes is what re-deriving from its rows gives, to the bit.
+  sweep.write_outputs(sweep.add_stats(_table(rows)), str(tmp_path), plot=False)
+  saved = json.loads((tmp_path / "sweep.json").read_text())
+  again = sweep.stats_from_sweep_json(str(tmp_path / "sweep.json"))
+  assert _same(again["stats"], saved["stats"]) and _same(again["r2"], saved["r2"])
+  # Tables without the metrics lists: GAPS and the known tasks the rows have.
+  bare = tmp_path / "bare.json"
+  bare.write_text(json.dumps({"rows": rows}))
+  got = sweep.stats_from_sweep_json(str(bare))
+  assert got["gap_metrics"] == list(sweep.GAPS) and got["task_metrics"] == list(tasks)
+
+
+def test_task_vs_gap_figure_fits_the_means_and_labels_retrieval(tmp_path, monkeypatch):
+  rows = _seed_shifted_rows()
+  figs = []
+  monkeypatch.setattr(plots.plt, "close", figs.append)
+  tasks = ["zeroshot_top1", "decap_proj_cider"]
+  plots.plot_task_vs_gap(
+    rows, ["raw"], tasks, str(tmp_path / "f.png"), task_labels=[sweep.task_label(t) for t in tasks]
+  )
+  axes = figs[0].axes
+  assert [ax.get_ylabel() for ax in axes[:2]] == ["zeroshot_top1", "decap_proj_cider (retrieval)"]
+  r2 = regression.r2_of_means(rows, "raw", "decap_proj_cider")
+  assert axes[1].get_title() == f"raw  R²(means)={r2:.3f}"
+  assert (tmp_path / "f.png").stat().st_size > 0
+
+
 def test_sweep_smoke_writes_rows_and_r2(tmp_path):
   table = sweep.run_sweep(
     "configs/tpc_cma.py",
@@ -152,12 +317,20 @@ def test_sweep_smoke_writes_rows_and_r2(tmp_path):
     assert r["logit_scale"] == pytest.approx(teacher["logit_scale"], rel=1e-6)  # the default
     assert r["reduction_vs_alpha0"] is not None
   assert set(saved["r2"]) == set(sweep.GAPS)
+  tasks = sweep.TASKS["image_text"]
+  assert _same(saved["stats"], regression.sweep_stats(rows, sweep.GAPS, tasks))
   for gk in sweep.GAPS:
-    for tk in sweep.TASKS["image_text"]:
+    for tk in tasks:
+      # One seed: each setting's mean is its one row, so r2 is the fit over the 3 rows.
       g = np.array([r[gk] for r in rows])
       t = np.array([r[tk] for r in rows])
       if np.ptp(t) > 0:
         assert saved["r2"][gk][tk] == pytest.approx(_lstsq_r2(g, t), abs=1e-9)
+      cell = saved["stats"][gk][tk]
+      assert (cell["n_points"], cell["n_seeds"], cell["n_rows"]) == (3, 1, 3)
+      assert cell["bootstrap_ci95"] == [None, None] or all(map(math.isnan, cell["bootstrap_ci95"]))
   assert (tmp_path / "seed_0" / "alpha_1" / "stages").is_dir()
   assert (tmp_path / "sweep_r2.png").stat().st_size > 0
-  assert "R²" in (tmp_path / "sweep.md").read_text()
+  md = (tmp_path / "sweep.md").read_text()
+  assert md == sweep.markdown(saved) and "decap_proj_cider (retrieval)" in md
+  assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]

@@ -195,11 +195,15 @@ def plot_task_vs_gap(
   path: str,
   *,
   color_key: str = "alpha_target",
+  task_labels: Sequence[str] | None = None,
 ) -> str:
-  """Grid PNG: task metric (row) against gap metric (column), one point per checkpoint (colour =
-  ``color_key``; None, the teacher, as black crosses), the OLS line and its R² (regression.py)."""
+  """Grid PNG: task metric (row; ``task_labels`` names it, default its key) against gap metric
+  (column). Each checkpoint is a small point (colour = ``color_key``; None, the teacher, black);
+  the per-setting seed means (regression.seed_means, grouped by ``color_key``) are large markers,
+  and the line and R² are the OLS fit over those means — the sweep's headline ``r2``."""
   from gmail_jax.evaluators import regression
 
+  labels = list(task_labels) if task_labels is not None else list(task_keys)
   fig, axes = plt.subplots(
     len(task_keys),
     len(gap_keys),
@@ -209,27 +213,46 @@ def plot_task_vs_gap(
   for i, tk in enumerate(task_keys):
     for j, gk in enumerate(gap_keys):
       ax = axes[i][j]
-      pts = [r for r in rows if r.get(gk) is not None and r.get(tk) is not None]
+      pts = regression.complete_rows(rows, gk, tk)
       g = np.array([r[gk] for r in pts], np.float64)
       t = np.array([r[tk] for r in pts], np.float64)
       c = [r.get(color_key) for r in pts]
       learned = [k for k, v in enumerate(c) if v is not None]
       fixed = [k for k, v in enumerate(c) if v is None]
+      vmin = min((c[k] for k in learned), default=0.0)
+      vmax = max((c[k] for k in learned), default=1.0)
       if learned:
-        sc = ax.scatter(g[learned], t[learned], c=[c[k] for k in learned], cmap="viridis", s=18)
+        sc = ax.scatter(
+          g[learned],
+          t[learned],
+          c=[c[k] for k in learned],
+          cmap="viridis",
+          s=8,
+          alpha=0.4,
+          vmin=vmin,
+          vmax=vmax,
+        )
         if i == 0 and j == len(gap_keys) - 1:
           fig.colorbar(sc, ax=ax, label=color_key)
       if fixed:
-        ax.scatter(g[fixed], t[fixed], c="black", marker="x", s=24, label="teacher")
+        ax.scatter(g[fixed], t[fixed], c="black", marker="x", s=10, alpha=0.4)
+      settings, gm, tm = regression.seed_means(pts, gk, tk, color_key)
+      for setting, x, y in zip(settings, gm, tm, strict=True):
+        if setting is None:
+          ax.scatter([x], [y], c="black", marker="X", s=60)
+        else:
+          ax.scatter(
+            [x], [y], c=[setting], cmap="viridis", vmin=vmin, vmax=vmax, s=60, edgecolors="black"
+          )
       title = gk
-      if len(pts) >= 2:
-        a, b, r2 = regression.ols_fit(g, t)
-        xs = np.linspace(g.min(), g.max(), 2)
+      if gm.size >= 2:
+        a, b, r2 = regression.ols_fit(gm, tm)
+        xs = np.linspace(gm.min(), gm.max(), 2)
         ax.plot(xs, a + b * xs, "r-", lw=1)
-        title = f"{gk}  R²={r2:.3f}"
+        title = f"{gk}  R²(means)={r2:.3f}"
       ax.set_title(title, fontsize=9)
       ax.set_xlabel(gk, fontsize=8)
-      ax.set_ylabel(tk, fontsize=8)
+      ax.set_ylabel(labels[i], fontsize=8)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=110)

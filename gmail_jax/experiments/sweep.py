@@ -16,9 +16,12 @@ held-out split (never trained on):
                     Tasks: zeroshot_top1 over the class captions; joint_ari (k-means on x ∪ y,
                     k = #classes, evaluators/clustering.py); probe_acc (a linear probe fitted on
                     the even-indexed x, tested on the odd: how discriminative the images stay);
-                    decap_cider / decap_proj_cider (DeCap, captioning/decap.py, trained on the
-                    text embeddings of the class captions only, fed x directly / projected onto
-                    the caption memory: CIDEr-D against the class's captions)
+                    decap_cider (DeCap, captioning/decap.py, trained on the text embeddings of
+                    the class captions only, fed x directly: CIDEr-D against the class's
+                    captions); decap_proj_cider (the same decoder fed x projected onto the
+                    caption memory, softmax(cos/0.01): nearest-caption retrieval over the
+                    reference captions, not an independent captioning task — labelled
+                    "(retrieval)" in sweep.md and left out of ``independent_task_metrics``)
   pairs=gen_real    x = f_g(rendered test digit), y = f_r(real test scan of the same class, paired
                     in order). Tasks: class_acc (nearest real-class-centroid top-1 of x);
                     joint_ari of x ∪ y; transfer_acc (GMAIL's: a probe fitted on x, tested on
@@ -32,9 +35,26 @@ temperature it trained with and its logit_scale = 1/τ (the teacher row: its own
 evaluators/gap.py (raw, centroid, distribution, frechet, frechet_distribution, paired_cosine),
 the task metrics, and gap reductions % = 100·(1 − G/G_ref) per gap against the seed's teacher
 (``reduction_vs_teacher``) and against the seed's α = 0 run, trained under the same temperature
-setting (``reduction_vs_alpha0``); ``summary`` — mean ± std (sample std) over seeds per α; ``r2``
-— {gap: {task: R²}} of the OLS line task = a + b·gap across all rows (evaluators/regression.py).
-Also WORKDIR/sweep.md (the tables) and WORKDIR/sweep_r2.png (plots.plot_task_vs_gap).
+setting (``reduction_vs_alpha0``); ``summary`` — mean ± std (sample std) over seeds per α;
+``stats`` — {gap: {task: {...}}} (evaluators/regression.py::sweep_stats), per (gap, task) over the
+rows that have both values:
+
+  r2               R² of the OLS line task = a + b·gap over the per-setting seed means: one point
+                   for the teacher rows' mean, one per α (n_points of them) — the headline
+  bootstrap_ci95   [lo, hi]: 95 % percentile interval of r2 over ``stats_bootstrap.resamples``
+                   resamples of the seeds with replacement (numpy seed ``stats_bootstrap.rng_seed``;
+                   per-α means recomputed each time); bootstrap_valid: resamples with a defined R²
+  within_seed_r2   {mean, std, n, per_seed: {seed: R²}}: R² over each seed's own rows
+  spearman         Spearman's ρ over the same per-setting means
+  pooled_r2        R² over all rows in one fit (the earlier ``r2``: mixes between-seed variance
+                   with the α effect, and the teacher rows have high leverage)
+  n_points, n_seeds, n_rows
+
+``r2`` — {gap: {task: stats[gap][task].r2}}, the headline alone; ``task_notes`` — {task: why it is
+not an independent task}; ``independent_task_metrics`` — task_metrics less those. ``add_stats`` /
+``stats_from_sweep_json`` re-derive stats, r2 and the notes from a sweep.json's rows.
+Also WORKDIR/sweep.md (the tables, ``markdown``) and WORKDIR/sweep_r2.png
+(plots.plot_task_vs_gap); all three are written to a temporary file and renamed over the old one.
 """
 
 from __future__ import annotations
@@ -42,9 +62,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -63,6 +84,16 @@ GAPS = (*gap.GAP_KEYS, "paired_cosine")
 TASKS = {
   "image_text": ("zeroshot_top1", "joint_ari", "probe_acc", "decap_cider", "decap_proj_cider"),
   "gen_real": ("class_acc", "joint_ari", "transfer_acc"),
+}
+# Task metrics that are not independent tasks: reported (under their row key), labelled, and left
+# out of every count of tasks.
+TASK_KINDS = {"decap_proj_cider": "retrieval"}
+TASK_NOTES = {
+  "decap_proj_cider": (
+    "DeCap fed each image embedding projected onto the reference captions' text embeddings,"
+    " softmax(cos/0.01)-weighted — nearest-caption retrieval at τ = 0.01 over the reference"
+    " captions, not an independent captioning task"
+  ),
 }
 
 
@@ -329,28 +360,114 @@ def run_sweep(
     rows.extend(seed_rows)
   pairs = config.cma.pairs
   tasks = tuple(t for t in TASKS[pairs] if decap_steps > 0 or not t.startswith("decap_"))
-  table = {
-    "config": config_spec,
-    "extra_arg": extra_arg,
-    "pairs": pairs,
-    "form": config.cma.form,
-    "nce": config.cma.nce,
-    "seeds": [r["seed"] for r in rows if r["alpha_target"] is None],
-    "alphas": [float(a) for a in alphas],
-    "n_pairs": len(data["gen"]) if pairs == "gen_real" else len(data["real"]),
-    "gap_metrics": list(GAPS),
-    "task_metrics": list(tasks),
-    "rows": rows,
-    "summary": summarize(rows, (*GAPS, *tasks, "temperature", "logit_scale")),
-    "r2": regression.r2_table(rows, GAPS, tasks),
-  }
+  table = add_stats(
+    {
+      "config": config_spec,
+      "extra_arg": extra_arg,
+      "pairs": pairs,
+      "form": config.cma.form,
+      "nce": config.cma.nce,
+      "seeds": [r["seed"] for r in rows if r["alpha_target"] is None],
+      "alphas": [float(a) for a in alphas],
+      "n_pairs": len(data["gen"]) if pairs == "gen_real" else len(data["real"]),
+      "gap_metrics": list(GAPS),
+      "task_metrics": list(tasks),
+      "rows": rows,
+      "summary": summarize(rows, (*GAPS, *tasks, "temperature", "logit_scale")),
+    }
+  )
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "sweep.json"), "w") as f:
-      json.dump(table, f, indent=2)
-    with open(os.path.join(workdir, "sweep.md"), "w") as f:
-      f.write(markdown(table))
-    plots.plot_task_vs_gap(rows, GAPS, tasks, os.path.join(workdir, "sweep_r2.png"))
+    write_outputs(table, workdir)
   return table
+
+
+def task_label(task: str) -> str:
+  """A task metric's name in tables and figures: ``decap_proj_cider (retrieval)`` for the
+  TASK_KINDS ones (their row key stays the bare name)."""
+  return f"{task} ({TASK_KINDS[task]})" if task in TASK_KINDS else task
+
+
+def independent_tasks(tasks: Sequence[str]) -> list[str]:
+  """``tasks`` less those that are not independent tasks (TASK_NOTES): what any count of tasks
+  counts."""
+  return [t for t in tasks if t not in TASK_NOTES]
+
+
+def add_stats(
+  table: dict,
+  *,
+  n_resamples: int = regression.BOOTSTRAP_RESAMPLES,
+  rng_seed: int = regression.BOOTSTRAP_SEED,
+) -> dict:
+  """``table`` (a sweep dict: ``rows``, and ``gap_metrics`` / ``task_metrics``, else GAPS / every
+  known task the rows have) with ``stats``, ``r2``, ``stats_bootstrap``, ``task_notes`` and
+  ``independent_task_metrics`` computed from its rows (module docstring)."""
+  rows = table["rows"]
+  known_tasks = dict.fromkeys(t for ts in TASKS.values() for t in ts)
+  gaps = table.get("gap_metrics") or [g for g in GAPS if any(g in r for r in rows)]
+  tasks = table.get("task_metrics") or [t for t in known_tasks if any(t in r for r in rows)]
+  stats = regression.sweep_stats(rows, gaps, tasks, n_resamples=n_resamples, rng_seed=rng_seed)
+  return {
+    **table,
+    "gap_metrics": list(gaps),
+    "task_metrics": list(tasks),
+    "independent_task_metrics": independent_tasks(tasks),
+    "task_notes": {t: TASK_NOTES[t] for t in tasks if t in TASK_NOTES},
+    "stats_bootstrap": {"resamples": n_resamples, "rng_seed": rng_seed},
+    "stats": stats,
+    "r2": {g: {t: cell["r2"] for t, cell in by_task.items()} for g, by_task in stats.items()},
+  }
+
+
+def stats_from_sweep_json(path: str, **kw: Any) -> dict:
+  """The table of an existing sweep.json with its statistics re-derived from its ``rows``
+  (``add_stats``; kw: n_resamples, rng_seed): for files written before ``stats`` existed, or to
+  check one. ``markdown`` of the result prints its tables."""
+  with open(path) as f:
+    return add_stats(json.load(f), **kw)
+
+
+def _write_atomic(path: str, write: Callable[[str], Any]) -> None:
+  """write(tmp) on a temporary file beside ``path`` (same suffix: savefig reads the format from
+  it), then os.replace(tmp, path), so a crash mid-write leaves the previous file whole rather than
+  truncated (a rename within one directory is atomic); the temporary file goes on failure."""
+  head, base = os.path.split(path)
+  stem, ext = os.path.splitext(base)
+  tmp = os.path.join(head, f".{stem}.{os.getpid()}.tmp{ext}")
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _write_file(path: str, write: Callable[[Any], Any]) -> None:
+  with open(path, "w") as f:
+    write(f)
+    f.flush()
+    os.fsync(f.fileno())  # on disk before the rename makes it the file
+
+
+def write_outputs(table: dict, workdir: str, *, plot: bool = True) -> None:
+  """WORKDIR/sweep.json, sweep.md and (plot) sweep_r2.png of a sweep table, each atomically."""
+  text = markdown(table)  # before any write: a table that cannot be printed changes no file
+  _write_atomic(
+    os.path.join(workdir, "sweep.json"),
+    lambda p: _write_file(p, lambda f: json.dump(table, f, indent=2)),
+  )
+  _write_atomic(
+    os.path.join(workdir, "sweep.md"), lambda p: _write_file(p, lambda f: f.write(text))
+  )
+  if plot:
+    tasks = table["task_metrics"]
+    _write_atomic(
+      os.path.join(workdir, "sweep_r2.png"),
+      lambda p: plots.plot_task_vs_gap(
+        table["rows"], table["gap_metrics"], tasks, p, task_labels=[task_label(t) for t in tasks]
+      ),
+    )
 
 
 def _pm(stats: dict, key: str, fmt: str) -> str:
@@ -360,16 +477,25 @@ def _pm(stats: dict, key: str, fmt: str) -> str:
   return f"{s['mean']:{fmt}} ± {s['std']:{fmt}}" if stats["n"] > 1 else f"{s['mean']:{fmt}}"
 
 
+def _num(x: float | None, fmt: str = ".3f") -> str:
+  return "nan" if x is None or math.isnan(x) else f"{x:{fmt}}"
+
+
 def markdown(table: dict) -> str:
+  """sweep.md: the per-α summary (mean ± std over seeds), then per gap × task the headline R² over
+  the per-setting means with its seed-bootstrap interval, the within-seed R², Spearman's ρ and the
+  pooled R² (``stats``; a cell over fewer points than the others says its n), then the task
+  notes."""
   tasks = table["task_metrics"]
-  n_seeds = len(table["seeds"])
+  labels = [task_label(t) for t in tasks]
+  independent = independent_tasks(tasks)
+  seeds = table.get("seeds") or sorted({r.get("seed") for r in table["rows"]}, key=str)
   lines = [
     f"TPC-CMA α sweep ({table['pairs']} pairs, {table['n_pairs']} held-out pairs, form="
-    f"{table['form']}, nce={table['nce']}, seeds {table['seeds']}: mean ± sample std over"
-    f" {n_seeds})",
+    f"{table['form']}, nce={table['nce']}, seeds {seeds}: mean ± sample std over {len(seeds)})",
     "",
     "| α_target | τ | G_C | G_D | G_raw | Δraw vs teacher % | Δraw vs α=0 % | ΔG_D vs α=0 % "
-    "| paired cos | " + " | ".join(tasks) + " |",
+    "| paired cos | " + " | ".join(labels) + " |",
     "|---" * (9 + len(tasks)) + "|",
   ]
   for s in table["summary"]:
@@ -387,13 +513,58 @@ def markdown(table: dict) -> str:
       *(_pm(s, t, ".3f") for t in tasks),
     ]
     lines.append("| " + " | ".join(cells) + " |")
-  lines += [
-    "",
-    f"R² of the OLS line task = a + b·gap across all {len(table['rows'])} rows",
-    "",
-    "| gap | " + " | ".join(tasks) + " |",
-    "|---" * (1 + len(tasks)) + "|",
-  ]
-  for g, by_task in table["r2"].items():
-    lines.append(f"| {g} | " + " | ".join(f"{by_task[t]:.3f}" for t in tasks) + " |")
+
+  stats = table["stats"]
+  all_cells = [c for by_task in stats.values() for c in by_task.values()]
+  n_points = max((c["n_points"] for c in all_cells), default=0)
+  n_seeds = max((c["n_seeds"] for c in all_cells), default=0)
+  n_rows = max((c["n_rows"] for c in all_cells), default=0)
+  resamples = table.get("stats_bootstrap", {}).get("resamples", regression.BOOTSTRAP_RESAMPLES)
+
+  def grid(title: str, cell: Callable[[dict], str]) -> None:
+    lines.extend(["", title, "", "| gap | " + " | ".join(labels) + " |"])
+    lines.append("|---" * (1 + len(tasks)) + "|")
+    for g, by_task in stats.items():
+      lines.append(f"| {g} | " + " | ".join(cell(by_task[t]) for t in tasks) + " |")
+
+  def n_note(n: int, common: int) -> str:  # a cell over fewer points than the others says so
+    return f" (n={n})" if n != common else ""
+
+  def with_ci(c: dict) -> str:
+    lo, hi = c["bootstrap_ci95"]
+    ci = f" [{_num(lo)}, {_num(hi)}]" if not math.isnan(lo) else ""
+    return _num(c["r2"]) + ci + n_note(c["n_points"], n_points)
+
+  def within(c: dict) -> str:
+    w = c["within_seed_r2"]
+    return (
+      _num(w["mean"]) + (f" ± {_num(w['std'])}" if w["n"] > 1 else "") + n_note(w["n"], n_seeds)
+    )
+
+  grid(
+    f"R² of the OLS line task = a + b·gap over the per-setting seed means (the headline `r2`: n ="
+    f" {n_points} points, the teacher rows' mean and each α's, each over up to {n_seeds} seeds)"
+    f" [95 % bootstrap interval, {resamples} resamples of the seeds]:",
+    with_ci,
+  )
+  grid(
+    f"Within-seed R² (each seed's own teacher + α rows), mean ± std over {n_seeds} seeds:", within
+  )
+  grid(
+    f"Spearman ρ over the same {n_points} per-setting means:",
+    lambda c: _num(c["spearman"]) + n_note(c["n_points"], n_points),
+  )
+  grid(
+    f"Pooled R² over all {n_rows} rows in one fit (the earlier headline; it mixes between-seed"
+    " variance with the α effect, and the teacher rows have high leverage):",
+    lambda c: _num(c["pooled_r2"]) + n_note(c["n_rows"], n_rows),
+  )
+  lines += ["", f"Independent task metrics ({len(independent)}): " + ", ".join(independent) + "."]
+  for t in tasks:
+    if t in TASK_NOTES:
+      lines += [
+        "",
+        f"{task_label(t)}: {TASK_NOTES[t]}; not counted among the independent task metrics"
+        f" (row key `{t}`).",
+      ]
   return "\n".join(lines) + "\n"
