@@ -2,13 +2,16 @@
 
     run = load_run("/tmp/gmail_quickstart/align")     # config from WORKDIR/config.json
     run.teacher, run.student                          # nnx models; the student has LoRA merged
+                                                      # and the logit head the run trained
     run.encoders()["student"].encode_generated(images)
 
 Rebuilds the frozen teacher exactly as training did (``build.build``: ``config.init`` or the seeded
 random init), restores the trainable state of ``step`` (default: the latest) from
 WORKDIR/checkpoints, checks that the checkpoint was trained on this teacher, and folds the adapters
-(and a trained projection) into a plain model. The only loader used by ``gmail_jax.evaluate``,
-``api.load_student`` / ``api.load_clip(WORKDIR)``, ``gmail_jax.sweep`` and the exporters.
+(and a trained projection) into a plain model whose ``logit_scale`` / ``logit_bias`` are the ones
+the run trained its image-text logits with (``objectives.trained_logit_head``; else the
+teacher's). The only loader used by ``gmail_jax.evaluate``, ``api.load_student`` /
+``api.load_clip(WORKDIR)``, ``gmail_jax.sweep`` and the exporters.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class Run:
   step: int
   mesh: jax.sharding.Mesh
   teacher: nnx.Module
-  student: nnx.Module  # LoRA (and a trained projection) merged
+  student: nnx.Module  # LoRA (and a trained projection) merged; the trained logit head
   state: dict[str, Any]  # {'step', 'params', 'opt', 'bad_step'} as restored
   tokenizer: Tokenizer
 
@@ -103,7 +106,7 @@ def load_run(
       teacher_id = build.teacher_identity(config, frozen)
       checkpointing.check_teacher(meta.get("teacher", {}), teacher_id, ckpt.directory)
       teacher = nnx.merge(models.teacher, frozen)
-      student = build.merged_student(models, state["params"], frozen, rng)
+      student = build.merged_student(models, state["params"], frozen, rng, config=config)
   finally:
     ckpt.close()
   tokenizer = build.tokenizer(config, built["text_context"])

@@ -1,9 +1,10 @@
 """gmail_jax.export: a trained run as a transformers CLIP directory and as a PEFT LoRA adapter.
 
 Offline: tiny runs initialised from a random HF CLIP directory (tests/hf_tiny.py), one with LoRA on
-attention + MLP and a trained projection, one from a random (scratch) teacher. transformers and
+attention + MLP and a trained projection, one from a random (scratch) teacher, one whose teacher
+is Long-CLIP-stretched, one that learns its image-text temperature (TPC-CMA). transformers and
 peft must load the exports and give the embeddings ``api.load_student`` gives (<= 1e-4) on COCO
-photos and captions.
+photos and captions, and the logits the run trained (its temperature).
 """
 
 import json
@@ -13,16 +14,19 @@ import subprocess
 import sys
 
 import hf_tiny
+import jax
 import numpy as np
 import PIL.Image
 import pytest
 from config_helpers import load_config
 
-from gmail_jax import api
+from gmail_jax import api, objectives
+from gmail_jax import run as run_lib
 from gmail_jax.data import preprocess
 from gmail_jax.errors import ConfigError, InputError
 from gmail_jax.export import exporter as export_lib
 from gmail_jax.export import peft_adapter
+from gmail_jax.training import sharding as shd
 from gmail_jax.training import train
 
 torch = pytest.importorskip("torch")
@@ -76,6 +80,37 @@ def scratch_run(tmp_path_factory) -> pathlib.Path:
   )
 
 
+@pytest.fixture(scope="module")
+def short_hf_dir(tmp_path_factory) -> pathlib.Path:
+  """A teacher with a 24-token text context: Long-CLIP stretching needs more than 21."""
+  path = tmp_path_factory.mktemp("short") / "clip"
+  return hf_tiny.save_tiny_hf_clip(path, layers=1, text={"max_position_embeddings": 24})
+
+
+@pytest.fixture(scope="module")
+def stretched_run(short_hf_dir, tmp_path_factory) -> pathlib.Path:
+  return _train(
+    tmp_path_factory.mktemp("stretched") / "run",
+    init=str(short_hf_dir),
+    **{"model.text_context": 28, "lora.targets": ("attn", "mlp")},
+  )
+
+
+@pytest.fixture(scope="module")
+def temperature_run(hf_dir, tmp_path_factory) -> pathlib.Path:
+  """TPC-CMA image-text alignment that learns its temperature (from the teacher's logit scale)."""
+  return _train(
+    tmp_path_factory.mktemp("temperature") / "run",
+    init=str(hf_dir),
+    **{
+      "loss.mode": "tpc_cma",
+      "cma.pairs": "image_text",
+      "loss.learn_temperature": True,
+      "optim.lr": 1e-2,  # the scale must move well past the tolerance in 3 steps
+    },
+  )
+
+
 @pytest.fixture
 def coco(shared):
   """(photos, captions): the first val2017 photos and captions of coco-mini."""
@@ -110,6 +145,27 @@ def _ids(path: pathlib.Path, captions: list[str]) -> np.ndarray:
   return np.asarray(
     tok(captions, padding="max_length", max_length=77, truncation=True)["input_ids"]
   )
+
+
+def _hf_logits(model, pixels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+  """``logits_per_image`` of a transformers model (or a PeftModel on one)."""
+  with torch.no_grad():
+    out = model(
+      input_ids=torch.from_numpy(ids.astype(np.int64)),
+      pixel_values=torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))),
+    )
+  return out.logits_per_image.detach().numpy()
+
+
+def _our_logits(student, pixels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+  """``logits_per_image`` of the student model itself (models/clip.py DualEncoder.__call__)."""
+  logits, _ = student.model(pixels, ids)
+  return np.asarray(jax.device_get(logits))
+
+
+def _one_device_run(workdir) -> run_lib.Run:
+  mesh = shd.make_mesh({"data": 1, "fsdp": 1}, jax.local_devices()[:1])
+  return run_lib.load_run(workdir, mesh=mesh)
 
 
 def _close(name: str, got: np.ndarray, want: np.ndarray) -> float:
@@ -225,6 +281,112 @@ def test_peft_adapter_of_a_random_teacher_ships_the_base(scratch_run, coco, tmp_
   export_lib.export(scratch_run, out, format="peft", force=True)
   assert not (out / "stale.txt").exists() and (out / export_lib.BASE_DIR).is_dir()
   assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _long_captions(captions: list[str]) -> list[str]:
+  """Captions past the 28-token context (three COCO captions each): the EOT pools at the last,
+  stretched position, so the text embedding depends on the interpolated rows."""
+  return [" ".join(captions[i : i + 3]) for i in range(len(captions) - 2)]
+
+
+def test_peft_adapter_of_a_stretched_teacher_ships_the_base(
+  stretched_run, short_hf_dir, coco, tmp_path
+):
+  """model.text_context stretches config.init's 24 positions to 28 (Long-CLIP): the adapter must
+  load onto that teacher, not onto config.init's."""
+  photos, captions = coco
+  texts = _long_captions(captions)
+  student = api.load_student(stretched_run)
+  ids = student.tokenize(texts)
+  assert ids.shape[1] == 28 and (ids[:, -1] == student.tokenizer.eot_id).all()
+  out = tmp_path / "peft"
+  export_lib.export(stretched_run, out, format="peft")
+  model, cfg = _peft_model(out)
+  pixels = preprocess.preprocess(photos, 32)
+  img, txt = _hf_embed(model, pixels, ids)
+  _close("stretched peft image", img, student.encode_images(pixels))
+  _close("stretched peft text", txt, student.encode_texts(texts))
+  assert cfg["base_model_name_or_path"] == str(out / export_lib.BASE_DIR)
+  # Not vacuous: config.init's own text tower cannot read these ids at all.
+  assert _load_clip(short_hf_dir).config.text_config.max_position_embeddings == 24
+
+
+def _close_logits(name: str, got: np.ndarray, want: np.ndarray, scale: float) -> float:
+  """Logits agree to TOL in cosine units (the embeddings' tolerance times the scale)."""
+  return _close(name, got / scale, want / scale)
+
+
+def test_learned_temperature_is_the_exported_logit_scale(temperature_run, hf_dir, coco, tmp_path):
+  """TPC-CMA image-text alignment trains the student's image-text logits at its learned τ:
+  both exports' logits_per_image are cos / τ, not the teacher's scale."""
+  photos, captions = coco
+  pixels = preprocess.preprocess(photos, 32)
+  run = _one_device_run(temperature_run)
+  teacher_scale = float(np.exp(np.asarray(jax.device_get(run.teacher.logit_scale[...]))))
+  tau = objectives.trained_temperature(run.config, run.state["params"], teacher_scale)
+  print(f"teacher scale {teacher_scale:.4f}, trained 1/tau {1 / tau:.4f}")
+  assert abs(1 / tau - teacher_scale) > 0.01 * teacher_scale  # the temperature did train
+  # The student's head and the adapter's base are copies: the run's teacher keeps its own head.
+  base_head = float(np.asarray(jax.device_get(export_lib.base_model(run).logit_scale[...])))
+  assert base_head == float(np.asarray(jax.device_get(run.student.logit_scale[...])))
+  assert teacher_scale == pytest.approx(np.exp(_load_clip(hf_dir).logit_scale.item()), rel=1e-6)
+  student = api.load_student(temperature_run)
+  ids = student.tokenize(captions)
+  want = student.encode_images(pixels) @ student.encode_texts(captions).T / tau
+  _close_logits("student logits", _our_logits(student, pixels, ids), want, 1 / tau)
+  out = pathlib.Path(export_lib.export(temperature_run, tmp_path / "hf", format="hf"))
+  _close_logits("hf logits", _hf_logits(_load_clip(out), pixels, ids), want, 1 / tau)
+  adapter = tmp_path / "peft"
+  export_lib.export(temperature_run, adapter, format="peft")
+  model, cfg = _peft_model(adapter)
+  # The adapter cannot hold a bare logit_scale: the base beside it carries the trained one.
+  assert cfg["base_model_name_or_path"] == str(adapter / export_lib.BASE_DIR)
+  _close_logits("peft logits", _hf_logits(model, pixels, ids), want, 1 / tau)
+
+
+def test_trained_logit_head_by_objective():
+  """Which runs replace the teacher's logit_scale / logit_bias in their exports (module doc)."""
+  learned = {"log_scale": np.float32(np.log(20.0)), "text_bias": np.float32(-3.0)}
+
+  def head(params, **changes) -> dict[str, float]:
+    c = load_config("tiny")
+    for key, value in changes.items():
+      group, _, name = key.rpartition(".")
+      c[group][name] = value
+    return {k: float(v) for k, v in objectives.trained_logit_head(c, params).items()}
+
+  # GMAIL: its τ aligns generated with real images; only a sigmoid text term's bias is a head.
+  assert head({"log_scale": learned["log_scale"]}) == {}
+  assert head(learned) == {"logit_bias": -3.0}
+  image_text = {"loss.mode": "tpc_cma", "cma.pairs": "image_text"}
+  assert head({"log_scale": learned["log_scale"]}, **image_text) == {
+    "logit_scale": pytest.approx(np.log(20.0))
+  }
+  # Clamped at 1/τ = 100, as training's temperature_of clamps it.
+  assert head({"log_scale": np.float32(7.0)}, **image_text) == {
+    "logit_scale": pytest.approx(np.log(100.0))
+  }
+  assert head({}, **image_text) == {}  # 'auto': the teacher's own scale, not learned
+  fixed = {**image_text, "loss.temperature_from": "config", "loss.temperature": 0.05}
+  assert head({}, **fixed) == {"logit_scale": pytest.approx(np.log(20.0))}
+  gen_real = {"loss.mode": "tpc_cma", "cma.pairs": "gen_real"}
+  assert head({"log_scale": learned["log_scale"]}, **gen_real) == {}
+
+
+def test_gmail_run_keeps_the_teachers_logit_scale(attn_run, hf_dir, coco, tmp_path):
+  """GMAIL's τ is the generated-real alignment's, not an image-text scale: the exported
+  logit_scale stays the teacher's (and the adapter's base stays config.init)."""
+  photos, captions = coco
+  pixels = preprocess.preprocess(photos, 32)
+  student = api.load_student(attn_run)
+  ids = student.tokenize(captions)
+  out = pathlib.Path(export_lib.export(attn_run, tmp_path / "hf", format="hf"))
+  model, teacher = _load_clip(out), _load_clip(hf_dir)
+  assert model.logit_scale.item() == teacher.logit_scale.item()
+  scale = float(np.exp(teacher.logit_scale.item()))
+  _close_logits(
+    "gmail hf logits", _hf_logits(model, pixels, ids), _our_logits(student, pixels, ids), scale
+  )
 
 
 def _one_line(excinfo) -> str:

@@ -260,6 +260,78 @@ def test_tiny_run_from_openai_checkpoint_trains_and_resumes(openai_files, tmp_pa
   assert student.encode_texts(["a cat"]).shape == (1, 32)
 
 
+def _one_device_run(workdir):
+  import jax
+
+  from gmail_jax import run as run_lib
+  from gmail_jax.training import sharding as shd
+
+  mesh = shd.make_mesh({"data": 1, "fsdp": 1}, jax.local_devices()[:1])
+  return run_lib.load_run(workdir, mesh=mesh)
+
+
+def _check_logits(name, model, pixels, ids, want_img, want_txt, want_logits, scale):
+  """A transformers CLIPModel / SiglipModel (or a PeftModel on one) embeds like ``want_*`` (<= 1e-4)
+  and its logits_per_image are ``want_logits`` (<= 1e-4 in cosine units: times ``scale``)."""
+  with torch.no_grad():
+    out = model(
+      input_ids=torch.from_numpy(ids.astype(np.int64)),
+      pixel_values=torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))),
+    )
+  img, txt = (
+    o.numpy() / np.linalg.norm(o.numpy(), axis=-1, keepdims=True)
+    for o in (out.image_embeds, out.text_embeds)
+  )
+  err = float(max(np.abs(img - want_img).max(), np.abs(txt - want_txt).max()))
+  logit_err = float(np.abs(out.logits_per_image.numpy() - want_logits).max()) / scale
+  print(f"{name}: embeddings {err:.3g}, logits {logit_err:.3g} (cosine units)")
+  assert err <= 1e-4 and logit_err <= 1e-4, (name, err, logit_err)
+
+
+def _student_logits(student, pixels, ids) -> np.ndarray:
+  logits, _ = student.model(pixels, ids)
+  return np.asarray(logits)
+
+
+def test_openai_checkpoint_run_exports_to_transformers(openai_files, tmp_path):
+  """A run from an OpenAI .pt: --format=hf needs no tokenizer files beside the .pt and loads in
+  transformers; --format=peft ships the teacher as base/ (transformers cannot read a .pt)."""
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  from gmail_jax.export import exporter as export
+  from gmail_jax.export import peft_adapter
+
+  _, paths = openai_files
+  workdir = tmp_path / "run"
+  init = str(paths["state_dict"])
+  _tiny_train(workdir, init=init, batch_size=8, total_steps=2, **{"optim.schedule": "constant"})
+  student = api.load_student(workdir)
+  photos, captions = _photos(), _captions()
+  pixels = preprocess.preprocess(photos, 32)
+  ids = student.tokenize(captions)
+  want = (
+    student.encode_images(pixels),
+    student.encode_texts(captions),
+    _student_logits(student, pixels, ids),
+    float(np.exp(np.asarray(student.model.logit_scale[...]))),
+  )
+
+  out = tmp_path / "hf"
+  export.export(workdir, out, format="hf")
+  tok = transformers.CLIPTokenizer.from_pretrained(str(out))
+  hf_ids = tok(captions, padding="max_length", max_length=77, truncation=True)["input_ids"]
+  np.testing.assert_array_equal(np.asarray(hf_ids), ids)
+  _check_logits("hf", transformers.CLIPModel.from_pretrained(str(out)).eval(), pixels, ids, *want)
+
+  adapter = tmp_path / "peft"
+  export.export(workdir, adapter, format="peft")
+  cfg = json.loads((adapter / peft_adapter.PEFT_CONFIG).read_text())
+  assert cfg["base_model_name_or_path"] == str(adapter / export.BASE_DIR)
+  base = transformers.CLIPModel.from_pretrained(cfg["base_model_name_or_path"]).eval()
+  model = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
+  _check_logits("peft", model, pixels, ids, *want)
+
+
 # ------------------------------------------------------------------------------------ Long-CLIP
 
 
@@ -628,6 +700,45 @@ def test_siglip_run_exports_to_transformers(siglip_dir, spiece, tmp_path):
   img, txt = embed(merged, out)
   err = float(max(np.abs(img - want_img).max(), np.abs(txt - want_txt).max()))
   assert err <= 1e-4, err
+
+
+def test_siglip_learned_bias_is_exported(siglip_dir, tmp_path):
+  """GMAIL's sigmoid text term (loss.text_loss='sigmoid') learns a bias: both exports' logits are
+  exp(teacher logit_scale) * cos + that bias, the logits the term trained."""
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  from gmail_jax.export import exporter as export
+  from gmail_jax.export import peft_adapter
+
+  hf, path = siglip_dir
+  workdir = tmp_path / "run"
+  kw = {"model.name": "siglip", "loss.text_weight": 0.5, "loss.text_loss": "sigmoid"}
+  kw.update({"optim.lr": 1e-2, "optim.schedule": "constant"})  # the bias must move in 2 steps
+  _tiny_train(workdir, init=str(path), batch_size=8, total_steps=2, **kw)
+  bias = float(np.asarray(_one_device_run(workdir).state["params"]["text_bias"]))
+  print(f"teacher bias {hf.logit_bias.item():.4f}, trained {bias:.4f}")
+  assert abs(bias - hf.logit_bias.item()) > 1e-3
+  student = api.load_student(workdir)
+  photos, captions = _photos(), _captions()
+  pixels = preprocess.preprocess(photos, 32, student.mean, student.std, student.resize)
+  ids = student.tokenize(captions)
+  img, txt = student.encode_images(pixels), student.encode_texts(captions)
+  scale = float(np.exp(hf.logit_scale.item()))
+  want_logits = scale * img @ txt.T + bias
+  ours = _student_logits(student, pixels, ids)
+  assert float(np.abs(ours - want_logits).max()) / scale <= 1e-4
+
+  out = tmp_path / "hf"
+  export.export(workdir, out, format="hf")
+  model = transformers.SiglipModel.from_pretrained(str(out)).eval()
+  _check_logits("siglip hf", model, pixels, ids, img, txt, want_logits, scale)
+  adapter = tmp_path / "peft"
+  export.export(workdir, adapter, format="peft")
+  cfg = json.loads((adapter / peft_adapter.PEFT_CONFIG).read_text())
+  assert cfg["base_model_name_or_path"] == str(adapter / export.BASE_DIR)
+  base = transformers.SiglipModel.from_pretrained(cfg["base_model_name_or_path"]).eval()
+  model = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
+  _check_logits("siglip peft", model, pixels, ids, img, txt, want_logits, scale)
 
 
 def test_siglip_training_evals_use_the_towers_preprocessing(siglip_dir, tmp_path, monkeypatch):

@@ -2,22 +2,54 @@
 
   --format=hf     OUT is a transformers directory of the run's tower (config.model.name): CLIP
                   (``hf_dir.save_pretrained``) or SigLIP (``save_siglip_pretrained``): the
-                  student with LoRA (and a trained vision projection) merged, or the frozen
-                  teacher with ``--which=teacher``; both towers, tokenizer and preprocessor config
-                  included. ``transformers.CLIPModel`` / ``SiglipModel.from_pretrained(OUT)``
-                  loads it.
+                  student with LoRA (and a trained projection) merged and the logit head the run
+                  trained, or the frozen teacher with its own head with ``--which=teacher``; both
+                  towers, the tokenizer the run tokenized with (config.init's vocab.json +
+                  merges.txt when it is a directory that has them, else openai-clip's BPE: an
+                  OpenAI / OpenCLIP ``.pt`` init needs no tokenizer files; SigLIP: its
+                  spiece.model) and the preprocessor config included.
+                  ``transformers.CLIPModel`` / ``SiglipModel.from_pretrained(OUT)`` loads it.
   --format=peft   OUT is a PEFT LoRA adapter over the teacher:
                     adapter_config.json         r, lora_alpha (PEFT's alpha / r = our scale),
                                                 target_modules (HF module names), modules_to_save
-                                                (["visual_projection"] with lora.train_proj)
+                                                (["visual_projection"] with lora.train_proj),
+                                                base_model_name_or_path (see Base below)
                     adapter_model.safetensors   base_model.model.<module>.lora_A.weight [r, in],
                                                 ...lora_B.weight [out, r], and a trained projection
                                                 as base_model.model.visual_projection.weight
-                    base/                       the teacher as an HF directory, only when it was
-                                                randomly initialised (else base_model_name_or_path
-                                                is config.init: an HF directory or hub id)
-                  ``peft.PeftModel.from_pretrained(CLIPModel.from_pretrained(BASE), OUT)``
-                  (SigLIP: SiglipModel; module names from ``siglip.hf_key``).
+                    base/                       the base as a transformers directory (tokenizer and
+                                                preprocessor included), when config.init is not it
+                  ``peft.PeftModel.from_pretrained(CLIPModel.from_pretrained(BASE), OUT)`` with
+                  BASE = base_model_name_or_path (SigLIP: SiglipModel; module names from
+                  ``siglip.hf_key``).
+
+What a user can rely on:
+
+  Embeddings   ``get_image_features`` / ``get_text_features`` of either export equal the student's
+               (``api.load_student(WORKDIR)``: ``encode_images`` / ``encode_texts``) to float32
+               rounding (tests: <= 1e-4 after L2 normalisation, on COCO photos and captions).
+  Base         The adapter's base is the run's teacher with the student's logit head (an adapter
+               holds LoRA and whole modules, not the bare ``logit_scale`` / ``logit_bias``).
+               base_model_name_or_path is config.init (absolute when a local directory, a hub id
+               as given) only when transformers loads exactly that from it: config.init is a
+               transformers directory or hub id (not an OpenAI / OpenCLIP checkpoint), the exact
+               weights fingerprint (training/fingerprint.py) of that base equals the one of the
+               model our importer builds from config.init with no run-specific change (so a
+               Long-CLIP-stretched ``model.text_context`` or a trained logit head differs).
+               Otherwise it is OUT/base, an absolute path: after moving OUT, pass its base/
+               yourself. A randomly initialised teacher always ships as OUT/base.
+  Logits       ``model(input_ids=..., pixel_values=...).logits_per_image`` = exp(logit_scale) *
+               cosines [+ logit_bias], the student model's own ``__call__``, with the head the run
+               trained its image-text logits with (``objectives.trained_logit_head``):
+                 TPC-CMA image_text: logit_scale = log 1/τ, τ the learned temperature
+                   (loss.learn_temperature; clamped at 1/100 as training clamps it), or
+                   loss.temperature (temperature_from='config'), or the teacher's own scale.
+                 GMAIL (and TPC-CMA gen_real): the teacher's logit_scale, learned τ or not: that
+                   τ aligns generated with real images, not images with texts, and a text term
+                   (loss.text_weight) trains at the teacher's scale.
+                 loss.text_loss='sigmoid': logit_bias = the learned bias (SigLIP; CLIP has no
+                   logit_bias, so a CLIP export drops it, with a warning).
+               ``--which=teacher``: the teacher's own head.
 
 ``--step`` picks a checkpoint (default: the latest). A non-empty OUT is refused unless ``--force``,
 which replaces it; OUT appears atomically (built in a sibling temp directory, then renamed).
@@ -38,8 +70,8 @@ from flax import nnx
 from gmail_jax import run as run_lib
 from gmail_jax.errors import ConfigError, InputError
 from gmail_jax.export import hf_dir, peft_adapter
-from gmail_jax.models import convert
-from gmail_jax.training import checkpointing
+from gmail_jax.models import convert, openai_ckpt
+from gmail_jax.training import build, checkpointing, fingerprint
 from gmail_jax.training import sharding as shd
 
 FORMATS = ("hf", "peft")
@@ -70,6 +102,16 @@ def export(
   logging.info(
     "exporting the %s of %s at step %d as %s to %s", which, workdir, run.step, format, out
   )
+  if (
+    which == "student"
+    and "text_bias" in run.state["params"]
+    and not hasattr(run.student, "logit_bias")
+  ):
+    logging.warning(
+      "the run learned a sigmoid text bias, but a %s model has no logit_bias: the export's "
+      "logits leave it out",
+      run.config.model.name,
+    )
   if format == "hf":
     model = run.student if which == "student" else run.teacher
     return _save_model(run, model, out, overwrite=force)
@@ -81,9 +123,9 @@ def _save_model(run: run_lib.Run, model: nnx.Module, out: str, *, overwrite: boo
   if run.config.model.name == "siglip":
     # The run's SiglipTokenizer read config.init's spiece.model; the export ships that file.
     return hf_dir.save_siglip_pretrained(model, out, spiece=run.tokenizer.path, overwrite=overwrite)
-  return hf_dir.save_pretrained(
-    model, out, tokenizer_dir=tokenizer_dir(run.config), overwrite=overwrite
-  )
+  # The vocabulary the run tokenized with (a checkpoint dir's files or a BPE .gz), whatever
+  # config.init is: a .pt or a hub id holds no tokenizer files of its own to look up.
+  return hf_dir.save_pretrained(model, out, tokenizer_dir=run.tokenizer.path, overwrite=overwrite)
 
 
 def hf_key_fn(config: ml_collections.ConfigDict):
@@ -95,21 +137,63 @@ def hf_key_fn(config: ml_collections.ConfigDict):
   return convert.hf_key
 
 
-def tokenizer_dir(config: ml_collections.ConfigDict) -> str | None:
-  """The teacher's source directory when it ships CLIP BPE files, else None (the default BPE)."""
-  if not config.init:
-    return None
-  src = convert.resolve_source(config.init)
-  has = all(os.path.isfile(os.path.join(src, f)) for f in ("vocab.json", "merges.txt"))
-  return src if has else None
+HEAD = ("logit_scale", "logit_bias")
 
 
-def base_model_name(config: ml_collections.ConfigDict) -> str | None:
-  """What PEFT should load as the base: config.init (absolute when a local directory), or None
-  for a randomly initialised teacher (the exporter then writes it beside the adapter)."""
-  if not config.init:
+def base_model(run: run_lib.Run) -> nnx.Module:
+  """The model a PEFT adapter of the run loads onto: the run's teacher with the student's logit
+  head (an adapter holds LoRA and whole modules, not bare parameters like logit_scale)."""
+  graphdef, state = nnx.split(run.teacher)
+  # New Variable containers (same buffers): setting the head must not touch run.teacher's.
+  model = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+  for name in HEAD:
+    var = getattr(model, name, None)
+    if var is not None:
+      var[...] = getattr(run.student, name)[...]
+  return model
+
+
+def transformers_reads(init: str) -> bool:
+  """Whether ``transformers.*Model.from_pretrained(init)`` reads the checkpoint our importer read:
+  a transformers directory or a hub id (ours reads its transformers files), not an OpenAI /
+  OpenCLIP checkpoint file or directory."""
+  if openai_ckpt.is_openai_source(init):
+    return False
+  if os.path.isdir(init):
+    return os.path.isfile(os.path.join(init, "config.json"))
+  return not os.path.exists(init)
+
+
+def _params_fingerprint(model: nnx.Module) -> str:
+  return fingerprint.weights_fingerprint(nnx.state(model, nnx.Param))
+
+
+def base_model_name(run: run_lib.Run, base: nnx.Module) -> str | None:
+  """config.init (absolute when a local directory) when transformers loads exactly ``base`` from
+  it, else None (the exporter then writes ``base`` beside the adapter).
+
+  Exactly: the weights fingerprint of ``base`` equals that of the model our importer builds from
+  config.init with no run-specific change, so any change the run made to its teacher (Long-CLIP
+  stretching, a trained logit head, whatever comes next) ships the base rather than a wrong one.
+  """
+  init = run.config.init
+  if not init:
+    logging.info("the teacher was randomly initialised: writing it beside the adapter")
     return None
-  return os.path.abspath(config.init) if os.path.isdir(config.init) else config.init
+  if not transformers_reads(init):
+    logging.info(
+      "transformers cannot load config.init=%s: writing the base beside the adapter", init
+    )
+    return None
+  plain = run.tower.load_pretrained(init, **build.model_kwargs(run.config))
+  if _params_fingerprint(plain) != _params_fingerprint(base):
+    logging.info(
+      "the adapter's base (the run's teacher, its trained logit head) is not config.init=%s "
+      "as transformers loads it: writing it beside the adapter",
+      init,
+    )
+    return None
+  return os.path.abspath(init) if os.path.isdir(init) else init
 
 
 def _check_out(out: str, workdir: str, force: bool) -> None:
@@ -149,13 +233,14 @@ def _save_peft(run: run_lib.Run, out: str) -> str:
   for name, t in tensors.items():
     if name.endswith(".lora_A.weight") and t.shape[0] != rank:
       raise ValueError(f"export: {name} has rank {t.shape[0]}, config.lora.rank is {rank}")
-  base = base_model_name(run.config)
+  model = base_model(run)
+  base = base_model_name(run, model)
   parent, name = os.path.dirname(out), os.path.basename(out)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
   try:
-    if base is None:  # a random teacher exists only in the run: ship it with the adapter
-      _save_model(run, run.teacher, os.path.join(tmp, BASE_DIR))
+    if base is None:  # the base exists only in the run: ship it with the adapter
+      _save_model(run, model, os.path.join(tmp, BASE_DIR))
       base = os.path.join(out, BASE_DIR)
     cfg = peft_adapter.adapter_config(run.config, base, targets, to_save)
     with open(os.path.join(tmp, peft_adapter.PEFT_CONFIG), "w", encoding="utf-8") as f:

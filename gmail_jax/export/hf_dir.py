@@ -13,7 +13,9 @@ backwards (``convert.to_hf_layout``: kernel -> weight.T, HWIO -> OIHW, LayerNorm
 
 so that ``convert.load_pretrained(out)`` and ``transformers.CLIPModel.from_pretrained(out)`` both
 load it. Text pooling follows ``eos_token_id`` as in HF: 2 (legacy configs) pools at argmax(ids),
-any other id at the first occurrence of that id.
+any other id at the first occurrence of that id. ``logit_scale`` (SigLIP: and ``logit_bias``) is
+the model's own, so transformers' ``logits_per_image`` equal the model's ``__call__`` (for a run's
+student: the logit head the run trained, gmail_jax/run.py).
 
 ``save_siglip_pretrained(model, out, spiece=...)`` does the same for a SigLIP model
 (``siglip.hf_key`` run backwards, the MAP head's q/k/v stacked back into ``in_proj``): a
@@ -166,9 +168,14 @@ def preprocessor_config(image_size: int) -> dict:
 
 
 def _load_vocab(tokenizer_dir: str | None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+  """What ``Tokenizer(path)`` reads: a dir with vocab.json + merges.txt, a
+  bpe_simple_vocab_16e6.txt.gz, or None for openai-clip's copy."""
   if tokenizer_dir is None:
     return tk.vocab_from_bpe_gz(tk.default_bpe_path())
-  return tk.vocab_from_dir(os.fspath(tokenizer_dir))
+  path = os.fspath(tokenizer_dir)
+  if not os.path.isdir(path) and path.endswith(".gz"):
+    return tk.vocab_from_bpe_gz(path)
+  return tk.vocab_from_dir(path)
 
 
 def _check_vocab(vocab: dict[str, int], config: CLIPConfig) -> None:
@@ -195,7 +202,9 @@ def save_pretrained(
 ) -> str:
   """Writes ``model`` as a transformers CLIP directory (see module doc); returns ``out_dir``.
 
-  ``tokenizer_dir``: a dir with ``vocab.json`` + ``merges.txt``; None uses openai-clip's BPE.
+  ``tokenizer_dir``: a dir with ``vocab.json`` + ``merges.txt``, or a
+  ``bpe_simple_vocab_16e6.txt.gz`` (what a run's ``Tokenizer.path`` holds); None uses openai-clip's
+  BPE.
   The directory appears atomically (built in a sibling temp dir, then renamed). An existing
   non-empty ``out_dir`` is refused unless ``overwrite=True``, which replaces it.
   """

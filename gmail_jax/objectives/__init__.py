@@ -3,6 +3,7 @@
     objective = objectives.make(config)     # an objectives.base.Objective bound to config
     objectives.validate(config)             # one-line ConfigErrors, before anything is built
     objectives.trained_temperature(config, params, teacher_scale)   # the τ a run trained with
+    objectives.trained_logit_head(config, params)   # the image-text logit scale / bias it trained
 
 A new loss is a module with an ``Objective`` subclass named ``OBJECTIVE`` and one line in
 ``REGISTRY`` (or ``register(name, cls)`` at run time, e.g. in a test). Pure jnp math lives beside
@@ -12,12 +13,14 @@ them (losses.py, curriculum.py). May import errors only.
 from __future__ import annotations
 
 import importlib
+import math
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
 from gmail_jax.errors import ConfigError
-from gmail_jax.objectives.base import Objective, Targets, temperature_of
+from gmail_jax.objectives.base import MAX_LOG_SCALE, Objective, Targets, temperature_of
 
 __all__ = [
   "REGISTRY",
@@ -27,6 +30,7 @@ __all__ = [
   "make",
   "register",
   "temperature_of",
+  "trained_logit_head",
   "trained_temperature",
 ]
 
@@ -65,3 +69,26 @@ def trained_temperature(config: ml_collections.ConfigDict, params: dict, teacher
   src = get(config.loss.mode).temperature_from(config)
   scale = jnp.asarray(teacher_scale, jnp.float32) if src == "teacher" else None
   return float(temperature_of(params, config.loss, scale))
+
+
+def trained_logit_head(config: ml_collections.ConfigDict, params: dict) -> dict[str, jax.Array]:
+  """The image-text logit head a run's trainable ``params`` define, as replacements for the
+  teacher's (``logit_scale`` in log space, ``logit_bias``); a missing key keeps the teacher's.
+
+  ``logit_scale``: log 1/τ, only for an objective whose InfoNCE pairs the student's images with the
+  frozen text tower (``teacher_temperature_ok``: TPC-CMA image_text) and whose τ is not the
+  teacher's own: the learned one (clamped at 1/100 as :func:`temperature_of` clamps it) or
+  config.loss.temperature. GMAIL's τ (and TPC-CMA gen_real's) aligns generated with real images:
+  not an image-text scale, so those runs keep the teacher's, which their text term trains with.
+  ``logit_bias``: the sigmoid text term's learned bias (it trains at the teacher's scale).
+  """
+  head: dict[str, jax.Array] = {}
+  cls = get(config.loss.mode)
+  if cls.teacher_temperature_ok(config):
+    if "log_scale" in params:
+      head["logit_scale"] = jnp.minimum(params["log_scale"], MAX_LOG_SCALE)
+    elif cls.temperature_from(config) == "config":
+      head["logit_scale"] = jnp.asarray(math.log(1.0 / config.loss.temperature), jnp.float32)
+  if "text_bias" in params:
+    head["logit_bias"] = params["text_bias"]
+  return head

@@ -192,12 +192,22 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
   }
 
 
-def merged_student(models: train_step.Models, params: dict, frozen, rng) -> nnx.Module:
-  """A plain model with LoRA (and a trained projection) folded in: the deployable student."""
+def merged_student(
+  models: train_step.Models, params: dict, frozen, rng, *, config: ml_collections.ConfigDict
+) -> nnx.Module:
+  """A plain model with LoRA (and a trained projection) folded in, and the image-text logit head
+  the run trained (``objectives.trained_logit_head``: a learned or configured TPC-CMA image-text
+  temperature, a sigmoid text term's bias): the deployable student, whose logits are the ones
+  training optimised. A CLIP tower has no ``logit_bias``: a bias trained on one is not kept."""
   states = train_step.student_state(params, frozen, rng)
   # New Variable containers (same buffers): merging in place must not touch the shared state.
   student = nnx.merge(models.student, *(jax.tree.map(lambda x: x, s) for s in states))
   lora_lib.merge_lora(student)
+  for name, value in objectives.trained_logit_head(config, params).items():
+    var = getattr(student, name, None)
+    if var is not None:  # only the student's container changes: the teacher keeps its own head
+      old = var[...]
+      var[...] = jax.device_put(jnp.asarray(value, old.dtype).reshape(old.shape), old.sharding)
   return student
 
 

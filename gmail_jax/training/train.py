@@ -151,7 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if not due:
         return {}
       teacher = nnx.merge(models.teacher, frozen)
-      student = build.merged_student(models, state["params"], frozen, rng)
+      student = build.merged_student(models, state["params"], frozen, rng, config=config)
       spec = towers.get(config.model.name).preprocess  # the tower's normalisation and resize
       enc = encoders.views(
         teacher,
