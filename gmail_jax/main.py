@@ -16,6 +16,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from gmail_jax.errors import ConfigError
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -27,6 +29,28 @@ _PID = flags.DEFINE_integer("process_id", None, "Index of this process.")
 _CPU_COLLECTIVES = flags.DEFINE_string(
   "cpu_collectives", "gloo", "Cross-process collectives for CPU-only multi-process runs."
 )
+_PLATFORM = flags.DEFINE_enum(
+  "platform",
+  os.environ.get("GMAIL_PLATFORM", "any"),
+  ["any", "cpu", "gpu", "tpu"],
+  "Refuse to run unless JAX's devices are of this platform (launch scripts: gpu / tpu), so a CPU"
+  " jaxlib never trains silently on the CPU. Default: $GMAIL_PLATFORM, else any.",
+)
+# What makes JAX use a platform (README: Installing for GPUs and TPUs).
+FIX = {
+  "gpu": "pip install -e '.[cuda]'",
+  "tpu": "pip install -e '.[tpu]'",
+  "cpu": "JAX_PLATFORMS=cpu",
+}
+
+
+def check_platform(expected: str, found: str) -> None:
+  """One-line ConfigError when the devices JAX found are not the platform asked for."""
+  if expected not in ("any", found):
+    raise ConfigError(
+      f"--platform={expected}: JAX runs on {found} here (the {found} jaxlib, or no {expected}"
+      f" visible); fix: {FIX[expected]}"
+    )
 
 
 def _maybe_initialize_distributed() -> None:
@@ -55,6 +79,8 @@ def main(argv):
   from gmail_jax import cli
   from gmail_jax.experiments import driver
 
+  with cli.one_line_errors():
+    check_platform(_PLATFORM.value, jax.devices()[0].platform)
   logging.info(
     "process %d/%d, devices: %d local / %d global (%s)",
     jax.process_index(),

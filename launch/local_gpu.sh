@@ -13,4 +13,5 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-1}
 cd "$(dirname "$0")/.."
-exec python -m gmail_jax.main --config="$CONFIG" --workdir="$WORKDIR" "$@"
+# --platform=gpu: a CPU-only jaxlib stops here in one line instead of training on the CPU.
+exec python -m gmail_jax.main --platform=gpu --config="$CONFIG" --workdir="$WORKDIR" "$@"

@@ -11,5 +11,5 @@ shift 4
 EXTRA=$(printf ' %q' "$@")
 # TPU_STDERR_LOG_LEVEL keeps libtpu quiet; the logs of worker 0 are the ones to read.
 gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all --command="\
-  cd ~/gmail_jax && TPU_STDERR_LOG_LEVEL=2 python -m gmail_jax.main --distributed \
+  cd ~/gmail_jax && TPU_STDERR_LOG_LEVEL=2 python -m gmail_jax.main --distributed --platform=tpu \
   --config=$CONFIG --workdir=$WORKDIR$EXTRA"

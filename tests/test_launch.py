@@ -20,3 +20,23 @@ def test_script_parses_and_runs_a_gmail_module(script):
   assert "python -m gmail_jax." in text
   module = text.split("python -m gmail_jax.")[1].split()[0]
   assert (LAUNCH.parent / "gmail_jax" / f"{module}.py").exists(), module
+
+
+def test_gpu_launch_refuses_to_train_on_the_cpu(tmp_path):
+  """A CPU-only jaxlib (this machine's) must not make launch/local_gpu.sh train on the CPU."""
+  import os
+  import sys
+
+  env = dict(os.environ, PATH=f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}")
+  env.pop("GMAIL_PLATFORM", None)
+  res = subprocess.run(
+    [str(LAUNCH / "local_gpu.sh"), "configs/tiny.py", str(tmp_path / "run")],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert res.returncode == 1, res.stderr[-2000:]
+  last = res.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ConfigError: --platform=gpu: JAX runs on cpu"), last
+  assert "pip install -e '.[cuda]'" in last and not (tmp_path / "run").exists()
