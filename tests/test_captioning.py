@@ -1,6 +1,10 @@
 """Captioning: mappers, the prefix captioner (ClipCap / DeCap), caption data, the evaluator on a
-known encoder, and `configs/clipcap.py:mini` end to end (subprocess)."""
+known encoder, and `configs/clipcap.py:mini` end to end (subprocess); the embedding cache (keyed by
+the encoder's identity, images decoded only on a miss), DeCap's chunked projection, the reference
+defaults (ClipCap's transformers AdamW and schedule, GPT-2 dropout, raw prefixes) and the record of
+how captions were scored."""
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -193,7 +197,10 @@ def test_captioning_evaluator_clipcap_and_decap_caption_a_known_encoder(tmp_path
       "dc": {
         "type": "captioning",
         "method": "decap",
-        "captioner": dict(lm_layers=1, lm_width=32, lr=3e-3, steps=200, batch_size=16),
+        # No warm-up (DeCap's 1000 steps would outlast these 200).
+        "captioner": dict(
+          lm_layers=1, lm_width=32, lr=3e-3, warmup_steps=0, steps=200, batch_size=16
+        ),
         **kw,
       },
     }
@@ -301,6 +308,10 @@ def test_clipcap_mini_config_runs_end_to_end(tmp_path):
     for key, value in want.items():
       assert abs(got[key] - value) <= 1e-9, (view, key, got[key], value)
     assert summary["num_test_images"] == len(view_rows) == 16
+    # How they were scored is recorded: 'auto' ran Java PTB where java is, else the Python one.
+    java = shutil.which("java") is not None
+    assert summary["scoring"]["tokenizer"] == ("ptb" if java else "python"), summary["scoring"]
+    assert ("METEOR" in summary["scoring"]["skipped"]) != java, summary["scoring"]
   summary = recorded["teacher"]
   assert summary["train_steps"] == 40 and summary["final_loss"] < summary["first_loss"]
   # Other captioner settings: the stage reruns on the embeddings it saved (not re-embedded).
@@ -339,3 +350,287 @@ def test_class_named_counts_captions_naming_only_their_class():
     CLASSES,
   )
   assert got == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedding cache, lazy images, chunked projection, reference defaults, the scoring record.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+  """Raised by the training stub: what the evaluator fed the captioner is all these tests need."""
+
+
+def stop_training(monkeypatch) -> list[np.ndarray]:
+  """captioner.fit replaced by a stub that records the embeddings it is given and stops."""
+  seen = []
+
+  def stub(model, feats, *a, **kw):
+    seen.append(np.asarray(feats))
+    raise _Stop
+
+  monkeypatch.setattr(cap_lib, "fit", stub)
+  return seen
+
+
+def color_evaluator(root: pathlib.Path, **kw):
+  from gmail_jax.captioning.evaluator import CaptioningEvaluator
+
+  return CaptioningEvaluator(
+    "cc",
+    method="clipcap",
+    train={"kind": "classes", "root": str(root / "train")},
+    test={"kind": "classes", "root": str(root / "test")},
+    templates=TEMPLATES,
+    image_size=16,
+    **{"batch_size": 4, "captioner": tiny_settings(steps=2), **kw},
+  )
+
+
+def mu_encoder(seed: int, generated_seed: int | None = None, **kw):
+  """A random 16-pixel CLIP ('mu') as an Encoder; ``generated_seed``: another f_g tower."""
+  from gmail_jax.models import clip
+  from gmail_jax.training import encoders
+
+  make = lambda s: clip.CLIP(clip.clip_config("mu"), rngs=nnx.Rngs(s))
+  gen = None if generated_seed is None else make(generated_seed)
+  return encoders.Encoder(make(seed), generated=gen, **kw)
+
+
+def test_caption_cache_is_keyed_by_the_encoders_weights_not_the_workdir_step(tmp_path, monkeypatch):
+  """The caption stage keyed its cache 'run:WORKDIR@STEP': a run retrained to the same step (or
+  another as-if-real baseline) must not get the previous encoder's embeddings back."""
+  write_color_folders(tmp_path / "train", 4, 0)
+  write_color_folders(tmp_path / "test", 1, 1)
+  ev = color_evaluator(tmp_path)
+  seen = stop_training(monkeypatch)
+  same_key = f"run:{tmp_path}@5:seed=0:size=16:teacher"  # what the stage passed before
+  cache = tmp_path / "features"
+  for enc in (mu_encoder(0), mu_encoder(1)):
+    with pytest.raises(_Stop):
+      ev.caption(enc, cache_dir=str(cache), encoder_key=same_key)
+  stamp = (cache / "train_generated.npz").stat().st_mtime_ns
+  with pytest.raises(_Stop):  # the same weights again: read back, not recomputed
+    ev.caption(mu_encoder(1), cache_dir=str(cache), encoder_key=same_key)
+  assert (cache / "train_generated.npz").stat().st_mtime_ns == stamp
+  with pytest.raises(_Stop):  # no cache: what encoder 1 really gives
+    ev.caption(mu_encoder(1))
+  assert not np.allclose(seen[0], seen[1])
+  np.testing.assert_array_equal(seen[1], seen[3])
+  np.testing.assert_array_equal(seen[2], seen[3])
+  # ClipCap's prefixes are the raw embeddings, not the unit vectors the encoder returns by default.
+  assert not np.allclose(np.linalg.norm(seen[3], axis=1), 1.0, atol=1e-3)
+
+
+def test_encoder_identity_covers_both_towers_and_the_preprocessing():
+  base = mu_encoder(0).identity()
+  assert mu_encoder(0).identity() == base  # the same weights rebuilt: the same identity
+  others = {
+    "teacher weights": mu_encoder(1),
+    "student (f_g) weights": mu_encoder(0, generated_seed=1),
+    "mean": mu_encoder(0, mean=(0.5, 0.5, 0.5)),
+    "std": mu_encoder(0, std=(0.5, 0.5, 0.5)),
+    "resize": mu_encoder(0, resize="squash"),
+  }
+  for what, enc in others.items():
+    assert enc.identity() != base, what
+  assert len({json.dumps(e.identity(), sort_keys=True) for e in others.values()}) == len(others)
+
+
+def test_a_cache_hit_decodes_no_image_and_a_miss_decodes_batch_by_batch(tmp_path, monkeypatch):
+  from gmail_jax.data import eval_sets
+
+  write_color_folders(tmp_path / "train", 4, 0)
+  write_color_folders(tmp_path / "test", 1, 1)
+  decoded = []
+  load = eval_sets._load
+  monkeypatch.setattr(
+    eval_sets, "_load", lambda data, name, *a: decoded.append(name) or load(data, name, *a)
+  )
+  seen = stop_training(monkeypatch)
+  enc = color_encoder()
+  at_call = []  # images decoded when the encoder was called, per call
+
+  def images(batch):
+    at_call.append((len(decoded), len(batch)))
+    return enc["images"](batch)
+
+  counted = {"images": images, "texts": enc["texts"]}
+  cache = str(tmp_path / "features")
+  ev = color_evaluator(tmp_path)
+  assert decoded == []  # building the evaluator reads no image
+  with pytest.raises(_Stop):
+    ev.caption(counted, cache_dir=cache, encoder_key="colors")
+  assert len(decoded) == 3 + 12  # a miss reads each test and training image once ...
+  done = 0
+  for n_decoded, n in at_call:  # ... one embedding batch at a time, never all first
+    done += n
+    assert n_decoded == done, at_call
+  decoded.clear()
+  ev = color_evaluator(tmp_path)
+  with pytest.raises(_Stop):
+    ev.caption(counted, cache_dir=cache, encoder_key="colors")
+  assert decoded == []  # a hit reads none
+  np.testing.assert_array_equal(seen[0], seen[1])
+
+
+def _largest_intermediate(jaxpr) -> int:
+  """Elements of the largest value any equation of ``jaxpr`` (and its sub-jaxprs) makes."""
+  big = 0
+  for eqn in jaxpr.eqns:
+    for v in eqn.outvars:
+      big = max(big, int(np.prod(v.aval.shape)))
+    for p in eqn.params.values():
+      for sub in p if isinstance(p, (list, tuple)) else [p]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          big = max(big, _largest_intermediate(inner))
+  return big
+
+
+def test_decap_projection_runs_in_query_chunks_with_the_unchunked_result():
+  rng = np.random.default_rng(0)
+  n, m, c = 37, 53, 4
+  v, memory = rng.normal(size=(n, c)), rng.normal(size=(m, c))
+  whole = decap.project(v, memory, tau=0.05, chunk_size=n)
+  for chunk in (1, 5, 36):
+    np.testing.assert_allclose(
+      decap.project(v, memory, tau=0.05, chunk_size=chunk), whole, rtol=0, atol=1e-6
+    )
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda a, b: decap._project(a, b, 0.05, chunk=5))(f32(v), f32(memory))
+  # The largest value is the similarities of 5 queries at a time, never N x M (for COCO: 5k test
+  # images x 560k captions, 11 GB in fp32).
+  assert _largest_intermediate(jaxpr.jaxpr) == 5 * m
+  assert decap.default_chunk(5000, 560_000) * 560_000 <= decap.MAX_SIMILARITIES
+
+
+def test_reference_defaults_of_clipcap_and_decap():
+  s = clipcap.settings()
+  # ClipCap's train.py: transformers' AdamW(model.parameters(), lr=2e-5) -> weight decay 0,
+  # eps 1e-6; get_linear_schedule_with_warmup(5000); GPT-2 in train mode (dropout 0.1); prefixes
+  # the raw CLIP embeddings (--normalize_prefix off).
+  assert (s["lr"], s["warmup_steps"], s["epochs"], s["batch_size"]) == (2e-5, 5000, 10, 40)
+  assert (s["weight_decay"], s["adam_eps"], s["dropout"]) == (0.0, 1e-6, 0.1)
+  assert s["normalize_prefix"] is False
+  d = decap.settings()
+  # DeCap: 1000 warm-up steps, captions decoded up to 30 tokens, normalised embeddings.
+  assert (d["warmup_steps"], d["decode_len"], d["max_len"]) == (1000, 30, 20)
+  assert d["normalize_prefix"] is True and d["dropout"] == 0.1
+  small = {**d, "lm_width": 32, "lm_heads": 2, "lm_layers": 1}
+  trained_lm = clipcap.build(small, 8, text.compact(text.clip_bpe(), ["a cat"])).lm
+  assert trained_lm.config.n_positions >= 1 + 30 + 1  # prefix + decode_len + EOS
+
+
+def test_transformer_mapper_attention_has_no_query_key_value_bias():
+  m = mappers.make_mapper("transformer", 8, 16, 3, rngs=nnx.Rngs(0), num_layers=1, heads=2)
+  attn = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(m.layers[0].attn))}
+  # ClipCap's MultiHeadAttention: to_queries / to_keys_values Linear(bias=False) (TransformerLayer
+  # bias=False), project Linear with its default bias.
+  assert attn == {"to_queries.kernel", "to_keys_values.kernel", "project.kernel", "project.bias"}
+
+
+def test_prefixes_are_the_raw_embeddings_unless_normalize_prefix(tmp_path, monkeypatch):
+  write_color_folders(tmp_path / "train", 2, 0)
+  write_color_folders(tmp_path / "test", 1, 1)
+  seen = stop_training(monkeypatch)
+  enc = color_encoder()
+  scaled = {"images": lambda b: 3.0 * enc["images"](b), "texts": enc["texts"]}
+  for normalize in (False, True):
+    ev = color_evaluator(tmp_path, captioner=tiny_settings(normalize_prefix=normalize))
+    with pytest.raises(_Stop):
+      ev.caption(scaled)
+  norms = [np.linalg.norm(x, axis=1) for x in seen]
+  assert np.all(norms[0] > 2.9) and np.allclose(norms[1], 1.0)
+
+
+def test_dropout_is_on_while_training_only(tmp_path):
+  labels = np.arange(30) % 3
+  gen = (class_features(labels, 0), [f"a {CLASSES[y]} square." for y in labels])
+  on = clipcap.train(tiny_settings(steps=4, dropout=0.1), gen, None)
+  off = clipcap.train(tiny_settings(steps=4, dropout=0.0), gen, None)
+  assert on.losses[0] != off.losses[0]  # the same weights, batch and step: only dropout differs
+  feats = class_features(labels[:6], 1)
+  prefix = cap_lib._prefix(on.captioner, jnp.asarray(feats), jnp.zeros(6, jnp.int32))
+  tokens = lambda lm: gpt2.greedy_decode(lm, prefix, max_len=8, eos_id=on.tokenizer.eos_id)
+  no_dropout = nnx.clone(on.captioner.lm)
+  no_dropout.config = dataclasses.replace(
+    no_dropout.config, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0
+  )
+  np.testing.assert_array_equal(tokens(on.captioner.lm), tokens(no_dropout))
+
+
+def test_captioning_json_records_the_tokenizer_and_skipped_metrics(tmp_path, monkeypatch):
+  from gmail_jax.captioning import evaluator as captioning
+  from gmail_jax.evaluators import captioning as metrics_lib
+
+  monkeypatch.setattr(metrics_lib.shutil, "which", lambda name: None)
+  write_color_folders(tmp_path / "train", 2, 0)
+  write_color_folders(tmp_path / "test", 1, 1)
+  result = color_evaluator(tmp_path).caption(color_encoder())
+  paths = captioning.write_results(tmp_path / "out", {"teacher": result})
+  scoring = json.loads(pathlib.Path(paths["metrics"]).read_text())["teacher"]["scoring"]
+  assert scoring["tokenize"] == "auto" and scoring["tokenizer"] == "python", scoring
+  assert "java" in scoring["tokenizer_reason"], scoring
+  assert set(scoring["skipped"]) == {"METEOR", "SPICE"}, scoring
+  assert all("java" in why for why in scoring["skipped"].values()), scoring
+  assert "METEOR" not in result.metrics and "SPICE" not in result.metrics
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_optimizer_is_transformers_adamw_under_its_linear_warmup_schedule(weight_decay):
+  """Against transformers v4's AdamW.step (which ClipCap imports; v5 dropped the class, so it is
+  transcribed here) driven by transformers' own get_linear_schedule_with_warmup."""
+  import math
+
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+
+  class TransformersAdamW(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+      super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+      for group in self.param_groups:
+        for p in group["params"]:
+          state = self.state[p]
+          if not state:
+            state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+          exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+          beta1, beta2 = group["betas"]
+          state["step"] += 1
+          exp_avg.mul_(beta1).add_(p.grad, alpha=1.0 - beta1)
+          exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+          denom = exp_avg_sq.sqrt().add_(group["eps"])
+          step_size = group["lr"]
+          bias_correction1 = 1.0 - beta1 ** state["step"]
+          bias_correction2 = 1.0 - beta2 ** state["step"]
+          step_size = step_size * math.sqrt(bias_correction2) / bias_correction1
+          p.addcdiv_(exp_avg, denom, value=-step_size)
+          if group["weight_decay"] > 0.0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+  rng = np.random.default_rng(0)
+  init = {"a": rng.normal(size=(5,)), "b": rng.normal(size=(3, 2))}
+  # Gradients near eps, where placing eps before or after the bias correction matters.
+  grads = [{k: 2e-6 * rng.normal(size=v.shape) for k, v in init.items()} for _ in range(6)]
+  lr, warmup, total = 0.1, 3, 6
+  tp = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in init.items()}
+  opt = TransformersAdamW(tp.values(), lr=lr, weight_decay=weight_decay)
+  sched = transformers.get_linear_schedule_with_warmup(opt, warmup, total)
+  tx = cap_lib.hf_adamw(
+    cap_lib.linear_warmup_schedule(lr, warmup, total), weight_decay=weight_decay
+  )
+  jp = {k: jnp.asarray(v, jnp.float32) for k, v in init.items()}
+  state = tx.init(jp)
+  for g in grads:
+    for k, p in tp.items():
+      p.grad = torch.tensor(g[k])
+    opt.step()
+    sched.step()
+    updates, state = tx.update({k: jnp.asarray(v, jnp.float32) for k, v in g.items()}, state, jp)
+    jp = jax.tree.map(lambda p, u: p + u, jp, updates)
+    for k in init:
+      np.testing.assert_allclose(jp[k], tp[k].detach().numpy(), rtol=0, atol=2e-6)
+  assert any(not np.allclose(jp[k], init[k], atol=1e-3) for k in init)  # it did move

@@ -181,3 +181,17 @@ def test_no_java_skips_meteor_and_spice_with_one_message(monkeypatch, caplog):
     captioning.caption_metrics({1: "a cat"}, {1: ["a cat"]}, spice=True)
   with pytest.raises(RuntimeError, match="needs `java`"):
     captioning.tokenize_captions({1: ["a cat"]}, method="ptb")
+
+
+def test_scoring_record_names_the_tokenizer_and_the_skipped_metrics(monkeypatch):
+  cands, refs = {1: "a black cat"}, {1: ["a black cat", "a dark cat"]}
+  metrics, record = captioning.score_captions(cands, refs, tokenize="python", meteor=False)
+  assert metrics == captioning.caption_metrics(cands, refs, tokenize="python", meteor=False)
+  assert record["tokenize"] == "python" and record["tokenizer"] == "python"
+  assert record["skipped"]["METEOR"] == "meteor=False"
+  monkeypatch.setattr(captioning.shutil, "which", lambda name: None)
+  _, record = captioning.score_captions(cands, refs)  # 'auto' without java: said, not silent
+  assert record["tokenize"] == "auto" and record["tokenizer"] == "python"
+  assert "no `java` on PATH" in record["tokenizer_reason"]
+  assert set(record["skipped"]) == {"METEOR", "SPICE"}
+  assert all("java" in why for why in record["skipped"].values())

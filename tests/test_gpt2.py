@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -284,3 +285,52 @@ def test_lm_loss():
   )
   full = gpt2.lm_loss(logits, targets, np.ones_like(mask), label_smoothing=0.1)
   np.testing.assert_allclose(float(full), float(ce), rtol=1e-5)
+
+
+def _hf_train(**rates):
+  cfg = _hf_config()
+  for k, v in rates.items():
+    setattr(cfg, k, v)
+  cfg._attn_implementation = "eager"
+  torch.manual_seed(0)
+  return transformers.GPT2LMHeadModel(cfg).train()
+
+
+def test_config_reads_hf_dropout_rates():
+  cfg = gpt2.GPT2Config.from_hf(_hf_train(embd_pdrop=0.2, attn_pdrop=0.3, resid_pdrop=0.4).config)
+  assert (cfg.embd_pdrop, cfg.attn_pdrop, cfg.resid_pdrop) == (0.2, 0.3, 0.4)
+  assert gpt2.GPT2Config().embd_pdrop == gpt2.GPT2Config().attn_pdrop == 0.1  # HF defaults
+  assert gpt2.GPT2Config().resid_pdrop == 0.1
+
+
+@pytest.mark.parametrize("site", ["embd_pdrop", "attn_pdrop", "resid_pdrop"])
+def test_dropout_sites_match_hf_train_mode(site):
+  """At rate 1 a dropout zeroes its input, whatever the mask: the sites must be HF's."""
+  hf = _hf_train(**{"embd_pdrop": 0.0, "attn_pdrop": 0.0, "resid_pdrop": 0.0, site: 1.0})
+  model = gpt2.from_torch_state_dict(hf.state_dict(), gpt2.GPT2Config.from_hf(hf.config))
+  ids = _ids((2, 6), seed=3)
+  with torch.no_grad():
+    want = hf(input_ids=torch.as_tensor(ids)).logits.numpy()
+  got, _ = model(jnp.asarray(ids), dropout_rng=jax.random.key(0))
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  eval_logits, _ = model(jnp.asarray(ids))  # no key: evaluation, no dropout
+  np.testing.assert_allclose(eval_logits, _hf_logits(hf.eval(), input_ids=ids), atol=1e-4)
+
+
+def test_dropout_needs_a_key_and_scales_kept_units(model, prefix, eos):
+  ids = jnp.asarray(_ids((3, 5), seed=4))
+  plain, _ = _fwd(model, ids)
+  key = jax.random.key(1)
+  a, _ = model(ids, dropout_rng=key)
+  b, _ = model(ids, dropout_rng=jax.random.key(2))
+  assert not np.allclose(a, plain) and not np.allclose(a, b)
+  np.testing.assert_array_equal(a, model(ids, dropout_rng=key)[0])  # a key fixes the masks
+  off = nnx.clone(model)
+  off.config = dataclasses.replace(off.config, embd_pdrop=0, attn_pdrop=0, resid_pdrop=0)
+  np.testing.assert_allclose(off(ids, dropout_rng=key)[0], plain, atol=1e-5)
+  x = gpt2.dropout(jnp.ones((4096,)), 0.1, jax.random.key(0))
+  np.testing.assert_allclose(np.unique(np.asarray(x)), [0.0, 1 / 0.9], rtol=1e-6)
+  assert abs(float((x == 0).mean()) - 0.1) < 0.02
+  # Decoding never drops: the same tokens as with every rate 0.
+  greedy = lambda m: gpt2.greedy_decode(m, prefix, max_len=MAX_LEN, eos_id=eos)
+  np.testing.assert_array_equal(greedy(model), greedy(off))

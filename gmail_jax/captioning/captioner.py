@@ -10,12 +10,18 @@ model: ``gen`` (Proj-Gen) fed by f_g(generated image), ``real`` (Proj-Real) fed 
     ids = generate(cap, feats, head="real", max_len=30, beam_size=1)
 
 Training: the prefix is followed by the caption's token embeddings; position P-1+t predicts token
-t (teacher forcing), the loss is the mean token cross-entropy over the caption and its EOS.
+t (teacher forcing), the loss is the mean token cross-entropy over the caption and its EOS. As
+ClipCap's train.py: transformers' ``AdamW`` (:func:`hf_adamw`: its defaults weight decay 0,
+eps 1e-6, eps added before the bias correction) under ``get_linear_schedule_with_warmup``
+(:func:`linear_warmup_schedule`), and the language model in train mode (GPT-2 dropout, see
+gpt2.py) when it is trained; with the language model frozen (``trainable='prefix'``) it runs in
+eval mode, as ClipCap's ``ClipCaptionPrefix.train`` puts its GPT-2 in ``eval()``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,11 +70,15 @@ class Captioner(nnx.Module):
     every = jnp.stack([h(feats) for h in self.heads])  # [H, B, P, D]; the heads are small
     return every[head, jnp.arange(feats.shape[0])]
 
-  def __call__(self, feats: jax.Array, head: jax.Array, ids: jax.Array) -> jax.Array:
-    """Teacher-forced logits [B, T, V]: position t predicts ids[:, t]."""
+  def __call__(
+    self, feats: jax.Array, head: jax.Array, ids: jax.Array, dropout_rng: jax.Array | None = None
+  ) -> jax.Array:
+    """Teacher-forced logits [B, T, V]: position t predicts ids[:, t]. ``dropout_rng``: the
+    language model in train mode (gpt2.py); None = eval mode."""
     prefix = self.prefix(feats, head)
     tokens = self.lm.embed(ids[:, :-1]).astype(prefix.dtype)
-    logits, _ = self.lm(inputs_embeds=jnp.concatenate([prefix, tokens], axis=1))
+    embeds = jnp.concatenate([prefix, tokens], axis=1)
+    logits, _ = self.lm(inputs_embeds=embeds, dropout_rng=dropout_rng)
     return logits[:, self.prefix_length - 1 :]
 
 
@@ -79,6 +89,69 @@ def trainable_filter(trainable: str) -> nnx.filterlib.Filter:
   if trainable == "all":
     return nnx.Param
   raise ValueError(f"trainable: 'prefix' or 'all', got {trainable!r}")
+
+
+def linear_warmup_schedule(lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+  """transformers' ``get_linear_schedule_with_warmup``: lr · step / warmup while step < warmup,
+  then lr · (total - step) / (total - warmup), floored at 0; update n (from 0) uses step n. A run
+  shorter than its warm-up never reaches ``lr`` (as in transformers)."""
+  warm, total = float(max(1, warmup_steps)), float(max(1, total_steps - warmup_steps))
+
+  def schedule(step: jax.Array) -> jax.Array:
+    step = jnp.asarray(step, jnp.float32)
+    rise, fall = step / warm, jnp.maximum(0.0, (total_steps - step) / total)
+    return lr * jnp.where(step < warmup_steps, rise, fall)
+
+  return schedule
+
+
+class HFAdamWState(NamedTuple):
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+
+
+def hf_adamw(
+  learning_rate: optax.Schedule,
+  *,
+  weight_decay: float = 0.0,
+  eps: float = 1e-6,
+  b1: float = 0.9,
+  b2: float = 0.999,
+) -> optax.GradientTransformation:
+  """transformers' ``AdamW`` (the v4 class ClipCap imports; ``correct_bias=True``), step t >= 1:
+
+      m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g²
+      p -= lr_t · sqrt(1 - b2^t) / (1 - b1^t) · m / (sqrt(v) + eps)
+      p -= lr_t · weight_decay · p                     (decoupled, on the updated p)
+
+  eps is added to sqrt(v) before the bias correction, unlike ``optax.adamw`` / ``torch.optim.
+  AdamW`` (sqrt(v̂) + eps); the two differ where sqrt(v̂) is near eps. Defaults: its own."""
+
+  def init(params: optax.Params) -> HFAdamWState:
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+    return HFAdamWState(jnp.zeros((), jnp.int32), zeros(), zeros())
+
+  def update(grads, state, params=None):
+    count = state.count + 1
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)
+    lr = learning_rate(state.count)
+    t = count.astype(jnp.float32)
+    step_size = lr * jnp.sqrt(1 - b2**t) / (1 - b1**t)
+
+    def one(m, v, p):
+      u = -step_size * m / (jnp.sqrt(v) + eps)
+      if weight_decay:
+        u = u - lr * weight_decay * (p + u)
+      return u.astype(p.dtype)
+
+    if weight_decay and params is None:
+      raise ValueError("hf_adamw: weight decay needs the params in update()")
+    updates = jax.tree.map(one, mu, nu, params if params is not None else mu)
+    return updates, HFAdamWState(count, mu, nu)
+
+  return optax.GradientTransformation(init, update)
 
 
 def fit(
@@ -92,7 +165,8 @@ def fit(
   batch_size: int,
   lr: float,
   warmup_steps: int,
-  weight_decay: float = 0.01,
+  weight_decay: float = 0.0,
+  eps: float = 1e-6,
   label_smoothing: float = 0.0,
   trainable: str = "all",
   seed: int = 0,
@@ -101,24 +175,22 @@ def fit(
 ) -> list[float]:
   """Trains ``captioner`` in place (``fit.fit_arrays``); returns the per-step losses.
 
-  AdamW with ClipCap's schedule (linear warm-up to ``lr``, then linear decay to 0 at ``steps``);
-  batches are epochs of a permutation drawn from ``seed`` (deterministic).
+  ClipCap's optimiser (:func:`hf_adamw` under :func:`linear_warmup_schedule` to 0 at ``steps``);
+  batches are epochs of a permutation drawn from ``seed`` (deterministic), and so are the dropout
+  masks: the language model trains in train mode (its config's dropout rates) unless it is frozen.
   feats: float [N, C]; head: int [N] (index into captioner.head_names); ids / mask: int [N, T].
   """
   n = len(feats)
   if not (len(head) == len(ids) == len(mask) == n) or n == 0:
     raise ValueError(f"fit: need aligned non-empty rows, got {n}/{len(head)}/{len(ids)}")
-  warmup = min(warmup_steps, max(steps - 1, 0))
-  sched = optax.join_schedules(
-    [
-      optax.linear_schedule(0.0, lr, max(warmup, 1)),
-      optax.linear_schedule(lr, 0.0, max(steps - warmup, 1)),
-    ],
-    [warmup],
-  )
+  cfg = captioner.lm.config
+  rates = (cfg.embd_pdrop, cfg.attn_pdrop, cfg.resid_pdrop)
+  # A frozen language model runs in eval mode (ClipCaptionPrefix.train sets gpt.eval()).
+  rng = jax.random.key(seed) if trainable == "all" and any(rates) else None
 
-  def loss_fn(model: Captioner, f, h, t, m) -> jax.Array:
-    return gpt2.lm_loss(model(f, h, t), t, m, label_smoothing=label_smoothing)
+  def loss_fn(model: Captioner, f, h, t, m, rng=None) -> jax.Array:
+    logits = model(f, h, t, dropout_rng=rng)
+    return gpt2.lm_loss(logits, t, m, label_smoothing=label_smoothing)
 
   arrays = (np.asarray(feats, np.float32), *(np.asarray(a, np.int32) for a in (head, ids, mask)))
   return fit_lib.fit_arrays(
@@ -126,12 +198,15 @@ def fit(
     trainable_filter(trainable),
     loss_fn,
     arrays,
-    tx=optax.adamw(sched, weight_decay=weight_decay),
+    tx=hf_adamw(
+      linear_warmup_schedule(lr, warmup_steps, steps), weight_decay=weight_decay, eps=eps
+    ),
     steps=steps,
     batch_size=min(batch_size, n),
     seed=seed,
     log=log,
     log_every=log_every,
+    rng=rng,
   )
 
 

@@ -1,8 +1,17 @@
 """ClipCap (Mokady et al. 2021) with GMAIL's dual projection, on precomputed CLIP embeddings.
 
 Defaults are ClipCap's ``train.py`` (papers.md A.6 #5): MLP mapper with prefix 10 and GPT-2
-fine-tuned (``trainable='all'``), or ``mapper='transformer'``, prefix 40, GPT-2 frozen
-(``trainable='prefix'``); AdamW lr 2e-5, 5000 warm-up steps then linear decay, 10 epochs, batch 40.
+fine-tuned (``trainable='all'``) in train mode (dropout 0.1), or ``mapper='transformer'``, prefix
+40, GPT-2 frozen (``trainable='prefix'``, eval mode); ``transformers.AdamW(model.parameters(),
+lr=2e-5)`` with that class's defaults (weight decay 0, eps 1e-6; captioner.py ``hf_adamw``),
+``get_linear_schedule_with_warmup(5000)``, 10 epochs, batch 40; prefixes are the raw CLIP
+embeddings (``--normalize_prefix`` off; ``normalize_prefix=True`` L2-normalises them).
+
+Deviations, each a named setting: ``lm=''`` builds a small GPT-2 from scratch (no pretrained
+weights offline) and ``compact_vocab`` restricts its softmax to the training captions' tokens
+(CPU speed); ``max_len`` truncates training captions (ClipCap: from the data's length statistics)
+and bounds decoding (``decode_len``, 0 = ``max_len``; ClipCap's generation allows 67 tokens and
+stops at '.'; here decoding stops at the end-of-text token).
 
 GMAIL's dual projection: generated pairs train the ``gen`` head (Proj-Gen, fed f_g(x_g)), real
 pairs the ``real`` head (Proj-Real, fed f_r(x_r)); both share the language model. Real images are
@@ -36,16 +45,20 @@ DEFAULTS = dict(
   mapper="mlp",
   prefix_length=10,
   mapper_layers=8,  # transformer mapper only
-  trainable="all",  # 'prefix' = ClipCap --only_prefix (GPT-2 frozen)
+  trainable="all",  # 'prefix' = ClipCap --only_prefix (GPT-2 frozen, in eval mode)
   dual_projection=True,
+  normalize_prefix=False,  # ClipCap --normalize_prefix: L2-normalise the embeddings fed
   lr=2e-5,
   warmup_steps=5000,
   epochs=10,
   steps=0,  # > 0 overrides epochs
   batch_size=40,
-  weight_decay=0.01,
+  weight_decay=0.0,  # transformers.AdamW's default (ClipCap passes none)
+  adam_eps=1e-6,  # transformers.AdamW's default
+  dropout=0.1,  # GPT-2's dropout (embedding, attention, residual) while it trains; 0 = off
   label_smoothing=0.0,
-  max_len=30,
+  max_len=30,  # caption tokens trained on (EOS included)
+  decode_len=0,  # most tokens decoded; 0 = max_len
   beam_size=1,
   seed=0,
 )
@@ -65,9 +78,18 @@ def tokenizer(s: dict) -> text.CaptionTokenizer:
   return text.from_name(s["tokenizer"] or s["lm"] or "clip_bpe")
 
 
+def decode_len(s: dict) -> int:
+  return s["decode_len"] or s["max_len"]
+
+
 def language_model(s: dict, tok: text.CaptionTokenizer, max_positions: int) -> gpt2.GPT2:
+  """The GPT-2 of ``s`` with the dropout rate ``s['dropout']`` at its three sites."""
+  rate = float(s["dropout"])
+  rates = dict(embd_pdrop=rate, attn_pdrop=rate, resid_pdrop=rate)
   if s["lm"]:
-    return gpt2.from_pretrained(s["lm"])
+    lm = gpt2.from_pretrained(s["lm"])
+    lm.config = dataclasses.replace(lm.config, **rates)
+    return lm
   config = gpt2.GPT2Config(
     vocab_size=tok.vocab_size,
     n_positions=max_positions,
@@ -76,12 +98,13 @@ def language_model(s: dict, tok: text.CaptionTokenizer, max_positions: int) -> g
     n_head=s["lm_heads"],
     bos_token_id=tok.eos_id,
     eos_token_id=tok.eos_id,
+    **rates,
   )
   return gpt2.GPT2(config, rngs=nnx.Rngs(s["seed"]))
 
 
 def build(s: dict, clip_dim: int, tok: text.CaptionTokenizer) -> cap_lib.Captioner:
-  lm = language_model(s, tok, s["prefix_length"] + s["max_len"] + 1)
+  lm = language_model(s, tok, s["prefix_length"] + max(s["max_len"], decode_len(s)) + 1)
   kw = {"num_layers": s["mapper_layers"]} if s["mapper"] == "transformer" else {}
   return cap_lib.Captioner(
     lm,
@@ -92,6 +115,15 @@ def build(s: dict, clip_dim: int, tok: text.CaptionTokenizer) -> cap_lib.Caption
     rngs=nnx.Rngs(s["seed"] + 1),
     **kw,
   )
+
+
+def prefixes(s: dict, feats: np.ndarray) -> np.ndarray:
+  """The embeddings a captioner of ``s`` is fed: as they are, or L2-normalised with
+  ``normalize_prefix`` (ClipCap's ``prefix / prefix.norm(2, -1)``), float32."""
+  feats = np.asarray(feats, np.float32)
+  if not s["normalize_prefix"]:
+    return feats
+  return feats / np.maximum(np.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
 
 
 def num_steps(s: dict, n: int) -> int:
@@ -107,12 +139,13 @@ class Trained:
   real_head: str  # the head real images are captioned through
 
   def caption(self, feats: np.ndarray, batch_size: int = 64) -> list[str]:
+    """Captions of embeddings [N, C] (fed as in training: ``prefixes``)."""
     ids = cap_lib.generate(
       self.captioner,
-      feats,
+      prefixes(self.settings, feats),
       head=self.real_head,
       eos_id=self.tokenizer.eos_id,
-      max_len=self.settings["max_len"],
+      max_len=decode_len(self.settings),
       beam_size=self.settings["beam_size"],
       batch_size=batch_size,
     )
@@ -127,7 +160,8 @@ def train(
   log: Callable[[int, float], None] | None = None,
   log_every: int = 1,
 ) -> Trained:
-  """Trains on (embeddings [N, C], one caption per row) of generated and/or real pairs."""
+  """Trains on (embeddings [N, C], one caption per row) of generated and/or real pairs, fed
+  through ``prefixes`` (raw, or L2-normalised with ``normalize_prefix``)."""
   parts = [(name, p) for name, p in (("gen", generated), ("real", real)) if p is not None]
   if not parts:
     raise ValueError("clipcap.train: no training pairs (neither generated nor real)")
@@ -137,7 +171,7 @@ def train(
     tok = text.compact(tok, captions)
   clip_dim = parts[0][1][0].shape[1]
   model = build(s, clip_dim, tok)
-  feats = np.concatenate([np.asarray(p[0], np.float32) for _, p in parts])
+  feats = prefixes(s, np.concatenate([np.asarray(p[0], np.float32) for _, p in parts]))
   if len(captions) != len(feats):
     raise ValueError(f"clipcap.train: {len(feats)} embeddings for {len(captions)} captions")
   names = [name if s["dual_projection"] else "shared" for name, p in parts for _ in p[1]]
@@ -154,6 +188,7 @@ def train(
     lr=s["lr"],
     warmup_steps=s["warmup_steps"],
     weight_decay=s["weight_decay"],
+    eps=s["adam_eps"],
     label_smoothing=s["label_smoothing"],
     trainable=s["trainable"],
     seed=s["seed"],

@@ -9,7 +9,10 @@
                                                    rows of one image grouped
 
 Training uses every (image, caption) pair (``pairs``); testing uses each image's captions as its
-references (and, for class folders, its class name: ``class_named``).
+references (and, for class folders, its class name: ``class_named``). Images are listed, not
+decoded: ``images`` is an ``eval_sets.LazyImages`` that decodes a batch when it is embedded, so an
+embedding read back from the cache reads no image, and a set of any size is never held decoded
+(COCO's 566k generated training images would be ~85 GB of 224-pixel crops).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ KINDS = ("coco", "karpathy", "classes", "manifest")
 @dataclasses.dataclass
 class CaptionedImages:
   ids: list[str]  # one per image: its file name (class/file for class folders)
-  images: list  # uint8 [S, S, 3] crops
+  images: Sequence  # uint8 [S, S, 3] crops, decoded when indexed (eval_sets.LazyImages)
   references: list[list[str]]
   classes: list[str] | None = None  # class folders: each image's class name, else None
 
@@ -63,30 +66,28 @@ def load(
   if kind not in KINDS:
     raise ConfigError(f"{where}.kind: one of {list(KINDS)}, got {kind!r}")
   max_images = spec.get("max_images") or None
-  img_kw = {"image_size": image_size, "resize": resize}
+  lazy = lambda sources: eval_sets.LazyImages(sources, image_size=image_size, resize=resize)
   if kind in ("coco", "karpathy"):
     if kind == "coco":
-      cs = eval_sets.load_coco_captions(
-        spec["captions"], spec["images"], max_images=max_images, **img_kw
+      paths, captions, t2i = eval_sets.coco_captions(
+        spec["captions"], spec["images"], max_images=max_images
       )
     else:
-      cs = eval_sets.load_karpathy(
-        spec["path"],
-        spec["images"],
-        split=spec.get("split", "test"),
-        max_images=max_images,
-        **img_kw,
+      paths, captions, t2i = eval_sets.karpathy_captions(
+        spec["path"], spec["images"], split=spec.get("split", "test"), max_images=max_images
       )
-    refs = _grouped(cs.paths, cs.captions, cs.text_to_image)
-    return CaptionedImages([os.path.basename(p) for p in cs.paths], cs.images, refs)
+    refs = _grouped(paths, captions, t2i)
+    return CaptionedImages([os.path.basename(p) for p in paths], lazy(paths), refs)
   if kind == "classes":
     if not templates:
       raise ConfigError(f"{where}: kind 'classes' needs caption templates ('{{}}' = class name)")
-    cset = eval_sets.load_class_set(spec["root"], per_class=spec.get("per_class") or None, **img_kw)
-    names = [c.replace("_", " ") for c in cset.classnames]
-    refs = [[t.format(names[y]) for t in templates] for y in cset.labels]
-    ids = [os.path.join(*pathlib.Path(p).parts[-2:]) for p in cset.paths]  # class/file
-    return CaptionedImages(ids, list(cset.images), refs, [names[y] for y in cset.labels])
+    files, labels, classnames, paths = eval_sets.class_set_index(
+      spec["root"], per_class=spec.get("per_class") or None
+    )
+    names = [c.replace("_", " ") for c in classnames]
+    refs = [[t.format(names[y]) for t in templates] for y in labels]
+    ids = [os.path.join(*pathlib.Path(p).parts[-2:]) for p in paths]  # class/file
+    return CaptionedImages(ids, lazy(files), refs, [names[y] for y in labels])
   column = spec.get("column", "gen_path")
   table = sources.read_manifest_table(spec["path"], ("caption", column)).to_pydict()
   base = os.path.dirname(os.path.abspath(spec["path"]))
@@ -94,8 +95,7 @@ def load(
   for caption, path in zip(table["caption"], table[column], strict=True):
     order.setdefault(os.path.join(base, path), []).append(caption)
   paths = list(order)[:max_images]
-  images = eval_sets.load_images(paths, **img_kw)
-  return CaptionedImages(paths, images, [order[p] for p in paths])
+  return CaptionedImages(paths, lazy(paths), [order[p] for p in paths])
 
 
 def captions_only(

@@ -2,13 +2,22 @@
 
 Registered as evaluator type 'captioning' (evaluators/common.py), so ``gmail_jax.evaluate`` and the
 caption stage run it; ``write_results`` writes captions.jsonl and captioning.json. The metrics are
-``evaluators.captioning.caption_metrics`` (pycocoevalcap).
+``evaluators.captioning.score_captions`` (pycocoevalcap); captioning.json records with them how they
+were scored (tokenizer, skipped metrics).
+
+Embedding cache (``caption(..., cache_dir=...)``): one file per role (test, train_generated, ...)
+holding the raw (not L2-normalised) embeddings and the key they were made under: the encoder's
+``identity()`` (weights fingerprints of both towers, configs, preprocessing, tokenizer), the
+caller's ``encoder_key``, the evaluator's own image loading (size, resize mode) and a hash of the
+image ids (or captions). A different encoder, even one saved at the same workdir and step,
+recomputes. Images are decoded only on a miss, a batch at a time (captioning/data.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import pathlib
@@ -21,7 +30,7 @@ from gmail_jax.captioning import clipcap, decap
 from gmail_jax.captioning import data as cap_data
 from gmail_jax.errors import ConfigError
 from gmail_jax.evaluators import common
-from gmail_jax.evaluators.captioning import caption_metrics
+from gmail_jax.evaluators.captioning import score_captions
 
 
 @dataclasses.dataclass
@@ -32,10 +41,12 @@ class CaptioningResult:
   projected: dict[str, str] | None  # DeCap's projection decoding
   losses: list[float]
   settings: dict[str, Any]
+  scoring: dict[str, Any] = dataclasses.field(default_factory=dict)  # score_captions' record
 
   def summary(self) -> dict[str, Any]:
     return {
       "metrics": self.metrics,
+      "scoring": self.scoring,
       "settings": self.settings,
       "num_test_images": len(self.candidates),
       "train_steps": len(self.losses),
@@ -87,7 +98,8 @@ class CaptioningEvaluator(common.Evaluator):
   Class-folder test sets also report ``class_named``: the fraction of captions that name the
   image's class and no other (captioning/data.py).
 
-  ``captioner``: settings overrides (captioning/clipcap.py DEFAULTS / decap.py SETTINGS).
+  ``captioner``: settings overrides (captioning/clipcap.py DEFAULTS / decap.py SETTINGS); the
+  captioner is fed the encoder's raw embeddings, L2-normalised with ``normalize_prefix``.
   """
 
   def __init__(
@@ -115,6 +127,7 @@ class CaptioningEvaluator(common.Evaluator):
         f"config.evals.{name}.train_path: 'generated' or 'real', got {train_path!r}"
       )
     self.method, self.train_path, self.batch_size = method, train_path, batch_size
+    self.image_size, self.resize = image_size, resize
     overrides = dict(captioner or {})
     self.settings = decap.settings(overrides) if method == "decap" else clipcap.settings(overrides)
     kw = {"image_size": image_size, "resize": resize, "templates": tuple(templates)}
@@ -141,17 +154,23 @@ class CaptioningEvaluator(common.Evaluator):
     cache_dir: str | None = None,
     encoder_key: str = "",
   ) -> CaptioningResult:
-    """Embeds (once: with ``cache_dir``, embeddings of the same ``encoder_key`` and images are
-    read back, as ClipCap's parse_coco.py), trains the captioner, captions the test images."""
+    """Embeds (once: with ``cache_dir``, embeddings of the same encoder identity and images are
+    read back, as ClipCap's parse_coco.py), trains the captioner, captions the test images.
+
+    ``encoder_key``: more identity for the cache key; an encoder without ``identity()`` (a dict
+    of functions) can be cached only under one."""
     bs = self.batch_size
     enc = common.as_encoder(encoder)
+    identity = _encoder_identity(enc, encoder_key, cached=cache_dir is not None)
+    loading = {"image_size": self.image_size, "resize": self.resize}
 
     def embed(role: str, fn: Any, items: Sequence, ids: Sequence[str]) -> np.ndarray:
+      key = {"encoder": identity, "loading": loading, "items": _ids_key(ids), "raw": True}
       return _cached(
         cache_dir,
         role,
-        f"{encoder_key}|{_ids_key(ids)}",
-        lambda: common.encode_in_batches(fn, items, bs),
+        json.dumps(key, sort_keys=True),
+        lambda: common.encode_in_batches(_raw(fn), items, bs),
       )
 
     test_feats = embed("test", enc.encode_images, self.test.images, self.test.ids)
@@ -176,21 +195,46 @@ class CaptioningEvaluator(common.Evaluator):
     ids = self.test.ids
     references = dict(zip(ids, self.test.references, strict=True))
     candidates = dict(zip(ids, direct, strict=True))
-    metrics = caption_metrics(candidates, references)
+    metrics, scoring = score_captions(candidates, references)
     if self.test.classes is not None:  # class folders: does the caption name the right class?
       metrics["class_named"] = cap_data.class_named(
         direct, self.test.classes, sorted(set(self.test.classes))
       )
     if projected is not None:
       projected = dict(zip(ids, projected, strict=True))
-      metrics.update({f"proj_{k}": v for k, v in caption_metrics(projected, references).items()})
+      proj_metrics, proj_scoring = score_captions(projected, references)
+      metrics.update({f"proj_{k}": v for k, v in proj_metrics.items()})
+      if proj_scoring != scoring:  # the same scorer twice; should its record differ, keep both
+        scoring = {**scoring, "proj": proj_scoring}
     return CaptioningResult(
-      metrics, candidates, references, projected, trained.losses, dict(self.settings)
+      metrics, candidates, references, projected, trained.losses, dict(self.settings), scoring
     )
 
 
 def _ids_key(ids: Sequence[str]) -> str:
-  return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:16]
+  return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()
+
+
+def _encoder_identity(enc: Any, encoder_key: str, *, cached: bool) -> Any:
+  """The encoder's ``identity()`` (training/encoders.py) with the caller's ``encoder_key``."""
+  identity = getattr(enc, "identity", None)
+  if callable(identity):
+    return {"identity": identity(), "key": encoder_key}
+  if cached and not encoder_key:
+    raise ValueError(
+      "captioning: caching the embeddings of an encoder without identity() needs an encoder_key"
+    )
+  return {"key": encoder_key}
+
+
+def _raw(fn: Any) -> Any:
+  """``fn`` returning embeddings before L2 normalisation where it can (``normalize=False``);
+  functions without that option are taken as they are."""
+  try:
+    takes = "normalize" in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    takes = False
+  return (lambda items: fn(items, normalize=False)) if takes else fn
 
 
 def _cached(cache_dir: str | None, role: str, key: str, compute: Any) -> np.ndarray:

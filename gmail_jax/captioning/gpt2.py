@@ -22,6 +22,12 @@ Training (ClipCap): ``embeds = concat([prefix, model.embed(ids)], 1)``; ``logits
 model(inputs_embeds=embeds, attention_mask=mask)``; the token at ``ids[:, t]`` is predicted by
 ``logits[:, P - 1 + t]``, so :func:`lm_loss` takes ``logits[:, P - 1:-1]`` against ``ids``.
 
+Dropout (training only): ``model(..., dropout_rng=key)`` drops at HF's three sites with the
+config's rates (``embd_pdrop`` after adding the positions, ``attn_pdrop`` on the attention
+probabilities, ``resid_pdrop`` on each attention / MLP output before the residual add), scaling
+kept units by 1 / (1 - rate), as ``GPT2LMHeadModel`` in train mode (ClipCap fine-tunes GPT-2 in
+train mode). Without a key (evaluation, every decoding function) nothing is dropped.
+
 Precision: ``dtype`` is the compute dtype of the matmuls and the cache; params stay
 ``param_dtype``. LayerNorm and the attention softmax run in fp32; logits are returned in fp32.
 """
@@ -55,6 +61,10 @@ class GPT2Config:
   layer_norm_epsilon: float = 1e-5
   bos_token_id: int = 50256
   eos_token_id: int = 50256
+  # HF GPT2Config's defaults; used only by a call given a ``dropout_rng`` (training).
+  embd_pdrop: float = 0.1
+  attn_pdrop: float = 0.1
+  resid_pdrop: float = 0.1
 
   def __post_init__(self):
     if self.n_embd % self.n_head:
@@ -92,7 +102,26 @@ class GPT2Config:
       layer_norm_epsilon=float(get("layer_norm_epsilon", 1e-5)),
       bos_token_id=token("bos_token_id"),
       eos_token_id=token("eos_token_id"),
+      embd_pdrop=float(get("embd_pdrop", 0.1)),
+      attn_pdrop=float(get("attn_pdrop", 0.1)),
+      resid_pdrop=float(get("resid_pdrop", 0.1)),
     )
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout (``torch.nn.Dropout`` in train mode): zero each unit with probability
+  ``rate``, scale the kept ones by 1 / (1 - rate); ``x`` itself when ``key`` is None or rate 0."""
+  if key is None or rate <= 0:
+    return x
+  if rate >= 1:
+    return jnp.zeros_like(x)
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def _site_keys(key: jax.Array | None, n: int) -> list:
+  """``n`` independent keys (or Nones) for the dropout sites of one forward pass."""
+  return [None] * n if key is None else list(jax.random.split(key, n))
 
 
 def _dense(n_in, n_out, std, *, dtype, param_dtype, rngs) -> Dense:
@@ -112,9 +141,15 @@ class Attention(nnx.Module):
     self.c_proj = _dense(d, d, 0.02 / math.sqrt(2 * cfg.n_layer), **kw)
 
   def __call__(
-    self, x: jax.Array, allowed: jax.Array, cache: Cache | None, layer: int
+    self,
+    x: jax.Array,
+    allowed: jax.Array,
+    cache: Cache | None,
+    layer: int,
+    drop: tuple[float, jax.Array | None] = (0.0, None),
   ) -> tuple[jax.Array, Cache | None]:
-    """``allowed`` [B, T, K]: which keys each query sees (K = T, or the S cache slots)."""
+    """``allowed`` [B, T, K]: which keys each query sees (K = T, or the S cache slots);
+    ``drop``: (rate, key) of the dropout on the attention probabilities (training)."""
     b, t, d = x.shape
     split = lambda y: y.reshape(b, t, self.heads, d // self.heads)
     q, k, v = (split(y) for y in jnp.split(self.c_attn(x), 3, axis=-1))
@@ -128,7 +163,7 @@ class Attention(nnx.Module):
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
     # finfo.min, not -inf: a query with no visible key (a left pad) gets a finite uniform row.
     logits = jnp.where(allowed[:, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    probs = dropout(jax.nn.softmax(logits, axis=-1), *drop).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
     return self.c_proj(out), cache
 
@@ -152,10 +187,11 @@ class Block(nnx.Module):
     self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, **kw)
     self.mlp = MLP(cfg, dtype=dtype, **kw)
 
-  def __call__(self, x, allowed, cache, layer):
-    h, cache = self.attn(self.ln_1(x), allowed, cache, layer)
-    x = x + h
-    return x + self.mlp(self.ln_2(x)), cache
+  def __call__(self, x, allowed, cache, layer, key=None, attn_rate=0.0, resid_rate=0.0):
+    k_attn, k_res1, k_res2 = _site_keys(key, 3)
+    h, cache = self.attn(self.ln_1(x), allowed, cache, layer, (attn_rate, k_attn))
+    x = x + dropout(h, resid_rate, k_res1)
+    return x + dropout(self.mlp(self.ln_2(x)), resid_rate, k_res2), cache
 
 
 class GPT2(nnx.Module):
@@ -204,11 +240,13 @@ class GPT2(nnx.Module):
     attention_mask: jax.Array | None = None,
     cache: Cache | None = None,
     positions: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
   ) -> tuple[jax.Array, Cache | None]:
     """Logits [B, T, V] (fp32) and the updated cache (None when none was given).
 
     ``attention_mask`` [B, T] covers the T tokens of this call (with a cache, earlier tokens'
     mask lives in the cache); ``positions`` [B, T] or [T] overrides the mask-derived positions.
+    ``dropout_rng``: train mode (dropout at the config's rates, see the module doc); None = eval.
     """
     if (ids is None) == (inputs_embeds is None):
       raise ValueError("GPT2: pass exactly one of ids / inputs_embeds")
@@ -222,6 +260,9 @@ class GPT2(nnx.Module):
       # Real tokens are numbered 0, 1, ... whatever padding precedes them (HF generate's rule).
       positions = jnp.maximum(past + jnp.cumsum(new, axis=-1) - 1, 0)
     x = x + self.wpe[...][positions].astype(x.dtype)
+    cfg = self.config
+    keys = _site_keys(dropout_rng, 1 + len(self.h))
+    x = dropout(x, cfg.embd_pdrop, keys[0])
     if cache is None:
       allowed = jnp.tril(jnp.ones((t, t), bool))[None] & new[:, None, :]
     else:
@@ -232,7 +273,7 @@ class GPT2(nnx.Module):
       allowed = causal[None] & mask[:, None, :]
       cache = dict(cache, mask=mask)
     for i, block in enumerate(self.h):
-      x, cache = block(x, allowed, cache, i)
+      x, cache = block(x, allowed, cache, i, keys[1 + i], cfg.attn_pdrop, cfg.resid_pdrop)
     if cache is not None:
       cache = dict(cache, index=cache["index"] + t)
     h = self.ln_f(x)

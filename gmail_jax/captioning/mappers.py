@@ -5,7 +5,11 @@ ClipCap (Mokady et al. 2021, rmokady/CLIP_prefix_caption ``train.py``):
   mlp          C -> P·D/2 -> tanh -> P·D; prefix 10, used with a fine-tuned GPT-2
   transformer  C -> L·D (L "clip tokens"), concatenated with P learned constants, 8 pre-norm
                layers (8 heads, ReLU MLP ×2), the P constant positions are the prefix; prefix 40,
-               used with a frozen GPT-2
+               used with a frozen GPT-2. Its self-attention is ClipCap's ``MultiHeadAttention``
+               as ``TransformerLayer`` builds it (``bias=False``): ``to_queries`` and
+               ``to_keys_values`` without bias, the output ``project`` with nn.Linear's default
+               bias. (Read from ClipCap's train.py as we know it; not re-checked against the
+               source here, which this environment cannot fetch.)
 
 DeCap (Li et al. 2023) projects the embedding with one linear layer to a prefix of 1 (``linear``).
 A mapper is chosen by name (``MAPPERS``); GMAIL's dual projection is two mappers of one kind.
@@ -39,14 +43,34 @@ class LinearMapper(nnx.Module):
     return self.proj(x).reshape(x.shape[0], self.prefix_length, self.lm_dim)
 
 
+class _MapperAttention(nnx.Module):
+  """ClipCap's ``MultiHeadAttention`` used as self-attention: q = to_queries(x), [k; v] =
+  to_keys_values(x) (both without bias), softmax(q k^T / sqrt(d_head)) v, then ``project``."""
+
+  def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs):
+    if dim % heads:
+      raise ValueError(f"transformer mapper: width {dim} not divisible by {heads} heads")
+    self.heads = heads
+    self.to_queries = nnx.Linear(dim, dim, use_bias=False, rngs=rngs)
+    self.to_keys_values = nnx.Linear(dim, 2 * dim, use_bias=False, rngs=rngs)
+    self.project = nnx.Linear(dim, dim, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, n, d = x.shape
+    h, hd = self.heads, d // self.heads
+    q = self.to_queries(x).reshape(b, n, h, hd)
+    kv = self.to_keys_values(x).reshape(b, n, 2, h, hd)  # ClipCap's [k; v] layout
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    att = jax.nn.softmax(jnp.einsum("bnhd,bmhd->bhnm", q, k) * hd**-0.5, axis=-1)
+    return self.project(jnp.einsum("bhnm,bmhd->bnhd", att, v).reshape(b, n, d))
+
+
 class _MapperLayer(nnx.Module):
   """Pre-norm self-attention + ReLU MLP (ratio 2), as ClipCap's ``TransformerLayer``."""
 
   def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs):
     self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
-    self.attn = nnx.MultiHeadAttention(
-      num_heads=heads, in_features=dim, decode=False, use_bias=True, rngs=rngs
-    )
+    self.attn = _MapperAttention(dim, heads, rngs=rngs)
     self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
     self.fc1 = nnx.Linear(dim, 2 * dim, rngs=rngs)
     self.fc2 = nnx.Linear(2 * dim, dim, rngs=rngs)

@@ -6,7 +6,9 @@
 
 Images are decoded to RGB PIL, or to uint8 ``[size, size, 3]`` crops when ``image_size`` is given
 (the same resize as training: the tower's ``resize`` mode, CLIP's centre crop by default). Bad files
-are an error naming the file.
+are an error naming the file. :class:`LazyImages` is the same images decoded only when indexed (an
+embedding batch at a time), for sets too large to hold decoded; :func:`coco_captions`,
+:func:`karpathy_captions` and :func:`class_set_index` list a set without decoding it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import pathlib
 import zipfile
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -61,6 +64,50 @@ def _read(path: str) -> bytes:
     return pathlib.Path(path).read_bytes()
   except OSError as e:
     raise InputError(f"eval set: cannot read {path}: {e.strerror or e}") from None
+
+
+Source = str | tuple[str, str]  # an image file, or (zip archive, member)
+
+
+class LazyImages(Sequence):
+  """Images decoded (as :func:`load_images`) each time they are indexed: ``x[i]`` one image,
+  ``x[a:b]`` a list; nothing is kept, so only the batch being used is ever in memory."""
+
+  def __init__(
+    self,
+    sources: Sequence[Source],
+    *,
+    image_size: int | None = None,
+    resize: preprocess.ResizeMode = "shortest_edge_crop",
+  ):
+    self.sources, self.image_size, self.resize = list(sources), image_size, resize
+
+  def __len__(self) -> int:
+    return len(self.sources)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return _decode_all(self.sources[index], self.image_size, self.resize)
+    return _decode_all([self.sources[index]], self.image_size, self.resize)[0]
+
+
+def _decode_all(sources: Sequence[Source], image_size, resize) -> list:
+  """Each source decoded; a zip archive is opened once for all its members here."""
+  zips: dict[str, zipfile.ZipFile] = {}
+  try:
+    out = []
+    for src in sources:
+      if isinstance(src, tuple):
+        archive, member = src
+        if archive not in zips:
+          zips[archive] = zipfile.ZipFile(archive)
+        out.append(_load(zips[archive].read(member), f"{archive}:{member}", image_size, resize))
+      else:
+        out.append(_load(_read(src), src, image_size, resize))
+    return out
+  finally:
+    for zf in zips.values():
+      zf.close()
 
 
 def load_images(
@@ -129,16 +176,15 @@ def load_coco_captions(
   return CaptionSet(paths, load_images(paths, image_size=image_size, resize=resize), captions, t2i)
 
 
-def load_karpathy(
+def karpathy_captions(
   karpathy_json: str | os.PathLike,
   images_dir: str | os.PathLike,
   *,
   split: str = "test",
-  image_size: int | None = None,
   max_images: int | None = None,
-  resize: preprocess.ResizeMode = "shortest_edge_crop",
-) -> CaptionSet:
-  """Karpathy-split JSON (``dataset_flickr30k.json`` / ``dataset_coco.json``) of one split."""
+) -> tuple[list[str], list[str], np.ndarray]:
+  """(image paths, captions, text_to_image) of one split of a Karpathy-split JSON
+  (``dataset_coco.json`` / ``dataset_flickr30k.json``), in file order, without decoding."""
   try:
     data = json.loads(pathlib.Path(karpathy_json).read_text())["images"]
   except (OSError, ValueError, KeyError) as e:
@@ -149,7 +195,22 @@ def load_karpathy(
       continue
     name = os.path.join(im.get("filepath", ""), im["filename"])
     entries.append((name, [" ".join(s["raw"].split()) for s in im.get("sentences", [])]))
-  paths, captions, t2i = _caption_index(entries, str(images_dir), max_images)
+  return _caption_index(entries, str(images_dir), max_images)
+
+
+def load_karpathy(
+  karpathy_json: str | os.PathLike,
+  images_dir: str | os.PathLike,
+  *,
+  split: str = "test",
+  image_size: int | None = None,
+  max_images: int | None = None,
+  resize: preprocess.ResizeMode = "shortest_edge_crop",
+) -> CaptionSet:
+  """:func:`karpathy_captions` with the images decoded (see :func:`load_images`)."""
+  paths, captions, t2i = karpathy_captions(
+    karpathy_json, images_dir, split=split, max_images=max_images
+  )
   return CaptionSet(paths, load_images(paths, image_size=image_size, resize=resize), captions, t2i)
 
 
@@ -165,6 +226,18 @@ def load_class_set(
   (e.g. the CIFAR-10 test zip, read in place). Classes sorted by name; files sorted; the first
   ``per_class`` of each class when given, else ``max_images // n_classes`` of each (a stratified,
   deterministic subset) when ``max_images`` is given."""
+  sources, labels, classnames, paths = class_set_index(
+    path, per_class=per_class, max_images=max_images
+  )
+  images = _decode_all(sources, image_size, resize)
+  return ClassSet(images, labels, classnames, paths)
+
+
+def class_set_index(
+  path: str | os.PathLike, *, per_class: int | None = None, max_images: int | None = None
+) -> tuple[list[Source], np.ndarray, list[str], list[str]]:
+  """(sources, labels, classnames, names) of :func:`load_class_set`'s images, without decoding:
+  a source is a file or (zip, member), for :class:`LazyImages`; names as ``ClassSet.paths``."""
   path = str(path)
   by_class: dict[str, list[str]] = {}
   zf = zipfile.ZipFile(path) if os.path.isfile(path) and zipfile.is_zipfile(path) else None
@@ -192,18 +265,16 @@ def load_class_set(
     classnames = sorted(by_class)
     if per_class is None and max_images is not None:
       per_class = max(1, max_images // len(classnames))
-    images, labels, paths = [], [], []
+    sources, labels, names = [], [], []
     for label, c in enumerate(classnames):
       for n in sorted(by_class[c])[:per_class]:
-        data = zf.read(n) if zf is not None else _read(n)
-        name = f"{path}:{n}" if zf is not None else n
-        images.append(_load(data, name, image_size, resize))
+        sources.append((path, n) if zf is not None else n)
         labels.append(label)
-        paths.append(name)
+        names.append(f"{path}:{n}" if zf is not None else n)
   finally:
     if zf is not None:
       zf.close()
-  return ClassSet(images, np.asarray(labels, np.int64), classnames, paths)
+  return sources, np.asarray(labels, np.int64), classnames, names
 
 
 def class_prompts(classnames: list[str], template: str = "a photo of a {class}.") -> list[str]:
@@ -214,6 +285,8 @@ def class_prompts(classnames: list[str], template: str = "a photo of a {class}."
 __all__ = [
   "CaptionSet",
   "ClassSet",
+  "LazyImages",
+  "class_set_index",
   "coco_captions",
   "load_coco_captions",
   "load_images",

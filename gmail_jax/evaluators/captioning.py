@@ -4,6 +4,8 @@ The numbers come from pycocoevalcap's scorers, the reference implementation of t
 toolkit; this module only tokenises, validates and calls them the way `COCOEvalCap.evaluate` does.
 METEOR and SPICE are Java programs and run only where `java` is on PATH (SPICE also needs the
 Stanford CoreNLP 3.6.0 models, which pycocoevalcap would otherwise try to download).
+``score_captions`` also returns a record of how the numbers were made (which tokenizer ran, which
+metrics were skipped and why), for results files: tokenize='auto' never changes numbers silently.
 """
 
 from __future__ import annotations
@@ -117,6 +119,18 @@ def _java_ptb(captions: Mapping[Hashable, list[str]]) -> dict[Hashable, list[str
   return {k: out.get(k, []) for k in captions}
 
 
+def resolve_tokenizer(method: str) -> tuple[str, str]:
+  """(the tokenizer ``method`` runs here: 'ptb' | 'python' | 'none', why); 'auto' is 'ptb' where
+  `java` is on PATH, else 'python'."""
+  if method == "auto":
+    if shutil.which("java"):
+      return "ptb", "auto: `java` on PATH"
+    return "python", "auto: no `java` on PATH, the pure-Python PTB equivalent ran instead"
+  if method not in ("ptb", "python", "none"):
+    raise ValueError(f"tokenize_captions: method must be 'auto', 'ptb' or 'python', got {method!r}")
+  return method, "requested"
+
+
 def tokenize_captions(
   captions: Mapping[Hashable, list[str]], *, method: str = "auto"
 ) -> dict[Hashable, list[str]]:
@@ -148,7 +162,7 @@ def tokenize_captions(
     {id: [tokenised caption, ...]}, same ids and order.
   """
   if method == "auto":
-    method = "ptb" if shutil.which("java") else "python"
+    method = resolve_tokenizer(method)[0]
   if method == "ptb":
     if not shutil.which("java"):
       raise RuntimeError("tokenize_captions: method='ptb' needs `java` on PATH")
@@ -221,15 +235,29 @@ def caption_metrics(
   meteor: bool = True,
   spice: bool | None = None,
 ) -> dict[str, float]:
+  """:func:`score_captions`'s metrics (see there)."""
+  return score_captions(candidates, references, tokenize=tokenize, meteor=meteor, spice=spice)[0]
+
+
+def score_captions(
+  candidates: Mapping[Hashable, str],
+  references: Mapping[Hashable, list[str]],
+  *,
+  tokenize: str = "auto",
+  meteor: bool = True,
+  spice: bool | None = None,
+) -> tuple[dict[str, float], dict[str, Any]]:
   """COCO caption metrics of one candidate per id against its references, as the COCO toolkit.
 
   Scores are corpus-level over the candidate ids (ids only in `references` are ignored): BLEU
   with the 'closest' reference length, ROUGE-L (beta 1.2) averaged over ids, CIDEr-D
   (pycocoevalcap's `Cider`: sigma 6, clipping, x10) with document frequencies over the references
   of all scored ids, so scoring a split in chunks and averaging is not the same number.
-  METEOR runs when `java` is on PATH (meteor=False skips it silently). SPICE runs when `java`
+  METEOR runs when `java` is on PATH (meteor=False skips it). SPICE runs when `java`
   and its CoreNLP models are there (spice=None), never (spice=False), or must (spice=True: raises
-  if it cannot). A skipped metric is absent from the result and named in one warning per call.
+  if it cannot). A skipped metric is absent from the result, named in the record and (unless the
+  caller turned it off) in one warning per call, which also says when 'auto' fell back to the
+  Python tokenizer.
 
   Args:
     candidates: {id: caption}.
@@ -240,18 +268,23 @@ def caption_metrics(
     spice: see above.
 
   Returns:
-    {'BLEU_1', 'BLEU_2', 'BLEU_3', 'BLEU_4', 'ROUGE_L', 'CIDEr'[, 'METEOR'][, 'SPICE']} as floats.
+    ({'BLEU_1', 'BLEU_2', 'BLEU_3', 'BLEU_4', 'ROUGE_L', 'CIDEr'[, 'METEOR'][, 'SPICE']} as
+    floats, record): record = {'tokenize': as asked, 'tokenizer': 'ptb' (Stanford PTBTokenizer in
+    Java) | 'python' (its pure-Python equivalent) | 'none', 'tokenizer_reason': why that one,
+    'skipped': {metric: why}}.
   """
   _validate(candidates, references)
+  ran, why = resolve_tokenizer(tokenize)
+  record: dict[str, Any] = {"tokenize": tokenize, "tokenizer": ran, "tokenizer_reason": why}
   ids = list(candidates)
-  if tokenize == "none":
+  if ran == "none":
     res = {k: [" ".join(candidates[k].split())] for k in ids}
     gts = {k: [" ".join(r.split()) for r in references[k]] for k in ids}
   else:
     # One tokeniser call (one JVM) for candidates and references together.
     joint = {("res", k): [candidates[k]] for k in ids}
     joint.update({("gts", k): list(references[k]) for k in ids})
-    tok = tokenize_captions(joint, method=tokenize)
+    tok = tokenize_captions(joint, method=ran)
     res = {k: tok["res", k] for k in ids}
     gts = {k: tok["gts", k] for k in ids}
 
@@ -263,22 +296,33 @@ def caption_metrics(
   out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
   out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
 
-  skipped = []
+  skipped: dict[str, str] = {}  # what could not run here (warned about)
   if not meteor:
-    pass
-  elif shutil.which("java"):
-    out["METEOR"] = _meteor(gts, res)
+    record_only = {"METEOR": "meteor=False"}
   else:
-    skipped.append("METEOR")
-  if spice is not False:
-    why = _spice_missing()
-    if why is None:
+    record_only = {}
+    if shutil.which("java"):
+      out["METEOR"] = _meteor(gts, res)
+    else:
+      skipped["METEOR"] = "no `java` on PATH"
+  if spice is False:
+    record_only["SPICE"] = "spice=False"
+  else:
+    missing = _spice_missing()
+    if missing is None:
       out["SPICE"] = _spice(gts, res)
     elif spice:
-      raise RuntimeError(f"caption_metrics: spice=True but SPICE cannot run: {why}")
+      raise RuntimeError(f"caption_metrics: spice=True but SPICE cannot run: {missing}")
     else:
-      skipped.append(f"SPICE ({why})")
-  if skipped:
-    reason = "" if shutil.which("java") else ": no `java` on PATH (install a Java runtime)"
-    logging.warning("caption_metrics: skipped %s%s", ", ".join(skipped), reason)
-  return out
+      skipped["SPICE"] = missing
+  record["skipped"] = {**skipped, **record_only}
+  if skipped or (tokenize == "auto" and ran == "python"):
+    parts = []
+    if skipped:
+      names = ", ".join(k if k == "METEOR" else f"{k} ({v})" for k, v in skipped.items())
+      reason = "" if shutil.which("java") else ": no `java` on PATH (install a Java runtime)"
+      parts.append(f"skipped {names}{reason}")
+    if tokenize == "auto" and ran == "python":
+      parts.append("tokenize='auto' ran the pure-Python PTB tokenizer (no `java` on PATH)")
+    logging.warning("caption_metrics: %s", "; ".join(parts))
+  return out, record

@@ -13,12 +13,17 @@ compilation per model structure; with several processes each embeds its block of
 Images: a list of PIL images / uint8 HWC arrays of any size, a uint8 ``[N, H, W, 3]`` array
 (resized like the tower's image processor, ``resize`` mode, unless already ``image_size``), or a
 float ``[N, S, S, 3]`` array that is already normalised. ``views(teacher, student)`` gives the
-three encoders evaluation compares (teacher / student / student_all).
+three encoders evaluation compares (teacher / student / student_all). ``normalize=False`` returns
+the projected embeddings before L2 normalisation (ClipCap feeds those). ``identity()`` is what the
+embeddings depend on (weights fingerprints of both towers, model configs and dtypes, the
+preprocessing, the tokenizer): what a cache of embeddings must be keyed on.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,19 +39,48 @@ from gmail_jax.evaluators import common
 from gmail_jax.models.clip import l2_normalize
 from gmail_jax.models.tokenizer import Tokenizer
 from gmail_jax.training import sharding as shd
+from gmail_jax.training.fingerprint import weights_fingerprint
 
 VIEWS = ("teacher", "student", "student_all")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _embed_images(graphdef, state, x, mean, std) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _embed_images(graphdef, state, x, mean, std, normalize=True) -> jax.Array:
   pixels = pp.normalize(x, mean, std) if x.dtype == jnp.uint8 else x.astype(jnp.float32)
-  return l2_normalize(nnx.merge(graphdef, state).encode_image(pixels))
+  z = nnx.merge(graphdef, state).encode_image(pixels)
+  return l2_normalize(z) if normalize else z.astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _embed_texts(graphdef, state, ids) -> jax.Array:
-  return l2_normalize(nnx.merge(graphdef, state).encode_text(ids))
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _embed_texts(graphdef, state, ids, normalize=True) -> jax.Array:
+  z = nnx.merge(graphdef, state).encode_text(ids)
+  return l2_normalize(z) if normalize else z.astype(jnp.float32)
+
+
+def _dtypes(model: nnx.Module) -> list[str]:
+  """The compute dtypes of ``model``'s modules (not in its weights; they change its outputs)."""
+  found = set()
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module) and getattr(node, "dtype", None) is not None:
+      found.add(f"{type(node).__name__}:{jnp.dtype(node.dtype).name}")
+  return sorted(found)
+
+
+def _tokenizer_identity(tok: Any) -> dict:
+  """Type, context length and a sha256 of the vocabulary (CLIP BPE tables or a SentencePiece
+  model; else its path)."""
+  if hasattr(tok, "ranks") and hasattr(tok, "vocab"):
+    ranks = sorted(tok.ranks.items(), key=lambda kv: kv[1])
+    table = json.dumps([sorted(tok.vocab.items()), ranks], ensure_ascii=False).encode()
+  elif hasattr(tok, "sp"):
+    table = tok.sp.serialized_model_proto()
+  else:
+    table = repr(getattr(tok, "path", None)).encode()
+  return {
+    "type": type(tok).__name__,
+    "context_length": int(tok.context_length),
+    "vocabulary": hashlib.sha256(table).hexdigest(),
+  }
 
 
 def _on_mesh(state: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -91,11 +125,40 @@ class Encoder:
     self.resize = resize
     self._model = nnx.split(model)
     self._model = (self._model[0], _on_mesh(self._model[1], self.mesh))
+    self.generated = model if generated is None else generated
     if generated is None or generated is model:
       self._generated = self._model
     else:
       gdef, state = nnx.split(generated)
       self._generated = (gdef, _on_mesh(state, self.mesh))
+    self._identity: dict | None = None
+
+  def identity(self) -> dict:
+    """What this encoder's embeddings depend on, JSON-able (computed once): the exact weights
+    fingerprint (training/fingerprint.py) of the real-image/text model and of the generated-image
+    model, their configs and compute dtypes, the pixel preprocessing (image size, resize mode,
+    mean, std) and the tokenizer. Equal identities give equal embeddings of equal inputs."""
+    if self._identity is None:
+
+      def tower(model: nnx.Module, state) -> dict:
+        return {
+          "weights": weights_fingerprint(state),
+          "config": repr(getattr(model, "config", None)),
+          "dtypes": _dtypes(model),
+        }
+
+      model = tower(self.model, self._model[1])
+      same = self._generated is self._model
+      self._identity = {
+        "model": model,
+        "generated": model if same else tower(self.generated, self._generated[1]),
+        "image_size": self.image_size,
+        "resize": self.resize,
+        "mean": list(self.mean),
+        "std": list(self.std),
+        "tokenizer": _tokenizer_identity(self.tokenizer),
+      }
+    return self._identity
 
   @property
   def image_size(self) -> int:
@@ -149,24 +212,26 @@ class Encoder:
   def _batch_axes(self) -> tuple[str, ...]:
     return tuple(a for a in self.mesh.axis_names if a in shd.AXES)
 
-  def _images(self, model: tuple, images) -> np.ndarray:
+  def _images(self, model: tuple, images, normalize: bool) -> np.ndarray:
     gdef, state = model
     return self._run(
-      lambda x: _embed_images(gdef, state, x, self.mean, self.std), self.prepare_images(images)
+      lambda x: _embed_images(gdef, state, x, self.mean, self.std, normalize),
+      self.prepare_images(images),
     )
 
-  def encode_images(self, images) -> np.ndarray:
-    """[N, embed_dim] real-image embeddings (``model``'s vision tower)."""
-    return self._images(self._model, images)
+  def encode_images(self, images, *, normalize: bool = True) -> np.ndarray:
+    """[N, embed_dim] real-image embeddings (``model``'s vision tower); L2-normalised unless
+    ``normalize=False``."""
+    return self._images(self._model, images, normalize)
 
-  def encode_generated(self, images) -> np.ndarray:
+  def encode_generated(self, images, *, normalize: bool = True) -> np.ndarray:
     """[N, embed_dim] generated-image embeddings (``generated``'s vision tower)."""
-    return self._images(self._generated, images)
+    return self._images(self._generated, images, normalize)
 
-  def encode_texts(self, texts: str | Sequence[str]) -> np.ndarray:
+  def encode_texts(self, texts: str | Sequence[str], *, normalize: bool = True) -> np.ndarray:
     """[N, embed_dim] text embeddings (``model``'s text tower)."""
     gdef, state = self._model
-    return self._run(lambda ids: _embed_texts(gdef, state, ids), self.tokenize(texts))
+    return self._run(lambda ids: _embed_texts(gdef, state, ids, normalize), self.tokenize(texts))
 
 
 def views(

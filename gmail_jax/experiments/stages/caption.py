@@ -14,14 +14,17 @@ settings and seed:
                experiments only), used for every image
 
 Writes WORKDIR/eval/captions.jsonl (view, id, caption, references) and
-WORKDIR/eval/captioning.json ({view: metrics, captioner settings, training loss}). Embeddings are
-computed once and kept in WORKDIR/eval/features/<view>/ (keyed by the encoder's identity and the
-image ids), so a rerun with other captioner settings trains on them directly, as ClipCap does.
+WORKDIR/eval/captioning.json ({view: metrics, how they were scored, captioner settings, training
+loss}). Embeddings are computed once and kept in WORKDIR/eval/features/<view>/, keyed by what they
+depend on (captioning/evaluator.py): the weights fingerprints of both towers the view uses (teacher
+and student states), the preprocessing (image size, resize mode, mean/std), the tokenizer and the
+image ids; never by WORKDIR and step, which a retrained run or another as-if-real baseline reuses.
+So a rerun with other captioner settings trains on them directly, as ClipCap does, and a rerun with
+another encoder recomputes them.
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
 import time
 from typing import Any
@@ -51,8 +54,8 @@ def complete(workdir: pathlib.Path, outputs: dict[str, Any]) -> bool:
 
 def _encoders(
   config: ml_collections.ConfigDict, workdir: pathlib.Path, inputs: dict[str, Any]
-) -> dict[str, tuple[encoders.Encoder, str]]:
-  """{view: (encoder, its identity for the embedding cache)}."""
+) -> dict[str, encoders.Encoder]:
+  """{view: encoder}; each keys its embedding cache by its ``identity()``."""
   views = tuple(config.caption.views)
   unknown = [v for v in views if v not in VIEWS]
   if unknown or not views:
@@ -69,11 +72,7 @@ def _encoders(
       model = build.build_teacher(config, mesh, fsdp=False)
     tokenizer = build.tokenizer(config, model.config.text.context_length)
     kw = dict(tokenizer=tokenizer, mesh=mesh, mean=spec.mean, std=spec.std, resize=spec.resize)
-    key = json.dumps(
-      [build.teacher_source(config), config.model.to_dict(), config.data.image_size],
-      sort_keys=True,
-    )
-    return {"teacher": (encoders.Encoder(model, **kw), key)}
+    return {"teacher": encoders.Encoder(model, **kw)}
   loaded = run_lib.load_run(workdir)
   out = loaded.encoders(names=tuple(v for v in views if v in encoders.VIEWS))
   if "as_if_real" in views:
@@ -92,8 +91,7 @@ def _encoders(
       std=spec.std,
       resize=spec.resize,
     )
-  run_key = f"run:{workdir}@{loaded.step}:seed={config.seed}:size={config.data.image_size}"
-  return {v: (out[v], f"{run_key}:{v}") for v in views}
+  return {v: out[v] for v in views}
 
 
 def evaluator(config: ml_collections.ConfigDict, inputs: dict[str, Any]) -> CaptioningEvaluator:
@@ -104,7 +102,7 @@ def evaluator(config: ml_collections.ConfigDict, inputs: dict[str, Any]) -> Capt
     if spec.get("kind") == "classes" and not spec.get("root"):
       spec["root"] = str(pathlib.Path(inputs[split]) / sub)
     if spec.get("kind") == "manifest" and not spec.get("path"):
-      spec["path"] = config.data.manifest
+      spec["path"] = inputs.get("manifest") or config.data.manifest  # the pairs aligned on
     cc[role] = spec
   real = cc.get("real") or None
   return CaptioningEvaluator(
@@ -129,14 +127,14 @@ def run(
   ev = evaluator(config, inputs)
   every = max(1, int(config.log_every_steps))
   results = {}
-  for view, (enc, key) in _encoders(config, workdir, inputs).items():
+  for view, enc in _encoders(config, workdir, inputs).items():
 
     def log(step: int, loss: float, view=view) -> None:
       logging.info("caption %s: step %d loss %.4f", view, step, loss)
 
     with jax.set_mesh(enc.mesh):
       cache = str(workdir / OUT / "features" / view)
-      results[view] = ev.caption(enc, log=log, log_every=every, cache_dir=cache, encoder_key=key)
+      results[view] = ev.caption(enc, log=log, log_every=every, cache_dir=cache)
     logging.info(
       "caption %s: %s (%.0f s so far)",
       view,
