@@ -2,8 +2,8 @@ r"""GMAIL scaled to CC12M captions (12M generated/real pairs; the paper's larges
 
 Command (multi-host TPU pod; see launch/tpu_pod.sh):
   python -m gmail_jax.main --config=configs/cc12m.py:L/14 --workdir=gs://BUCKET/gmail_cc12m \
-      --config.data.source=array_record --config.data.root=gs://BUCKET/cc12m_pairs \
-      --config.mesh.fsdp=4
+      --config.data.root=gs://BUCKET/cc12m_pairs --config.mesh.fsdp=4
+Data and the stages after training (evaluation, ClipCap, export): as configs/cc3m.py.
 Hardware: TPU v4-128 or 8 nodes x 8 A100-80GB (launch/slurm_multinode.sbatch); ~2-3 days for
 200k steps of ViT-L/14 (remat on, bf16, FSDP over 4 devices).
 Expected: the best alignment of the scaling study (paper: CC12M > CC3M > COCO on retrieval and
@@ -18,6 +18,6 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = common.paper_config(arg, manifest="/data/cc12m_gen/manifest.parquet", total_steps=200_000)
+  c = common.paper_config(arg, shards="/data/cc12m_pairs", total_steps=200_000)
   c.checkpoint_every_steps = 2000
   return c

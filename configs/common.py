@@ -45,10 +45,100 @@ HF_IDS = {
   "L/14": "openai/clip-vit-large-patch14",
 }
 
+# The datasets of the paper's evaluations: where the configs expect them, and how to get them
+# (quoted by the one-line error a stage gives when one is missing, before anything is built).
+KARPATHY = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
+DATASETS = {
+  "coco_karpathy": "/data/coco/dataset_coco.json",
+  "coco_images": "/data/coco/images",
+  "flickr_karpathy": "/data/flickr30k/dataset_flickr30k.json",
+  "flickr_images": "/data/flickr30k/images",
+  "imagenet_val": "/data/imagenet/val",
+}
+DOWNLOADS = (
+  (
+    "/data/coco",
+    f"COCO: dataset_coco.json from {KARPATHY}; train2014/ and val2014/ from"
+    " https://cocodataset.org/#download, unzipped under /data/coco/images",
+  ),
+  (
+    "/data/flickr30k",
+    f"Flickr30k: dataset_flickr30k.json from {KARPATHY}; the images (flickr30k-images/, by"
+    " request at https://shannon.cs.illinois.edu/DenotationGraph/) as /data/flickr30k/images",
+  ),
+  (
+    "/data/imagenet",
+    "ImageNet-1k: the ILSVRC2012 validation images (https://image-net.org, after login) in one"
+    " folder per WordNet id, e.g. with valprep.sh of github.com/soumith/imagenetloader.torch",
+  ),
+)
 
-def paper_config(arg: str | None, *, manifest: str, total_steps: int) -> ml_collections.ConfigDict:
-  """ViT variant by arg (``configs/coco.py:L/14``), batch 256, lr 1e-4, wd 0.01, rank 4,
-  SGDR (T_0 = 10k), clip 1.0, tau 0.07, bf16 compute; data from a paired manifest."""
+
+def paper_evals(batch_size: int = 256) -> ml_collections.ConfigDict:
+  """The paper's evaluations: COCO-5k (Karpathy test) and Flickr30k-1k retrieval, ImageNet
+  zero-shot with CLIP's 1,000 class names and 80 prompts (evaluators/zeroshot.py)."""
+  d = DATASETS
+  return ml_collections.ConfigDict(
+    {
+      "coco5k": dict(
+        type="retrieval",
+        karpathy_json=d["coco_karpathy"],
+        images_dir=d["coco_images"],
+        split="test",
+        batch_size=batch_size,
+      ),
+      "flickr1k": dict(
+        type="retrieval",
+        karpathy_json=d["flickr_karpathy"],
+        images_dir=d["flickr_images"],
+        split="test",
+        batch_size=batch_size,
+      ),
+      "imagenet": dict(
+        type="zeroshot",
+        dataset=d["imagenet_val"],
+        templates="imagenet",
+        classnames="imagenet",
+        batch_size=batch_size,
+      ),
+    }
+  )
+
+
+def paper_clipcap(c: ml_collections.ConfigDict, lm: str = "gpt2") -> None:
+  """ClipCap on the aligned encoder (papers.md A.6 #5): trained on the generated pairs GMAIL
+  aligned on (through f_g into Proj-Gen), tested on the Karpathy COCO test split."""
+  cc = c.caption
+  cc.views = ("teacher", "student")
+  # path '' = the pairs the run aligned on (the generate stage's manifest or config.data.manifest)
+  cc.train = ml_collections.ConfigDict({"kind": "manifest", "path": "", "column": "gen_path"})
+  cc.train_path = "generated"
+  cc.test = ml_collections.ConfigDict(
+    {
+      "kind": "karpathy",
+      "path": DATASETS["coco_karpathy"],
+      "images": DATASETS["coco_images"],
+      "split": "test",
+    }
+  )
+  cc.captioner = ml_collections.ConfigDict({"lm": lm})  # ClipCap's defaults otherwise
+
+
+def paper_config(
+  arg: str | None,
+  *,
+  total_steps: int,
+  manifest: str = "",
+  shards: str = "",
+  generation: str = "",
+) -> ml_collections.ConfigDict:
+  """The paper's experiment: ViT variant by arg (``configs/coco.py:L/14``), batch 256, lr 1e-4,
+  wd 0.01, rank 4, SGDR (T_0 = 10k), clip 1.0, tau 0.07, bf16 compute; then the paper's
+  evaluations, ClipCap and both exports.
+
+  Data, in order of precedence: ``manifest=PATH`` (arg) trains on pairs generated beforehand;
+  ``generation='coco'`` generates them as stages (generate -> prepare); ``shards`` trains on
+  prepared ArrayRecord shards (``python -m gmail_jax.data.prepare``)."""
   a = parse_arg(arg, variant="B/16", init="", manifest=manifest, runlocal=False)
   if a.variant not in HF_IDS:
     raise ValueError(f"config arg variant={a.variant!r}: expected one of {sorted(HF_IDS)}")
@@ -59,12 +149,23 @@ def paper_config(arg: str | None, *, manifest: str, total_steps: int) -> ml_coll
   c.init = a.init or HF_IDS[a.variant]
   c.total_steps = total_steps
   c.batch_size = 256
-  c.data.source = "manifest"
-  c.data.manifest = a.manifest
   c.data.image_size = 224
   c.data.num_workers = 8
   c.data.read_threads = 8
   c.data.prefetch = 4
+  c.stages = ("align", "evaluate", "caption", "export")
+  if a.manifest:
+    c.data.source, c.data.manifest = "manifest", a.manifest
+  elif generation == "coco":
+    from configs.generate import coco_sd21
+
+    c.stages = ("generate", "prepare", *c.stages)
+    c.generate = coco_sd21.get_config()
+  else:
+    c.data.source, c.data.root = "array_record", shards
+  c.evals = paper_evals()
+  paper_clipcap(c)
+  c.downloads = DOWNLOADS
   if a.runlocal:  # a few steps to check the wiring on one small machine
     c.total_steps, c.batch_size, c.log_every_steps, c.checkpoint_every_steps = 10, 16, 1, 5
     c.data.num_workers = 0

@@ -5,7 +5,8 @@ the worst moment replays exactly instead of depending on the clock.
 Points: training ``step`` (step n computed, nothing logged or saved), ``async_save`` (checkpoint
 n issued, possibly still being written), ``checkpoint`` (checkpoint n committed); generation
 ``image`` (the n-th image written, its batch not yet journaled), ``batch`` (the n-th batch
-journaled), ``chunk`` (chunk n's part written). Unset (every real run): nothing happens.
+journaled), ``chunk`` (chunk n's part written); experiments ``unrecorded`` (the n-th stage of
+``config.stages`` ran, its record not yet written). Unset (every real run): nothing happens.
 """
 
 from __future__ import annotations

@@ -147,6 +147,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher_pretrain.weight_decay = 0.05
   c.teacher_pretrain.max_per_class = 0  # 0 = all
 
+  # Stage 'prepare' (experiments/stages/prepare.py): the generated manifest as ArrayRecord shards.
+  c.prepare = ml_collections.ConfigDict()
+  c.prepare.shard_size = 10_000  # records per shard
+  c.prepare.num_workers = 1  # processes writing shards
+  c.prepare.resize_short = 256  # stored images' short side (larger ones resized once); 0 = as is
+  c.prepare.quality = 90  # JPEG quality of the resized images
+
+  # Stage 'export' (experiments/stages/export.py): WORKDIR/export/<format> for each format.
+  c.export = ml_collections.ConfigDict()
+  c.export.formats = ("hf", "peft")
+
+  # Where a missing dataset can be had: (path prefix, instructions) pairs, quoted by the one-line
+  # error a stage gives before anything is built (driver.require_paths). Paper configs fill it.
+  c.downloads = ()
+
   # Stage 'report' (experiments/stages/report.py).
   c.report = ml_collections.ConfigDict()
   c.report.title = "GMAIL small-scale reproduction"
@@ -320,6 +335,9 @@ RESUMABLE = (
   "report",
   "caption",
   "generate",
+  "prepare",
+  "export",
+  "downloads",
   "splits",
   "teacher_pretrain",
   "teacher_cache",

@@ -86,3 +86,44 @@ def test_fsdp_size_rule():
   assert sharding.fsdp_spec((768,), 2) == jax.P()
   assert sharding.fsdp_spec((1001, 1001), 2) == jax.P()
   assert sharding.fsdp_spec((768, 3072), 1) == jax.P()
+
+
+@pytest.mark.parametrize("name", ["coco", "cc3m", "cc12m"])
+def test_paper_configs_carry_the_whole_recipe(name):
+  from gmail_jax.experiments import driver
+
+  c = load(name)
+  assert c.stages[-4:] == ("align", "evaluate", "caption", "export")
+  assert set(c.evals) == {"coco5k", "flickr1k", "imagenet"}
+  assert (c.evals.coco5k.split, c.evals.imagenet.classnames) == ("test", "imagenet")
+  assert (c.caption.test.kind, c.caption.test.split) == ("karpathy", "test")
+  # Every stage's own check runs; only the data (absent here) stops it, by name.
+  with pytest.raises(ValueError, match=r"config\.\S+: /data/\S+ not found; (COCO|ImageNet|Flickr)"):
+    driver.check(c)
+
+
+def test_a_missing_dataset_is_one_line_before_anything_is_built(tmp_path):
+  import subprocess
+  import sys
+
+  workdir = tmp_path / "run"
+  res = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "gmail_jax.main",
+      "--config=configs/coco.py:B/16",
+      f"--workdir={workdir}",
+    ],
+    cwd=CONFIGS.parent,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert res.returncode == 1, res.stderr[-2000:]
+  last = res.stderr.strip().splitlines()[-1]
+  assert last.startswith(
+    "error: InputError: config.generate.captions: /data/coco/dataset_coco.json"
+  )
+  assert "caption_datasets.zip" in last and "cocodataset.org" in last
+  assert not workdir.exists()  # nothing was built or written

@@ -186,3 +186,44 @@ def test_retrieval_evaluator_from_config_on_coco_mini(shared):
     common.from_config({"coco": dict(cfg["coco"], foo=1)})
   with pytest.raises(ValueError, match="config.evals.x.type"):
     common.from_config({"x": dict(type="nope")})
+
+
+def test_karpathy_split_retrieval_equals_the_coco_captions_it_was_made_from(shared, tmp_path):
+  """COCO-5k / Flickr30k-1k are Karpathy JSON splits: a Karpathy file written from coco-mini's
+  COCO captions (a test split and one train image that must be left out) gives the same images,
+  captions and caption->image map as the COCO captions of those images."""
+  import json
+
+  coco_json = shared("coco-captions-val2017", "captions_val2017.json")
+  images_dir = shared("coco-mini", "val2017")
+  kw = dict(type="retrieval", images_dir=str(images_dir), batch_size=4)
+  (coco,) = common.from_config({"c": dict(kw, captions_json=str(coco_json), max_images=7)})
+  data = json.loads(coco_json.read_text())
+  by_id = {im["id"]: im["file_name"] for im in data["images"]}
+  sentences = {}
+  for a in sorted(data["annotations"], key=lambda a: a["id"]):
+    sentences.setdefault(a["image_id"], []).append({"raw": a["caption"]})
+  present = [i for i in sorted(by_id) if (images_dir / by_id[i]).exists()][:7]
+  karpathy = {
+    "images": [
+      {"filepath": "", "filename": by_id[i], "split": "train" if n == 3 else "test",
+       "sentences": sentences[i]}
+      for n, i in enumerate(present)
+    ]
+  }  # fmt: skip
+  path = tmp_path / "dataset_coco.json"
+  path.write_text(json.dumps(karpathy))
+  (kp,) = common.from_config({"k": dict(kw, karpathy_json=str(path), split="test")})
+  keep = [n for n in range(7) if n != 3]
+  assert len(kp.images) == 6
+  for j, n in enumerate(keep):
+    np.testing.assert_array_equal(np.asarray(kp.images[j]), np.asarray(coco.images[n]))
+  pairs = list(zip(coco.captions, coco.text_to_image, strict=True))
+  want_caps = [c for n in keep for c, i in pairs if i == n]
+  assert kp.captions == want_caps
+  want_t2i = [j for j, n in enumerate(keep) for i in coco.text_to_image if i == n]
+  assert kp.text_to_image.tolist() == want_t2i
+  got = kp.run(_PerfectEncoder(kp))
+  assert got == {f"z/k/{d}_r{k}": 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10)}
+  with pytest.raises(ValueError, match="one of captions_json or karpathy_json"):
+    common.from_config({"b": dict(kw)})

@@ -159,3 +159,24 @@ def test_zeroshot_cifar10_end_to_end_tiny_clip(tmp_path, shared):
   assert abs(m["z/cifar10/top5"] - ref_top5) <= slack, (m, ref_top5, slack)
   # A random model is near chance (10% / 50%): sanity bounds, never a quality claim.
   assert 0.0 <= m["z/cifar10/top1"] <= 0.35 and 0.2 <= m["z/cifar10/top5"] <= 0.8
+
+
+def test_imagenet_class_names_are_shipped_words_not_wordnet_ids():
+  """ImageNet val folders are WordNet ids (n01440764): prompts need CLIP's 1,000 curated names,
+  in the order of the sorted ids; shipped with the package."""
+  names = zeroshot.imagenet_classnames()
+  assert len(names) == 1000 and names[:3] == ("tench", "goldfish", "great white shark")
+  assert names[-1] == "toilet paper" and not any(n.startswith("n0") for n in names)
+  dupes = sorted({n for n in names if names.count(n) > 1})
+  assert dupes == ["missile", "sunglasses"]  # as in every CLIP evaluation (OpenAI's list)
+  assert zeroshot.named_classes("imagenet") == names and len(zeroshot.IMAGENET_TEMPLATES) == 80
+  assert zeroshot.named_classes("cifar10") == zeroshot.CIFAR10_CLASSES
+
+
+def test_named_class_list_must_match_the_folders(shared):
+  dataset = str(shared("cifar10-test-jpeg", "cifar10_test_jpeg.zip"))
+  cfg = dict(type="zeroshot", dataset=dataset, classnames="cifar10", per_class=1)
+  (ev,) = common.from_config({"c": cfg})
+  assert ev.classnames == list(zeroshot.CIFAR10_CLASSES)
+  with pytest.raises(ValueError, match="1000 names for 10 class folders"):
+    common.from_config({"i": dict(cfg, classnames="imagenet")})

@@ -105,6 +105,9 @@ def test_sigkill_then_rerun_is_bitwise_equal(reference, tmp_path, kill_at, commi
   assert latest in committed, (kill_at, latest)
   out = finish(start(tmp_path))
   assert f"resumed from step {latest}" in out
+  # metrics.jsonl: one row per step; the killed attempt's rows after the checkpoint are dropped.
+  steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()]
+  assert steps == list(range(1, STEPS + 1)), steps
   for a, b in zip(leaves(final_params(reference)), leaves(final_params(tmp_path)), strict=True):
     np.testing.assert_array_equal(a, b, err_msg=f"killed at step {kill_at}")
   assert json.loads((tmp_path / "config.json").read_text())["lora"]["rank"] == 4

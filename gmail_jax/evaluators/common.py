@@ -38,6 +38,8 @@ from jax.sharding import PartitionSpec as P
 
 from gmail_jax.errors import ConfigError
 
+# Keys of an evaluator's config that name data on disk (checked before anything is built).
+PATH_KEYS = ("images_dir", "captions_json", "karpathy_json", "dataset", "manifest")
 # type name -> "module:Class" (imported lazily: the evaluator modules import this one).
 REGISTRY: dict[str, str] = {
   "retrieval": "gmail_jax.evaluators.retrieval:RetrievalEvaluator",

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gmail_jax.data import eval_sets
+from gmail_jax.errors import ConfigError
 from gmail_jax.evaluators import common
 
 
@@ -125,10 +126,14 @@ def recall_at_k(
 
 class RetrievalEvaluator(common.Evaluator):
   """`config.evals.<name> = dict(type='retrieval', every_steps=..., images_dir=...,
-  captions_json=..., max_images=None, batch_size=64, ks=(1, 5, 10), prefix='z/<name>/')`.
+  captions_json=... | karpathy_json=..., split='test', max_images=None, batch_size=64,
+  ks=(1, 5, 10), prefix='z/<name>/')`.
 
-  Loads the images once (at construction), embeds them with `encode_images` and the captions with
-  `encode_texts`, and reports recall_at_k (fractions in [0, 1]).
+  Captions from a COCO captions JSON (``captions_json``: images of ``images_dir`` by id), or from a
+  Karpathy-split JSON (``karpathy_json`` + ``split``: COCO-5k is dataset_coco.json's 'test' split,
+  Flickr30k-1k dataset_flickr30k.json's). Loads the images once (at construction), embeds them
+  with `encode_images` and the captions with `encode_texts`, and reports recall_at_k (fractions in
+  [0, 1]) in both directions.
   """
 
   def __init__(
@@ -136,7 +141,9 @@ class RetrievalEvaluator(common.Evaluator):
     name: str,
     *,
     images_dir: str,
-    captions_json: str,
+    captions_json: str | None = None,
+    karpathy_json: str | None = None,
+    split: str = "test",
     max_images: int | None = None,
     batch_size: int = 64,
     ks: Sequence[int] = (1, 5, 10),
@@ -144,9 +151,16 @@ class RetrievalEvaluator(common.Evaluator):
     prefix: str | None = None,
   ):
     super().__init__(name, every_steps=every_steps, prefix=prefix)
-    paths, self.captions, self.text_to_image = eval_sets.coco_captions(
-      captions_json, images_dir, max_images=max_images
-    )
+    if (captions_json is None) == (karpathy_json is None):
+      raise ConfigError(f"config.evals.{name}: give one of captions_json or karpathy_json")
+    if karpathy_json is not None:
+      paths, self.captions, self.text_to_image = eval_sets.karpathy_captions(
+        karpathy_json, images_dir, split=split, max_images=max_images
+      )
+    else:
+      paths, self.captions, self.text_to_image = eval_sets.coco_captions(
+        captions_json, images_dir, max_images=max_images
+      )
     self.images = eval_sets.load_images(paths)
     self.batch_size = batch_size
     self.ks = tuple(ks)

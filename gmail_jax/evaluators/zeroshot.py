@@ -10,6 +10,7 @@ in `<class>/<image>` (e.g. the CIFAR-10 test zip `test/<class>/NNNN.jpg`); the l
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -140,6 +141,24 @@ TEMPLATES = {
   "imagenet": IMAGENET_TEMPLATES,
   "simple": ("a photo of a {}.",),
 }
+# Class names for prompts, by name: ImageNet-1k's folders are WordNet ids (n01440764), not words.
+CLASSNAMES = {"cifar10": CIFAR10_CLASSES, "imagenet": None}  # None: read from the package file
+
+
+def imagenet_classnames() -> tuple[str, ...]:
+  """CLIP's 1,000 curated ImageNet class names, in the order of the sorted WordNet-id folders
+  (openai/CLIP notebooks/Prompt_Engineering_for_ImageNet.ipynb; shipped as imagenet_classes.txt,
+  one per line; 'missile' and 'sunglasses' appear twice there, as in every CLIP evaluation)."""
+  path = pathlib.Path(__file__).with_name("imagenet_classes.txt")
+  names = tuple(path.read_text(encoding="utf-8").splitlines())
+  assert len(names) == 1000, (path, len(names))
+  return names
+
+
+def named_classes(name: str) -> tuple[str, ...]:
+  if name not in CLASSNAMES:
+    raise ConfigError(f"classnames: {name!r} is not one of {sorted(CLASSNAMES)} (or give a list)")
+  return CLASSNAMES[name] or imagenet_classnames()
 
 
 def class_text_embeddings(
@@ -173,10 +192,12 @@ def zeroshot_accuracy(
 
 class ZeroShotEvaluator(common.Evaluator):
   """`config.evals.<name> = dict(type='zeroshot', every_steps=..., dataset=<dir or zip>,
-  templates='cifar10'|'imagenet'|'simple'|[...], classnames=None, per_class=None, max_images=None,
+  templates='cifar10'|'imagenet'|'simple'|[...], classnames=None|'imagenet'|'cifar10'|[...],
+  per_class=None, max_images=None,
   batch_size=64, prefix='z/<name>/')` -> {top1, top5}.
 
-  `classnames` overrides the folder names in prompts (same sorted order); by default folder names
+  `classnames` overrides the folder names in prompts (same sorted order; 'imagenet' = CLIP's 1,000
+  names for the sorted WordNet-id folders of ImageNet val); by default folder names
   with '_' replaced by spaces.
   """
 
@@ -186,7 +207,7 @@ class ZeroShotEvaluator(common.Evaluator):
     *,
     dataset: str,
     templates: str | Sequence[str] = "imagenet",
-    classnames: Sequence[str] | None = None,
+    classnames: str | Sequence[str] | None = None,
     per_class: int | None = None,
     max_images: int | None = None,
     batch_size: int = 64,
@@ -201,6 +222,8 @@ class ZeroShotEvaluator(common.Evaluator):
     self.templates = tuple(templates)
     data = eval_sets.load_class_set(dataset, per_class=per_class, max_images=max_images)
     self.images, self.labels, folders = data.images, data.labels, data.classnames
+    if isinstance(classnames, str):
+      classnames = named_classes(classnames)
     if classnames is not None and len(classnames) != len(folders):
       raise ConfigError(
         f"config.evals.{name}.classnames: {len(classnames)} names for {len(folders)} class folders"

@@ -26,6 +26,7 @@ import importlib
 import json
 import os
 import pathlib
+import time
 from types import ModuleType
 from typing import Any
 
@@ -34,16 +35,20 @@ import ml_collections
 from absl import logging
 from jax.experimental import multihost_utils
 
-from gmail_jax import schema
-from gmail_jax.errors import ConfigError, StageError
+from gmail_jax import faults, schema
+from gmail_jax.errors import ConfigError, InputError, StageError
 
 STAGES: dict[str, str] = {
+  "init": "gmail_jax.experiments.stages.init",
   "generate": "gmail_jax.experiments.stages.generate",
+  "prepare": "gmail_jax.experiments.stages.prepare",
   "splits": "gmail_jax.experiments.stages.splits",
   "teacher": "gmail_jax.experiments.stages.teacher",
   "align": "gmail_jax.experiments.stages.align",
+  "evaluate": "gmail_jax.experiments.stages.evaluate",
   "report": "gmail_jax.experiments.stages.report",
   "caption": "gmail_jax.experiments.stages.caption",
+  "export": "gmail_jax.experiments.stages.export",
 }
 RECORDS = "stages"
 
@@ -58,6 +63,17 @@ def check_stages(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.stages: a stage is listed twice in {names}")
   if not names:
     raise ConfigError("config.stages: empty")
+
+
+def require_paths(config: ml_collections.ConfigDict, paths: dict[str, str]) -> None:
+  """One-line InputError for the first of ``paths`` ({config key: path}) that does not exist,
+  naming the key, the path and how to get it: ``config.downloads``, (path prefix, instructions)
+  pairs, the longest matching prefix."""
+  for key, path in paths.items():
+    if path and not os.path.exists(path):
+      hints = [(p, how) for p, how in config.downloads if str(path).startswith(p)]
+      how = max(hints, key=lambda h: len(h[0]))[1] if hints else None
+      raise InputError(f"config.{key}: {path} not found" + (f"; {how}" if how else ""))
 
 
 def stage(name: str) -> ModuleType:
@@ -121,9 +137,13 @@ def _run_one(
       )
   main = jax.process_index() == 0
   if mod.ALL_PROCESSES or main:
+    t0 = time.monotonic()
     outputs = mod.run(config, workdir, inputs)
+    # Crash point: the outputs are there, their record is not (the rerun must redo or adopt them).
+    faults.kill_point("unrecorded", list(config.stages).index(name) + 1)
     if main:
       _write_record(path, {"config": values, "outputs": outputs})
+      logging.info("stage %s: done in %.1f s (%s)", name, time.monotonic() - t0, path)
   if not mod.ALL_PROCESSES and jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"stage {name}")
     outputs = json.loads(path.read_text())["outputs"]

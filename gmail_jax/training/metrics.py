@@ -109,6 +109,26 @@ def _start_wandb(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
   )
 
 
+def drop_rows_after(path: str, step: int) -> None:
+  """Keeps the rows of ``path`` up to ``step``: a run resumed from a checkpoint at ``step`` (or
+  restarted from 0) trains the later steps again, so their rows from the killed attempt go."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.read().splitlines()
+  keep = []
+  for line in lines:
+    try:
+      if int(json.loads(line)["step"]) <= step:
+        keep.append(line)
+    except (ValueError, KeyError, TypeError):
+      continue  # a line torn by the kill
+  if len(keep) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.write("".join(line + "\n" for line in keep))
+    os.replace(path + ".tmp", path)
+
+
 class MetricWriter:
   """``write(step, metrics)`` → JSONL line + TensorBoard scalars (+ W&B when
   ``config.wandb.enabled``) + a console progress line."""
@@ -131,7 +151,9 @@ class MetricWriter:
       raise ConfigError(f"config.wandb.enabled: pip install {WANDB_PIN} (or gmail_jax[wandb])")
     if self.main:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      drop_rows_after(path, first_step)
+      self._jsonl = open(path, "a")
       from tensorboardX import SummaryWriter
 
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))

@@ -1,7 +1,9 @@
 """Stage 'align': GMAIL / TPC-CMA training of the LoRA student (training/train.py) in WORKDIR.
 
-Earlier stages' outputs become this stage's config: a pretrained teacher directory
-(``model_dir``) is its ``config.init``, a train split (``train``) its ``config.data.root``. The
+Earlier stages' outputs become this stage's config: a teacher directory (``model_dir``, from the
+'teacher' or 'init' stage) is its ``config.init``, a train split (``train``) its
+``config.data.root``, prepared shards (``shards``) or else a generated manifest (``manifest``) its
+data. The
 config it trains with is written to WORKDIR/config.json, which is what ``run.load_run`` reads.
 Resuming is the trainer's: a rerun continues from WORKDIR/checkpoints.
 """
@@ -29,7 +31,9 @@ def stage_config(
     c.init = inputs["model_dir"]
   if "train" in inputs:
     c.data.root = inputs["train"]
-  if "manifest" in inputs:
+  if "shards" in inputs:  # the prepare stage's ArrayRecord shards of the manifest
+    c.data.source, c.data.root = "array_record", inputs["shards"]
+  elif "manifest" in inputs:
     c.data.source, c.data.manifest = "manifest", inputs["manifest"]
   return c
 

@@ -20,6 +20,7 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
+from gmail_jax.experiments import driver
 from gmail_jax.generation import config as generation_config
 from gmail_jax.generation import importer, runner, store
 
@@ -34,7 +35,12 @@ def complete(workdir: pathlib.Path, outputs: dict[str, Any]) -> bool:
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-  generation_config.check(config.generate)
+  gen = config.generate
+  generation_config.check(gen)
+  paths = {"generate.captions": gen.captions, "generate.real_images": gen.real_images}
+  if gen.mode == "import":
+    paths["generate.import_dir"] = gen.import_dir
+  driver.require_paths(config, paths)
 
 
 def run(

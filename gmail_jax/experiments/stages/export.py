@@ -1,0 +1,48 @@
+"""Stage 'export': the trained student as a transformers directory and as a PEFT adapter.
+
+Reads the align stage's run in WORKDIR and writes WORKDIR/export/hf (the student with LoRA merged:
+``CLIPModel.from_pretrained``) and WORKDIR/export/peft (the LoRA adapter over the teacher:
+``PeftModel.from_pretrained``), as ``python -m gmail_jax.export`` does (export/exporter.py), for
+each format of ``config.export.formats``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from gmail_jax.errors import ConfigError
+from gmail_jax.export import exporter
+
+KEYS = ("export", "total_steps")
+ON_CHANGE = "rerun"
+ALL_PROCESSES = False
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  unknown = [f for f in config.export.formats if f not in exporter.FORMATS]
+  if unknown or not config.export.formats:
+    raise ConfigError(
+      f"config.export.formats: {list(config.export.formats)}; choose from {exporter.FORMATS}"
+    )
+
+
+def out_dir(workdir: pathlib.Path, fmt: str) -> pathlib.Path:
+  return workdir / "export" / fmt
+
+
+def complete(workdir: pathlib.Path, outputs: dict[str, Any]) -> bool:
+  return all(any(pathlib.Path(d).iterdir()) for d in outputs["dirs"].values() if d)
+
+
+def run(
+  config: ml_collections.ConfigDict, workdir: pathlib.Path, inputs: dict[str, Any]
+) -> dict[str, Any]:
+  del inputs
+  dirs = {}
+  for fmt in config.export.formats:
+    out = out_dir(workdir, fmt)
+    dirs[fmt] = exporter.export(workdir, out, format=fmt, force=True)
+  return {"dirs": dirs}
