@@ -12,6 +12,8 @@ Text tower (ids ``[N, L]``, L <= context_length):
     h = token_embedding(ids) + pos_embedding[:L]; causal blocks; h = ln_final(h)
     z = proj(h[n, eot_n])   eot_n = argmax(ids == eos_token_id)   (first EOT, HF >= #24773)
                             eot_n = argmax(ids)                   (legacy HF, eos_token_id == 2)
+    TextTower.hidden_states(ids) = h [N, L, D] (HF CLIPTextModel's last_hidden_state); a tower
+    built with embed_dim=None has no proj and pools z = h[n, eot_n] (HF's pooler_output).
 
     attn(x) = out_proj(softmax(q k^T / sqrt(d_head) + mask) v),   mlp(x) = fc2(act(fc1(x)))
     quick_gelu(x) = x * sigmoid(1.702 x);  gelu = exact (erf) GELU as HF's "gelu"
@@ -387,12 +389,16 @@ class VisionTower(nnx.Module):
 
 
 class TextTower(nnx.Module):
-  """Causal text transformer; ``__call__(ids [N,L]) -> [N, embed_dim]`` (fp32, not normalised)."""
+  """Causal text transformer; ``__call__(ids [N,L]) -> [N, embed_dim]`` (fp32, not normalised).
+
+  ``embed_dim=None``: no ``proj`` (HF ``CLIPTextModel``, e.g. Stable Diffusion's text encoder);
+  ``__call__`` then returns the pooled ``[N, width]`` features unprojected.
+  """
 
   def __init__(
     self,
     cfg: TextConfig,
-    embed_dim: int,
+    embed_dim: int | None,
     *,
     dtype=None,
     param_dtype=jnp.float32,
@@ -419,27 +425,44 @@ class TextTower(nnx.Module):
       [Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.layers)]
     )
     self.ln_final = LayerNorm(d, cfg.ln_eps, param_dtype=param_dtype, rngs=rngs)
-    self.proj = Dense(d, embed_dim, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.proj = (
+      None
+      if embed_dim is None
+      else Dense(d, embed_dim, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    )
 
-  def __call__(self, ids: jax.Array) -> jax.Array:
+  def hidden_states(self, ids: jax.Array, skip_layers: int = 0) -> jax.Array:
+    """``ln_final`` of the residual stream, ``[N, L, width]`` in the compute dtype: HF
+    ``CLIPTextModel(ids).last_hidden_state`` (causal mask only, no padding mask).
+
+    ``skip_layers=k`` stops after the first ``layers - k`` blocks and applies ``ln_final`` there:
+    diffusers' ``clip_skip=k`` (``hidden_states[-(k + 1)]`` through ``final_layer_norm``).
+    """
     if ids.ndim != 2 or not 0 < ids.shape[1] <= self.config.context_length:
       raise ValueError(
         f"CLIP text tower expects token ids [N, L<={self.config.context_length}], "
         f"got shape {tuple(ids.shape)}"
       )
+    if not 0 <= skip_layers < len(self.blocks):
+      raise ValueError(f"skip_layers must be in [0, {len(self.blocks)}), got {skip_layers}")
     dtype = self.dtype or jnp.float32
     ids = ids.astype(jnp.int32)
     length = ids.shape[1]
     x = self.token_embedding(ids).astype(dtype) + self.pos_embedding[:length].astype(dtype)
-    x = _run_blocks(
-      self.blocks, x, causal=True, remat=self.remat, residual_loops=self.residual_loops
-    )
-    x = self.ln_final(x)
+    blocks = self.blocks if skip_layers == 0 else self.blocks[: len(self.blocks) - skip_layers]
+    x = _run_blocks(blocks, x, causal=True, remat=self.remat, residual_loops=self.residual_loops)
+    return self.ln_final(x)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    x = self.hidden_states(ids)
+    ids = ids.astype(jnp.int32)
     if self.config.eos_token_id == 2:  # legacy HF configs: EOT has the largest id
       eot = jnp.argmax(ids, axis=-1)
     else:
       eot = jnp.argmax(ids == self.config.eos_token_id, axis=-1)
     pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
+    if self.proj is None:
+      return pooled.astype(jnp.float32)
     return self.proj(pooled).astype(jnp.float32)
 
 
