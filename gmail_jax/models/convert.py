@@ -266,7 +266,11 @@ def load_state_into(
     key, fn = key_fn(path)
     if key not in state_dict:
       raise CheckpointError(f"{source}: missing key {key!r} (for {'/'.join(map(str, path))})")
-    value = fn(np.asarray(state_dict[key]))
+    raw = np.asarray(state_dict[key])
+    try:
+      value = fn(raw)
+    except ValueError:  # a tensor of another rank: the layout map itself cannot apply
+      value = raw
     if tuple(value.shape) != tuple(var.shape):
       raise CheckpointError(
         f"{source}: shape mismatch for {key!r}: checkpoint has {tuple(state_dict[key].shape)}, "
