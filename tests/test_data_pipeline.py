@@ -16,6 +16,7 @@ from data_helpers import coco_captions, data_config, link_cifake
 from gmail_jax.data import pipeline
 from gmail_jax.data.preprocess import resize_center_crop
 from gmail_jax.data.sources import ClassFolderSource, ManifestSource
+from gmail_jax.models import towers
 
 CLASSES = ("airplane", "cat", "ship")
 
@@ -300,7 +301,7 @@ def test_siglip_run_squashes_images(shared, tmp_path):
     config.model = {"name": name}
     for b in pipeline.make_eval_iterator(
       config, tokenizer=None, workdir=tmp_path / name, shuffle=False, batch_size=2,
-      keep_caption=True,
+      keep_caption=True, resize=towers.resize_mode(config),
     ):  # fmt: skip
       for k, caption in enumerate(b["caption"]):
         row = by_caption[str(caption)]

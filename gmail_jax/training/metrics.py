@@ -24,7 +24,7 @@ from absl import logging
 
 from gmail_jax.errors import ConfigError
 
-WANDB_PIN = "wandb==0.29.0"  # keep equal to pyproject's `wandb` extra
+WANDB_PIN = "wandb==0.29.0"  # the tested lock (requirements-test.txt), in pyproject's range
 
 
 def write_config(
