@@ -16,11 +16,16 @@ import signal
 from collections.abc import Callable
 
 KILL_AT = "GMAIL_KILL_AT"
+TERM_AT = "GMAIL_TERM_AT"  # the same points, SIGTERM instead: a preemption notice (preemption.py)
 
 
 def kill_point(point: str, n: int, before: Callable[[], object] | None = None) -> None:
-  """SIGKILL this process when ``GMAIL_KILL_AT`` names ``point:n`` (after ``before()``)."""
-  if os.environ.get(KILL_AT) == f"{point}:{n}":
+  """SIGKILL this process when ``GMAIL_KILL_AT`` names ``point:n`` (after ``before()``); send it
+  SIGTERM (and go on) when ``GMAIL_TERM_AT`` does."""
+  here = f"{point}:{n}"
+  if os.environ.get(KILL_AT) == here:
     if before is not None:
       before()
     os.kill(os.getpid(), signal.SIGKILL)
+  if os.environ.get(TERM_AT) == here:
+    os.kill(os.getpid(), signal.SIGTERM)

@@ -29,6 +29,12 @@ _PID = flags.DEFINE_integer("process_id", None, "Index of this process.")
 _CPU_COLLECTIVES = flags.DEFINE_string(
   "cpu_collectives", "gloo", "Cross-process collectives for CPU-only multi-process runs."
 )
+_HEARTBEAT = flags.DEFINE_integer(
+  "heartbeat_timeout_s",
+  60,
+  "Several processes: a process that sends no heartbeat for this long is lost, and every other"
+  " process stops (non-zero, naming it) instead of hanging in a collective.",
+)
 _PLATFORM = flags.DEFINE_enum(
   "platform",
   os.environ.get("GMAIL_PLATFORM", "any"),
@@ -64,10 +70,13 @@ def _maybe_initialize_distributed() -> None:
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
       jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
     jax.distributed.initialize(
-      coordinator_address=coord, num_processes=int(num), process_id=int(pid)
+      coordinator_address=coord,
+      num_processes=int(num),
+      process_id=int(pid),
+      heartbeat_timeout_seconds=_HEARTBEAT.value,
     )
   elif _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT.value)
 
 
 def main(argv):

@@ -26,7 +26,7 @@ from gmail_jax.data.rejects import read_rejects
 from gmail_jax.errors import ConfigError, InputError
 from gmail_jax.experiments import driver
 from gmail_jax.experiments.stages import align
-from gmail_jax.faults import KILL_AT
+from gmail_jax.faults import KILL_AT, TERM_AT
 from gmail_jax.generation import captions, runner, seeds, store
 from gmail_jax.generation import config as gen_config
 
@@ -49,15 +49,24 @@ def load_gen_config(name: str = "tiny"):
 
 def env(**extra) -> dict:
   e = dict(os.environ, OMP_NUM_THREADS="1", GMAIL_TRACEBACK="1", HF_HUB_OFFLINE="1")
-  for key in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS", "SLURM_PROCID", KILL_AT):
+  for key in (
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    KILL_AT,
+    TERM_AT,
+  ):
     e.pop(key, None)
   e.update(extra)
   return e
 
 
-def start(workdir, *flags, kill_at: str | None = None) -> subprocess.Popen:
+def start(workdir, *flags, kill_at: str | None = None, term_at: str | None = None):
   cmd = [sys.executable, "-m", "gmail_jax.generate", TINY, f"--workdir={workdir}", *flags]
   extra = {KILL_AT: kill_at} if kill_at else {}
+  if term_at:
+    extra[TERM_AT] = term_at
   return subprocess.Popen(
     cmd, cwd=ROOT, env=env(**extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
   )
@@ -156,6 +165,20 @@ def test_sigkill_then_restart_is_complete_and_equal(
   assert keys == [(r["caption_id"], r["k"]) for r in ref]
   for a, b in zip(got, ref, strict=True):
     assert a["seed"] == b["seed"]
+    np.testing.assert_array_equal(pixels(tmp_path, a), pixels(reference, b))
+
+
+def test_sigterm_finishes_the_batch_journals_it_and_exits_0(reference, tmp_path):
+  """A preemption notice mid-batch (after its 3rd of 4 images): the batch is finished and
+  journaled, the process exits 0 saying how to resume, and the rerun completes equal."""
+  model = f"--config.model={reference / 'pipeline'}"
+  out = finish(start(tmp_path, model, term_at="image:3"))  # exit code 0
+  assert "preempted: generation stopped after a journaled batch" in out, out[-2000:]
+  (entry,) = (tmp_path / "parts").rglob("item-*.json")
+  assert len(json.loads(entry.read_text())["rows"]) == 4  # the whole batch of 4
+  finish(start(tmp_path, model))
+  for a, b in zip(rows(tmp_path), rows(reference), strict=True):
+    assert (a["caption_id"], a["k"]) == (b["caption_id"], b["k"])
     np.testing.assert_array_equal(pixels(tmp_path, a), pixels(reference, b))
 
 

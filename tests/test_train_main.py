@@ -6,6 +6,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +33,8 @@ FLAGS = [
 ]
 
 
-def env(devices: int, kill_at: str | None = None) -> dict:
-  e = {k: v for k, v in os.environ.items() if k != faults.KILL_AT}
+def env(devices: int, kill_at: str | None = None, term_at: str | None = None) -> dict:
+  e = {k: v for k, v in os.environ.items() if k not in (faults.KILL_AT, faults.TERM_AT)}
   e.update(
     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
     JAX_PLATFORMS="cpu",
@@ -41,15 +42,17 @@ def env(devices: int, kill_at: str | None = None) -> dict:
   )
   if kill_at:
     e[faults.KILL_AT] = kill_at
+  if term_at:
+    e[faults.TERM_AT] = term_at
   return e
 
 
-def start(workdir, devices=8, extra=(), kill_at=None):
+def start(workdir, devices=8, extra=(), kill_at=None, term_at=None):
   cmd = [sys.executable, "-m", "gmail_jax.main", *FLAGS, f"--workdir={workdir}", *extra]
   return subprocess.Popen(
     cmd,
     cwd=ROOT,
-    env=env(devices, kill_at),
+    env=env(devices, kill_at, term_at),
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,
@@ -113,18 +116,51 @@ def test_sigkill_then_rerun_is_bitwise_equal(reference, tmp_path, kill_at, commi
   assert json.loads((tmp_path / "config.json").read_text())["lora"]["rank"] == 4
 
 
-def test_two_processes_match_one_process(reference, tmp_path):
+def test_sigterm_saves_the_current_step_exits_0_and_resumes_bitwise(reference, tmp_path):
+  """A preemption notice (SIGTERM at step 5, between checkpoints 4 and 6): the run saves step 5,
+  exits 0 saying where to resume, and the rerun continues from step 5 with no step lost."""
+  out = finish(start(tmp_path, term_at="step:5"))  # exit code 0
+  assert "preempted: checkpoint of step 5 saved" in out, out[-3000:]
+  assert ocp.CheckpointManager(checkpointing.checkpoint_dir(tmp_path)).latest_step() == 5
+  assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()][-1] == 5
+  out = finish(start(tmp_path))
+  assert "resumed from step 5" in out
+  steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()]
+  assert steps == list(range(1, STEPS + 1)), steps
+  for a, b in zip(leaves(final_params(reference)), leaves(final_params(tmp_path)), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def start_pair(workdir, *, kill_at=(None, None), term_at=(None, None), extra=()):
+  """Two processes x 4 CPU devices on localhost (gloo), process i with its own crash point."""
   port = portpicker.pick_unused_port()
-  procs = [
+  return [
     start(
-      tmp_path,
+      workdir,
       devices=4,
-      extra=[f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      extra=[
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+        *extra,
+      ],
+      kill_at=kill_at[i],
+      term_at=term_at[i],
     )
     for i in range(2)
   ]
-  for p in procs:
+
+
+@pytest.fixture(scope="module")
+def two_process_reference(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("two_process_reference")
+  for p in start_pair(workdir):
     finish(p)
+  return workdir
+
+
+def test_two_processes_match_one_process(reference, two_process_reference):
+  tmp_path = two_process_reference
   ref, got = losses(reference), losses(tmp_path)
   assert sorted(got) == list(range(1, STEPS + 1))
   np.testing.assert_allclose(
@@ -140,6 +176,50 @@ def test_two_processes_match_one_process(reference, tmp_path):
   got = final_params(tmp_path, like=ref_state)
   for a, b in zip(leaves(ref_state), leaves(got), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_of_two_processes_saves_the_same_step_on_both(
+  reference, two_process_reference, tmp_path
+):
+  """Preemption on a pod: one process gets SIGTERM at step 3; JAX's preemption service makes
+  both agree on a step, both save it and exit 0; rerunning both resumes bitwise."""
+  procs = start_pair(tmp_path, term_at=(None, "step:3"))
+  outs = [finish(p) for p in procs]  # both exit 0
+  saved = ocp.CheckpointManager(checkpointing.checkpoint_dir(tmp_path)).latest_step()
+  # JAX agrees on a step after the notice spreads (the next step both reach; with 8 fast steps it
+  # may be the last): the same step on both, saved, both stopped with exit code 0.
+  assert 3 <= saved <= STEPS and all(f"checkpoint of step {saved} saved" in o for o in outs), saved
+  outs = [finish(p) for p in start_pair(tmp_path)]
+  assert f"resumed from step {saved}" in outs[0]  # process 0 writes the notes
+  like = jax.tree.map(np.asarray, final_params(reference))  # host arrays: any topology
+  ref = final_params(two_process_reference, like=like)
+  got = final_params(tmp_path, like=like)
+  for a, b in zip(leaves(ref), leaves(got), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_a_lost_process_stops_the_other_and_both_resume(reference, two_process_reference, tmp_path):
+  """Process 1 dies (SIGKILL at step 5): process 0 must not hang in its next collective; it stops
+  non-zero within 2 minutes, naming the lost task; rerunning both resumes bitwise."""
+  t0 = time.monotonic()
+  procs = start_pair(tmp_path, kill_at=(None, "step:5"), extra=("--heartbeat_timeout_s=20",))
+  out1, _ = procs[1].communicate(timeout=300)
+  assert procs[1].returncode == -signal.SIGKILL, out1[-2000:]
+  killed = time.monotonic()
+  out0, _ = procs[0].communicate(timeout=300)
+  assert procs[0].returncode != 0 and time.monotonic() - killed < 120, (t0, out0[-3000:])
+  assert "stopped sending heartbeats" in out0 or "Task 1 heartbeat timeout" in out0, out0[-3000:]
+  latest = ocp.CheckpointManager(checkpointing.checkpoint_dir(tmp_path)).latest_step()
+  assert latest in (2, 4), latest
+  outs = [finish(p) for p in start_pair(tmp_path)]
+  assert f"resumed from step {latest}" in outs[0]  # process 0 writes the notes
+  like = jax.tree.map(np.asarray, final_params(reference))  # host arrays: any topology
+  ref = final_params(two_process_reference, like=like)
+  got = final_params(tmp_path, like=like)
+  for a, b in zip(leaves(ref), leaves(got), strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 class Poisoned(GMAIL):

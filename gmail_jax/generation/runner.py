@@ -47,7 +47,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from gmail_jax import faults
+from gmail_jax import faults, preemption
 from gmail_jax.data.rejects import RejectLog
 from gmail_jax.errors import ConfigError, first_line
 from gmail_jax.generation import store
@@ -227,6 +227,11 @@ class _Chunker:
       store.write_journal_entry(journal, batch[0][0], out)
       self.batches_journaled += 1
       faults.kill_point("batch", self.batches_journaled)
+      if preemption.requested():  # SIGTERM: the batch in flight is finished and journaled
+        raise preemption.Preempted(
+          f"preempted: generation stopped after a journaled batch of chunk {c} in"
+          f" {self.workdir}; rerun the same command to generate the rest"
+        )
       n_bad = sum(r["reject"] is not None for r in out)
       progress.update(len(out) - n_bad, rejected=n_bad)
     store.write_part(part, [rows[i] for i in sorted(rows)], self.tmp)
@@ -268,6 +273,8 @@ def generate(
     flush=True,
   )
   if todo:
+    if not preemption.distributed():  # several processes: JAX's preemption service has SIGTERM
+      preemption.install()
     pipe = pipeline if pipeline is not None else runs.load(config, workdir)
     fingerprint = runs.weights_fingerprint(pipe)
     if fingerprint is not None:

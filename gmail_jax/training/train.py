@@ -20,7 +20,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from gmail_jax import faults, objectives, schema
+from gmail_jax import faults, objectives, preemption, schema
 from gmail_jax.errors import ConfigError, ResumeError
 from gmail_jax.models import lora as lora_lib
 from gmail_jax.models import towers
@@ -173,6 +173,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       workdir, total_steps=config.total_steps, first_step=first_step, config=config
     )
     last: dict[str, float] = {}
+    if not preemption.distributed():  # several processes: JAX's preemption service has SIGTERM
+      preemption.install()
     try:
       for step in range(first_step + 1, config.total_steps + 1):
         local = next(data_iter)
@@ -202,6 +204,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ev = run_evals(step)
         if ev:
           last.update(writer.write(step, ev))
+        if preemption.sync_point(step):  # every process agrees on this step: save and stop
+          if not ckpt_now:
+            ckpt.save(step, state, data_iter=data_iter, teacher=teacher_id)
+          ckpt.wait()
+          raise preemption.Preempted(
+            f"preempted: checkpoint of step {step} saved in {ckpt.directory}; rerun the same"
+            " command to resume from it"
+          )
     finally:
       if cache is not None:
         cache[0].flush()
