@@ -6,7 +6,8 @@ Points: training ``step`` (step n computed, nothing logged or saved), ``async_sa
 n issued, possibly still being written), ``checkpoint`` (checkpoint n committed); generation
 ``image`` (the n-th image written, its batch not yet journaled), ``batch`` (the n-th batch
 journaled), ``chunk`` (chunk n's part written); experiments ``unrecorded`` (the n-th stage of
-``config.stages`` ran, its record not yet written). Unset (every real run): nothing happens.
+``config.stages`` ran, its record not yet written); data.prepare ``shard`` (the n-th output shard
+this process wrote, with its index, not yet merged). Unset (every real run): nothing happens.
 """
 
 from __future__ import annotations

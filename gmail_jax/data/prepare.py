@@ -16,9 +16,10 @@ Sources (``--kind`` auto-detected):
 
   (any of jpg/jpeg/png/webp). Each generated image becomes one record; ``real_id`` numbers keys.
 
-Output in ``--out``: ``pairs-NNNNN.array_record`` (records in :mod:`gmail_jax.data.records`
-format), ``index.npz`` (``item, group, real_id`` per record, used for pairing without reading the
-shards), ``meta.json``, and ``rejects.jsonl`` (skipped inputs).
+Output in ``--out``: ``pairs-NNNNN-of-NNNNN.array_record`` (records in
+:mod:`gmail_jax.data.records` format; ``--shard_size`` input rows each, or one per tar),
+``index.npz`` (``item, group, real_id`` per record, used for pairing without reading the shards),
+``meta.json``, and ``rejects.jsonl`` (skipped inputs).
 Train on it with ``config.data.source='array_record'``, ``config.data.root=OUT``.
 
 Stored images (``--resize_short``, ``--quality``): by default every image whose short side exceeds
@@ -28,20 +29,46 @@ for random-resized-crop augmentation. Large JPEGs are draft-decoded (DCT downsca
 :func:`gmail_jax.data.images.decode_image`) before that resize. Smaller images are never upscaled;
 their original bytes are kept, as are all bytes with ``--resize_short=0``. Every input is decoded
 (also with ``--verify=false`` when resizing), so corrupt files go to ``rejects.jsonl``.
+
+On N hosts (or N processes): every process reads the inputs and decides the same list of output
+shards; process ``i`` of ``N`` writes the shards ``s`` with ``s % N == i``, and whichever process
+finds every shard written merges ``index.npz``, ``meta.json`` and ``rejects.jsonl`` (the same
+bytes as a one-process run; ``seconds`` in meta.json aside). ``--num_shards``/``--shard_index``
+default to JAX_NUM_PROCESSES/JAX_PROCESS_ID, else SLURM_NTASKS/SLURM_PROCID, else 1/0::
+
+  srun --ntasks=16 python -m gmail_jax.data.prepare --src=cc12m/ --out=/shared/cc12m_pairs
+  # or one command per host, the same flags except the index:
+  python -m gmail_jax.data.prepare --src=... --out=... --num_shards=16 --shard_index=3
+
+``--out`` must be a directory every process sees (a shared file system). ``--num_workers`` is the
+number of writer processes within each host.
+
+Resuming: a rerun (with any ``--num_shards``) skips the shards already complete and rewrites
+partial ones, so an interrupted run is finished by running the same command again.
+``OUT/prepare.json`` records the plan (the flags that decide the records, and the number and input
+sizes of the shards); a rerun with other values is refused, naming the flag: use a new ``--out``.
+Files in ``--out`` beside the ones above, each written under a temporary name and renamed when
+complete: ``prepare.json``; per shard, ``pairs-…index.npz`` (its records' index; written last, it
+marks the shard complete) and ``pairs-…rejects.jsonl``. ``rejects.jsonl`` is the manifest rows
+rejected while planning (the same in every process), then each shard's rejects, in shard order.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import io
 import json
 import multiprocessing
 import os
 import pathlib
+import socket
 import sys
 import tarfile
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import PIL.Image
@@ -49,19 +76,21 @@ import PIL.Image
 from gmail_jax.data.images import decode_image
 from gmail_jax.data.preprocess import resize_output_size
 from gmail_jax.data.records import pack_pair
-from gmail_jax.data.rejects import BadInput, BadInputError, RejectLog
+from gmail_jax.data.rejects import REJECTS_FILE, BadInput, BadInputError, RejectLog
 from gmail_jax.data.sources import (
   IMAGE_EXTS,
   INDEX_FILE,
   MANIFEST_COLUMNS,
+  META_FILE,
   ClassFolderSource,
   ManifestSource,
   read_bytes,
-  write_meta,
 )
-from gmail_jax.errors import InputError
+from gmail_jax.errors import ConfigError, InputError
+from gmail_jax.faults import kill_point
 
 FORMAT = "gmail_jax.pairs/1"
+PLAN_FILE = "prepare.json"
 
 
 def _writer(path: str):
@@ -97,7 +126,7 @@ def _stored(data: bytes, name: str, verify: bool, resize_short: int, quality: in
 
 
 def _write_rows(
-  path: str, rows: list[dict], log: RejectLog, verify: bool, resize_short: int, quality: int
+  path: str, log: RejectLog, rows: list[dict], verify: bool, resize_short: int, quality: int
 ) -> list[tuple]:
   """Rows of paths -> one shard; returns (item, group, real_id) of the records written."""
   kept = []
@@ -193,7 +222,7 @@ def _wds_pairs(key: str, members: dict, gen_dir: str | None, where: str):
 
 
 def _write_tar(
-  path: str, tar_path: str, gen_dir, log: RejectLog, verify: bool, resize_short: int, quality: int
+  path: str, log: RejectLog, tar_path: str, gen_dir, verify: bool, resize_short: int, quality: int
 ):
   """One webdataset tar -> one shard; returns (local_key_index, group_str, local_key_index)."""
   kept = []
@@ -247,6 +276,342 @@ def _detect(src: str) -> str:
   )
 
 
+def resolve_shard(
+  num_shards: int | None = None,
+  shard_index: int | None = None,
+  environ: dict[str, str] | None = None,
+) -> tuple[int, int]:
+  """(shard_index, num_shards) of this process: the flags, else JAX_NUM_PROCESSES/JAX_PROCESS_ID,
+  else SLURM_NTASKS/SLURM_PROCID, else (0, 1).
+
+  The rule of :func:`gmail_jax.generation.runner.resolve_shard`, repeated here because data is
+  the layer below generation (generation may import this one instead).
+  """
+  env = os.environ if environ is None else environ
+  if num_shards is None and shard_index is None:
+    for n_key, i_key in (("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"), ("SLURM_NTASKS", "SLURM_PROCID")):
+      if env.get(n_key) and env.get(i_key):
+        num_shards, shard_index = int(env[n_key]), int(env[i_key])
+        break
+    else:
+      num_shards, shard_index = 1, 0
+  if num_shards is None or shard_index is None:
+    raise ConfigError("--num_shards and --shard_index: give both or neither")
+  if not 0 <= shard_index < num_shards:
+    raise ConfigError(f"--shard_index={shard_index}: must be in [0, --num_shards={num_shards})")
+  return int(shard_index), int(num_shards)
+
+
+# ------------------------------------------------------------------------------ the output folder
+
+
+class _OutDir:
+  """Every file operation on ``--out``, in these few methods, so that a path layer (buckets) can
+  replace them. Names are relative to the folder; whole files appear atomically (temp + rename).
+  Picklable (travels into the ``--num_workers`` processes)."""
+
+  def __init__(self, root: str | os.PathLike):
+    self.root = pathlib.Path(root)
+    # per process: two writers never share a temp file, whatever else goes wrong
+    self.tag = f"{socket.gethostname()}-{os.getpid()}"
+
+  def make(self) -> None:
+    self.root.mkdir(parents=True, exist_ok=True)
+
+  def path(self, name: str) -> str:
+    return str(self.root / name)
+
+  def names(self) -> set[str]:
+    return set(os.listdir(self.root))
+
+  def read(self, name: str) -> bytes | None:
+    try:
+      return (self.root / name).read_bytes()
+    except FileNotFoundError:
+      return None
+
+  def temp(self, name: str) -> str:
+    """A local path to fill before :meth:`commit` publishes it as ``name``."""
+    return self.path(f"{name}.tmp-{self.tag}")
+
+  def commit(self, temp: str, name: str) -> None:
+    os.replace(temp, self.path(name))
+
+  def drop(self, temp: str) -> None:
+    pathlib.Path(temp).unlink(missing_ok=True)
+
+  def write(self, name: str, data: bytes) -> None:
+    temp = self.temp(name)
+    pathlib.Path(temp).write_bytes(data)
+    self.commit(temp, name)
+
+  def create(self, name: str, data: bytes) -> bool:
+    """Write ``name`` unless it exists (False then): of processes creating it together, exactly
+    one succeeds, and nobody sees it partly written (a hard link of a complete temp file)."""
+    temp = self.temp(name)
+    pathlib.Path(temp).write_bytes(data)
+    try:
+      os.link(temp, self.path(name))
+      return True
+    except FileExistsError:
+      return False
+    finally:
+      self.drop(temp)
+
+  def remove(self, name: str) -> None:
+    (self.root / name).unlink(missing_ok=True)
+
+
+def _npz_bytes(**arrays) -> bytes:
+  """``np.savez`` as bytes: the same arrays give the same bytes whoever writes them, and when
+  (zipfile dates the members 1980), so the merged index.npz, fingerprinted by training, is too."""
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  return buf.getvalue()
+
+
+def _load_npz(data: bytes) -> dict[str, np.ndarray]:
+  with np.load(io.BytesIO(data)) as z:
+    return {k: z[k] for k in z.files}
+
+
+# ------------------------------------------------------------------------------------------- plan
+
+
+def _base(s: int, n: int) -> str:
+  return f"pairs-{s:05d}-of-{n:05d}"
+
+
+SHARD, SHARD_INDEX, SHARD_REJECTS = ".array_record", ".index.npz", ".rejects.jsonl"
+
+# plan key -> the flag that sets it, in the order a mismatch is reported (the first one is named)
+PLAN_FLAGS = {
+  "format": None,
+  "src": "--src",
+  "kind": "--kind",
+  "root": "--root",
+  "gen_dir": "--gen_dir",
+  "template": "--template",
+  "seed": "--seed",
+  "shard_size": "--shard_size",
+  "resize_short": "--resize_short",
+  "quality": "--quality",
+  "verify": "--verify",
+  "shards": None,
+}
+
+
+def _plan_id(plan: dict) -> str:
+  return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+
+def _check_plan(old: dict, plan: dict, where: str) -> None:
+  """One-line InputError naming the first flag whose value differs from the recorded plan."""
+  for key, flag in PLAN_FLAGS.items():
+    if old.get(key) == plan[key]:
+      continue
+    if flag is not None:
+      was, now = (str(v).lower() if isinstance(v, bool) else v for v in (old.get(key), plan[key]))
+      raise InputError(
+        f"prepare: {where} was written with {flag}={was}, this run has {flag}={now}: use the"
+        " same flags to finish it, or a new --out"
+      )
+    if key == "format":
+      raise InputError(f"prepare: {where} is not a {FORMAT} plan: use a new --out")
+    then, now = old.get("shards") or [], plan["shards"]
+    if len(then) != len(now):
+      change = f"{len(then)} output shards planned then, {len(now)} now"
+    else:
+      s = next(s for s in range(len(now)) if then[s] != now[s])
+      said = (", ".join(f"{k}={v}" for k, v in sizes.items()) for sizes in (then[s], now[s]))
+      change = "output shard {}: {} then, {} now".format(s, *said)
+    raise InputError(
+      f"prepare: the inputs in --src={plan['src']} changed since {where} was written ({change}):"
+      " use a new --out"
+    )
+
+
+def _record_plan(out: _OutDir, plan: dict) -> None:
+  """Create prepare.json with ``plan``, or refuse a run whose plan differs from the recorded one."""
+  if out.create(PLAN_FILE, (json.dumps(plan, indent=1) + "\n").encode()):
+    for name in (INDEX_FILE, META_FILE, REJECTS_FILE):
+      out.remove(name)  # an earlier, unrecorded run's: not of this plan
+    return
+  try:
+    old = json.loads(out.read(PLAN_FILE) or b"")
+  except ValueError:
+    old = {}
+  _check_plan(old if isinstance(old, dict) else {}, plan, out.path(PLAN_FILE))
+
+
+class _Inputs:
+  """The output shards of ``src`` (decided from the inputs alone: the same on every process) and
+  the input of each (rows of paths, or one tar)."""
+
+  def __init__(self, src, kind, *, root, gen_dir, template, seed, shard_size, log: RejectLog):
+    self.kind, self.tars, self._row = kind, [], None
+    if kind in ("manifest", "class_folders"):
+      if kind == "manifest":
+        source = ManifestSource(src, root=root, gens_per_caption=0, log=log)
+        self.num_rows, self._row = source.num_rows, source.row_fields
+      else:
+        folders = ClassFolderSource(src, template=template, seed=seed)
+        self.num_rows, self._row = len(folders), _class_folder_row(folders)
+      self.shard_size = shard_size
+      n = max(1, -(-self.num_rows // shard_size))
+      self.sizes = [{"rows": len(range(*self._bounds(s)))} for s in range(n)]
+    elif kind == "wds":
+      for part in src.split(","):
+        p = pathlib.Path(part)
+        self.tars += sorted(str(t) for t in p.glob("*.tar")) if p.is_dir() else [str(p)]
+      if not self.tars:
+        raise InputError(f"prepare: no .tar shards in {src}")
+      # a rewritten tar of another size would mix old and new records
+      self.sizes = [{"tar": t, "bytes": _size(t)} for t in self.tars]
+    else:
+      raise InputError(f"prepare: --kind={kind!r}: expected auto, manifest, class_folders or wds")
+
+  def _bounds(self, s: int) -> tuple[int, int]:
+    return s * self.shard_size, min((s + 1) * self.shard_size, self.num_rows)
+
+  def job(self, s: int, gen_dir, store: tuple) -> tuple[Callable, tuple]:
+    """The writer of shard ``s`` and its arguments after (path, log)."""
+    if self.kind == "wds":
+      return _write_tar, (self.tars[s], gen_dir, *store)
+    return _write_rows, ([self._row(i) for i in range(*self._bounds(s))], *store)
+
+
+def _class_folder_row(source: ClassFolderSource) -> Callable[[int], dict]:
+  def row(i: int) -> dict:
+    gen_path, real_path, c, real_id = source.pair_paths(i, 0)
+    return dict(
+      caption=source.caption(c),
+      gen_path=gen_path,
+      real_path=real_path,
+      group=c,
+      real_id=real_id,
+      item=i,
+    )
+
+  return row
+
+
+def _size(path: str) -> int | None:
+  try:
+    return os.path.getsize(path)
+  except OSError:
+    return None  # a missing tar is reported (rejected) when its shard is written
+
+
+# ------------------------------------------------------------------------------------------ shards
+
+
+def _write_shard(
+  out: _OutDir, base: str, plan_id: str, log: RejectLog, write: Callable, args: tuple
+) -> None:
+  """One output shard: the records, its rejects, then its index (which marks it complete), each
+  under a temporary name until whole, so a killed process leaves no file that looks complete."""
+  temp = out.temp(base + SHARD)
+  own_log = log.policy == "skip"  # a temp file of this shard ('fail' appends to rejects.jsonl)
+  try:
+    result = write(temp, log, *args)
+  except BaseException:
+    out.drop(temp)
+    if own_log:
+      out.drop(log.path)
+    raise
+  kept, n_keys = result if write is _write_tar else (result, 0)
+  if own_log and os.path.exists(log.path):
+    out.commit(log.path, base + SHARD_REJECTS)
+  else:
+    out.remove(base + SHARD_REJECTS)  # a previous attempt's
+  out.commit(temp, base + SHARD)
+  # wds: group keys are strings, numbered when merging (first appearance over all shards)
+  keys: dict = {}
+  group = [keys.setdefault(g, len(keys)) if write is _write_tar else g for _, g, _ in kept]
+  out.write(
+    base + SHARD_INDEX,
+    _npz_bytes(
+      item=np.asarray([k[0] for k in kept], np.int64),
+      group=np.asarray(group, np.int32),
+      real_id=np.asarray([k[2] for k in kept], np.int32),
+      group_key=np.asarray(list(keys), str),
+      n_keys=np.int64(n_keys),
+      plan=np.asarray(plan_id),
+    ),
+  )
+
+
+def _shard_index(out: _OutDir, names: set[str], base: str, plan_id: str) -> dict | None:
+  """The index of a complete shard of this plan, else None."""
+  if base + SHARD not in names or base + SHARD_INDEX not in names:
+    return None
+  data = out.read(base + SHARD_INDEX)
+  index = _load_npz(data) if data is not None else None
+  return index if index is not None and str(index["plan"]) == plan_id else None
+
+
+def _call(job):
+  fn, args = job
+  return fn(*args)
+
+
+def _run(jobs: list, num_workers: int) -> Iterator:
+  if num_workers > 1 and len(jobs) > 1:
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
+      yield from pool.map(_call, jobs)
+  else:
+    yield from (_call(j) for j in jobs)
+
+
+# ------------------------------------------------------------------------------------------- merge
+
+
+def _merge(out: _OutDir, plan: dict, plan_id: str, plan_rejects: bytes) -> tuple[dict, int] | None:
+  """Merge the shard indexes and rejects when every shard of the plan is complete (else None):
+  the same bytes whoever does it, records in shard order. Returns (arrays, rejected)."""
+  names = out.names()
+  n = len(plan["shards"])
+  bases = [_base(s, n) for s in range(n)]
+  if any(b + SHARD not in names or b + SHARD_INDEX not in names for b in bases):
+    return None
+  indexes = [_shard_index(out, names, b, plan_id) for b in bases]
+  if any(index is None for index in indexes):
+    return None  # a file of an earlier plan, being rewritten
+  if plan["kind"] == "wds":
+    item, group, offset, group_ids = [], [], 0, {}
+    for index in indexes:
+      codes = [group_ids.setdefault(str(k), len(group_ids)) for k in index["group_key"]]
+      item.append(index["item"] + offset)
+      group.append(np.asarray(codes, np.int32)[index["group"]])
+      offset += int(index["n_keys"])
+    real_id = [i.astype(np.int32) for i in item]
+  else:
+    item, group = [i["item"] for i in indexes], [i["group"] for i in indexes]
+    real_id = [i["real_id"] for i in indexes]
+  arrays = dict(
+    item=np.concatenate(item).astype(np.int64),
+    group=np.concatenate(group).astype(np.int32),
+    real_id=np.concatenate(real_id).astype(np.int32),
+  )
+  # shards of another plan (an older run into this --out) would be read as part of this one
+  for name in names:
+    if name.startswith("pairs-") and name.split(".", 1)[0] not in bases:
+      out.remove(name)
+  parts = [plan_rejects]
+  parts += [out.read(b + SHARD_REJECTS) or b"" for b in bases if b + SHARD_REJECTS in names]
+  rejects = b"".join(parts)
+  if rejects:
+    out.write(REJECTS_FILE, rejects)
+  else:
+    out.remove(REJECTS_FILE)
+  return arrays, sum(1 for line in rejects.decode().splitlines() if line.strip())
+
+
+# ----------------------------------------------------------------------------------------- prepare
+
+
 def prepare(
   src: str,
   out: str,
@@ -262,100 +627,111 @@ def prepare(
   on_bad_input: str = "skip",
   resize_short: int | None = DEFAULT_RESIZE_SHORT,
   quality: int = DEFAULT_QUALITY,
+  num_shards: int = 1,
+  shard_index: int = 0,
 ) -> dict:
   """Write ``src`` as ArrayRecord shards under ``out``; returns the meta dict (also meta.json).
 
   ``resize_short``: short side of the stored images (larger ones are resized and re-encoded as
-  JPEG at ``quality``); 0 or None keeps every image's original bytes.
+  JPEG at ``quality``); 0 or None keeps every image's original bytes. This process writes the
+  output shards ``s % num_shards == shard_index`` that are not complete yet (see the module
+  docstring); when others are still missing, it returns ``{"complete": False, ...}`` (counts)
+  instead of the meta dict and writes no meta.json: the last process to finish writes it.
   """
   start = time.time()
   resize_short = int(resize_short or 0)
   if resize_short < 0 or not 1 <= quality <= 100:
     raise InputError(f"prepare: --resize_short={resize_short} >= 0, --quality={quality} in 1..100")
-  outp = pathlib.Path(out)
-  outp.mkdir(parents=True, exist_ok=True)
-  for old in outp.glob("pairs-*.array_record"):
-    old.unlink()
-  log = RejectLog.for_workdir(outp, on_bad_input)
+  if shard_size < 1:
+    raise ConfigError(f"--shard_size={shard_size}: must be >= 1")
+  shard_index, num_shards = resolve_shard(num_shards, shard_index, environ={})
+  if on_bad_input not in ("skip", "fail"):
+    raise ConfigError(f"--on_bad_input={on_bad_input!r}: expected skip or fail")
+  outd = _OutDir(out)
+  outd.make()
   kind = _detect(src) if kind == "auto" else kind
-  jobs = []  # (fn, args)
-  if kind in ("manifest", "class_folders"):
-    if kind == "manifest":
-      source = ManifestSource(src, root=root, gens_per_caption=0, log=log)
-      rows = [source.row_fields(r) for r in range(source.num_rows)]
-    else:
-      source = ClassFolderSource(src, template=template, seed=seed)
-      rows = []
-      for i in range(len(source)):
-        gen_path, real_path, c, real_id = source.pair_paths(i, 0)
-        rows.append(
-          dict(
-            caption=source.caption(c),
-            gen_path=gen_path,
-            real_path=real_path,
-            group=c,
-            real_id=real_id,
-            item=i,
-          )
-        )
-    n_shards = max(1, -(-len(rows) // shard_size))
-    for s in range(n_shards):
-      path = str(outp / f"pairs-{s:05d}-of-{n_shards:05d}.array_record")
-      chunk = rows[s * shard_size : (s + 1) * shard_size]
-      jobs.append((_write_rows, (path, chunk, log, verify, resize_short, quality)))
-  elif kind == "wds":
-    parts = src.split(",")
-    tars = []
-    for part in parts:
-      p = pathlib.Path(part)
-      tars += sorted(str(t) for t in p.glob("*.tar")) if p.is_dir() else [str(p)]
-    if not tars:
-      raise InputError(f"prepare: no .tar shards in {src}")
-    for s, tar in enumerate(tars):
-      path = str(outp / f"pairs-{s:05d}-of-{len(tars):05d}.array_record")
-      jobs.append((_write_tar, (path, tar, gen_dir, log, verify, resize_short, quality)))
-  else:
-    raise InputError(f"prepare: --kind={kind!r}: expected auto, manifest, class_folders or wds")
 
-  if num_workers > 1 and len(jobs) > 1:
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
-      results = list(pool.map(_call, jobs))
-  else:
-    results = [_call(j) for j in jobs]
+  # under 'fail' the one reject goes straight to rejects.jsonl (as a one-process run always did);
+  # under 'skip' each shard logs to its own file, merged at the end: no two writers share a file
+  def reject_log(temp: str) -> RejectLog:
+    if on_bad_input == "fail":
+      return RejectLog(outd.path(REJECTS_FILE), "fail")
+    outd.drop(temp)
+    return RejectLog(temp, "skip")
 
-  item, group, real_id = [], [], []
-  if kind == "wds":
-    offset, group_ids = 0, {}
-    for kept, n_keys in results:
-      for local, g, _ in kept:
-        item.append(offset + local)
-        real_id.append(offset + local)
-        group.append(group_ids.setdefault(g, len(group_ids)))
-      offset += n_keys
-  else:
-    for kept in results:
-      for it, g, r in kept:
-        item.append(it)
-        group.append(g)
-        real_id.append(r)
-  if not item:
-    raise InputError(f"prepare: no usable pairs in {src} (see {outp / 'rejects.jsonl'})")
-  np.savez(
-    outp / INDEX_FILE,
-    item=np.asarray(item, np.int64),
-    group=np.asarray(group, np.int32),
-    real_id=np.asarray(real_id, np.int32),
-  )
-  rejected = 0
-  if (outp / "rejects.jsonl").exists():
-    rejected = sum(1 for line in (outp / "rejects.jsonl").read_text().splitlines() if line.strip())
+  with tempfile.TemporaryDirectory(prefix="gmail_prepare_") as scratch:
+    # rows rejected while planning are the same in every process: each keeps them for its merge
+    plan_log = reject_log(os.path.join(scratch, REJECTS_FILE))
+    inputs = _Inputs(
+      src,
+      kind,
+      root=root,
+      gen_dir=gen_dir,
+      template=template,
+      seed=seed,
+      shard_size=shard_size,
+      log=plan_log,
+    )
+    plan_rejects = b""
+    if plan_log.policy == "skip" and os.path.exists(plan_log.path):
+      plan_rejects = pathlib.Path(plan_log.path).read_bytes()
+  # what decides the records; flags that cannot matter for this kind are recorded as None
+  plan = {
+    "format": FORMAT,
+    "src": str(src),
+    "kind": kind,
+    "root": root if kind == "manifest" else None,
+    "gen_dir": gen_dir if kind == "wds" else None,
+    "template": template if kind == "class_folders" else None,
+    "seed": seed if kind == "class_folders" else None,
+    "shard_size": shard_size if kind != "wds" else None,
+    "resize_short": resize_short,
+    "quality": quality if resize_short else None,
+    "verify": bool(verify or resize_short),  # resizing decodes (verifies) every image anyway
+    "shards": inputs.sizes,
+  }
+  plan_id = _plan_id(plan)
+  _record_plan(outd, plan)
+
+  n = len(inputs.sizes)
+  names = outd.names()
+  mine = [s for s in range(n) if s % num_shards == shard_index]
+  todo = [s for s in mine if _shard_index(outd, names, _base(s, n), plan_id) is None]
+  bases = {_base(s, n) for s in todo}
+  for name in names:  # a killed run's partial files of the shards this process redoes
+    if ".tmp-" in name and name.split(".", 1)[0] in bases:
+      outd.remove(name)
+  store = (verify, resize_short, quality)
+  jobs = []
+  for s in todo:
+    write, args = inputs.job(s, gen_dir, store)
+    log = reject_log(outd.temp(_base(s, n) + SHARD_REJECTS))
+    jobs.append((_write_shard, (outd, _base(s, n), plan_id, log, write, args)))
+  for k, _ in enumerate(_run(jobs, num_workers), 1):
+    kill_point("shard", k)
+
+  merged = _merge(outd, plan, plan_id, plan_rejects)
+  if merged is None:
+    names = outd.names()
+    missing = sum(_base(s, n) + SHARD_INDEX not in names for s in range(n))
+    return {
+      "complete": False,
+      "shard_index": shard_index,
+      "num_shards": num_shards,
+      "shards_written": len(todo),
+      "shards_skipped": len(mine) - len(todo),
+      "shards_missing": missing,
+    }
+  arrays, rejected = merged
+  if not len(arrays["item"]):
+    raise InputError(f"prepare: no usable pairs in {src} (see {outd.path(REJECTS_FILE)})")
+  outd.write(INDEX_FILE, _npz_bytes(**arrays))
   meta = {
     "format": FORMAT,
     "src": str(src),
     "kind": kind,
-    "num_records": len(item),
-    "num_shards": len(jobs),
+    "num_records": len(arrays["item"]),
+    "num_shards": n,
     "num_rejected": rejected,
     "manifest_columns": list(MANIFEST_COLUMNS),
     # images with a larger short side were stored resized as JPEG at this quality; None: originals
@@ -363,18 +739,24 @@ def prepare(
     "quality": quality if resize_short else None,
     "seconds": round(time.time() - start, 2),
   }
-  write_meta(outp, meta)
+  outd.write(META_FILE, json.dumps(meta, indent=2).encode())  # last: marks the output complete
   return meta
 
 
-def _call(job):
-  fn, args = job
-  return fn(*args)
+HELP_EPILOG = """On N hosts: every process reads the inputs and writes the output shards s with
+s % N == shard_index; the last to finish merges index.npz and meta.json. --out must be shared.
+  srun --ntasks=N python -m gmail_jax.data.prepare --src=... --out=...   (SLURM_NTASKS/PROCID)
+  python -m gmail_jax.data.prepare ... --num_shards=N --shard_index=i    (one command per host)
+Rerun the same command to finish an interrupted run: complete shards are kept, partial ones are
+rewritten; other values of the flags recorded in OUT/prepare.json are refused (use a new --out)."""
 
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(
-    prog="python -m gmail_jax.data.prepare", description=__doc__.split("\n")[0]
+    prog="python -m gmail_jax.data.prepare",
+    description=__doc__.split("\n")[0],
+    epilog=HELP_EPILOG,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   p.add_argument(
     "--src", required=True, help="manifest file, class-folder root, .tar / dir of .tar"
@@ -385,8 +767,21 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--gen_dir", default=None, help="wds: generated images as GEN_DIR/KEY[.N].jpg")
   p.add_argument("--template", default="a photo of a {class}.", help="class-folder caption")
   p.add_argument("--seed", type=int, default=0, help="class folders: same-class real draw")
-  p.add_argument("--shard_size", type=int, default=10_000, help="records per shard (not wds)")
-  p.add_argument("--num_workers", type=int, default=1, help="processes writing shards")
+  p.add_argument("--shard_size", type=int, default=10_000, help="input rows per shard (not wds)")
+  p.add_argument("--num_workers", type=int, default=1, help="processes writing shards (per host)")
+  p.add_argument(
+    "--num_shards",
+    type=int,
+    default=None,
+    help="processes sharing the work (not the number of output shards); default:"
+    " JAX_NUM_PROCESSES, else SLURM_NTASKS, else 1",
+  )
+  p.add_argument(
+    "--shard_index",
+    type=int,
+    default=None,
+    help="this process, in [0, num_shards); default: JAX_PROCESS_ID, else SLURM_PROCID, else 0",
+  )
   p.add_argument("--verify", default="true", choices=["true", "false"], help="decode every image")
   p.add_argument("--on_bad_input", default="skip", choices=["skip", "fail"])
   p.add_argument(
@@ -398,6 +793,7 @@ def main(argv: list[str] | None = None) -> int:
   a = p.parse_args(argv)
   short = 0 if a.resize_short.lower() in ("0", "none", "") else int(a.resize_short)
   try:
+    shard_index, num_shards = resolve_shard(a.num_shards, a.shard_index)
     meta = prepare(
       a.src,
       a.out,
@@ -412,10 +808,20 @@ def main(argv: list[str] | None = None) -> int:
       on_bad_input=a.on_bad_input,
       resize_short=short,
       quality=a.quality,
+      num_shards=num_shards,
+      shard_index=shard_index,
     )
   except (BadInputError, ValueError, FileNotFoundError) as e:
     print(f"prepare: error: {e}", file=sys.stderr)
     return 1
+  if meta.get("complete") is False:
+    print(
+      f"prepare: process {shard_index} of {num_shards} done (shards written:"
+      f" {meta['shards_written']}); still to come from the other processes:"
+      f" {meta['shards_missing']} shards, then the last to finish writes {INDEX_FILE} and"
+      f" {META_FILE}",
+      file=sys.stderr,
+    )
   print(json.dumps(meta))
   return 0
 
