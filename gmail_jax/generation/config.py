@@ -8,6 +8,7 @@ and the captions' fingerprint; a rerun with other values is refused by name.
 
 from __future__ import annotations
 
+import importlib
 import json
 import pathlib
 
@@ -17,6 +18,7 @@ from gmail_jax import schema
 from gmail_jax.errors import ConfigError, InputError
 from gmail_jax.generation import store
 from gmail_jax.generation.captions import Captions
+from gmail_jax.generation.seeds import NOISE
 from gmail_jax.generation.store import num_chunks
 
 MODES = ("generate", "import")
@@ -25,7 +27,10 @@ IMAGE_FORMATS = {"jpeg": "jpg", "png": "png"}
 RANDOM_SHAPES = ("tiny", "sd21")
 PLAN = "generate.json"
 # config.backend -> the module that runs the text-to-image model (one module per backend).
-BACKENDS = {"diffusers": "gmail_jax.generation.diffusers_backend"}
+BACKENDS = {
+  "diffusers": "gmail_jax.generation.diffusers_backend",
+  "jax": "gmail_jax.generation.jax_backend",
+}
 WEIGHTS = "weights.json"
 # Values that define the images (a resumed run must use the same ones). Paths are left out: the
 # captions are compared by content, and real_path / group are joined when the manifest is written.
@@ -53,6 +58,9 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.{group}{key}: missing (start from schema.generation_config())")
   if config.backend not in BACKENDS:
     raise ConfigError(f"config.backend: {config.backend!r} not in {sorted(BACKENDS)}")
+  backend_check = getattr(importlib.import_module(BACKENDS[config.backend]), "check", None)
+  if backend_check is not None and config.mode == "generate":
+    backend_check(config)
   if config.mode not in MODES:
     raise ConfigError(f"config.mode: {config.mode!r} not in {MODES}")
   if not config.captions:
@@ -94,6 +102,7 @@ def make_plan(config: ml_collections.ConfigDict, captions: Captions, dtype: str)
   n_items = len(captions) * config.images_per_caption
   return {
     "config": plan,
+    "noise": NOISE,  # where the starting latents come from: part of what defines the images
     "captions": {"count": len(captions), "sha256": captions.fingerprint()},
     "items": n_items,
     "chunks": num_chunks(n_items, config.chunk_size),
@@ -107,6 +116,13 @@ def check_plan(workdir: pathlib.Path, plan: dict) -> None:
   if store.create_exclusive(path, json.dumps(plan, indent=2, sort_keys=True).encode()):
     return
   old = json.loads(path.read_text())
+  # Workdirs of earlier versions drew torch's per-image CPU generator: other images, never mixed.
+  old_noise = old.get("noise", "torch-cpu-generator")
+  if old_noise != plan["noise"]:
+    raise ConfigError(
+      f"{path}: the images there started from {old_noise} noise, this version draws"
+      f" {plan['noise']}; finish them with the version that started them, or use a new --workdir"
+    )
   changed = [k for k in plan["config"] if old["config"].get(k) != plan["config"][k]]
   if changed:
     k = changed[0]

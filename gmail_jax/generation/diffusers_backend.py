@@ -1,13 +1,13 @@
 """The diffusers backend: a PyTorch text-to-image pipeline (``pip install -e .[gen]``).
 
-The only module of the project that imports torch or diffusers (lazily). A backend provides
+The generation module that imports torch or diffusers (lazily). A backend provides
 ``dtype_of(config, pipe)`` (the dtype the plan records), ``load(config, workdir)`` -> a pipeline,
-and ``Engine(pipe, config)``: ``engine(prompts, seeds) -> [(uint8 HWC pixels | None, reject
-reason | None)]``, with ``engine.tokenizer`` (a transformers tokenizer for the prompt-length check,
-or None).
+and ``Engine(pipe, config)``: ``engine(prompts, seeds) -> (float32 [N, H, W, 3] images in [0, 1],
+NSFW flags)``, ``engine.max_prompt_tokens`` (None: no limit) and ``engine.prompt_tokens(text)``
+for the prompt-length check, and ``engine.out_of_memory(exception)``.
 
-Starting noise: ``torch.Generator("cpu").manual_seed(seed)``, one generator per image, so it is the
-same on any device; the images are bit-equal for the same batches, dtype and hardware.
+Starting noise: numpy's PCG64 per image (generation/seeds.py ``initial_latents``), passed to
+the pipeline as ``latents``: the same on any device and for either backend.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 
 from gmail_jax.errors import ConfigError, InputError, first_line
 from gmail_jax.generation.config import RANDOM_SHAPES
+from gmail_jax.generation.seeds import initial_latents
 from gmail_jax.generation.store import tmp_name
 
 
@@ -220,57 +221,49 @@ def load(config: ml_collections.ConfigDict, workdir: pathlib.Path):
 
 
 class Engine:
-  """Calls the pipeline on a batch: one image, or a reject reason that belongs to the caption.
-
-  Reasons of a caption: the safety checker blocked its image, or its pixels are non-finite and
-  stay so when the image is generated alone. An exception is never a caption's: it propagates
-  (the runner retries the batch, then stops without recording it, so a rerun generates it).
-  """
+  """The pipeline on a batch: ``engine(prompts, seeds) -> (images float32 [N, H, W, 3] in [0, 1],
+  NSFW flags)``; the runner turns them into images or caption rejects. Starting noise: the
+  numpy latents of generation/seeds.py (the same on every device and backend), passed as
+  ``latents``. An exception propagates (the runner retries the batch, then stops)."""
 
   def __init__(self, pipe: Any, config: ml_collections.ConfigDict):
     import torch
 
     self.pipe, self.config, self.torch = pipe, config, torch
-    self.tokenizer = getattr(pipe, "tokenizer", None)
+    tokenizer = getattr(pipe, "tokenizer", None)
+    self._tokenizer = tokenizer
+    self.max_prompt_tokens = None if tokenizer is None else int(tokenizer.model_max_length)
 
-  def _call(self, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, list[bool]]:
+  def prompt_tokens(self, text: str) -> int:
+    """Tokens of ``text`` with SOT / EOT, untruncated (the prompt-length check)."""
+    return len(self._tokenizer(text, truncation=False).input_ids)
+
+  def latent_shape(self) -> tuple[int, int, int]:
+    c = self.config
+    vae = getattr(self.pipe, "vae_scale_factor", 8)
+    channels = self.pipe.unet.config.in_channels if hasattr(self.pipe, "unet") else 4
+    return (channels, c.resolution // vae, c.resolution // vae)
+
+  def __call__(self, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, list[bool]]:
     c = self.config
     kwargs = {}
     if c.negative_prompt:
       kwargs["negative_prompt"] = [c.negative_prompt] * len(prompts)
+    latents = self.torch.from_numpy(initial_latents(seeds, self.latent_shape()))
+    dtype = getattr(self.pipe, "dtype", None)
     out = self.pipe(
       prompt=prompts,
       num_inference_steps=c.steps,
       guidance_scale=c.guidance,
       height=c.resolution,
       width=c.resolution,
-      generator=[self.torch.Generator("cpu").manual_seed(s) for s in seeds],
+      latents=latents.to(dtype) if dtype is not None else latents,
       output_type="np",
       **kwargs,
     )
     images = np.asarray(out.images, np.float32)
     nsfw = getattr(out, "nsfw_content_detected", None) or [False] * len(prompts)
     return images, [bool(x) for x in nsfw]
-
-  def __call__(
-    self, prompts: list[str], seeds: list[int]
-  ) -> list[tuple[np.ndarray | None, str | None]]:
-    images, nsfw = self._call(prompts, seeds)
-    out = []
-    for i, (image, flagged) in enumerate(zip(images, nsfw, strict=True)):
-      if not flagged and not np.all(np.isfinite(image)) and len(prompts) > 1:
-        # An overflow may come from the batch; the caption is rejected only if it reproduces.
-        (image,), (flagged,) = self._call([prompts[i]], [seeds[i]])
-      out.append(self._one(image, flagged))
-    return out
-
-  @staticmethod
-  def _one(image: np.ndarray, nsfw: bool) -> tuple[np.ndarray | None, str | None]:
-    if nsfw:
-      return None, "nsfw: blocked by the safety checker"
-    if not np.all(np.isfinite(image)):
-      return None, "non-finite pixels: the pipeline overflowed (try dtype bfloat16 or float32)"
-    return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8), None
 
   @staticmethod
   def out_of_memory(e: BaseException) -> bool:

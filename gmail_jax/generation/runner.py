@@ -45,6 +45,7 @@ from types import ModuleType
 from typing import Any
 
 import ml_collections
+import numpy as np
 from absl import logging
 
 from gmail_jax import faults, preemption
@@ -134,7 +135,6 @@ class _Chunker:
   def __init__(self, config, workdir: pathlib.Path, captions: Captions, engine, log: RejectLog):
     self.config, self.workdir, self.captions, self.log = config, workdir, captions, log
     self.engine = engine
-    self.tokenizer = engine.tokenizer
     self.ext = IMAGE_FORMATS[config.image_format]
     self.tmp = workdir / "tmp"
     self.images_written = self.batches_journaled = 0  # by this process (crash points)
@@ -145,11 +145,11 @@ class _Chunker:
     text = self.captions.texts[ci]
     if not text:
       return "empty caption", False
-    if self.tokenizer is None:
+    limit = self.engine.max_prompt_tokens
+    if limit is None:
       return None, False
     if ci not in self._tokens:
-      self._tokens[ci] = len(self.tokenizer(text, truncation=False).input_ids)
-    limit = int(self.tokenizer.model_max_length)
+      self._tokens[ci] = self.engine.prompt_tokens(text)
     if self._tokens[ci] <= limit:
       return None, False
     if self.config.long_prompt == "reject":
@@ -162,10 +162,29 @@ class _Chunker:
     return {**row, "gen_path": None, "reject": reason}
 
   def _generate(self, c: int, batch: list) -> list[tuple[Any, str | None]]:
-    """The engine on one batch, retried ``config.retries`` times on an exception (a device
-    fault is not a caption's fault); then the run stops, nothing of the batch recorded."""
+    """One image or a reject reason per item. A reason belongs to the caption: the safety
+    checker blocked it, or its pixels are non-finite and stay so when generated alone (an
+    overflow may come from the batch)."""
     prompts = [self.captions.texts[ci] for _, ci, _ in batch]
     seeds = [row["seed"] for _, _, row in batch]
+    images, nsfw = self._call(c, batch, prompts, seeds)
+    out = []
+    for i, (image, flagged) in enumerate(zip(images, nsfw, strict=True)):
+      if not flagged and not np.all(np.isfinite(image)) and len(prompts) > 1:
+        (image,), (flagged,) = self._call(c, batch[i : i + 1], prompts[i : i + 1], seeds[i : i + 1])
+      if flagged:
+        out.append((None, "nsfw: blocked by the safety checker"))
+      elif not np.all(np.isfinite(image)):
+        out.append(
+          (None, "non-finite pixels: the model overflowed (try dtype bfloat16 or float32)")
+        )
+      else:
+        out.append(((np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8), None))
+    return out
+
+  def _call(self, c: int, batch: list, prompts: list[str], seeds: list[int]):
+    """The engine on one batch, retried ``config.retries`` times on an exception (a device
+    fault is not a caption's fault); then the run stops, nothing of the batch recorded."""
     for attempt in range(self.config.retries + 1):
       try:
         return self.engine(prompts, seeds)

@@ -82,9 +82,31 @@ def vocab_from_bpe_gz(path: str) -> tuple[dict[str, int], list[tuple[str, str]]]
   return {t: i for i, t in enumerate(symbols)}, merges
 
 
+def vocab_from_tokenizer_json(path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+  """(vocab, merges) of a ``tokenizer.json`` (the tokenizers library's file, which transformers 5
+  writes instead of vocab.json + merges.txt): its BPE model's ``vocab`` and ``merges`` (pairs as
+  ``"a b"`` strings or ``[a, b]`` lists, both tokenizers' formats)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      model = json.load(f)["model"]
+    if model.get("type") != "BPE":
+      raise ValueError(f"model type {model.get('type')!r}, expected BPE")
+    vocab = dict(model["vocab"])
+    merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise InputError(f"cannot read tokenizer {path}: {type(e).__name__}: {e}") from None
+  if any(len(m) != 2 for m in merges):
+    raise InputError(f"{path}: a merge that is not a pair")
+  return vocab, merges
+
+
 def vocab_from_dir(path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
-  """(vocab, merges) from a HF checkpoint dir's ``vocab.json`` + ``merges.txt``."""
+  """(vocab, merges) from a HF checkpoint dir's ``vocab.json`` + ``merges.txt``, else its
+  ``tokenizer.json``."""
   vocab_file, merges_file = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+  tokenizer_json = os.path.join(path, "tokenizer.json")
+  if not os.path.exists(vocab_file) and os.path.exists(tokenizer_json):
+    return vocab_from_tokenizer_json(tokenizer_json)
   try:
     with open(vocab_file, encoding="utf-8") as f:
       vocab = json.load(f)

@@ -198,14 +198,17 @@ def read_pad_token(path: str) -> str:
 
 
 def load_sd_tokenizer(path: str) -> SDTokenizer:
-  """The prompt tokenizer of a ``tokenizer/`` folder (``vocab.json`` + ``merges.txt``, pad token
+  """The prompt tokenizer of a ``tokenizer/`` folder (``vocab.json`` + ``merges.txt``, or the
+  ``tokenizer.json`` transformers 5 writes; pad token
   as :func:`read_pad_token`, ``model_max_length`` from ``tokenizer_config.json``, default 77) or of
   a pipeline root holding one."""
   path = os.fspath(path)
-  if not os.path.exists(os.path.join(path, "vocab.json")) and os.path.exists(
-    os.path.join(path, "tokenizer", "vocab.json")
+  files = ("vocab.json", "tokenizer.json")
+  sub = os.path.join(path, "tokenizer")
+  if not any(os.path.exists(os.path.join(path, f)) for f in files) and any(
+    os.path.exists(os.path.join(sub, f)) for f in files
   ):
-    path = os.path.join(path, "tokenizer")
+    path = sub
   context = 77
   config_file = os.path.join(path, "tokenizer_config.json")
   if os.path.exists(config_file):
