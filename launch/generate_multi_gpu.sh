@@ -22,6 +22,9 @@ mkdir -p "$WORKDIR/logs"
 # Each process has one GPU and few CPU-side ops: keep torch's CPU pools from oversubscribing.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 pids=()
+# Preemption: SIGTERM to this script goes to every shard, which finishes and journals its batch
+# and exits 0; rerun the same command to resume.
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
 for i in "${!DEVICES[@]}"; do
   CUDA_VISIBLE_DEVICES=${DEVICES[$i]} python -m gmail_jax.generate --config="$CONFIG" \
     --workdir="$WORKDIR" --num_shards="$N" --shard_index="$i" "$@" \
@@ -30,8 +33,13 @@ for i in "${!DEVICES[@]}"; do
 done
 status=0
 for i in "${!pids[@]}"; do
-  if ! wait "${pids[$i]}"; then
-    echo "shard $i failed: see $WORKDIR/logs/shard-$i.log" >&2
+  while true; do  # a trapped signal interrupts `wait`: wait again until the shard has exited
+    rc=0
+    wait "${pids[$i]}" || rc=$?
+    kill -0 "${pids[$i]}" 2>/dev/null || break
+  done
+  if [[ $rc -ne 0 ]]; then
+    echo "shard $i failed (exit $rc): see $WORKDIR/logs/shard-$i.log" >&2
     status=1
   fi
 done

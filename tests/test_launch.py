@@ -40,3 +40,16 @@ def test_gpu_launch_refuses_to_train_on_the_cpu(tmp_path):
   last = res.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ConfigError: --platform=gpu: JAX runs on cpu"), last
   assert "pip install -e '.[cuda]'" in last and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_python_gets_the_preemption_signal(script):
+  """SIGTERM must reach python (it saves and exits 0): the script execs it, no shell in between;
+  under SLURM the job asks for the signal before the kill."""
+  text = script.read_text()
+  if "&\n" in text:  # starts several processes: forwards the signal to each
+    assert "trap 'kill -TERM" in text, script.name
+  else:
+    assert "exec python -m gmail_jax." in text, script.name
+  if script.suffix == ".sbatch":
+    assert "#SBATCH --signal=TERM@" in text
