@@ -24,7 +24,9 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from gmail_jax.captioning import clipcap, decap
 from gmail_jax.captioning import data as cap_data
@@ -67,11 +69,17 @@ def write_results(out_dir: str | os.PathLike, results: Mapping[str, CaptioningRe
       if r.projected is not None:
         row["projected"] = r.projected[key]
       rows.append({**row, "references": r.references[key]})
-  paths = {"captions": str(out / "captions.jsonl"), "metrics": str(out / "captioning.json")}
+  paths = result_paths(out)
   _atomic_write(paths["captions"], "".join(json.dumps(r) + "\n" for r in rows))
   summary = {view: r.summary() for view, r in results.items()}
   _atomic_write(paths["metrics"], json.dumps(summary, indent=2, sort_keys=True))
   return paths
+
+
+def result_paths(out_dir: str | os.PathLike) -> dict[str, str]:
+  """{'captions', 'metrics'}: where ``write_results`` writes."""
+  out = pathlib.Path(out_dir)
+  return {"captions": str(out / "captions.jsonl"), "metrics": str(out / "captioning.json")}
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -159,6 +167,16 @@ class CaptioningEvaluator(common.Evaluator):
 
     ``encoder_key``: more identity for the cache key; an encoder without ``identity()`` (a dict
     of functions) can be cached only under one."""
+    feats = self.embed(encoder, cache_dir=cache_dir, encoder_key=encoder_key)
+    return self.caption_embedded(feats, log, log_every=log_every)
+
+  def embed(
+    self, encoder: Any, *, cache_dir: str | None = None, encoder_key: str = ""
+  ) -> dict[str, np.ndarray]:
+    """The first half of ``caption``: {role: raw embeddings} of the test images and of what the
+    captioner trains on (cached as ``caption`` says). With several processes the encoders are
+    collectives: every process calls this (and gets the same arrays); process 0 writes the cache.
+    """
     bs = self.batch_size
     enc = common.as_encoder(encoder)
     identity = _encoder_identity(enc, encoder_key, cached=cache_dir is not None)
@@ -173,23 +191,40 @@ class CaptioningEvaluator(common.Evaluator):
         lambda: common.encode_in_batches(_raw(fn), items, bs),
       )
 
-    test_feats = embed("test", enc.encode_images, self.test.images, self.test.ids)
+    feats = {"test": embed("test", enc.encode_images, self.test.images, self.test.ids)}
+    if self.method == "decap":
+      captions = self.train_captions
+      feats["train_text"] = embed("train_text", enc.encode_texts, captions, captions)
+    else:
+      fn = enc.encode_generated if self.train_path == "generated" else enc.encode_images
+      role = f"train_{self.train_path}"
+      feats[role] = embed(role, fn, self.train.images, self.train.ids)
+      if self.real is not None:
+        feats["train_real_pairs"] = embed(
+          "train_real_pairs", enc.encode_images, self.real.images, self.real.ids
+        )
+    return feats
+
+  def caption_embedded(
+    self, feats: Mapping[str, np.ndarray], log: Any = None, *, log_every: int = 1
+  ) -> CaptioningResult:
+    """The second half of ``caption``, on ``embed``'s arrays: trains the captioner (on this
+    process's own default device), captions the test images and scores them; no collective."""
+    test_feats = feats["test"]
     projected = None
     if self.method == "decap":
       captions = self.train_captions
-      text_feats = embed("train_text", enc.encode_texts, captions, captions)
+      text_feats = feats["train_text"]
       trained = decap.train(self.settings, text_feats, captions, log=log, log_every=log_every)
       direct = trained.caption(test_feats)
       projected = trained.caption(decap.project(test_feats, text_feats))
     else:
-      fn = enc.encode_generated if self.train_path == "generated" else enc.encode_images
       index, captions = self.train.pairs()
-      gen = embed(f"train_{self.train_path}", fn, self.train.images, self.train.ids)[index]
+      gen = feats[f"train_{self.train_path}"][index]
       real = None
       if self.real is not None:
         r_index, r_captions = self.real.pairs()
-        feats = embed("train_real_pairs", enc.encode_images, self.real.images, self.real.ids)
-        real = (feats[r_index], r_captions)
+        real = (feats["train_real_pairs"][r_index], r_captions)
       trained = clipcap.train(self.settings, (gen, captions), real, log=log, log_every=log_every)
       direct = trained.caption(test_feats)
     ids = self.test.ids
@@ -238,17 +273,27 @@ def _raw(fn: Any) -> Any:
 
 
 def _cached(cache_dir: str | None, role: str, key: str, compute: Any) -> np.ndarray:
-  """``compute()``, or the array saved under ``cache_dir/role.npz`` with the same ``key``."""
+  """``compute()``, or the array saved under ``cache_dir/role.npz`` with the same ``key``.
+
+  With several processes ``compute`` is a collective: they all compute unless every one of them
+  found the cache (they agree first), and process 0 alone writes it."""
   if cache_dir is None:
     return compute()
   path = pathlib.Path(cache_dir) / f"{role}.npz"
+  x = None
   if path.exists():
     with np.load(path) as saved:
       if str(saved["key"]) == key:
-        return saved["x"]
+        x = saved["x"]
+  if jax.process_count() > 1:
+    hits = multihost_utils.process_allgather(np.int32(x is not None))
+    x = x if bool(np.all(hits)) else None
+  if x is not None:
+    return x
   x = np.asarray(compute())
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp.npz")
-  np.savez(tmp, x=x, key=np.asarray(key))
-  os.replace(tmp, path)
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, x=x, key=np.asarray(key))
+    os.replace(tmp, path)
   return x

@@ -177,6 +177,16 @@ def plot_gap_tsne(
 ) -> str:
   """Before (teacher on both) / after (student on generated) t-SNE of a generated-real gap eval
   set (``gap_ev.x_items`` generated, ``y_items`` real; up to ``max_points`` pairs)."""
+  real_t, gen_t, gen_s = gap_tsne_points(gap_ev, teacher, student, max_points=max_points, seed=seed)
+  return plot_alignment_tsne(path, real_t, gen_t, real_t, gen_s, method=method, seed=seed)
+
+
+def gap_tsne_points(
+  gap_ev: Any, teacher: Any, student: Any, *, max_points: int = 500, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """What ``plot_gap_tsne`` draws: (real under the teacher, generated under the teacher,
+  generated under the student) for up to ``max_points`` pairs drawn with ``seed``. With several
+  processes the encoders embed collectively: every process calls this, one plots."""
   n = len(gap_ev.x_items)
   idx = np.sort(np.random.default_rng(seed).permutation(n)[:max_points])
   gen = [gap_ev.x_items[i] for i in idx]
@@ -185,7 +195,7 @@ def plot_gap_tsne(
   real_t = common.encode_in_batches(teacher.encode_images, real, bs)
   gen_t = common.encode_in_batches(lambda b: common.encode_generated(teacher, b), gen, bs)
   gen_s = common.encode_in_batches(lambda b: common.encode_generated(student, b), gen, bs)
-  return plot_alignment_tsne(path, real_t, gen_t, real_t, gen_s, method=method, seed=seed)
+  return real_t, gen_t, gen_s
 
 
 def plot_task_vs_gap(

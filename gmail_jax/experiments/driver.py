@@ -10,7 +10,12 @@ from, and writes its outputs to, the workdir, and provides:
     ON_CHANGE  'refuse': outputs recorded under other values of KEYS are never reused or replaced
                (a new workdir is needed); 'rerun': the stage runs again and decides itself (the
                align stage resumes from its checkpoints)
-    ALL_PROCESSES  True when every process must run it (training); else process 0 runs it
+    ALL_PROCESSES  True when every process must run it: it trains, restores a checkpoint
+                   (``run.load_run``: Orbax needs every process), embeds (encoders are
+                   collectives: each process embeds its block of rows) or does its share
+                   (generation); such a stage writes shared files from process 0 only. False:
+                   process 0 runs it alone (host work: files, sklearn, a model on its own local
+                   device), so it must call no collective and build no mesh over jax.devices()
     run(config, workdir, inputs) -> outputs     outputs: JSON-able dict, merged into ``inputs``
     complete(workdir, outputs) -> bool          the recorded outputs are all still there
     check(config)  (optional)                   one-line ConfigError for values the stage cannot
@@ -18,6 +23,12 @@ from, and writes its outputs to, the workdir, and provides:
 
 The driver records each finished stage in WORKDIR/stages/<name>.json (the values of its KEYS and
 its outputs) and skips the stage when the record matches the config and ``complete`` holds.
+
+Several processes (a pod, or ``--num_processes``; WORKDIR on a filesystem they all share): every
+process decides to skip or run a stage from the same record, and they must agree (else one would
+wait in a collective the others never join: a StageError names the stage). Process 0 alone writes
+the records; after each stage every process waits for the others and takes its outputs from
+process 0's record, so all of them return the same outputs.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -124,10 +136,17 @@ def _run_one(
   values = _values(config, mod.KEYS)
   path = _record_path(workdir, name)
   record = json.loads(path.read_text()) if path.exists() else None
+  # Every process calls ``complete`` (align's opens the checkpoints: an Orbax collective).
+  skip = (
+    record is not None
+    and record["config"] == values
+    and bool(mod.complete(workdir, record["outputs"]))
+  )
+  _agree(name, skip, path)
+  if skip:
+    logging.info("stage %s: complete, skipped (%s)", name, path)
+    return record["outputs"]
   if record is not None:
-    if record["config"] == values and mod.complete(workdir, record["outputs"]):
-      logging.info("stage %s: complete, skipped (%s)", name, path)
-      return record["outputs"]
     changed = _changed(record["config"], values)
     if changed and mod.ON_CHANGE == "refuse":
       raise StageError(
@@ -144,10 +163,25 @@ def _run_one(
     if main:
       _write_record(path, {"config": values, "outputs": outputs})
       logging.info("stage %s: done in %.1f s (%s)", name, time.monotonic() - t0, path)
-  if not mod.ALL_PROCESSES and jax.process_count() > 1:
+  if jax.process_count() > 1:
+    # Also after a stage every process ran: no process reads a stage's files (or starts the next
+    # stage's collectives) before process 0 has written them, and all return the same outputs.
     multihost_utils.sync_global_devices(f"stage {name}")
     outputs = json.loads(path.read_text())["outputs"]
   return outputs
+
+
+def _agree(name: str, skip: bool, path: pathlib.Path) -> None:
+  """StageError unless every process decided the same (to skip stage ``name`` or to run it)."""
+  if jax.process_count() == 1:
+    return
+  votes = np.asarray(multihost_utils.process_allgather(np.int32(skip))).reshape(-1)
+  if len(set(votes.tolist())) > 1:
+    skipping = [i for i, v in enumerate(votes.tolist()) if v]
+    raise StageError(
+      f"stage {name!r}: processes {skipping} found it complete in {path} and the others did not;"
+      " every process must see the same WORKDIR (a shared filesystem)"
+    )
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -168,4 +202,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   inputs: dict[str, Any] = {}
   for name in config.stages:
     inputs.update(_run_one(name, config, workdir, inputs))
+  # On every process: what each returns (the same on all; tests compare them).
+  logging.info("stages done, outputs: %s", json.dumps(inputs, sort_keys=True))
   return inputs

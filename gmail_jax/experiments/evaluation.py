@@ -88,19 +88,21 @@ def evaluate(
     "plots": [],
   }
   out_dir = os.path.join(workdir, "eval")
+  gen_real = [ev for ev in gap_evs if ev.pairs in ("gen_real", "class_gen_real")]
+  points = None
+  if plots and gen_real:  # embedded on every process (collectives), plotted by process 0
+    with jax.set_mesh(run.mesh):
+      points = plots_lib.gap_tsne_points(
+        gen_real[0], encs["teacher"], encs["student"], max_points=tsne_points
+      )
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     if plots:
-      gen_real = [ev for ev in gap_evs if ev.pairs in ("gen_real", "class_gen_real")]
-      if gen_real:
-        with jax.set_mesh(run.mesh):
-          p = plots_lib.plot_gap_tsne(
-            os.path.join(out_dir, "tsne_gen_real.png"),
-            gen_real[0],
-            encs["teacher"],
-            encs["student"],
-            max_points=tsne_points,
-          )
+      if points is not None:
+        real_t, gen_t, gen_s = points
+        p = plots_lib.plot_alignment_tsne(
+          os.path.join(out_dir, "tsne_gen_real.png"), real_t, gen_t, real_t, gen_s
+        )
         report["plots"].append(p)
       curves = os.path.join(workdir, "metrics.jsonl")
       if os.path.exists(curves):

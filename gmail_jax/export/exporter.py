@@ -89,18 +89,37 @@ def export(
   force: bool = False,
 ) -> str:
   """Writes the run in ``workdir`` to ``out`` as ``format`` (see module doc); returns ``out``."""
+  _check_format(format, which)
+  workdir = os.path.abspath(os.fspath(workdir))
+  out = os.path.abspath(os.fspath(out))
+  _check_out(out, workdir, force)  # before loading: a refusal must not cost a model build
+  return write(load(workdir, step), out, format=format, which=which, force=force)
+
+
+def _check_format(format: str, which: str) -> None:
   if format not in FORMATS:
     raise ConfigError(f"--format: unknown {format!r}; choose from {list(FORMATS)}")
   if which not in WHICH:
     raise ConfigError(f"--which: unknown {which!r}; choose from {list(WHICH)}")
   if format == "peft" and which == "teacher":
     raise ConfigError("--which=teacher: a PEFT adapter holds the student's LoRA; use --format=hf")
-  workdir = os.path.abspath(os.fspath(workdir))
+
+
+def write(
+  run: run_lib.Run,
+  out: str | os.PathLike,
+  *,
+  format: str,
+  which: str = "student",
+  force: bool = False,
+) -> str:
+  """Writes a run ``load`` returned to ``out`` as ``format``; returns ``out`` (absolute).
+  Host work on the run's local copy: with several processes one of them calls it."""
+  _check_format(format, which)
   out = os.path.abspath(os.fspath(out))
-  _check_out(out, workdir, force)  # before loading: a refusal must not cost a model build
-  run = _load(workdir, step)
+  _check_out(out, run.workdir, force)
   logging.info(
-    "exporting the %s of %s at step %d as %s to %s", which, workdir, run.step, format, out
+    "exporting the %s of %s at step %d as %s to %s", which, run.workdir, run.step, format, out
   )
   if (
     which == "student"
@@ -207,7 +226,10 @@ def _check_out(out: str, workdir: str, force: bool) -> None:
     raise InputError(f"--out={out}: exists and is not empty (pass --force to replace it)")
 
 
-def _load(workdir: str, step: int | None) -> run_lib.Run:
+def load(workdir: str | os.PathLike, step: int | None = None) -> run_lib.Run:
+  """The run ``write`` exports, on one local device. With several processes every one of them
+  calls it (Orbax restores collectively) and gets its own full copy."""
+  workdir = os.path.abspath(os.fspath(workdir))
   if not run_lib.is_run(workdir):
     raise InputError(
       f"--workdir={workdir}: not a training run (no config.json and checkpoints/; "

@@ -21,6 +21,11 @@ and student states), the preprocessing (image size, resize mode, mean/std), the 
 image ids; never by WORKDIR and step, which a retrained run or another as-if-real baseline reuses.
 So a rerun with other captioner settings trains on them directly, as ClipCap does, and a rerun with
 another encoder recomputes them.
+
+Every process runs it up to the embeddings (loading the run, the as-if-real baseline's training on
+the run's mesh and the encoders are collectives); process 0 alone then trains the captioners (a
+small model on its own device), captions, scores (pycocoevalcap; METEOR / SPICE start a JVM) and
+writes, while the others wait for its record.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import ml_collections
 from absl import logging
 
 from gmail_jax import run as run_lib
-from gmail_jax.captioning.evaluator import CaptioningEvaluator, write_results
+from gmail_jax.captioning.evaluator import CaptioningEvaluator, result_paths, write_results
 from gmail_jax.data import eval_sets
 from gmail_jax.errors import ConfigError
 from gmail_jax.experiments import baselines
@@ -43,7 +48,7 @@ from gmail_jax.training import sharding as shd
 
 KEYS = None  # the whole config
 ON_CHANGE = "rerun"  # deterministic: trained and measured again
-ALL_PROCESSES = False
+ALL_PROCESSES = True  # load_run and the encoders are collectives; process 0 captions and writes
 OUT = "eval"
 VIEWS = (*encoders.VIEWS, "as_if_real")
 
@@ -126,6 +131,7 @@ def run(
   t0 = time.time()
   ev = evaluator(config, inputs)
   every = max(1, int(config.log_every_steps))
+  main = jax.process_index() == 0
   results = {}
   for view, enc in _encoders(config, workdir, inputs).items():
 
@@ -133,13 +139,17 @@ def run(
       logging.info("caption %s: step %d loss %.4f", view, step, loss)
 
     with jax.set_mesh(enc.mesh):
-      cache = str(workdir / OUT / "features" / view)
-      results[view] = ev.caption(enc, log=log, log_every=every, cache_dir=cache)
+      feats = ev.embed(enc, cache_dir=str(workdir / OUT / "features" / view))
+    if not main:  # the rest is host work on the gathered embeddings: process 0's alone
+      continue
+    results[view] = ev.caption_embedded(feats, log=log, log_every=every)
     logging.info(
       "caption %s: %s (%.0f s so far)",
       view,
       {k: round(v, 4) for k, v in results[view].metrics.items()},
       time.time() - t0,
     )
-  paths = write_results(workdir / OUT, results)
+  if main:
+    write_results(workdir / OUT, results)
+  paths = result_paths(workdir / OUT)  # the same on every process
   return {"captions": paths["captions"], "captioning": paths["metrics"]}

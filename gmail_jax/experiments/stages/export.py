@@ -4,6 +4,9 @@ Reads the align stage's run in WORKDIR and writes WORKDIR/export/hf (the student
 ``CLIPModel.from_pretrained``) and WORKDIR/export/peft (the LoRA adapter over the teacher:
 ``PeftModel.from_pretrained``), as ``python -m gmail_jax.export`` does (export/exporter.py), for
 each format of ``config.export.formats``.
+
+The run is loaded once, by every process (Orbax restores collectively), each onto its own local
+device (the export does not depend on the topology); process 0 alone writes the directories.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
+import jax
 import ml_collections
 
 from gmail_jax.errors import ConfigError
@@ -18,7 +22,7 @@ from gmail_jax.export import exporter
 
 KEYS = ("export", "total_steps")
 ON_CHANGE = "rerun"
-ALL_PROCESSES = False
+ALL_PROCESSES = True  # load_run restores on every process; process 0 writes
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -41,8 +45,11 @@ def run(
   config: ml_collections.ConfigDict, workdir: pathlib.Path, inputs: dict[str, Any]
 ) -> dict[str, Any]:
   del inputs
+  loaded = exporter.load(workdir)
   dirs = {}
   for fmt in config.export.formats:
     out = out_dir(workdir, fmt)
-    dirs[fmt] = exporter.export(workdir, out, format=fmt, force=True)
+    if jax.process_index() == 0:
+      exporter.write(loaded, out, format=fmt, force=True)
+    dirs[fmt] = str(out)
   return {"dirs": dirs}

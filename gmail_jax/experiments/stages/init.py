@@ -24,7 +24,7 @@ from gmail_jax.training import build
 
 KEYS = ("seed", "model.name", "model.variant", "model.overrides", "data.image_size")
 ON_CHANGE = "refuse"
-ALL_PROCESSES = False
+ALL_PROCESSES = False  # torch on the host, no JAX computation: process 0 writes, the others wait
 
 
 def model_dir(workdir: pathlib.Path) -> pathlib.Path:

@@ -19,7 +19,7 @@ from gmail_jax.errors import StageError
 
 KEYS = ("prepare",)
 ON_CHANGE = "refuse"
-ALL_PROCESSES = False
+ALL_PROCESSES = False  # host work (worker processes, no collective): process 0 writes the shards
 
 
 def shards_dir(workdir: pathlib.Path) -> pathlib.Path:

@@ -7,6 +7,11 @@ curves.png. The "fine-tune on generated as if real" baseline (GMAIL Table 9 'Syn
 a LoRA copy of the teacher with the CLIP loss on generated image-caption pairs, with GMAIL's own
 LoRA targets, rank, alpha, steps, batch and learning rate; both record ``trainable_params`` and
 ``lora_targets``. Deterministic: the same seed gives a byte-identical report.json.
+
+Every process runs it: loading the run (Orbax), embedding (encoders are collectives) and the
+baseline's training on the run's mesh need all of them. The numbers after embedding (sklearn
+probes, gaps) are host work on the same gathered embeddings, so every process computes the same
+report; process 0 alone writes the files and prints it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import pathlib
 import time
 from typing import Any
 
+import jax
 import ml_collections
 
 from gmail_jax import run as run_lib
@@ -27,7 +33,7 @@ from gmail_jax.training import build, encoders
 
 KEYS = None  # the whole config
 ON_CHANGE = "rerun"  # cheap and deterministic: measured again
-ALL_PROCESSES = False
+ALL_PROCESSES = True  # load_run and the encoders are collectives; process 0 writes
 
 
 def complete(workdir: pathlib.Path, outputs: dict[str, Any]) -> bool:
@@ -125,19 +131,24 @@ def run(
     "seed": int(config.seed),
   }
   path = workdir / "report.json"
-  path.write_text(json.dumps(out, indent=2))
-  (workdir / "report.md").write_text(report.markdown(out, rc.title))
-
-  plots.plot_gap_tsne(
-    str(workdir / "tsne.png"),
-    pairs,
-    views["teacher"],
-    views["student"],
-    max_points=rc.tsne_points,
-    seed=rc.probe_seed,
-    method=rc.tsne_method,
+  # Every process embeds the t-SNE points (collectives); process 0 projects and writes.
+  points = plots.gap_tsne_points(
+    pairs, views["teacher"], views["student"], max_points=rc.tsne_points, seed=rc.probe_seed
   )
-  _curves(workdir)
-  print(report.markdown(out, rc.title), flush=True)
-  print(f"report: {time.time() - t0:.1f} s", flush=True)
+  if jax.process_index() == 0:
+    path.write_text(json.dumps(out, indent=2))
+    (workdir / "report.md").write_text(report.markdown(out, rc.title))
+    real_t, gen_t, gen_s = points
+    plots.plot_alignment_tsne(
+      str(workdir / "tsne.png"),
+      real_t,
+      gen_t,
+      real_t,
+      gen_s,
+      method=rc.tsne_method,
+      seed=rc.probe_seed,
+    )
+    _curves(workdir)
+    print(report.markdown(out, rc.title), flush=True)
+    print(f"report: {time.time() - t0:.1f} s", flush=True)
   return {"report": str(path)}

@@ -17,7 +17,7 @@ from gmail_jax.data import splits
 
 KEYS = ("splits", "data.root")
 ON_CHANGE = "refuse"  # the teacher and the aligned student were trained on this split
-ALL_PROCESSES = False
+ALL_PROCESSES = False  # files only (numpy, PIL): process 0 writes them, the others wait
 
 
 def complete(workdir: pathlib.Path, outputs: dict[str, Any]) -> bool:

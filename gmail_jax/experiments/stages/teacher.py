@@ -44,6 +44,8 @@ KEYS = (
   "teacher_pretrain",
 )
 ON_CHANGE = "refuse"
+# Process 0 alone: plain jit on its own default device, no mesh (fit.fit_arrays), the same program
+# as on one process, so the teacher does not depend on the process count; the others wait.
 ALL_PROCESSES = False
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 

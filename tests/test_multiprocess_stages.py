@@ -1,0 +1,251 @@
+"""Every stage on several processes, through the driver (``python -m gmail_jax.main`` on 2 processes
+x 4 CPU devices, gloo): each run equals 1 process x 8 devices, every process returns the same
+outputs, and no file under WORKDIR is written by both processes.
+
+Which files a process writes is recorded by an audit hook (``sys.addaudithook``: Python's opens
+for writing, renames, removals) installed before ``gmail_jax.main`` runs. Orbax writes its array
+data from C++ (tensorstore), unseen here; those are per-process files by Orbax's design.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import portpicker
+import pytest
+from conftest import shared_path
+from test_recipe import check_export
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WRITES = "GMAIL_TEST_WRITES"  # where the hook lists this process's writes under WORKDIR
+WORKDIR = "GMAIL_TEST_WORKDIR"
+DONE = "stages done, outputs: "  # driver.run's last log line, on every process
+STAGES = ("init", "generate", "prepare", "align", "evaluate", "caption", "export")  # coco.py:mini
+
+# Runs gmail_jax.main (argv after -c) with an audit hook listing the paths under $WORKDIR that
+# this process opens for writing, renames onto or removes. Not os.link: it never replaces a file
+# (generation's create_exclusive: of processes racing to create a file, one does).
+MAIN = f"""
+import os, runpy, sys
+log = open(os.environ[{WRITES!r}], "w", buffering=1)
+root = os.path.abspath(os.environ[{WORKDIR!r}]) + os.sep
+flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+def written(path):
+  if isinstance(path, (str, bytes, os.PathLike)):
+    path = os.path.abspath(os.fsdecode(path))
+    if path.startswith(root):
+      log.write(path[len(root):] + "\\n")
+def hook(event, args):
+  if event == "open":
+    path, mode, flag = args
+    if (mode and any(c in mode for c in "wax+")) or (mode is None and flag & flags):
+      written(path)
+  elif event == "os.rename":  # os.rename and os.replace
+    written(args[1])
+  elif event in ("os.remove", "shutil.rmtree"):
+    written(args[0])
+sys.addaudithook(hook)
+sys.argv = ["gmail_jax.main", *sys.argv[1:]]
+runpy.run_module("gmail_jax.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def start(workdir, args, *, devices: int, log: pathlib.Path) -> subprocess.Popen:
+  env = dict(os.environ)
+  env.update(
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    OMP_NUM_THREADS="1",
+    GMAIL_TRACEBACK="1",
+    HF_HUB_OFFLINE="1",
+    PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+    **{WRITES: str(log), WORKDIR: str(workdir)},
+  )
+  cmd = [sys.executable, "-c", MAIN, *args, f"--workdir={workdir}"]
+  return subprocess.Popen(
+    cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
+
+
+def outputs(log: str) -> dict:
+  lines = [line for line in log.splitlines() if DONE in line]
+  assert len(lines) == 1, log[-3000:]
+  return json.loads(lines[0].split(DONE, 1)[1])
+
+
+def run_experiment(workdir: pathlib.Path, args, *, processes: int, tag: str) -> dict:
+  """Runs ``args`` in ``workdir`` on 1 process x 8 devices or 2 x 4; returns {'outputs': the
+  driver's outputs per process, 'writes': the paths each process wrote under workdir, 'logs':
+  each process's output}, also kept beside workdir as TAG.log.<process> and TAG.writes.<process>.
+  """
+  workdir.mkdir(parents=True, exist_ok=True)
+  logs = [workdir.parent / f"{tag}.writes.{i}" for i in range(processes)]
+  if processes == 1:
+    procs = [start(workdir, args, devices=8, log=logs[0])]
+  else:
+    port = portpicker.pick_unused_port()
+    dist = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}"]
+    procs = [
+      start(workdir, [*args, *dist, f"--process_id={i}"], devices=8 // processes, log=logs[i])
+      for i in range(processes)
+    ]
+  texts = []
+  for i, p in enumerate(procs):
+    out, _ = p.communicate(timeout=400)
+    (workdir.parent / f"{tag}.log.{i}").write_text(out)  # for a failure's post-mortem
+    texts.append(out)
+  for p, out in zip(procs, texts, strict=True):
+    assert p.returncode == 0, out[-4000:]
+  return {
+    "outputs": [outputs(t) for t in texts],
+    "writes": [set(log.read_text().split()) for log in logs],
+    "logs": texts,
+  }
+
+
+def check_processes(result: dict) -> None:
+  """Both processes returned the same outputs and wrote no file in common."""
+  first, second = result["outputs"]
+  assert first == second
+  both = result["writes"][0] & result["writes"][1]
+  assert not both, sorted(both)[:20]
+
+
+def numbers(tree, prefix="") -> dict[str, float]:
+  """{path: value} of every number in a JSON tree."""
+  out = {}
+  items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+  for k, v in items:
+    if isinstance(v, dict | list):
+      out.update(numbers(v, f"{prefix}{k}/"))
+    elif isinstance(v, int | float) and not isinstance(v, bool):
+      out[f"{prefix}{k}"] = float(v)
+  return out
+
+
+def assert_close(got: dict, want: dict, *, atol: float, item: dict[str, float]) -> None:
+  """Every number of ``got`` within ``atol`` of ``want``'s; a key containing one of ``item``'s
+  substrings (a fraction of test items: accuracies, recalls) within one item, 1 / count."""
+  ng, nw = numbers(got), numbers(want)
+  assert set(ng) == set(nw)
+  for key, value in nw.items():
+    tol = max([atol] + [1 / n + 1e-9 for sub, n in item.items() if sub in key])
+    np.testing.assert_allclose(ng[key], value, rtol=0, atol=tol, err_msg=key)
+
+
+# The quickstart's smoke run with an evaluate stage before the report: a generated-real gap eval
+# on the held-out split, whose t-SNE points every process embeds. And the report's "as if real"
+# baseline: its LoRA trains on the run's mesh, on every process.
+QUICKSTART_EVAL = """
+import ml_collections
+
+from configs import quickstart
+
+
+def get_config(workdir):
+  c = quickstart.get_config("smoke")
+  c.stages = ("splits", "teacher", "align", "evaluate", "report")
+  c.report.synthetic_baseline = True
+  gap = dict(type="gap", pairs="class_gen_real", root=f"{workdir}/data/test", max_pairs=100)
+  c.evals = ml_collections.ConfigDict({"gen_real": {**gap, "batch_size": 256}})
+  return c
+"""
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+  root = tmp_path_factory.mktemp("quickstart")
+  (root / "quickstart_eval.py").write_text(QUICKSTART_EVAL)
+  runs = {}
+  for n in (1, 2):
+    wd = root / f"p{n}"
+    args = [f"--config={root / 'quickstart_eval.py'}:{wd}"]
+    runs[n] = {**run_experiment(wd, args, processes=n, tag=f"p{n}"), "args": args}
+  return runs
+
+
+@pytest.mark.slow
+def test_quickstart_on_two_processes_reports_what_one_does(quickstart):
+  """('splits', 'teacher', 'align', 'evaluate', 'report'): process 0 alone splits and pretrains
+  the teacher (on its own default device), both align, evaluate and report (load_run, embeddings,
+  the baseline), and process 0 writes. A rerun skips every stage on both processes."""
+  check_processes(quickstart[2])
+  one, two = (quickstart[n]["outputs"][0] for n in (1, 2))
+  assert set(one) == set(two) == {"train", "test", "model_dir", "run", "step", "metrics", "report"}
+  wd1, wd2 = (pathlib.Path(quickstart[n]["outputs"][0]["run"]) for n in (1, 2))
+  a, b = (json.loads((wd / "report.json").read_text()) for wd in (wd1, wd2))
+  assert b["counts"] == a["counts"] and b["classes"] == a["classes"]
+  assert b["test_pairs"] == a["test_pairs"]
+  # Means of float32 cosines (and probe accuracies) from runs that differ in float rounding only:
+  # the teacher is the same program on one device but XLA:CPU's numerics depend on the simulated
+  # device count (1 x 4 devices gives 2 x 4's teacher byte for byte, 1 x 8 differs by <= 5e-4 in
+  # a weight), and 2 x 4 aligns like 1 x 8 to ~1e-5 (test_train_main). Seen: <= 4e-7 apart. An
+  # accuracy may move by one held-out scan (a prediction at a tie); a wrong row order or a missing
+  # process block would move everything by >= 1e-2.
+  counts = a["counts"]
+  items = {"accuracy": counts["test_real"], "zeroshot_real": counts["test_real"]}
+  assert_close(b, a, atol=1e-4, item={**items, "zeroshot_generated": counts["test_gen"]})
+  assert "synthetic_finetune" in b["baselines"]
+  for name in ("report.md", "tsne.png", "curves.png", "eval/tsne_gen_real.png"):
+    assert (wd2 / name).is_file(), name
+  a, b = (json.loads((wd / "eval" / "metrics.json").read_text()) for wd in (wd1, wd2))
+  assert a["step"] == b["step"] == 40
+  assert_close(b["encoders"], a["encoders"], atol=1e-4, item={})
+  # gap_reduction = 100 (1 - G_student / G_teacher): ~100 / G_teacher = 400 x the gaps' rounding.
+  assert_close(b["gap_reduction"], a["gap_reduction"], atol=1e-3, item={})
+
+  # A rerun: every process finds every stage complete (they agree) and returns the same outputs.
+  rerun = run_experiment(wd2, quickstart[2]["args"], processes=2, tag="rerun")
+  check_processes(rerun)
+  for log in rerun["logs"]:
+    for name in ("splits", "teacher", "align", "evaluate", "report"):
+      assert f"stage {name}: complete, skipped" in log, name
+  assert rerun["outputs"][0] == two
+  assert not rerun["writes"][1], sorted(rerun["writes"][1])[:20]
+
+
+COCO = ["--config=configs/coco.py:mini"]
+RERUN = ("evaluate", "caption")  # the stages the 1-process reference reruns
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+  """configs/coco.py:mini on 2 processes; then a copy of its workdir where 1 process x 8 devices
+  reruns the evaluate and caption stages on the same checkpoint (the other stages are skipped as
+  complete): the reference. That 2 x 4 trains like 1 x 8 is test_train_main's."""
+  shared_path("coco-mini", "train2017")
+  root = tmp_path_factory.mktemp("coco")
+  two = run_experiment(root / "p2", COCO, processes=2, tag="p2")
+  ref = root / "p1"
+  shutil.copytree(root / "p2", ref)
+  shutil.rmtree(ref / "eval")  # the caption stage's embedding cache too: recomputed
+  for name in RERUN:
+    (ref / "stages" / f"{name}.json").unlink()
+  one = run_experiment(ref, COCO, processes=1, tag="p1")
+  return {1: one, 2: two, "ref": ref}
+
+
+@pytest.mark.slow
+def test_coco_mini_on_two_processes_evaluates_captions_and_exports(coco):
+  """init -> generate -> prepare -> align -> evaluate -> caption -> export on 2 processes:
+  generation sharded, prepare on process 0, the rest on both, process 0 writing."""
+  check_processes(coco[2])
+  wd1, wd2 = coco["ref"], pathlib.Path(coco[2]["outputs"][0]["run"])  # 1 process's, 2's
+  for name in STAGES:
+    skipped = f"stage {name}: complete, skipped" in coco[1]["logs"][0]
+    assert skipped == (name not in RERUN), name
+  a, b = (json.loads((wd / "eval" / "metrics.json").read_text()) for wd in (wd1, wd2))
+  assert a["step"] == b["step"] == 40
+  # Recall@K over 159 photos / 795 captions, zero-shot top-k over 200 photos, from embeddings of
+  # the same checkpoint that may differ in float rounding only: at most one query apart.
+  assert_close(b["encoders"], a["encoders"], atol=0, item={"coco_mini": 159, "cifar10": 200})
+  ca, cb = (json.loads((wd / "eval" / "captioning.json").read_text()) for wd in (wd1, wd2))
+  assert cb["student"]["num_test_images"] == 16
+  # The same captioner trained on the same embeddings: the same captions (seen: identical).
+  assert_close(cb["student"]["metrics"], ca["student"]["metrics"], atol=1e-6, item={})
+  # Process 0's export of the run both trained: transformers' embeddings equal api.load_student's.
+  check_export(wd2)
