@@ -13,8 +13,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The emulator cannot answer gcsfs' gRPC bucket-layout probe (60 s per open); real GCS can.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import pathlib  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+import uuid  # noqa: E402
 
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
@@ -67,3 +75,77 @@ def pytest_make_collect_report(collector):
 @pytest.fixture
 def shared():
   return shared_path
+
+
+GCS_BUCKET = "test-bucket"
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A local Cloud Storage server (tests/gcs_emulator.py) on 127.0.0.1, and this process's and its
+  children's clients pointed at it: gcsfs / google-cloud-storage, tensorstore (Orbax's arrays),
+  google-cloud-cpp (array_record's reader, pyarrow). Nothing leaves the machine. Yields its URL."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  url = f"http://127.0.0.1:{port}"
+  script = pathlib.Path(__file__).with_name("gcs_emulator.py")
+  cmd = [sys.executable, str(script), f"--port={port}", f"--bucket={GCS_BUCKET}"]
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 30
+  while True:
+    try:
+      urllib.request.urlopen(url + "/", timeout=1).read()
+      break
+    except OSError:
+      if proc.poll() is not None or time.monotonic() > deadline:
+        proc.kill()
+        raise RuntimeError("the GCS emulator did not start (tests/gcs_emulator.py)") from None
+      time.sleep(0.05)
+  env = {
+    "STORAGE_EMULATOR_HOST": url,  # gcsfs, google-cloud-storage
+    "TENSORSTORE_GCS_HTTP_URL": url,  # tensorstore: Orbax's array data
+    "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,  # google-cloud-cpp: array_record, pyarrow
+    "NO_GCE_CHECK": "true",  # google-auth: no metadata-server probe
+    "GCE_METADATA_ROOT": "127.0.0.1:1",  # tensorstore: no metadata-server DNS lookup
+    "FSSPEC_GCS": '{"token": "anon", "use_listings_cache": false}',  # subprocesses' gcsfs
+  }
+  patch = pytest.MonkeyPatch()
+  for key, value in env.items():
+    patch.setenv(key, value)
+  import fsspec
+  import gcsfs
+  from etils import epath
+
+  for proto in ("gs", "gcs"):
+    patch.setitem(fsspec.config.conf, proto, {"token": "anon", "use_listings_cache": False})
+  gcsfs.GCSFileSystem.clear_instance_cache()
+  epath.backend.fsspec_backend._get_filesystem.cache_clear()
+  try:
+    yield url
+  finally:
+    proc.terminate()
+    try:
+      proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    epath.backend.fsspec_backend._get_filesystem.cache_clear()
+    patch.undo()
+
+
+@pytest.fixture
+def gcs_dir(gcs, request) -> str:
+  """A fresh ``gs://`` folder on the local emulator for this test."""
+  name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:60]
+  return f"gs://{GCS_BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(params=["local", "gs"])
+def any_dir(request, tmp_path) -> str:
+  """A fresh folder, once local and once in a bucket (the emulator): a test taking it passes
+  unchanged on both."""
+  if request.param == "local":
+    return str(tmp_path / "dir")
+  return request.getfixturevalue("gcs_dir")
