@@ -26,9 +26,11 @@ Curriculum: Anchor 15% (α = 0) → linear Ramp 45% → Stabilize at alpha_targe
 ρ = 1.
 Hardware: 2 CPU cores, a few minutes per run (the teacher is pretrained once per workdir; the sweep
 shares one teacher between all α).
-Expected (image_text): the held-out image-text centroid / distribution / raw gaps fall
-monotonically as alpha_target rises (α = 0 is the contrastive-only baseline); zero-shot accuracy
-stays close to the baseline for small α and may drop for large α (the paper's compromise).
+Measured (3 seeds, results/tpc_cma/<sweep>/sweep.md; README "Evaluation and TPC-CMA"): digits
+image_text, α 0 -> 1: centroid gap 0.414 -> 0.021, raw gap -42.1 ± 2.6 % vs α = 0, zero-shot
+0.968 -> 0.966 (saturated), DeCap direct CIDEr 2.62 -> 4.16 (teacher 3.79); the centroid gap, not
+the distribution gap, predicts DeCap (R² 0.777 vs 0.078 on the per-α means). gen_real: centroid
+gap -59 %, nothing else moves. 10-20 min per sweep on 2 shared cores.
 """
 
 from __future__ import annotations
