@@ -20,7 +20,8 @@ def default_data_config() -> ml_collections.ConfigDict:
                      paths (default: the manifest's own directory)
   on_bad_input:      skip (log to WORKDIR/rejects.jsonl, go on) | fail (stop, one-line error)
   num_workers:       grain worker processes (0 = decode in the main process with threads)
-  read_threads:      threads per process that read + decode
+  read_threads:      threads per process that read + decode (PIL decodes and resizes without the
+                     GIL: threads use several cores; workers also cost a process and a hand-over)
   prefetch:          batches buffered per worker (or elements per thread without workers)
   image_size:        side of the uint8 center crops shipped to the device
   gens_per_caption:  generated images used per (real image, caption) item and epoch; the others
@@ -30,7 +31,8 @@ def default_data_config() -> ml_collections.ConfigDict:
                      scaling) before the resize; faster, but pixels differ from the exact CLIP
                      preprocessing (coco-mini at 64 px: mean |diff| ~1/255, up to ~8/255 on
                      textured photos). Off by default; not applied to augmented generated images.
-                     Prefer ``gmail_jax.data.prepare`` (stores images resized once)
+                     Prefer ``gmail_jax.data.prepare`` (stores images resized once), or its
+                     ``--store=train`` (stores the crops: training only decodes a 224 px JPEG)
   caption_template:  class-folder captions, ``{class}`` is the folder name (underscores -> spaces)
   synthetic_size / synthetic_image_size: the synthetic source (tests, benchmarks)
   tfds_*:            TFDS ``data_source`` name/split/data_dir and the feature keys to read

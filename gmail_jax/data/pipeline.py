@@ -7,9 +7,19 @@ goes to exactly one process. A bad pair is dropped where it stands: the other pa
 positions (determinism, exactly-once).
 
 Per element: read bytes -> decode -> ``preprocess.resize`` in the tower's mode (generated images:
-optional random resized crop + flip, drawn from hash(seed, g)) -> uint8. Per batch: stack and
-tokenize captions. Batches are the contract's numpy dicts
-``gen_image, real_image, text, group, real_id``; normalisation happens on device. The iterator is
+optional random resized crop + flip, drawn from hash(seed, g)) -> uint8. Shards written by
+``prepare --store=train`` hold the crops themselves: decode only (the random resized crop, when on,
+is drawn inside the stored crop). Per batch: stack and tokenize captions. Batches are the
+contract's numpy dicts ``gen_image, real_image, text, group, real_id``; normalisation happens on
+device.
+
+Teacher cache (``cached_real``, a bool mask by ``real_id``): a real image whose teacher embedding
+is cached is not decoded. A batch whose real images are all cached has no ``real_image``; one with
+some has ``real_image`` with zero rows where cached and ``real_decoded`` [b] saying which rows are
+images (``training.teacher_cache.attach`` reads both).
+
+Worker processes (``num_workers``) stack image batches straight into shared memory (grain's
+``SharedMemoryArray``), so a batch crosses to the main process without a copy. The iterator is
 a ``grain.DatasetIterator``:
 ``get_state``/``set_state`` and Orbax ``grain.checkpoint.CheckpointSave/CheckpointRestore``
 work on it directly.
@@ -33,6 +43,10 @@ from gmail_jax.data.sources import make_source
 from gmail_jax.errors import ConfigError
 
 BATCH_KEYS = ("gen_image", "real_image", "text", "group", "real_id")
+IMAGE_KEYS = ("gen_image", "real_image")
+# Arrays below this size cross from a worker pickled in its queue message: a shared-memory segment
+# per array (open, truncate, map, unlink) costs more than copying text ids or group numbers.
+MIN_SHM_BYTES = 1 << 16
 
 try:  # the permutation grain's own MapDataset.shuffle uses (O(1) memory, any length)
   from grain._src.python.experimental.index_shuffle.python.index_shuffle_module import (
@@ -95,8 +109,13 @@ class LoadPair:
     keep_index: bool = False,
     resize: preprocess.ResizeMode = "shortest_edge_crop",
     draft_decode: bool = False,
+    stored_crop: bool = False,
+    cached_real: np.ndarray | None = None,
   ):
     self.resize = resize
+    # Images are already image_size crops by ``resize`` (prepare --store=train): decode only.
+    self.stored_crop = bool(stored_crop)
+    self.cached_real = None if cached_real is None else np.asarray(cached_real, bool)
     # The augmented crop draws its box in the decoded image's pixels: never draft-decode it.
     self.draft_real = int(image_size) if draft_decode else None
     self.draft_gen = None if augment else self.draft_real
@@ -107,6 +126,18 @@ class LoadPair:
       keep_index,
     )
 
+  def _cached(self, real_id: int) -> bool:
+    mask = self.cached_real
+    return mask is not None and 0 <= real_id < len(mask) and bool(mask[real_id])
+
+  def _crop(self, image, name: str) -> np.ndarray:
+    if not self.stored_crop:
+      return preprocess.resize(image, self.image_size, self.resize)
+    if image.size != (self.image_size, self.image_size):
+      w, h = image.size
+      raise BadInput(name, f"stored crop is {w}x{h}, meta.json says {self.image_size} px")
+    return np.asarray(image)
+
   def __call__(self, element):
     g, epoch, slot = element
     name = f"pair #{slot}"
@@ -114,16 +145,17 @@ class LoadPair:
       pair = self.source.get(slot, epoch)
       name = pair.gen_name
       gen = decode_image(pair.gen, pair.gen_name, draft_short=self.draft_gen)
-      name = pair.real_name
-      real = decode_image(pair.real, pair.real_name, draft_short=self.draft_real)
-      name = pair.real_name
-      real_crop = preprocess.resize(real, self.image_size, self.resize)
+      real_crop = None  # cached teacher embedding: the real image is never looked at
+      if not self._cached(int(pair.real_id)):
+        name = pair.real_name
+        real = decode_image(pair.real, pair.real_name, draft_short=self.draft_real)
+        real_crop = self._crop(real, name)
       name = pair.gen_name
       if self.augment:
         rng = np.random.default_rng(mix64(self.seed, g, 0xA06))
         gen_crop = random_resized_crop_flip(gen, self.image_size, rng, scale=self.augment_scale)
       else:
-        gen_crop = preprocess.resize(gen, self.image_size, self.resize)
+        gen_crop = self._crop(gen, name)
     except BadInput as e:
       self.log.reject(e.path, e.reason, slot=int(slot), epoch=int(epoch))
       return None
@@ -145,16 +177,47 @@ class LoadPair:
 
 
 class Collate:
-  """List of elements -> the contract's batch dict (captions tokenized here, once per batch)."""
+  """List of elements -> the contract's batch dict (captions tokenized here, once per batch).
+
+  Real images skipped for the teacher cache (None) are left out, or zero rows + ``real_decoded``
+  (module docstring). After :meth:`enable_shared_memory_output` (grain calls it on a batch_fn that
+  has it, in worker processes) images are stacked into shared memory: the worker's hand-over to the
+  main process then passes the segment's name instead of copying the batch into a new one.
+  """
 
   def __init__(
     self, tokenizer: Callable[[Sequence[str]], np.ndarray] | None, keep_caption: bool = False
   ):
     self.tokenizer, self.keep_caption = tokenizer, keep_caption
+    self.shared_memory = False
+
+  def enable_shared_memory_output(self) -> None:
+    self.shared_memory = True
+
+  def _stack(self, key: str, values: list) -> np.ndarray:
+    if not (self.shared_memory and key in IMAGE_KEYS):
+      return np.stack(values)
+    from grain.multiprocessing import SharedMemoryArray
+
+    first = np.asarray(values[0])
+    out = SharedMemoryArray((len(values), *first.shape), dtype=first.dtype)
+    return np.stack(values, out=out)
 
   def __call__(self, elements: Sequence[dict]) -> dict:
     captions = [e["caption"] for e in elements]
-    batch = {k: np.stack([e[k] for e in elements]) for k in elements[0] if k != "caption"}
+    batch = {}
+    for k in elements[0]:
+      if k in ("caption", "real_image"):
+        continue
+      batch[k] = self._stack(k, [e[k] for e in elements])
+    reals = [e["real_image"] for e in elements]
+    decoded = np.asarray([r is not None for r in reals])
+    if decoded.any():
+      if not decoded.all():
+        zero = np.zeros_like(next(r for r in reals if r is not None))
+        reals = [zero if r is None else r for r in reals]
+        batch["real_decoded"] = decoded
+      batch["real_image"] = self._stack("real_image", reals)
     if self.tokenizer is not None:
       text = np.asarray(self.tokenizer(captions), dtype=np.int32)
       if text.ndim != 2 or text.shape[0] != len(captions):
@@ -193,13 +256,15 @@ def make_dataset(
   keep_index: bool = False,
   keep_caption: bool = False,
   resize: preprocess.ResizeMode = "shortest_edge_crop",
+  cached_real: np.ndarray | None = None,
 ) -> grain.IterDataset:
   """The per-process batched ``grain.IterDataset`` (see module docstring).
 
   ``batch_size`` is per process; default ``config.batch_size // process_count``. ``num_epochs=None``
   repeats forever. ``keep_index`` adds ``slot``/``epoch`` (tests), ``keep_caption`` the strings.
   ``resize``: how real images become ``image_size`` crops, as the model's image processor does
-  (``models.towers.resize_mode(config)``; CLIP's by default).
+  (``models.towers.resize_mode(config)``; CLIP's by default). ``cached_real``: bool per
+  ``real_id``, True where the teacher embedding is cached (those real images are not decoded).
   """
   data = config.data
   validate(data)
@@ -211,6 +276,14 @@ def make_dataset(
     if config.batch_size % pc:
       raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by {pc} processes")
     batch_size = config.batch_size // pc
+  stored_crop = getattr(source, "stored_crop", None)
+  if stored_crop is not None and tuple(stored_crop) != (int(data.image_size), resize):
+    size, mode = stored_crop
+    raise ConfigError(
+      f"config.data.root={data.root} holds prepare --store=train crops of {size} px by {mode};"
+      f" this run needs {data.image_size} px by {resize}: prepare again with"
+      f" --image_size={data.image_size} --resize={resize}, or the default --store=resized"
+    )
   order = GlobalOrder(
     len(source), seed=seed, shuffle=shuffle, num_epochs=num_epochs, first_epoch=first_epoch
   )
@@ -224,6 +297,8 @@ def make_dataset(
     keep_index=keep_index,
     resize=resize,
     draft_decode=bool(data.get("draft_decode", False)),
+    stored_crop=stored_crop is not None,
+    cached_real=cached_real,
   )
   ds = grain.MapDataset.source(order)[pi::pc].map(load)  # None = rejected; skipped below
   ds = ds.to_iter_dataset(
@@ -231,10 +306,14 @@ def make_dataset(
       num_threads=max(1, data.read_threads), prefetch_buffer_size=max(1, data.prefetch * batch_size)
     )
   )
-  ds = ds.batch(
-    batch_size, drop_remainder=drop_remainder, batch_fn=Collate(tokenizer, keep_caption)
-  )
+  collate = Collate(tokenizer, keep_caption)
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
   if data.num_workers > 0:
+    # grain enables it itself only for 2+ workers; with one, a batch would be copied into shm
+    collate.enable_shared_memory_output()
+    ds = grain.experimental.WithOptionsIterDataset(
+      ds, grain.experimental.DatasetOptions(min_shm_size=MIN_SHM_BYTES)
+    )
     ds = ds.mp_prefetch(
       grain.MultiprocessingOptions(
         num_workers=data.num_workers, per_worker_buffer_size=max(1, data.prefetch)

@@ -3,7 +3,8 @@
 Layout: ``b"GMP1"`` | uint32 little-endian header length | UTF-8 JSON header | real | gen bytes.
 The header holds ``caption, real_name, gen_name, group, real_id, item, real_len, gen_len``; the
 image bytes are encoded files: the originals (JPEG/PNG/WebP) or, for images ``prepare`` resized
-(``--resize_short``), a JPEG of the resized image.
+(``--resize_short``), a JPEG of the resized image, or with ``prepare --store=train`` a JPEG of the
+training crop (meta.json says which).
 """
 
 from __future__ import annotations

@@ -310,7 +310,11 @@ class ClassFolderSource:
 
 
 class ArrayRecordSource:
-  """Shards ``*.array_record`` + ``index.npz`` (item, group, real_id per record), by ``prepare``."""
+  """Shards ``*.array_record`` + ``index.npz`` (item, group, real_id per record), by ``prepare``.
+
+  ``stored_crop``: ``(image_size, resize mode)`` when ``prepare --store=train`` stored every image
+  as its training crop (from meta.json), else None (images to resize at train time).
+  """
 
   def __init__(self, root: str | os.PathLike, *, gens_per_caption: int = 1):
     root = pathlib.Path(root)
@@ -327,6 +331,13 @@ class ArrayRecordSource:
     with np.load(root / INDEX_FILE) as z:
       self.item, self.group, self.real_id = z["item"], z["group"], z["real_id"]
     self.index = PairIndex(self.item, gens_per_caption)
+    self.stored_crop: tuple[int, str] | None = None
+    try:
+      meta = json.loads((root / META_FILE).read_text())
+    except (OSError, ValueError):
+      meta = {}  # shards of a run that wrote no meta.json: resized at train time, as always
+    if isinstance(meta, dict) and meta.get("store") == "train":
+      self.stored_crop = (int(meta["image_size"]), str(meta["resize"]))
     self._reader = None
 
   def _records(self):

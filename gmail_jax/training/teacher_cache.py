@@ -19,7 +19,9 @@ Filling: ``precompute`` runs one unshuffled pass of the pairs (epoch 0) through 
 batch-sharded over the training mesh; rows missed by it (e.g. class-folder pairings draw other real
 images in later epochs) are computed on first sight by ``attach`` and written back. In training,
 ``attach`` adds ``teacher_emb`` [b, D] to the per-process batch and drops ``real_image``; the
-train step then skips the teacher forward (train_step.make_train_step). Process 0 owns the files
+train step then skips the teacher forward (train_step.make_train_step). The input pipeline gets
+the rows filled when training starts (``cached_real``): it does not decode those real images at
+all, so a filled cache halves the images decoded per pair. Process 0 owns the files
 (the data dir is assumed shared by all processes); the others keep copy-on-write views and fill
 them from the same all-gathered rows, so every process holds the same cache.
 
@@ -245,6 +247,10 @@ class TeacherCache:
     self._emb[ids] = emb
     self._filled[ids] = True
 
+  def filled_mask(self) -> np.ndarray:
+    """bool [capacity], a plain copy (picklable into input workers): True where a row is cached."""
+    return np.zeros((0,), bool) if self._filled is None else np.array(self._filled, bool)
+
   def flush(self) -> None:
     if self.writer and self._emb is not None:
       self._emb.flush()
@@ -310,18 +316,30 @@ def attach(local: dict, cache: TeacherCache, embed: Callable[[np.ndarray], np.nd
   """Adds ``teacher_emb`` [b, D] (float32) to a per-process batch and drops ``real_image``.
 
   Misses (in any process: the decision is collective) run the teacher on this batch's real images
-  once and are written to the cache; later epochs hit.
+  once and are written to the cache; later epochs hit. Rows the pipeline did not decode (cached
+  when it started: no ``real_image``, or ``real_decoded`` False) are hits; they go through the
+  teacher as zero images when another row misses, and are never written back.
   """
   emb, hit = cache.lookup(local["real_id"])
+  b = emb.shape[0]
+  real = local.get("real_image")
+  decoded = np.asarray(local.get("real_decoded", np.full(b, real is not None)), bool)
+  if np.any(~hit & ~decoded):
+    raise RuntimeError(
+      "teacher cache: a real image the input pipeline skipped as cached is not in the cache"
+      f" ({cache.directory} changed during the run?)"
+    )
   any_miss = bool(np.any(_allgather_rows(np.asarray([not hit.all()]))))
   if any_miss:
-    rows = embed(local["real_image"])  # global batch, process order
+    if real is None:  # every row here is cached; the teacher runs for the other processes' misses
+      real = np.zeros_like(local["gen_image"])
+    rows = embed(real)  # global batch, process order
     ids = _allgather_rows(local["real_id"])
-    cache.put(ids, rows)
-    b = emb.shape[0]
+    keep = _allgather_rows(decoded)
+    cache.put(ids[keep], rows[keep])
     start = jax.process_index() * b
-    emb = rows[start : start + b]
-  out = {k: v for k, v in local.items() if k != "real_image"}
+    emb = np.where(hit[:, None], emb, rows[start : start + b])
+  out = {k: v for k, v in local.items() if k not in ("real_image", "real_decoded")}
   out["teacher_emb"] = emb
   return out
 

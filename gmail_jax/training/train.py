@@ -97,8 +97,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f" params; trainable {lora_lib.count_params(state['params']):,}"
     )
     tokenizer = build.tokenizer(config, built["text_context"])
+
+    # ------------------------------------------------------- teacher-embedding cache (optional)
+    from gmail_jax.training import teacher_cache
+
+    # Before the input pipeline: the rows filled now are real images it need not decode.
+    cache = teacher_cache.from_config(
+      config,
+      models=models,
+      frozen=frozen,
+      mesh=mesh,
+      workdir=workdir,
+      model_config=built["model_config"],
+    )
     data_iter = pipeline.make_train_iterator(
-      config, tokenizer=tokenizer, workdir=workdir, resize=towers.resize_mode(config)
+      config,
+      tokenizer=tokenizer,
+      workdir=workdir,
+      resize=towers.resize_mode(config),
+      cached_real=None if cache is None else cache[0].filled_mask(),
     )
 
     # -------------------------------------------------------------------------------- restore
@@ -122,18 +139,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ----------------------------------------------------------------------------- update step
     # The restored state has the built shardings.
     step_fn = build.make_step(config, built, mesh, objective)
-
-    # ------------------------------------------------------- teacher-embedding cache (optional)
-    from gmail_jax.training import teacher_cache
-
-    cache = teacher_cache.from_config(
-      config,
-      models=models,
-      frozen=frozen,
-      mesh=mesh,
-      workdir=workdir,
-      model_config=built["model_config"],
-    )
 
     # ---------------------------------------------------------------------------------- evals
     evaluators = []
