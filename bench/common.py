@@ -157,6 +157,59 @@ def gmail_step_flops_per_pair(**vit: Any) -> dict[str, float]:
   }
 
 
+def versions() -> dict[str, Any]:
+  """Python and the versions of the frameworks this process imported, with the devices they ran on.
+
+  Only modules already in ``sys.modules`` are reported ("where used"). JAX's devices are listed
+  only when a backend is already up, so reporting never starts one (which, on a GPU, would
+  preallocate most of its memory in a process that ran torch only).
+  """
+  import platform
+
+  out: dict[str, Any] = {"python": platform.python_version()}
+  mods = sys.modules
+  if "jax" in mods:
+    import jax
+    import jaxlib
+
+    out["jax"] = jax.__version__
+    out["jaxlib"] = getattr(jaxlib, "__version__", None) or jaxlib.version.__version__
+    if "flax" in mods:
+      out["flax"] = mods["flax"].__version__
+    try:
+      from jax._src import xla_bridge
+
+      started = xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):  # private API moved: ask anyway
+      started = True
+    if started:
+      devs = jax.devices()
+      out["jax_backend"] = jax.default_backend()
+      out["device_kind"] = devs[0].device_kind
+      out["device_count"] = len(devs)
+  if "torch" in mods:
+    import torch
+
+    out["torch"] = torch.__version__
+    if torch.cuda.is_available():
+      out["torch_cuda"] = torch.version.cuda
+      out["torch_device"] = torch.cuda.get_device_name()
+  for name in ("transformers", "diffusers", "peft"):
+    if name in mods:
+      out[name] = getattr(mods[name], "__version__", None)
+  return out
+
+
+def jax_peak_bytes() -> int | None:
+  """Peak bytes the JAX allocator held on any local device since the process started (GPU/TPU),
+  or None where the backend keeps no allocator statistics (CPU)."""
+  import jax
+
+  peaks = [s.get("peak_bytes_in_use") for s in (d.memory_stats() for d in jax.local_devices()) if s]
+  peaks = [p for p in peaks if p is not None]
+  return max(peaks) if peaks else None
+
+
 def emit(result: dict[str, Any]) -> None:
   """Print the result as one JSON object on the last line of stdout."""
   sys.stdout.flush()

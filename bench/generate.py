@@ -4,6 +4,8 @@
   python -m bench.generate --gpu                      # GPU: SD 2.1 base, or its shapes (see below)
   python -m bench.generate --gpu --model=/path/to/stable-diffusion-2-1-base
   python -m bench.generate --backend=jax              # one backend: jax | diffusers
+  python -m bench.generate --gpu --batch_sizes=4 --dtypes=bfloat16 --attention=sdpa --no_compile
+                                                      # GPU, one row per backend (bench.accelerator)
 
 Both backends run the same pipeline folder, steps, guidance (7.5), resolution, batch sizes and
 starting latents. The jax rows time generation/jax_backend.py's engine (tokenize, numpy latents,
@@ -156,6 +158,8 @@ def main(argv=None) -> None:
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--no_compile", action="store_true", help="skip the torch.compile row")
   p.add_argument("--backend", default="jax,diffusers", help="comma list: jax, diffusers")
+  p.add_argument("--dtypes", default="", help="GPU: only these (float16,bfloat16; default both)")
+  p.add_argument("--attention", default="sdpa,classic", help="GPU diffusers rows: sdpa,classic")
   a = p.parse_args(argv)
 
   import torch
@@ -171,12 +175,14 @@ def main(argv=None) -> None:
   shapes = "sd21" if gpu else "tiny"
   device = "cuda" if gpu else "cpu"
   sync = torch.cuda.synchronize if gpu else (lambda: None)
+  dtypes = [d for d in a.dtypes.split(",") if d] or ["bfloat16", "float16"]
+  attentions = [x for x in a.attention.split(",") if x]
   rows = []
   backends = [b.strip() for b in a.backend.split(",") if b.strip()]
   with tempfile.TemporaryDirectory() as tmp:
     if "jax" in backends:
       path = model or str(pipeline_dir(shapes, tmp))
-      for dtype in ("bfloat16", "float16") if gpu else ("float32",):
+      for dtype in [d for d in ("bfloat16", "float16") if d in dtypes] if gpu else ("float32",):
         for b in batches:
           r = measure_jax(
             path, dtype, batch=b, steps=steps, resolution=resolution, repeats=a.repeats
@@ -198,6 +204,7 @@ def main(argv=None) -> None:
       plan = [("float16", "sdpa", False, b) for b in batches]
       plan += [("bfloat16", "sdpa", False, mid), ("float16", "classic", False, mid)]
       plan += [] if a.no_compile else [("float16", "sdpa", True, mid)]
+      plan = [row for row in plan if row[0] in dtypes and row[1] in attentions]
       loaded = {}
       for dtype, attention, compiled, b in plan:
         if dtype not in loaded:

@@ -17,6 +17,17 @@ them). Without them XLA:CPU merges the rematerialised forward back into the orig
 changed L/14's temporaries by ~7%); with them remat takes effect (L/14 bf16 DP: 26.7 -> 9.1 GiB),
 at +16% without remat. ``fits_16GiB`` compares the total with a 16 GiB TPU v4/v5e core (no
 headroom subtracted). Prints one JSON object.
+
+``--measure`` (on the machine's own devices, e.g. one GPU): builds the real state and runs
+``--steps`` steps of exactly what bench/train_step.py times (``gmail_runners``), then reports the
+most the JAX allocator held (``peak_bytes_in_use``: weights, optimizer state, batches,
+temporaries; not the CUDA context or cuBLAS/cuDNN workspaces) next to XLA's estimate for the same
+compiled step, and ``bytes_limit``. Out of memory is a result (``oom``), not a crash. The peak
+cannot be reset, so one variant / dtype / remat per process:
+
+    python -m bench.memory --measure --variants L/14 --dtypes bfloat16 --remat on --batch 256
+
+On CPU there are no allocator statistics: the process's peak RSS stands in (``source``).
 """
 
 from __future__ import annotations
@@ -45,7 +56,50 @@ def parse_args(argv=None):
     help="build with the XLA:CPU-only residual-stream loops (CLIP's residual_loops option);\n"
     "off by default, so the compiled step is the one TPU/GPU run",
   )
+  ap.add_argument("--measure", action="store_true", help="run the step on this machine's devices")
+  ap.add_argument("--steps", type=int, default=2, help="--measure: steps run before reading")
   return ap.parse_args(argv)
+
+
+def measure(variant: str, *, batch: int, dtype: str, remat: bool, steps: int) -> dict:
+  """The allocator's peak over building and running ``steps`` train steps on this machine."""
+  import resource
+  import tempfile
+
+  import jax
+
+  from bench import common, train_step
+
+  argv = ["--variant", variant, "--batch", str(batch), "--dtype", dtype, "--peer", "none"]
+  argv += ["--warmup", str(steps)] + (["--remat"] if remat else [])
+  args = train_step.parse_args(argv)
+  out: dict = {"variant": variant, "global_batch": batch, "dtype": dtype, "remat": remat}
+  out["devices"] = jax.device_count()
+  stats = jax.local_devices()[0].memory_stats() or {}
+  out["bytes_limit_gib"] = stats["bytes_limit"] / GIB if "bytes_limit" in stats else None
+  t0 = time.perf_counter()
+  try:
+    with tempfile.TemporaryDirectory() as wd:
+      _, info = train_step.gmail_runners(args, wd)
+    out["oom"] = False
+    out["estimate_gib"] = info.get("memory_analysis_gib")
+    out["compile_s"] = info["compile_s"]
+  except Exception as e:  # XlaRuntimeError RESOURCE_EXHAUSTED: the answer is "does not fit"
+    text = f"{type(e).__name__}: {e}"
+    if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+      raise
+    out["oom"] = True
+    out["error"] = text.splitlines()[0][:500]
+  out["seconds"] = time.perf_counter() - t0
+  peak = common.jax_peak_bytes()
+  if peak is not None:
+    out["peak_gib"], out["source"] = peak / GIB, "jax allocator peak_bytes_in_use (device 0..n max)"
+  else:  # CPU: ru_maxrss is KiB on Linux
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_gib"], out["source"] = rss / GIB, "host peak RSS (no allocator statistics on CPU)"
+  if out["bytes_limit_gib"]:
+    out["fits"] = not out["oom"] and out["peak_gib"] <= out["bytes_limit_gib"]
+  return out
 
 
 def analyse(
@@ -144,6 +198,18 @@ def analyse(
 
 def main(argv=None) -> None:
   args = parse_args(argv)
+  if args.measure:
+    remats = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
+    combos = [
+      (v, d, r) for v in args.variants.split(",") for d in args.dtypes.split(",") for r in remats
+    ]
+    if len(combos) != 1:
+      raise SystemExit(f"--measure: one variant, dtype and remat per process, got {combos}")
+    from bench import common
+
+    v, d, r = combos[0]
+    common.emit(measure(v, batch=args.batch, dtype=d, remat=r, steps=args.steps))
+    return
   os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
   ).strip()

@@ -55,8 +55,19 @@ def _hf_vision_config(cfg: PeerConfig):
   )
 
 
-def build_peer(cfg: PeerConfig, *, compile: bool = False, device: str = "cpu", seed: int = 0):
-  """Returns (step_fn, make_batch) where ``step_fn(gen, real) -> loss tensor`` does one update."""
+def build_peer(
+  cfg: PeerConfig,
+  *,
+  compile: bool = False,
+  device: str = "cpu",
+  seed: int = 0,
+  compile_backend: str = "inductor",
+):
+  """Returns (step_fn, make_batch) where ``step_fn(gen, real) -> loss tensor`` does one update.
+
+  ``compile_backend``: torch.compile's backend; 'aot_eager' traces the same graphs (dynamo +
+  AOTAutograd) without inductor's minutes of code generation, for smoke runs on a CPU.
+  """
   import torch
   import torch.nn.functional as F
   from peft import LoraConfig, get_peft_model
@@ -89,7 +100,7 @@ def build_peer(cfg: PeerConfig, *, compile: bool = False, device: str = "cpu", s
     logits = s @ t.T / cfg.temperature
     return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
 
-  fwd = torch.compile(loss_fn) if compile else loss_fn
+  fwd = torch.compile(loss_fn, backend=compile_backend) if compile else loss_fn
 
   def step(gen: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     opt.zero_grad(set_to_none=True)
@@ -119,25 +130,31 @@ def bench_peer(
   iters: int = 5,
   repeats: int = 3,
   device: str = "cpu",
+  compile_backend: str = "inductor",
 ) -> dict[str, Any]:
-  """Pairs/s of the peer step (best window), after ``warmup`` steps (compile happens there)."""
+  """Pairs/s of the peer step (best window), after ``warmup`` steps (compile happens there).
+
+  On CUDA also ``peak_memory_gib``: the most torch's allocator held (weights, both models'
+  activations, AdamW state, batches).
+  """
   import time
 
   import torch
 
+  cuda = device.startswith("cuda")
   torch.set_num_threads(threads or common.cpu_count())
-  step, make_batch, info = build_peer(cfg, compile=compile, device=device)
+  if cuda:
+    torch.cuda.reset_peak_memory_stats()
+  step, make_batch, info = build_peer(
+    cfg, compile=compile, device=device, compile_backend=compile_backend
+  )
   batches = [make_batch(i) for i in range(2)]
   t0 = time.perf_counter()
   for i in range(warmup):
     loss = step(*batches[i % 2])
   loss.item()
   warm_s = time.perf_counter() - t0
-  sync = (
-    (lambda r: (torch.cuda.synchronize(), r.item()))
-    if device.startswith("cuda")
-    else (lambda r: r.item())
-  )
+  sync = (lambda r: (torch.cuda.synchronize(), r.item())) if cuda else (lambda r: r.item())
   k = [0]
 
   def run():
@@ -147,6 +164,9 @@ def bench_peer(
   t = common.time_windows(run, sync, iters=iters, repeats=repeats)
   return {
     "pairs_per_s": cfg.batch / t.best,
+    "compile": compile,
+    "compile_backend": compile_backend if compile else None,
+    "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     "threads": torch.get_num_threads(),
     "warmup_s": warm_s,
     "final_loss": float(loss.item()),

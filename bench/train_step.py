@@ -21,7 +21,9 @@ threads spin: torch at 2 threads can be 10-30x slower than at 1 under load, henc
 
 FLOPs per pair: analytic (bench/common.gmail_step_flops_per_pair; ≈ 3× the ViT forward) and
 XLA's ``cost_analysis()`` of the compiled step, reported side by side. MFU = achieved FLOP/s /
-the measured matmul peak of this machine (bench/matmul_peak.py) in the same dtype.
+the measured matmul peak of this machine (bench/matmul_peak.py) in the same dtype (the best of
+n×n matmuls, n in ``--peak-sizes``; on a GPU give 4096,8192). ``device_peak_gib``: the most the JAX
+allocator held (GPU/TPU; None on CPU).
 XLA:CPU notes (jax 0.10.2, jax.profiler traces of the B/32 step, batch 16; s/step):
   * 5.4 -> 3.0: the LoRA product has its own VJP (models/layers.lora_product). Autodiff's
     dA = x^T (g B^T) contracts x's row axis; XLA:CPU materialised x^T in a copy fusion that also
@@ -37,6 +39,15 @@ XLA:CPU notes (jax 0.10.2, jax.profiler traces of the B/32 step, batch 16; s/ste
     barriers (removed by XLA:CPU) and the scheduler/fusion flags changed nothing beyond noise.
   * a stride-p convolution for the patch embedding ran as a YNNPACK fusion at ~13 GFLOP/s;
     models/clip.py patchifies and runs one matmul.
+Input pipeline (``--pipeline``, default ``train``; ``none`` skips it): this config's input pipeline
+(its ``data``, the variant's ``image_size``, the step's batch, CLIP tokenizer) over coco-mini
+prepared by ``gmail_jax.data.prepare`` per listed store (``train``: the crops, ``resized``: 256 px
+short side), with ``--pipeline-workers`` grain workers (default 1) of ``--pipeline-threads`` read
+threads; cache off (both images decoded) and, with ``--cached``, a full teacher cache (only the
+generated image). Timed in the same round-robin windows (``--pipeline-batches`` batches each, the
+prefetched ones drained first). ``pipeline.<store>``: pairs/s and ``over_step`` = pipeline / step
+pairs/s (>= 1: it feeds the step); ``gmail_jax_fed_pairs_per_s``: the step fed by the first
+store's pipeline (``next`` + ``global_batch`` + step per iteration), as a training loop runs.
 Throughput is the best of ``--repeats`` windows of ``--iters`` steps (the machine is shared:
 median, spread and every window are reported too). The last stdout line is one JSON object.
 """
@@ -66,6 +77,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--gpu", action="store_true", help="peer on cuda; jax on its default backend")
   ap.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax starts")
   ap.add_argument("--peak", default="", help="skip the matmul-peak measurement: FLOP/s value")
+  ap.add_argument(
+    "--peak-sizes",
+    default="1024,2048",
+    help="n of the n×n matmuls the peak is the best of (GPU: 4096,8192 reach tensor-core rates)",
+  )
+  ap.add_argument("--pipeline", default="train", help="prepare stores: train,resized | none")
+  ap.add_argument("--pipeline-workers", type=int, default=1, help="grain worker processes")
+  ap.add_argument("--pipeline-threads", type=int, default=1, help="read threads per process")
+  ap.add_argument("--pipeline-batches", type=int, default=30, help="batches per pipeline window")
   return ap.parse_args(argv)
 
 
@@ -96,11 +116,13 @@ def gmail_config(args):
 class Runner:
   """A warmed-up step: ``window(iters)`` runs ``iters`` steps, syncs once, returns s/step."""
 
-  def __init__(self, name: str, run, sync, before=None):
+  def __init__(self, name: str, run, sync, before=None, iters: int | None = None):
     self.name, self._run, self._sync, self._before = name, run, sync, before
+    self.iters = iters  # iterations per window, instead of --iters
     self.times: list[float] = []
 
   def window(self, iters: int) -> float:
+    iters = self.iters or iters
     if self._before is not None:
       self._before()
     t0 = time.perf_counter()
@@ -113,8 +135,9 @@ class Runner:
     return dt
 
 
-def gmail_runners(args, workdir: str) -> tuple[list[Runner], dict]:
-  """The gmail_jax step (and its cached-teacher variant) built as train.py builds it, warmed up."""
+def gmail_runners(args, workdir: str, feed=None) -> tuple[list[Runner], dict]:
+  """The gmail_jax step (and its cached-teacher variant) built as train.py builds it, warmed up.
+  ``feed``: an input-pipeline iterator of this config; adds the step fed by it."""
   import jax
   import numpy as np
 
@@ -154,6 +177,20 @@ def gmail_runners(args, workdir: str) -> tuple[list[Runner], dict]:
   mem = compiled.memory_analysis()
   if mem is not None:
     info["temp_bytes"] = int(mem.temp_size_in_bytes)
+    # XLA's estimate per device (as bench/memory.py adds it up), next to what the allocator held.
+    info["memory_analysis_gib"] = {
+      "arguments": mem.argument_size_in_bytes / 2**30,
+      "outputs": mem.output_size_in_bytes / 2**30,
+      "aliased": mem.alias_size_in_bytes / 2**30,
+      "temp": mem.temp_size_in_bytes / 2**30,
+      "total": (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+      )
+      / 2**30,
+    }
 
   holder = {"state": state, "k": 0}
 
@@ -180,8 +217,48 @@ def gmail_runners(args, workdir: str) -> tuple[list[Runner], dict]:
       loss = run_one(bl)
     info[f"{name}_loss_after_warmup"] = float(loss)
     runners.append(Runner(name, lambda bl=bl: run_one(bl), sync))
+  if feed is not None:
+    from gmail_jax.data import pipeline
+
+    def run_fed():
+      local = {k: v for k, v in next(feed).items() if k in batches[0]}  # text: unused here
+      holder["state"], m = step(holder["state"], frozen, rng, pipeline.global_batch(local, mesh))
+      return m["loss"]
+
+    for _ in range(args.warmup):
+      run_fed()
+    runners.append(Runner("gmail_jax_fed", run_fed, sync))
   info["executables"] = step._cache_size()  # 1 per batch signature: no recompiles in the loop
   return runners, info
+
+
+def pipeline_runners(args, image_size: int, workdir: str) -> tuple[list[Runner], dict, list]:
+  """Runners of the input pipeline of the step's config (bench.input_pipeline.step_feeds), one
+  batch per iteration; + the iterator that feeds the fed step (first store, cache off), or None,
+  and every iterator (to close)."""
+  from bench import input_pipeline
+
+  stores = [s for s in args.pipeline.split(",") if s and s != "none"]
+  if not stores:
+    return [], {}, [None]
+  config = gmail_config(args)
+  config.data.image_size = image_size
+  kw = dict(workers=args.pipeline_workers, threads=args.pipeline_threads, workdir=workdir)
+  feeds, info = input_pipeline.step_feeds(config, stores=stores, cached=args.cached, **kw)
+  fed, _ = input_pipeline.step_feeds(config, stores=stores[:1], cached=False, **kw)
+  runners = []
+  for name, it, prefetched in feeds:
+
+    def drain(it=it, n=prefetched):  # each window starts with nothing made in advance
+      for _ in range(n):
+        next(it)
+
+    runners.append(
+      Runner(
+        name, lambda it=it: next(it), lambda _: None, before=drain, iters=args.pipeline_batches
+      )
+    )
+  return runners, info, [fed[0][1], *(it for _, it, _ in feeds)]
 
 
 def peer_runners(args, pcfg, modes: list[str], threads: list[int]) -> tuple[list[Runner], dict]:
@@ -216,6 +293,46 @@ def peer_runners(args, pcfg, modes: list[str], threads: list[int]) -> tuple[list
   return runners, info
 
 
+def peer_config(variant: str, *, batch: int, rank: int, dtype: str):
+  """The PyTorch + PEFT peer (bench/torch_peer.py) of the gmail_jax step on ``variant``."""
+  from bench import torch_peer as peer_lib
+  from gmail_jax.models import clip as clip_lib
+
+  cfg = clip_lib.clip_config(variant)
+  v = cfg.vision
+  return peer_lib.PeerConfig(
+    image_size=v.image_size,
+    patch_size=v.patch_size,
+    width=v.width,
+    layers=v.layers,
+    heads=v.heads,
+    mlp_dim=v.mlp_dim,
+    embed_dim=cfg.embed_dim,
+    batch=batch,
+    rank=rank,
+    alpha=float(rank),
+    dtype=dtype,
+    act=v.act,
+  )
+
+
+def vit_dims(variant: str, rank: int) -> dict:
+  """``common.vit_forward_flops`` keyword arguments of ``variant``'s vision tower."""
+  from gmail_jax.models import clip as clip_lib
+
+  cfg = clip_lib.clip_config(variant)
+  v = cfg.vision
+  return dict(
+    image_size=v.image_size,
+    patch_size=v.patch_size,
+    width=v.width,
+    layers=v.layers,
+    mlp_dim=v.mlp_dim,
+    embed_dim=cfg.embed_dim,
+    lora_rank=rank,
+  )
+
+
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
@@ -231,20 +348,10 @@ def main(argv=None) -> None:
   import tempfile
 
   from bench import common, matmul_peak
-  from bench import torch_peer as peer_lib
   from gmail_jax.models import clip as clip_lib
 
-  cfg = clip_lib.clip_config(args.variant)
-  v = cfg.vision
-  vit = dict(
-    image_size=v.image_size,
-    patch_size=v.patch_size,
-    width=v.width,
-    layers=v.layers,
-    mlp_dim=v.mlp_dim,
-    embed_dim=cfg.embed_dim,
-    lora_rank=args.rank,
-  )
+  v = clip_lib.clip_config(args.variant).vision
+  vit = vit_dims(args.variant, args.rank)
   # gmail_jax computes only the class-token row of the last block; the HF peer computes all rows.
   flops = common.gmail_step_flops_per_pair(**vit, pooled_last_block=True)
   peer_flops = common.gmail_step_flops_per_pair(**vit)
@@ -264,31 +371,21 @@ def main(argv=None) -> None:
   # peer compile, ...) so every contender sees the same background load; best window wins.
   modes = [m for m in args.peer.split(",") if m and m != "none"]
   threads = [int(t) for t in args.torch_threads.split(",") if t] or [common.cpu_count()]
-  pcfg = peer_lib.PeerConfig(
-    image_size=v.image_size,
-    patch_size=v.patch_size,
-    width=v.width,
-    layers=v.layers,
-    heads=v.heads,
-    mlp_dim=v.mlp_dim,
-    embed_dim=cfg.embed_dim,
-    batch=args.batch,
-    rank=args.rank,
-    alpha=float(args.rank),
-    dtype=args.dtype,
-    act=v.act,
-  )
+  pcfg = peer_config(args.variant, batch=args.batch, rank=args.rank, dtype=args.dtype)
+  peak_sizes = tuple(int(n) for n in args.peak_sizes.split(","))
   peak_start = (
     0.0
     if args.peak
-    else matmul_peak.jax_matmul_peak(args.dtype, (1024, 2048), repeats=5)["peak_flops"]
+    else matmul_peak.jax_matmul_peak(args.dtype, peak_sizes, repeats=5)["peak_flops"]
   )
+  data_dir = tempfile.TemporaryDirectory()
+  pl_runners, pl_info, iterators = pipeline_runners(args, v.image_size, data_dir.name)
   with tempfile.TemporaryDirectory() as wd:
-    g_runners, g_info = gmail_runners(args, wd)
+    g_runners, g_info = gmail_runners(args, wd, feed=iterators[0])
   print(f"gmail_jax built: {g_info}", file=sys.stderr, flush=True)
   p_runners, p_info = peer_runners(args, pcfg, modes, threads) if modes else ([], {})
   print(f"peer built: {p_info}", file=sys.stderr, flush=True)
-  runners = g_runners + p_runners
+  runners = g_runners + pl_runners + p_runners
   for rep in range(args.repeats):
     for r in runners:
       dt = r.window(args.iters)
@@ -308,9 +405,28 @@ def main(argv=None) -> None:
     best_name = max(mine, key=lambda n: mine[n]["pairs_per_s"])
     peer[mode] = {**mine[best_name], "threads": int(best_name.rsplit("_t", 1)[1])}
   g = {**g_info, **stats["gmail_jax"]}
+  # What the allocator held at most (weights, state, batches, temporaries; None on CPU). Read
+  # before the second peak measurement, whose matrices would otherwise count.
+  peak_bytes = common.jax_peak_bytes()
+  g["device_peak_gib"] = peak_bytes / 2**30 if peak_bytes is not None else None
+  if args.gpu and modes:
+    import torch
+
+    p_info["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
   if "gmail_jax_cached" in stats:
     g["cached_pairs_per_s"] = stats["gmail_jax_cached"]["pairs_per_s"]
     g["cached"] = stats["gmail_jax_cached"]
+  for it in iterators:
+    if it is not None:
+      it.close()
+  data_dir.cleanup()
+  pipe = dict(pl_info)  # pipeline pairs/s next to the step's (cached: next to the cached step's)
+  for name in (r.name for r in pl_runners):
+    store, cached = name.removeprefix("pipeline_").removesuffix("_cached"), name.endswith("_cached")
+    step_name, key = ("gmail_jax_cached", "cached_") if cached else ("gmail_jax", "")
+    pipe[store][f"{key}pairs_per_s"] = stats[name]["pairs_per_s"]
+    pipe[store][f"{key}median_pairs_per_s"] = args.batch / stats[name]["median_s"]
+    pipe[store][f"{key}over_step"] = stats[name]["pairs_per_s"] / stats[step_name]["pairs_per_s"]
 
   # 3. Peak and MFU.
   # The peak is the best matmul rate ever observed in this run (measured before and after the
@@ -318,9 +434,7 @@ def main(argv=None) -> None:
   if args.peak:
     peak = float(args.peak)
   else:
-    peak = max(
-      peak_start, matmul_peak.jax_matmul_peak(args.dtype, (1024, 2048), repeats=5)["peak_flops"]
-    )
+    peak = max(peak_start, matmul_peak.jax_matmul_peak(args.dtype, peak_sizes)["peak_flops"])
   achieved = g["pairs_per_s"] * flops["total"]
   peer_best = max(peer.values(), key=lambda x: x["pairs_per_s"]) if peer else None
   result.update(
@@ -334,10 +448,14 @@ def main(argv=None) -> None:
     flops_breakdown=flops,
     achieved_flops=achieved,
     matmul_peak_flops=peak,
+    matmul_peak_sizes=list(peak_sizes),
+    device_peak_gib=g["device_peak_gib"],
     mfu=achieved / peak,
     peer_flops_per_pair=peer_flops["total"],
     peer_mfu=peer_best["pairs_per_s"] * peer_flops["total"] / peak if peer_best else None,
     gmail_jax=g,
+    pipeline=pipe or None,
+    gmail_jax_fed_pairs_per_s=stats.get("gmail_jax_fed", {}).get("pairs_per_s"),
     peer=peer,
     peer_info=p_info,
     windows={r.name: r.times for r in runners},
