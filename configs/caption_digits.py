@@ -14,11 +14,12 @@ seed for every encoder:
   student     GMAIL: f_g on generated, f_r on real
   as_if_real  the same LoRA budget fine-tuned on generated images as if real (Table 9 'Synthetic')
 Writes WORKDIR/eval/captioning.json ({encoder: metrics}) and WORKDIR/eval/captions.jsonl.
-Measured (seeds 0, 1, 2 on the quickstart's runs, mean ± std; ~100 s per seed for the stage):
+Measured (seeds 0, 1, 2 on the quickstart's runs, mean ± std, ClipCap's own defaults; 217-288 s
+per seed for the whole command on 2 shared cores):
   encoder      CIDEr          BLEU-4         class_named (caption names the scan's digit, only it)
-  teacher      2.898 ± 0.447  0.920 ± 0.019  0.661 ± 0.061
-  student      3.746 ± 0.308  0.987 ± 0.002  0.959 ± 0.003
-  as_if_real   3.017 ± 0.161  0.933 ± 0.006  0.744 ± 0.045
+  teacher      3.143 ± 0.330  0.931 ± 0.013  0.699 ± 0.052
+  student      3.683 ± 0.241  0.985 ± 0.006  0.952 ± 0.022
+  as_if_real   3.086 ± 0.157  0.936 ± 0.010  0.748 ± 0.037
 (``python -m gmail_jax.report --aggregate DIR0 DIR1 DIR2 --file eval/captioning.json``).
 """
 
