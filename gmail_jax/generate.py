@@ -3,6 +3,8 @@ r"""``python -m gmail_jax.generate --config=configs/generate/NAME.py --workdir=D
 Captions -> generated images and DIR/manifest.parquet, exactly once, sharded and resumable
 (gmail_jax/generation/runner.py says how). ``--num_shards=N --shard_index=i`` split the work
 between processes (default: JAX_NUM_PROCESSES / JAX_PROCESS_ID, else SLURM_NTASKS / SLURM_PROCID).
+DIR may be a bucket folder (``gs://bucket/run``): everything is written there and a rerun resumes
+from there. A DIR that cannot be written stops the run in one line before any model loads.
 Errors from bad input end the run with one line (``GMAIL_TRACEBACK=1`` shows the traceback).
 """
 
@@ -17,7 +19,9 @@ from gmail_jax.generation import runner
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Generation config (configs/generate/*.py).", lock_config=True
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (images, manifest).")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Output folder (images, manifest): a local path or a bucket URL (gs://...)."
+)
 _NUM_SHARDS = flags.DEFINE_integer(
   "num_shards", None, "Processes splitting the work (default: env)."
 )

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -52,6 +53,8 @@ try:
     fsspec.config.conf.setdefault(_proto, {}).setdefault("use_listings_cache", False)
 except ImportError:  # pragma: no cover - fsspec comes with etils[epath]
   pass
+# fsspec logs every buffered read of an object at INFO (one line per file read from a bucket).
+logging.getLogger("fsspec.caching").setLevel(logging.WARNING)
 
 
 def path(p: PathLike) -> epath.Path:
@@ -71,6 +74,35 @@ def join(base: PathLike, *parts: str) -> str:
 
 def _tmp_name(name: str) -> str:
   return f"{name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def remove_stale_temps(folder: PathLike) -> None:
+  """Removes the temp files (``_tmp_name``) that killed processes of this host left in local
+  ``folder``; a live writer's, another host's and a bucket's (an upload leaves none) are kept."""
+  if is_remote(folder):
+    return
+  host = socket.gethostname()
+  try:
+    names = os.listdir(folder)
+  except FileNotFoundError:
+    return
+  for name in names:
+    _, sep, tag = name.partition(".tmp-")
+    writer, _, pid = tag.rpartition("-")[0].rpartition("-")  # <host>-<pid>-<random>
+    if not (sep and writer == host and pid.isdigit()) or _alive(int(pid)):
+      continue
+    with contextlib.suppress(OSError):  # gone already, or a folder: a sweep never stops a run
+      os.unlink(os.path.join(folder, name))
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
 
 
 def write_bytes(p: PathLike, data: bytes, *, durable: bool = False) -> None:

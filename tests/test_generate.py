@@ -1,5 +1,7 @@
 """Generation (gmail_jax/generation/): the tiny random pipeline on 40 COCO val2017 captions, K=2;
 SIGKILL + restart, two parallel shards, training on the manifest, import mode, per-caption rejects.
+The crash-safety tests run on a local workdir and on a bucket one (``any_dir``: the local GCS
+emulator), where there is no append and no rename, and must give the local run's files.
 
 The pipeline runs in subprocesses with one torch thread: on a shared 2-core machine, torch's
 default thread pool is ~20x slower for these tiny convolutions.
@@ -7,6 +9,8 @@ default thread pool is ~20x slower for these tiny convolutions.
 
 from __future__ import annotations
 
+import fnmatch
+import io
 import json
 import os
 import pathlib
@@ -21,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 from config_helpers import CONFIGS
 
-from gmail_jax import schema
+from gmail_jax import schema, storage
 from gmail_jax.data.rejects import read_rejects
 from gmail_jax.errors import ConfigError, InputError
 from gmail_jax.experiments import driver
@@ -79,11 +83,33 @@ def finish(proc, timeout=240) -> str:
 
 
 def rows(workdir) -> list[dict]:
-  return pq.read_table(pathlib.Path(workdir) / "manifest.parquet").to_pylist()
+  return store.read_parquet(storage.path(workdir) / "manifest.parquet").to_pylist()
 
 
 def pixels(workdir, row) -> np.ndarray:
-  return np.asarray(PIL.Image.open(pathlib.Path(workdir) / row["gen_path"]))
+  data = (storage.path(workdir) / row["gen_path"]).read_bytes()
+  return np.asarray(PIL.Image.open(io.BytesIO(data)))
+
+
+def files(folder, pattern: str = "*") -> list[str]:
+  """Paths (relative, '/'-separated) of the files below ``folder`` whose name matches
+  ``pattern``, local or in a bucket (listed with fsspec: epath's walk() drops the gs:// scheme)."""
+  import fsspec
+
+  fs, key = fsspec.core.url_to_fs(os.fspath(folder))
+  key = key.rstrip("/")
+  found = fs.find(key) if fs.exists(key) else []
+  names = [name[len(key) + 1 :] for name in found]
+  return sorted(n for n in names if fnmatch.fnmatch(n.rpartition("/")[2], pattern))
+
+
+@pytest.fixture(params=["local", pytest.param("gs", marks=pytest.mark.slow)])
+def run_dir(request, tmp_path) -> str:
+  """conftest's ``any_dir`` for the tests that run the generator in subprocesses: its bucket half
+  (~15-45 s each on a busy 2-core machine) is marked slow."""
+  if request.param == "local":
+    return str(tmp_path / "dir")
+  return request.getfixturevalue("gcs_dir")
 
 
 @pytest.fixture(scope="module")
@@ -147,57 +173,66 @@ def test_manifest_joins_back_to_captions_and_real_images(reference, coco):
   ],
 )
 def test_sigkill_then_restart_is_complete_and_equal(
-  reference, tmp_path, kill_at, journaled, parts, rerun
+  reference, run_dir, kill_at, journaled, parts, rerun
 ):
   """The generator SIGKILLs itself at a named point (gmail_jax/faults.py), so a failure replays;
-  the rerun's images equal the uninterrupted run's, whatever its batch size."""
+  the rerun's images equal the uninterrupted run's, whatever its batch size, and so does its
+  manifest, byte for byte, in a local folder or a bucket."""
+  workdir = storage.path(run_dir)
   model = f"--config.model={reference / 'pipeline'}"
-  proc = start(tmp_path, model, kill_at=kill_at)
+  proc = start(workdir, model, kill_at=kill_at)
   out, _ = proc.communicate(timeout=240)
   assert proc.returncode == -signal.SIGKILL, out[-3000:]
-  assert not (tmp_path / "manifest.parquet").exists()
-  assert len(list((tmp_path / "parts").glob("*.parquet"))) == parts
-  assert len(list((tmp_path / "parts").rglob("item-*.json"))) == journaled
-  finish(start(tmp_path, model, *rerun))
-  got, ref = rows(tmp_path), rows(reference)
+  assert not (workdir / "manifest.parquet").exists()
+  assert len(files(workdir / "parts", "*.parquet")) == parts
+  assert len(files(workdir / "parts", "item-*.json")) == journaled
+  finish(start(workdir, model, *rerun))
+  manifest = (workdir / "manifest.parquet").read_bytes()
+  assert manifest == (reference / "manifest.parquet").read_bytes()
+  got, ref = rows(workdir), rows(reference)
   keys = [(r["caption_id"], r["k"]) for r in got]
   assert len(keys) == len(set(keys)) == 40 * K
   assert keys == [(r["caption_id"], r["k"]) for r in ref]
   for a, b in zip(got, ref, strict=True):
     assert a["seed"] == b["seed"]
     if not rerun:  # the same batches: bit-equal
-      np.testing.assert_array_equal(pixels(tmp_path, a), pixels(reference, b))
+      np.testing.assert_array_equal(pixels(workdir, a), pixels(reference, b))
     else:  # batches of 3, not 4: float rounding differs (~1e-6), JPEG rounds it to a level or two
-      diff = np.abs(pixels(tmp_path, a).astype(int) - pixels(reference, b).astype(int))
+      diff = np.abs(pixels(workdir, a).astype(int) - pixels(reference, b).astype(int))
       assert diff.max() <= 4 and diff.mean() < 0.1, (diff.max(), diff.mean())
 
 
-def test_sigterm_finishes_the_batch_journals_it_and_exits_0(reference, tmp_path):
+def test_sigterm_finishes_the_batch_journals_it_and_exits_0(reference, run_dir):
   """A preemption notice mid-batch (after its 3rd of 4 images): the batch is finished and
   journaled, the process exits 0 saying how to resume, and the rerun completes equal."""
+  workdir = storage.path(run_dir)
   model = f"--config.model={reference / 'pipeline'}"
-  out = finish(start(tmp_path, model, term_at="image:3"))  # exit code 0
+  out = finish(start(workdir, model, term_at="image:3"))  # exit code 0
   assert "preempted: generation stopped after a journaled batch" in out, out[-2000:]
-  (entry,) = (tmp_path / "parts").rglob("item-*.json")
-  assert len(json.loads(entry.read_text())["rows"]) == 4  # the whole batch of 4
-  finish(start(tmp_path, model))
-  for a, b in zip(rows(tmp_path), rows(reference), strict=True):
+  (entry,) = files(workdir / "parts", "item-*.json")
+  assert len(json.loads((workdir / "parts" / entry).read_text())["rows"]) == 4  # the whole batch
+  finish(start(workdir, model))
+  for a, b in zip(rows(workdir), rows(reference), strict=True):
     assert (a["caption_id"], a["k"]) == (b["caption_id"], b["k"])
-    np.testing.assert_array_equal(pixels(tmp_path, a), pixels(reference, b))
+    np.testing.assert_array_equal(pixels(workdir, a), pixels(reference, b))
 
 
-def test_two_parallel_shards_cover_every_caption_once(reference, tmp_path):
+def test_two_parallel_shards_cover_every_caption_once(reference, run_dir):
+  workdir = storage.path(run_dir)
   model = f"--config.model={reference / 'pipeline'}"
-  procs = [start(tmp_path, model, "--num_shards=2", f"--shard_index={i}") for i in range(2)]
+  procs = [start(workdir, model, "--num_shards=2", f"--shard_index={i}") for i in range(2)]
   outs = [finish(p) for p in procs]
   assert all("this shard: 3 chunks" in o or "this shard: 2 chunks" in o for o in outs)
-  got = rows(tmp_path)
+  got = rows(workdir)
   keys = [(r["caption_id"], r["k"]) for r in got]
   assert len(keys) == len(set(keys)) == 40 * K
   assert keys == [(r["caption_id"], r["k"]) for r in rows(reference)]
-  assert len(list((tmp_path / "parts").glob("part-*.parquet"))) == 5
+  assert (workdir / "manifest.parquet").read_bytes() == (
+    reference / "manifest.parquet"
+  ).read_bytes()
+  assert len(files(workdir / "parts", "part-*.parquet")) == 5
   for a, b in zip(got, rows(reference), strict=True):  # the same batches: the same images
-    np.testing.assert_array_equal(pixels(tmp_path, a), pixels(reference, b))
+    np.testing.assert_array_equal(pixels(workdir, a), pixels(reference, b))
 
 
 def test_main_trains_on_the_manifest(reference, tmp_path):
@@ -283,11 +318,11 @@ def fake_config(tmp_path, texts, **overrides):
   return c
 
 
-def test_per_caption_failures_are_rejects_not_fatal(tmp_path):
+def test_per_caption_failures_are_rejects_not_fatal(tmp_path, any_dir):
   texts = ["a red car", "NSFW thing", "NSFW again", "", "one two three four five six seven"]
   texts += ["a dog"]
   config = fake_config(tmp_path, texts, long_prompt="reject")
-  out = tmp_path / "out"
+  out = any_dir
   pipe = FakePipeline()
   summary = runner.generate(config, out, pipeline=pipe)
   assert summary["complete"] and summary["captions"] == 6
@@ -324,7 +359,7 @@ class FlakyPipeline(FakePipeline):
     return super().__call__(**kwargs)
 
 
-def test_a_device_fault_is_not_a_caption_fault(tmp_path):
+def test_a_device_fault_is_not_a_caption_fault(tmp_path, any_dir):
   """An exception is retried, then stops the run without recording the batch; it never becomes a
   caption's reject, and a rerun generates those images, equal to an uninterrupted run's."""
   texts = [f"caption {i}" for i in range(6)]
@@ -339,11 +374,11 @@ def test_a_device_fault_is_not_a_caption_fault(tmp_path):
   assert rows(tmp_path / "flaky") == rows(tmp_path / "clean")
   # Chunk 0's second batch fails on both tries: the run stops naming the error; nothing of that
   # batch is recorded.
-  out = tmp_path / "out"
+  out = storage.path(any_dir)
   with pytest.raises(RuntimeError, match=r"chunk 0 .*2 tries.*illegal memory access.*rerun"):
     runner.generate(config, out, pipeline=FlakyPipeline(fail_calls=(1, 2)))
   assert not read_rejects(out) and not (out / "manifest.parquet").exists()
-  recorded = {p.name for p in (out / "parts").rglob("item-*.json")}
+  recorded = {pathlib.PurePath(p).name for p in files(out / "parts", "item-*.json")}
   assert recorded == {"item-000000000.json"}  # batch 1 (items 0-2) only
   resumed = FakePipeline()
   summary = runner.generate(config, out, pipeline=resumed)
@@ -353,13 +388,14 @@ def test_a_device_fault_is_not_a_caption_fault(tmp_path):
     np.testing.assert_array_equal(pixels(out, r), pixels(tmp_path / "clean", r))
 
 
-def test_a_rerun_may_change_batch_size(tmp_path):
+def test_a_rerun_may_change_batch_size(tmp_path, any_dir):
   """batch_size does not define the images (the noise is per image): a run stopped after two
-  batches and rerun with another batch_size completes with the uninterrupted run's images."""
+  batches and rerun with another batch_size completes with the uninterrupted run's images (and
+  manifest), in a local folder or a bucket."""
   texts = [f"caption {i}" for i in range(6)]
   config = fake_config(tmp_path, texts, chunk_size=12, batch_size=3, retries=0)
   runner.generate(config, tmp_path / "clean", pipeline=FakePipeline())
-  out = tmp_path / "out"
+  out = storage.path(any_dir)
   with pytest.raises(RuntimeError, match="generation stopped"):
     runner.generate(config, out, pipeline=FlakyPipeline(fail_calls=(2,)))
   resumed = FakePipeline()
@@ -367,8 +403,10 @@ def test_a_rerun_may_change_batch_size(tmp_path):
   assert runner.generate(smaller, out, pipeline=resumed)["complete"]
   assert [len(c) for c in resumed.calls] == [2, 2, 2]  # the 6 images not journaled, by 2
   assert rows(out) == rows(tmp_path / "clean")
+  clean = (tmp_path / "clean" / "manifest.parquet").read_bytes()
+  assert (out / "manifest.parquet").read_bytes() == clean
   for r in rows(out):
-    np.testing.assert_array_equal(pixels(out, r), pixels(tmp_path / "clean", r))
+    assert (out / r["gen_path"]).read_bytes() == (tmp_path / "clean" / r["gen_path"]).read_bytes()
 
 
 def test_images_and_their_directory_reach_the_disk_before_their_journal_entry(
@@ -394,6 +432,30 @@ def test_images_and_their_directory_reach_the_disk_before_their_journal_entry(
   for name in names:  # each image's bytes, then the directory holding its name
     first = next(i for i, p in enumerate(before) if pathlib.Path(p).name.startswith(name + "."))
     assert images_dir in before[first:], (name, synced)
+
+
+def test_temp_files_of_killed_writers_are_swept_from_a_resumed_chunk(tmp_path):
+  """A local write is a temp name + rename: a process killed inside one leaves its temp file in
+  the chunk's folder, removed when the chunk is resumed; a live writer's and another host's stay."""
+  import socket
+
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  host = socket.gethostname()
+  folder = tmp_path / "images" / "000000"
+  folder.mkdir(parents=True)
+  names = {
+    "dead": f"c0_0.jpg.tmp-{host}-{dead.pid}-abc123",
+    "live": f"c0_1.jpg.tmp-{host}-{os.getpid()}-abc123",
+    "other host": f"c1_0.jpg.tmp-elsewhere-{dead.pid}-abc123",
+    "image": "c1_1.jpg",
+  }
+  for name in names.values():
+    (folder / name).write_bytes(b"x")
+  storage.remove_stale_temps(storage.path(folder))
+  assert sorted(p.name for p in folder.iterdir()) == sorted(
+    names[k] for k in ("live", "other host", "image")
+  )
 
 
 def test_the_plan_is_written_once_when_shards_start_together(tmp_path, monkeypatch):
@@ -658,3 +720,78 @@ def test_a_workdir_started_with_other_noise_is_refused_by_name(tmp_path):
   (out / "generate.json").write_text(json.dumps(plan))
   with pytest.raises(ConfigError, match="started from torch-cpu-generator noise.*numpy-pcg64"):
     runner.generate(config, out, pipeline=FakePipeline(), shard_index=1, num_shards=2)
+
+
+# ------------------------------------------------------------------------------------- buckets
+
+
+def test_captions_and_real_images_in_a_bucket(tmp_path, gcs_dir):
+  """Captions and real images read from a bucket: only_with_real keeps the captions whose image
+  is there (one listing of its folder), and real_path is the image's gs:// URL."""
+  data = storage.path(gcs_dir) / "data"
+  config = fake_config(tmp_path, ["a cat", "a dog", "a cow"], only_with_real=True)
+  csv = "caption_id,caption,real_path\nc0,a cat,r0.jpg\nc1,a dog,gone.jpg\nc2,a cow,r2.jpg\n"
+  storage.write_text(data / "captions.csv", csv)
+  for name in ("r0.jpg", "r2.jpg"):
+    storage.write_bytes(data / "real" / name, (tmp_path / "real.jpg").read_bytes())
+  config.captions, config.real_images = str(data / "captions.csv"), str(data / "real")
+  summary = runner.generate(config, storage.path(gcs_dir) / "out", pipeline=FakePipeline())
+  assert summary["captions"] == 2 and summary["manifest"] == f"{gcs_dir}/out/manifest.parquet"
+  got = rows(storage.path(gcs_dir) / "out")
+  assert [(r["caption_id"], r["real_path"]) for r in got] == [
+    ("c0", f"{gcs_dir}/data/real/r0.jpg"),
+    ("c0", f"{gcs_dir}/data/real/r0.jpg"),
+    ("c2", f"{gcs_dir}/data/real/r2.jpg"),
+    ("c2", f"{gcs_dir}/data/real/r2.jpg"),
+  ]
+
+
+def test_import_from_and_into_a_bucket(tmp_path, gcs_dir):
+  """mode='import' with both the images and the workdir in a bucket: gen_path is each image's
+  URL, and a missing or corrupt image is a reject (one object per writer, read back whole)."""
+  config = fake_config(tmp_path, [f"caption {i}" for i in range(3)], mode="import")
+  made = storage.path(gcs_dir) / "made"
+  for i in range(3):
+    for k in range(2):
+      buf = io.BytesIO()
+      PIL.Image.new("RGB", (8, 8), (i * 50, k * 100, 0)).save(buf, format="PNG")
+      storage.write_bytes(made / ("sub" if i else "") / f"c{i}_{k}.png", buf.getvalue())
+  storage.write_bytes(made / "sub" / "c2_1.png", b"not a png")
+  (made / "c0_1.png").unlink()
+  config.import_dir = str(made)
+  out = storage.path(gcs_dir) / "out"
+  summary = runner.run(config, out)
+  assert (summary["images"], summary["missing"], summary["rejected"]) == (4, 1, 2)
+  assert [r["gen_path"] for r in rows(out)] == [
+    f"{made}/c0_0.png", f"{made}/sub/c1_0.png", f"{made}/sub/c1_1.png", f"{made}/sub/c2_0.png"
+  ]  # fmt: skip
+  assert {(r["caption_id"], r["k"]) for r in read_rejects(out)} == {("c0", 1), ("c2", 1)}
+
+
+def test_a_model_folder_in_a_bucket_is_fetched_once(reference, gcs_dir, tmp_path):
+  """--config.model=gs://... (a diffusers folder): copied once into the local cache and loaded
+  from there; the images equal those of the same weights loaded from a local folder."""
+  model = storage.path(gcs_dir) / "pipeline"
+  storage.upload_tree(reference / "pipeline", model)
+  workdir = storage.path(gcs_dir) / "run"
+  cache = tmp_path / "cache"
+  flags = (f"--config.model={model}", "--config.max_captions=4")
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "gmail_jax.generate", TINY, f"--workdir={workdir}", *flags],
+    cwd=ROOT,
+    env=env(GMAIL_JAX_CACHE=str(cache)),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+  finish(proc)
+  (copy,) = (cache / "gcs").iterdir()
+  assert (copy / "model_index.json").is_file()
+  assert json.loads((workdir / "weights.json").read_text())["model"] == str(model)
+  ref = {(r["caption_id"], r["k"]): r for r in rows(reference)}
+  got = rows(workdir)
+  assert len(got) == 8
+  for r in got:
+    np.testing.assert_array_equal(
+      pixels(workdir, r), pixels(reference, ref[r["caption_id"], r["k"]])
+    )

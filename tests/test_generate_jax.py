@@ -188,3 +188,23 @@ def test_jax_backend_two_parallel_shards_cover_every_caption_once(tiny, tmp_path
     assert p.returncode == 0, out[-2000:]
   keys = [(r["caption_id"], r["k"]) for r in _rows(tmp_path)]
   assert len(keys) == len(set(keys)) == 80
+
+
+@pytest.mark.slow
+def test_jax_backend_generates_into_a_bucket(gcs_dir, tmp_path, monkeypatch):
+  """backend jax, model='random', --workdir=gs://...: every file of the run is in the bucket but
+  the random pipeline, built once into the local cache (the backend loads local files)."""
+  from gmail_jax import storage
+  from gmail_jax.generation import store
+
+  monkeypatch.setenv("GMAIL_JAX_CACHE", str(tmp_path / "cache"))
+  flags = ("--config.backend=jax", "--config.max_captions=4")
+  res = _generate(gcs_dir, *flags)
+  assert res.returncode == 0, res.stderr[-2000:]
+  got = store.read_parquet(storage.path(gcs_dir) / "manifest.parquet").to_pylist()
+  assert len(got) == 8 and all((storage.path(gcs_dir) / r["gen_path"]).is_file() for r in got)
+  assert not (storage.path(gcs_dir) / "pipeline").exists()
+  (pipeline,) = (tmp_path / "cache" / "generate").glob("*/pipeline")
+  assert (pipeline / "model_index.json").is_file()
+  res = _generate(gcs_dir, *flags)  # a rerun finds every chunk done in the bucket
+  assert res.returncode == 0 and "0 images to go" in res.stdout, res.stderr[-2000:]

@@ -1,7 +1,9 @@
 """Bad-input policy: rejected inputs go to WORKDIR/rejects.jsonl; ``fail`` stops with one line.
 
 Each rejected pair is one JSON object per line: ``{"path", "reason", "policy", ...}``. Lines are
-written with a single ``O_APPEND`` write, so grain worker processes can share the file. Training
+written with a single ``O_APPEND`` write, so grain worker processes can share the file; in a
+bucket workdir, which has no append, each process writes its own object beside it
+(storage.append_shared; ``read_rejects`` reads both). Training
 repeats epochs, so the same bad file can be logged once per epoch; counts are by unique
 (path, reason).
 """
@@ -12,8 +14,8 @@ import collections
 import dataclasses
 import json
 import os
-import pathlib
 
+from gmail_jax import storage
 from gmail_jax.errors import InputError
 
 REJECTS_FILE = "rejects.jsonl"
@@ -48,30 +50,23 @@ class RejectLog:
       raise ValueError(f"on_bad_input={policy!r}: expected skip or fail")
     if workdir is None:
       return cls(None, policy)
-    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-    return cls(str(pathlib.Path(workdir) / REJECTS_FILE), policy)
+    storage.makedirs(workdir)
+    return cls(storage.join(workdir, REJECTS_FILE), policy)
 
   def reject(self, path: str, reason: str, **extra) -> None:
     """Log one reject; under ``fail`` raise :class:`BadInputError` after logging it."""
     reason = " ".join(str(reason).split())
     if self.path is not None:
       line = json.dumps({"path": str(path), "reason": reason, "policy": self.policy, **extra})
-      fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-      try:
-        os.write(fd, (line + "\n").encode())
-      finally:
-        os.close(fd)
+      storage.append_shared(self.path, line)
     if self.policy == "fail":
       raise BadInputError(f"bad input {path}: {reason} (config.data.on_bad_input='fail')")
 
 
 def read_rejects(workdir: str | os.PathLike, unique: bool = True) -> list[dict]:
   """Rejects logged under ``workdir`` (first occurrence of each (path, reason) if ``unique``)."""
-  file = pathlib.Path(workdir) / REJECTS_FILE
-  if not file.exists():
-    return []
   out, seen = [], set()
-  for line in file.read_text().splitlines():
+  for line in storage.read_shared(storage.path(workdir) / REJECTS_FILE):
     if not line.strip():
       continue
     rec = json.loads(line)

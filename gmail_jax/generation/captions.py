@@ -4,19 +4,22 @@ COCO: caption_id = annotation id, group = image id, real_path = ``real_images``/
 Karpathy: sentid, cocoid/imgid, filepath/filename; ``split`` picks splits. Tables: ``caption``
 and optional ``caption_id`` (default: the row number), ``real_path`` (relative to
 ``real_images``, else to the captions file) and ``group``. Ids must be file-name safe and unique.
+The captions file and ``real_images`` may be in a bucket (``gs://...``).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import json
 import os
-import pathlib
 import re
 from typing import Any
 
 import ml_collections
 
+from gmail_jax import storage
 from gmail_jax.errors import ConfigError, InputError
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -44,36 +47,39 @@ def _clean(text: Any) -> str:
   return " ".join(str(text).split()) if text is not None else ""
 
 
-def _read_table(path: pathlib.Path):
-  """A pyarrow Table of a CSV / TSV / JSONL / Parquet file, every column read as written."""
+def _read_table(path: storage.Path):
+  """A pyarrow Table of a CSV / TSV / JSONL / Parquet file, every column read as written (a
+  bucket's through its file object: pyarrow's own gs:// filesystem looks for credentials)."""
   import pyarrow as pa
 
   suffix = path.suffix.lower()
+  source = path.open("rb") if storage.is_remote(path) else contextlib.nullcontext(os.fspath(path))
   try:
-    if suffix in (".csv", ".tsv"):
-      import pyarrow.csv as pacsv
+    with source as f:
+      if suffix in (".csv", ".tsv"):
+        import pyarrow.csv as pacsv
 
-      return pacsv.read_csv(
-        path,
-        parse_options=pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ","),
-        convert_options=pacsv.ConvertOptions(
-          strings_can_be_null=True, column_types={"caption_id": pa.string()}
-        ),
-      )
-    if suffix in (".jsonl", ".ndjson"):
-      import pyarrow.json as pajson
+        return pacsv.read_csv(
+          f,
+          parse_options=pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ","),
+          convert_options=pacsv.ConvertOptions(
+            strings_can_be_null=True, column_types={"caption_id": pa.string()}
+          ),
+        )
+      if suffix in (".jsonl", ".ndjson"):
+        import pyarrow.json as pajson
 
-      return pajson.read_json(path)
-    if suffix in (".parquet", ".pq"):
-      import pyarrow.parquet as pq
+        return pajson.read_json(f)
+      if suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
 
-      return pq.read_table(path)
+        return pq.read_table(f)
   except (pa.ArrowInvalid, OSError) as e:
     raise InputError(f"captions {path}: cannot parse: {' '.join(str(e).split())}") from None
   raise InputError(f"captions {path}: unknown format {suffix!r} (.json, .csv, .jsonl, .parquet)")
 
 
-def _from_json(path: pathlib.Path, split: str, real_images: str) -> tuple[list, ...]:
+def _from_json(path: storage.Path, split: str, real_images: str) -> tuple[list, ...]:
   try:
     data = json.loads(path.read_text())
   except (OSError, ValueError) as e:
@@ -105,7 +111,7 @@ def _from_json(path: pathlib.Path, split: str, real_images: str) -> tuple[list, 
   return ids, texts, reals, groups
 
 
-def _from_table(path: pathlib.Path, real_images: str) -> tuple[list, ...]:
+def _from_table(path: storage.Path, real_images: str) -> tuple[list, ...]:
   table = _read_table(path)
   if "caption" not in table.column_names:
     raise InputError(f"captions {path}: no 'caption' column (has {', '.join(table.column_names)})")
@@ -125,20 +131,21 @@ def _from_table(path: pathlib.Path, real_images: str) -> tuple[list, ...]:
 
 def read_captions(config: ml_collections.ConfigDict) -> Captions:
   """The captions to generate for, in order (``only_with_real`` and ``max_captions`` applied)."""
-  path = pathlib.Path(config.captions)
+  path = storage.path(config.captions)
   if not path.is_file():
     raise InputError(f"config.captions: file not found: {path}")
   if path.suffix.lower() == ".json":
     ids, texts, reals, groups = _from_json(path, config.split, config.real_images)
   else:
     ids, texts, reals, groups = _from_table(path, config.real_images)
-  reals = [None if p is None else os.path.abspath(p) for p in reals]
+  reals = [p if p is None or storage.is_remote(p) else os.path.abspath(p) for p in reals]
   if config.only_with_real:
     if not any(reals):
       raise ConfigError(
         "config.only_with_real: the captions name no real image (set config.real_images)"
       )
-    keep = [i for i, p in enumerate(reals) if p and os.path.exists(p)]
+    present = _existing([p for p in reals if p])
+    keep = [i for i, p in enumerate(reals) if p in present]
     ids, texts = [ids[i] for i in keep], [texts[i] for i in keep]
     reals, groups = [reals[i] for i in keep], [groups[i] for i in keep]
   if config.max_captions:
@@ -157,3 +164,20 @@ def read_captions(config: ml_collections.ConfigDict) -> Captions:
       raise InputError(f"captions {path}: caption_id {cid!r} appears twice")
     seen.add(cid)
   return Captions(ids, texts, reals, groups, str(path))
+
+
+def _existing(paths: list[str]) -> set[str]:
+  """Those of ``paths`` that exist: local ones checked one by one, a bucket's by listing each
+  folder once (one request per thousand names, not one per image)."""
+  out = {p for p in paths if not storage.is_remote(p) and os.path.exists(p)}
+  folders = collections.defaultdict(list)
+  for p in paths:
+    if storage.is_remote(p):
+      folders[p.rpartition("/")[0]].append(p)
+  for folder, members in folders.items():
+    try:
+      names = {q.name for q in storage.path(folder).iterdir()}
+    except FileNotFoundError:
+      continue
+    out.update(p for p in members if p.rpartition("/")[2] in names)
+  return out

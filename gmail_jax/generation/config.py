@@ -14,9 +14,8 @@ import pathlib
 
 import ml_collections
 
-from gmail_jax import schema
+from gmail_jax import schema, storage
 from gmail_jax.errors import ConfigError, InputError
-from gmail_jax.generation import store
 from gmail_jax.generation.captions import Captions
 from gmail_jax.generation.seeds import NOISE
 from gmail_jax.generation.store import num_chunks
@@ -97,7 +96,8 @@ def make_plan(config: ml_collections.ConfigDict, captions: Captions, dtype: str)
   values = json.loads(config.to_json_best_effort())
   plan = {k: values[k] for k in PLAN_KEYS}
   plan["dtype"] = dtype  # resolved: 'auto' means float16 on a GPU and float32 on a CPU
-  if config.revision and not pathlib.Path(config.model).is_dir() and config.model != "random":
+  folder = storage.is_remote(config.model) or pathlib.Path(config.model).is_dir()
+  if config.revision and not folder and config.model != "random":
     plan["revision"] = config.revision  # a hub id's snapshot (a local directory has none)
   n_items = len(captions) * config.images_per_caption
   return {
@@ -109,11 +109,11 @@ def make_plan(config: ml_collections.ConfigDict, captions: Captions, dtype: str)
   }
 
 
-def check_plan(workdir: pathlib.Path, plan: dict) -> None:
+def check_plan(workdir: storage.Path, plan: dict) -> None:
   """Writes DIR/generate.json (exclusively: of shards starting together, one writes it), or
   refuses values that differ from the recorded ones."""
   path = workdir / PLAN
-  if store.create_exclusive(path, json.dumps(plan, indent=2, sort_keys=True).encode()):
+  if storage.create_exclusive(path, json.dumps(plan, indent=2, sort_keys=True).encode()):
     return
   old = json.loads(path.read_text())
   # Workdirs of earlier versions drew torch's per-image CPU generator: other images, never mixed.
@@ -137,13 +137,13 @@ def check_plan(workdir: pathlib.Path, plan: dict) -> None:
     )
 
 
-def check_weights(workdir: pathlib.Path, model: str, fingerprint: str) -> None:
+def check_weights(workdir: storage.Path, model: str, fingerprint: str) -> None:
   """Records the loaded weights' fingerprint in DIR/weights.json on first load; refuses weights
   that differ from those the images already there were generated with (a changed upload, another
   snapshot or directory under the same name)."""
   path = workdir / WEIGHTS
   record = {"model": model, "sha256": fingerprint}
-  if store.create_exclusive(path, json.dumps(record, indent=2).encode()):
+  if storage.create_exclusive(path, json.dumps(record, indent=2).encode()):
     return
   old = json.loads(path.read_text())
   if old["sha256"] != fingerprint:

@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 from typing import Any
 
 import ml_collections
@@ -24,7 +25,6 @@ import numpy as np
 from gmail_jax.errors import ConfigError, InputError, first_line
 from gmail_jax.generation.config import RANDOM_SHAPES
 from gmail_jax.generation.seeds import initial_latents
-from gmail_jax.generation.store import tmp_name
 
 
 def write_clip_tokenizer(path: pathlib.Path) -> pathlib.Path:
@@ -123,11 +123,13 @@ def random_pipeline(shapes: str = "tiny", seed: int = 0, tokenizer_dir: str | No
 
 
 def ensure_random_pipeline(path: pathlib.Path, shapes: str, seed: int) -> pathlib.Path:
-  """``random_pipeline`` saved into ``path`` once (temp dir + rename), then loaded from there."""
+  """``random_pipeline`` saved into local folder ``path`` once (temp folder + rename), then loaded
+  from there."""
   if (path / "model_index.json").exists():
     return path
   quiet_loggers()
-  tmp = path.parent / tmp_name(path.name)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}"
   random_pipeline(shapes, seed).save_pretrained(tmp)
   try:
     os.rename(tmp, path)

@@ -1,7 +1,8 @@
 """mode='import': images made elsewhere (MaxDiffusion on TPUs, FLUX, ...) become the manifest.
 
 Files named ``<caption_id>_<k>.<ext>`` (K=1: ``<caption_id>.<ext>``) anywhere below
-``config.import_dir`` are matched to their caption, each decoded once to verify it.
+``config.import_dir`` (a local folder or a bucket folder) are matched to their caption, each
+decoded once to verify it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from gmail_jax import storage
 from gmail_jax.data.rejects import BadInput, RejectLog
 from gmail_jax.errors import InputError
 from gmail_jax.generation import store
@@ -44,9 +46,9 @@ def import_images(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
   from gmail_jax.data.sources import read_bytes
 
   check(config)
-  workdir = pathlib.Path(os.path.abspath(workdir))
-  workdir.mkdir(parents=True, exist_ok=True)
-  root = pathlib.Path(config.import_dir)
+  workdir = store.workdir_path(workdir)
+  storage.makedirs(workdir)
+  root = storage.path(config.import_dir)
   if not root.is_dir():
     raise InputError(f"config.import_dir: not a directory: {root}")
   captions = read_captions(config)
@@ -60,8 +62,8 @@ def import_images(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
     log.reject(path, reason, **extra)
     reasons.append(reason)
 
-  for f in sorted(root.rglob("*")):
-    if f.suffix.lower() not in IMPORT_EXTS or not f.is_file():
+  for f in _files(root):
+    if f.suffix.lower() not in IMPORT_EXTS:
       continue
     keys = match_name(f.stem, K, known)
     if not keys:
@@ -74,11 +76,11 @@ def import_images(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
     elif key in found:
       reject(str(f), f"duplicate: ({key[0]}, {key[1]}) is also {found[key]}")
     else:
-      found[key] = str(f.resolve())
+      found[key] = str(f) if storage.is_remote(f) else str(f.resolve())
 
   def verify(path: str) -> str | None:
     try:
-      decode_image(read_bytes(path), path)
+      decode_image(_read(path) if storage.is_remote(path) else read_bytes(path), path)
     except BadInput as e:
       return e.reason
     return None
@@ -117,3 +119,24 @@ def import_images(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
       "missing": kinds.get("missing image", 0),
     },
   )
+
+
+def _files(root: storage.Path) -> list[os.PathLike]:
+  """The files below ``root``, sorted by path (a bucket's from one recursive listing: it has no
+  recursive glob, and epath's walk() drops the gs:// scheme)."""
+  if not storage.is_remote(root):
+    return [f for f in sorted(pathlib.Path(root).rglob("*")) if f.is_file()]
+  import fsspec
+
+  fs, key = fsspec.core.url_to_fs(os.fspath(root))
+  return sorted(storage.path(fs.unstrip_protocol(name)) for name in fs.find(key))
+
+
+def _read(url: str) -> bytes:
+  """A bucket object's bytes, or :class:`BadInput` (as data.sources.read_bytes for a file)."""
+  try:
+    return storage.path(url).read_bytes()
+  except FileNotFoundError:
+    raise BadInput(url, "missing file") from None
+  except OSError as e:
+    raise BadInput(url, f"unreadable: {e}") from None

@@ -5,13 +5,15 @@ image backend of ``config.backend`` (generation/config.py BACKENDS; diffusers: P
 ``pip install -e .[gen]``); ``mode='import'`` turns images made elsewhere (MaxDiffusion on TPUs,
 FLUX, ...) into the same manifest (importer.py). Captions: captions.py; seeds: seeds.py.
 
-Output (DIR = --workdir):
+Output (DIR = --workdir: a local folder or a bucket folder, ``gs://bucket/run``; store.py says how
+each file is written without append or rename):
   DIR/manifest.parquet   one row per image: caption_id, k, caption, gen_path (relative to DIR),
                          seed, and real_path / group when the captions know them. It trains as is:
                          --config.data.source=manifest --config.data.manifest=DIR/manifest.parquet
   DIR/images/<chunk>/<caption_id>_<k>.jpg|png
   DIR/rejects.jsonl      per-caption failures (empty or over-long prompt, NSFW-blocked,
-                         non-finite pixels that reproduce alone), counted in summary.json
+                         non-finite pixels that reproduce alone), counted in summary.json (on a
+                         bucket: one object per writing process, DIR/rejects.jsonl.writers/)
   DIR/summary.json       counts; DIR/generate.json the plan (values that define the outputs);
                          DIR/weights.json the fingerprint of the weights that generated them
 
@@ -23,7 +25,10 @@ Work split: chunk c (store.py) belongs to shard c % num_shards (from --num_shard
 else JAX_NUM_PROCESSES / JAX_PROCESS_ID, else SLURM_NTASKS / SLURM_PROCID). A restart (SIGKILL,
 preemption) skips finished chunks and the finished batches of a partial chunk: no (caption_id, k)
 is missing or duplicated, and the batches are the ones an uninterrupted run forms. The process that
-finds every chunk done writes the manifest (temp + rename; concurrent writers write the same bytes).
+finds every chunk done writes the manifest (whole; concurrent writers write the same bytes).
+Captions, real images and a diffusers model folder (``model``) may be in a bucket too; the model
+is copied once to a local cache (storage.fetch_dir), as is ``model='random'``'s pipeline, which a
+bucket workdir keeps in a local folder (storage.cache_root()) rather than in DIR/pipeline.
 
 Safety checker (``safety_checker``): 'none' (default) loads none and keeps every image (SD 2.x
 ships none; SD 1.x ships one and it is dropped); 'pipeline' uses the one the model ships (an error
@@ -35,11 +40,12 @@ is a reject ('nsfw: blocked by the safety checker'), and a rerun does not retry 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import hashlib
 import importlib
 import math
 import os
 import pathlib
-import shutil
 import time
 from types import ModuleType
 from typing import Any
@@ -48,7 +54,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from gmail_jax import faults, preemption
+from gmail_jax import faults, preemption, storage
 from gmail_jax.data.rejects import RejectLog
 from gmail_jax.errors import ConfigError, first_line
 from gmail_jax.generation import store
@@ -132,11 +138,10 @@ class Progress:
 class _Chunker:
   """Generates the chunks of one shard into DIR (see the module docstring)."""
 
-  def __init__(self, config, workdir: pathlib.Path, captions: Captions, engine, log: RejectLog):
+  def __init__(self, config, workdir: storage.Path, captions: Captions, engine, log: RejectLog):
     self.config, self.workdir, self.captions, self.log = config, workdir, captions, log
     self.engine = engine
     self.ext = IMAGE_FORMATS[config.image_format]
-    self.tmp = workdir / "tmp"
     self.images_written = self.batches_journaled = 0  # by this process (crash points)
     self._tokens: dict[int, int] = {}
 
@@ -207,7 +212,8 @@ class _Chunker:
     part, journal = part_path(self.workdir, c), journal_path(self.workdir, c)
     done = store.read_journal(journal)
     images_dir = self.workdir / "images" / f"{c:06d}"
-    images_dir.mkdir(parents=True, exist_ok=True)
+    storage.remove_stale_temps(images_dir)
+    storage.makedirs(images_dir)
     rows: dict[int, dict] = {}  # item -> its row, written in item order
     todo = []
     for item in chunk_items(c, n_items, self.config.chunk_size):
@@ -236,13 +242,12 @@ class _Chunker:
           continue
         name = f"{row['caption_id']}_{row['k']}.{self.ext}"
         data = store.encode_image(pixels, self.config.image_format, self.config.jpeg_quality)
-        store.atomic_write(images_dir / name, data, self.tmp, durable=True)
+        storage.write_bytes(images_dir / name, data, durable=True)
         self.images_written += 1
         faults.kill_point("image", self.images_written)
-        rel = (images_dir / name).relative_to(self.workdir).as_posix()
-        rows[item] = {**row, "gen_path": rel, "reject": None}
+        rows[item] = {**row, "gen_path": f"images/{c:06d}/{name}", "reject": None}
         out.append(rows[item])
-      store.fsync_dir(images_dir)  # the images' names are on disk before the entry naming them
+      storage.sync_dir(images_dir)  # the images' names are on disk before the entry naming them
       store.write_journal_entry(journal, batch[0][0], out)
       self.batches_journaled += 1
       faults.kill_point("batch", self.batches_journaled)
@@ -253,9 +258,26 @@ class _Chunker:
         )
       n_bad = sum(r["reject"] is not None for r in out)
       progress.update(len(out) - n_bad, rejected=n_bad)
-    store.write_part(part, [rows[i] for i in sorted(rows)], self.tmp)
+    store.write_part(part, [rows[i] for i in sorted(rows)])
     store.remove_journal(journal)
     faults.kill_point("chunk", c)
+
+
+def _local_inputs(
+  config: ml_collections.ConfigDict, workdir: storage.Path
+) -> tuple[ml_collections.ConfigDict, pathlib.Path]:
+  """(config, folder) for ``backend.load``, both local, as the backends read weights from local
+  files and build ``model='random'`` into FOLDER/pipeline: a bucket ``model`` / ``safety_checker``
+  folder becomes its cached local copy; a bucket workdir's folder is a local cache folder."""
+  remote = {k: config[k] for k in ("model", "safety_checker") if storage.is_remote(config[k])}
+  if remote:
+    config = config.copy_and_resolve_references()
+    for key, url in remote.items():
+      config[key] = str(storage.fetch_dir(url))
+  if not storage.is_remote(workdir):
+    return config, pathlib.Path(os.fspath(workdir))
+  key = hashlib.sha256(os.fspath(workdir).encode()).hexdigest()[:20]
+  return config, storage.cache_root() / "generate" / key  # created if a pipeline is built there
 
 
 def generate(
@@ -273,9 +295,11 @@ def generate(
   summary (``complete``: whether the manifest was written by this call).
   """
   check(config)
-  workdir = pathlib.Path(os.path.abspath(workdir))
-  for d in ("parts", "images", "tmp"):
-    (workdir / d).mkdir(parents=True, exist_ok=True)
+  workdir = store.workdir_path(workdir)
+  for d in ("parts", "images"):
+    storage.makedirs(workdir / d)
+  for d in (workdir, workdir / "parts"):
+    storage.remove_stale_temps(d)
   captions = read_captions(config)
   runs = backend(config)
   plan = make_plan(config, captions, runs.dtype_of(config, pipeline))
@@ -283,9 +307,10 @@ def generate(
   label = f"[shard {shard_index}/{num_shards}]"
   n_items = plan["items"]
   mine = list(shard_chunks(plan["chunks"], shard_index, num_shards))
-  todo = [c for c in mine if not part_path(workdir, c).exists()]
+  parts, journals = store.scan_parts(workdir)
+  todo = [c for c in mine if c not in parts]
   left = sum(len(chunk_items(c, n_items, config.chunk_size)) for c in todo)
-  left -= sum(len(store.read_journal(journal_path(workdir, c))) for c in todo)
+  left -= sum(len(store.read_journal(journal_path(workdir, c))) for c in todo if c in journals)
   print(
     f"generate {label}: {len(captions)} captions x {config.images_per_caption} = {n_items}"
     f" images in {plan['chunks']} chunks; this shard: {len(mine)} chunks, {left} images to go",
@@ -294,7 +319,7 @@ def generate(
   if todo:
     if not preemption.distributed():  # several processes: JAX's preemption service has SIGTERM
       preemption.install()
-    pipe = pipeline if pipeline is not None else runs.load(config, workdir)
+    pipe = pipeline if pipeline is not None else runs.load(*_local_inputs(config, workdir))
     fingerprint = runs.weights_fingerprint(pipe)
     if fingerprint is not None:
       check_weights(workdir, config.model, fingerprint)
@@ -318,15 +343,23 @@ def finalize(
   """Writes DIR/manifest.parquet and DIR/summary.json when every chunk is done; else None."""
   import pyarrow as pa
   import pyarrow.compute as pc
-  import pyarrow.parquet as pq
 
-  workdir = pathlib.Path(os.path.abspath(workdir))
+  workdir = store.workdir_path(workdir)
   captions = captions or read_captions(config)
   n_items = len(captions) * config.images_per_caption
   n_chunks = num_chunks(n_items, config.chunk_size)
-  if not all(part_path(workdir, c).exists() for c in range(n_chunks)):
+  parts_done, journals = store.scan_parts(workdir)
+  if not set(range(n_chunks)) <= parts_done:
     return None
-  parts = pa.concat_tables([pq.read_table(part_path(workdir, c)) for c in range(n_chunks)])
+  for c in journals:  # a kill between a part's write and its journal's removal
+    store.remove_journal(journal_path(workdir, c))
+  paths = [part_path(workdir, c) for c in range(n_chunks)]
+  if storage.is_remote(workdir):  # one request per part: many in flight
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+      tables = list(pool.map(store.read_parquet, paths))
+  else:
+    tables = [store.read_parquet(p) for p in paths]
+  parts = pa.concat_tables(tables)
   keys = list(
     zip(parts.column("caption_id").to_pylist(), parts.column("k").to_pylist(), strict=True)
   )
@@ -339,7 +372,8 @@ def finalize(
   rows = {"caption_id": ok.column("caption_id").to_pylist(), "k": ok.column("k").to_pylist()}
   table = store.manifest_table(captions, rows, ok.column("gen_path"), ok.column("seed"))
   path = store.write_manifest(workdir, table)
-  shutil.rmtree(workdir / "tmp", ignore_errors=True)
+  if not storage.is_remote(workdir):
+    storage.rmtree(workdir / "tmp")  # where earlier versions wrote their temp files
   rejects = [r for r in parts.column("reject").to_pylist() if r is not None]
   return store.write_summary(
     workdir,
@@ -366,6 +400,7 @@ def run(
 ) -> dict[str, Any]:
   """What ``python -m gmail_jax.generate`` does: import, or generate this process's shard."""
   check(config)
+  storage.check_writable(workdir)  # one line before any model loads
   if config.mode == "import":
     return import_images(config, workdir)
   i, n = resolve_shard(num_shards, shard_index)

@@ -1,27 +1,32 @@
-"""Where generated images go: chunks, per-batch journal entries, atomic parts, the manifest.
+"""Where generated images go: chunks, per-batch journal entries, whole parts, the manifest.
+
+DIR (``--workdir``) is a local folder or a bucket folder (``gs://bucket/run``); every file goes
+through gmail_jax/storage.py. A bucket has no append and no rename, so nothing here relies on
+either: every file is written whole (local: temp name + rename; bucket: one upload, the object
+appearing when complete), and nothing is ever appended to.
 
 Work split: item i = (caption i // K, k = i % K); chunk c = items [c*chunk_size, (c+1)*chunk_size).
 A finished chunk is DIR/parts/part-<c>.parquet. Inside a chunk, each batch's images are written
-(fsynced, renamed into place, their directory fsynced) before the batch's journal entry
-DIR/parts/part-<c>.journal/item-<i>.json (its rows, keyed by (caption_id, k)) is written the same
-way, so after a kill or a power loss every journaled image is on disk, and a restart generates
-exactly the items of the chunk that no entry records, in batches of the current batch_size.
-Every file is written whole under a temp name and renamed (an object store writes it whole);
-nothing is appended to. No torch here: every backend writes through this module.
+(local: fsynced, renamed into place, their folder fsynced; bucket: uploaded) before the batch's
+journal entry DIR/parts/part-<c>.journal/item-<i>.json (its rows, keyed by (caption_id, k)) is
+written the same way: one new file per batch, never a grown one. So after a kill or a power loss
+every journaled image is there, and a restart generates exactly the items of the chunk that no
+entry records, in batches of the current batch_size. No torch here: every backend writes through
+this module.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import math
 import os
-import pathlib
-import shutil
-import socket
+import re
 
 import numpy as np
 
+from gmail_jax import storage
 from gmail_jax.generation.captions import Captions
 
 MANIFEST = "manifest.parquet"
@@ -40,72 +45,55 @@ def shard_chunks(n_chunks: int, shard_index: int, num_shards: int) -> range:
   return range(shard_index, n_chunks, num_shards)
 
 
-def tmp_name(name: str) -> str:
-  return f"{name}.tmp-{socket.gethostname()}-{os.getpid()}"
+def workdir_path(workdir: storage.PathLike) -> storage.Path:
+  """``workdir`` as a path: a bucket URL as given, a local path made absolute (the summary and
+  the stage record name it)."""
+  return storage.path(workdir if storage.is_remote(workdir) else os.path.abspath(workdir))
 
 
-def atomic_write(
-  path: pathlib.Path, data: bytes, tmp_dir: pathlib.Path | None = None, durable: bool = False
-) -> None:
-  """``data`` at ``path``, whole or not at all (temp name + rename); ``durable``: the bytes reach
-  the disk before the rename (fsync), so a power loss never leaves a named but empty file."""
-  tmp = (tmp_dir or path.parent) / tmp_name(path.name)
-  with open(tmp, "wb") as f:
-    f.write(data)
-    if durable:
-      f.flush()
-      os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def fsync_dir(path: pathlib.Path) -> None:
-  """Makes the renames into ``path`` durable (the directory entry, not only the file)."""
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-def create_exclusive(path: pathlib.Path, data: bytes) -> bool:
-  """Writes ``path`` only if no file is there, whole (temp file + hard link, which fails when
-  the name exists: two processes starting together cannot both write it). Returns whether this
-  call created it."""
-  tmp = path.parent / tmp_name(path.name)
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  try:
-    os.link(tmp, path)
-    return True
-  except FileExistsError:
-    return False
-  finally:
-    tmp.unlink()
-
-
-def part_path(workdir: pathlib.Path, c: int) -> pathlib.Path:
+def part_path(workdir: storage.Path, c: int) -> storage.Path:
   return workdir / "parts" / f"part-{c:06d}.parquet"
 
 
-def journal_path(workdir: pathlib.Path, c: int) -> pathlib.Path:
+def journal_path(workdir: storage.Path, c: int) -> storage.Path:
   return workdir / "parts" / f"part-{c:06d}.journal"
 
 
-def write_journal_entry(journal: pathlib.Path, first_item: int, rows: list[dict]) -> None:
+_PART_NAME = re.compile(r"part-(\d{6,})\.(parquet|journal|jsonl)")
+
+
+def scan_parts(workdir: storage.Path) -> tuple[set[int], set[int]]:
+  """(chunks whose part is written, chunks with a journal) from one listing of DIR/parts: a
+  bucket answers one request per thousand names, not one per chunk."""
+  parts, journals = set(), set()
+  try:
+    names = [p.name for p in (workdir / "parts").iterdir()]
+  except FileNotFoundError:  # nothing generated yet (a bucket has no empty folders)
+    names = []
+  for name in names:
+    m = _PART_NAME.fullmatch(name)
+    if m:
+      (parts if m[2] == "parquet" else journals).add(int(m[1]))
+  return parts, journals
+
+
+def write_journal_entry(journal: storage.Path, first_item: int, rows: list[dict]) -> None:
   """One batch's rows, durable, after its images (see the module docstring)."""
-  journal.mkdir(exist_ok=True)
+  storage.makedirs(journal)
   entry = journal / f"item-{first_item:09d}.json"
-  atomic_write(entry, json.dumps({"rows": rows}).encode(), durable=True)
-  fsync_dir(journal)
+  storage.write_bytes(entry, json.dumps({"rows": rows}).encode(), durable=True)
+  storage.sync_dir(journal)
 
 
-def read_journal(journal: pathlib.Path) -> dict[tuple[str, int], dict]:
-  """{(caption_id, k): row} of a chunk's journal entries (temp files of a killed write ignored;
+def read_journal(journal: storage.Path) -> dict[tuple[str, int], dict]:
+  """{(caption_id, k): row} of a chunk's journal entries (temp names of a killed write ignored;
   also reads the single-file journal part-<c>.jsonl that earlier versions appended to)."""
   done: dict[tuple[str, int], dict] = {}
-  texts = [p.read_text() for p in sorted(journal.glob("item-*.json"))] if journal.is_dir() else []
+  try:
+    entries = sorted(p for p in journal.iterdir() if fnmatch.fnmatchcase(p.name, "item-*.json"))
+  except (FileNotFoundError, NotADirectoryError):
+    entries = []
+  texts = [p.read_text() for p in entries]
   legacy = journal.with_suffix(".jsonl")
   if legacy.exists():
     texts += legacy.read_text().splitlines()
@@ -118,26 +106,47 @@ def read_journal(journal: pathlib.Path) -> dict[tuple[str, int], dict]:
   return done
 
 
-def remove_journal(journal: pathlib.Path) -> None:
-  shutil.rmtree(journal, ignore_errors=True)
-  journal.with_suffix(".jsonl").unlink(missing_ok=True)
+def remove_journal(journal: storage.Path) -> None:
+  storage.rmtree(journal)
+  legacy = journal.with_suffix(".jsonl")
+  if legacy.exists():
+    legacy.unlink()
 
 
 PART_COLUMNS = ("caption_id", "k", "gen_path", "seed", "reject", "truncated")
 
 
-def write_part(path: pathlib.Path, rows: list[dict], tmp_dir: pathlib.Path) -> None:
+def write_part(path: storage.Path, rows: list[dict]) -> None:
+  """A finished chunk's rows, whole and durable (its journal is removed next)."""
   import pyarrow as pa
-  import pyarrow.parquet as pq
 
   schema = pa.schema(
     [("caption_id", pa.string()), ("k", pa.int32()), ("gen_path", pa.string()),
      ("seed", pa.int64()), ("reject", pa.string()), ("truncated", pa.bool_())]
   )  # fmt: skip
   table = pa.Table.from_pylist([{c: r.get(c) for c in PART_COLUMNS} for r in rows], schema=schema)
-  tmp = tmp_dir / tmp_name(path.name)
-  pq.write_table(table, tmp)
-  os.replace(tmp, path)
+  storage.write_bytes(path, parquet_bytes(table), durable=True)
+  storage.sync_dir(path.parent)
+
+
+def parquet_bytes(table) -> bytes:
+  """``table`` as a Parquet file's bytes (the same bytes ``pq.write_table`` writes to a path),
+  to be written whole: a bucket object is one upload, never a file grown in place."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  sink = pa.BufferOutputStream()
+  pq.write_table(table, sink)
+  return sink.getvalue().to_pybytes()
+
+
+def read_parquet(path: storage.Path):
+  """The Table of Parquet file ``path``, local or in a bucket (read whole: no pyarrow filesystem,
+  which would look for default credentials)."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  return pq.read_table(pa.BufferReader(path.read_bytes()))
 
 
 def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
@@ -153,8 +162,8 @@ def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
   return buf.getvalue()
 
 
-def manifest_path(workdir: str | os.PathLike) -> pathlib.Path:
-  return pathlib.Path(workdir) / MANIFEST
+def manifest_path(workdir: storage.PathLike) -> storage.Path:
+  return storage.path(workdir) / MANIFEST
 
 
 def manifest_table(captions: Captions, rows, gen_path, seed):
@@ -176,18 +185,14 @@ def manifest_table(captions: Captions, rows, gen_path, seed):
   return pa.table(cols)
 
 
-def write_manifest(workdir: pathlib.Path, table) -> pathlib.Path:
-  import pyarrow.parquet as pq
-
+def write_manifest(workdir: storage.Path, table) -> storage.Path:
   path = manifest_path(workdir)
-  tmp = workdir / tmp_name(MANIFEST)
-  pq.write_table(table, tmp)
-  os.replace(tmp, path)
+  storage.write_bytes(path, parquet_bytes(table))  # concurrent writers write the same bytes
   return path
 
 
-def write_summary(workdir: pathlib.Path, summary: dict) -> dict:
-  atomic_write(workdir / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+def write_summary(workdir: storage.Path, summary: dict) -> dict:
+  storage.write_json(workdir / SUMMARY, summary)
   reasons = "".join(f", {k}: {v}" for k, v in summary["reject_reasons"].items())
   print(
     f"manifest: {summary['images']} images for {summary['captions']} captions"
