@@ -1,5 +1,6 @@
 """data.prepare at pod scale: output shards split over processes (one after the other and at the
-same time) give the bytes of a one-process run; a killed run resumes; other flags are refused."""
+same time) give the bytes of a one-process run; a killed run resumes (into a local folder and into
+a bucket); other flags are refused."""
 
 import io
 import json
@@ -10,9 +11,12 @@ import subprocess
 import sys
 import tarfile
 
-import PIL.Image
 import pytest
+from data_helpers import assert_same_files as _assert_same
+from data_helpers import jpeg as _jpeg
+from data_helpers import jpeg_manifest
 
+from gmail_jax import storage
 from gmail_jax.data import prepare
 from gmail_jax.data.rejects import BadInputError
 from gmail_jax.data.sources import ArrayRecordSource
@@ -24,53 +28,11 @@ CLI_FLAGS = ["--shard_size=3", "--resize_short=16", "--quality=80"]
 SHARDS = [f"pairs-{s:05d}-of-00004.array_record" for s in range(4)]
 
 
-def _jpeg(size: tuple[int, int], color: tuple[int, int, int]) -> bytes:
-  buf = io.BytesIO()
-  PIL.Image.new("RGB", size, color).save(buf, "JPEG")
-  return buf.getvalue()
-
-
 def _manifest(tmp_path: pathlib.Path, plan_reject: bool = True) -> str:
-  """10 usable rows of 40x30 JPEG pairs (resized to 16 px), the generated image of row 4 corrupt
-  (a reject of shard 1); ``plan_reject``: + a row with no caption (rejected while planning)."""
-  img = tmp_path / "img"
-  img.mkdir()
-  rows = []
-  for i in range(10):
-    (img / f"r{i}.jpg").write_bytes(_jpeg((40 + i, 30), (20 * i, 0, 0)))
-    (img / f"g{i}.jpg").write_bytes(_jpeg((30, 40 + i), (0, 20 * i, 0)))
-    rows.append(
-      {
-        "caption": f"pair {i}",
-        "real_path": str(img / f"r{i}.jpg"),
-        "gen_path": str(img / f"g{i}.jpg"),
-        "group": f"g{i // 3}",
-      }
-    )
-  (img / "g4.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-  if plan_reject:
-    rows.insert(7, {"caption": " ", "real_path": rows[0]["real_path"], "gen_path": "x.jpg"})
-  (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  return str(tmp_path / "m.jsonl")
+  return jpeg_manifest(tmp_path, plan_reject)
 
 
-def _files(out: pathlib.Path) -> dict:
-  """Every file of ``out``: bytes, and meta.json without its timing."""
-  files = {p.name: p.read_bytes() for p in out.iterdir()}
-  meta = json.loads(files.pop("meta.json"))
-  meta.pop("seconds")
-  return {**files, "meta.json": meta}
-
-
-def _assert_same(a: pathlib.Path, b: pathlib.Path) -> None:
-  fa, fb = _files(a), _files(b)
-  assert sorted(fa) == sorted(fb)
-  for name in fa:
-    assert fa[name] == fb[name], name
-  assert not [n for n in fa if ".tmp-" in n]
-
-
-def _cli(src: str, out: pathlib.Path, *flags: str, **env: str) -> subprocess.Popen:
+def _cli(src: str, out: str | os.PathLike, *flags: str, **env: str) -> subprocess.Popen:
   """``python -m gmail_jax.data.prepare`` in a fresh process (no JAX/SLURM process variables)."""
   base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "GMAIL_"))}
   return subprocess.Popen(
@@ -169,28 +131,46 @@ def test_two_processes_webdataset_numbering(tmp_path):
   assert [p.group for p in pairs] == [0, 1, 2, 1, 3]
 
 
-def test_killed_run_resumes_and_other_flags_are_refused(tmp_path, capsys):
+def _version(path: str) -> tuple:
+  """What changes when a file is rewritten: inode and mtime, or an object's generation."""
+  if storage.is_remote(path):
+    import fsspec
+
+    fs, key = fsspec.core.url_to_fs(path)
+    return (fs.info(key)["generation"],)
+  st = os.stat(path)
+  return st.st_ino, st.st_mtime_ns
+
+
+def test_killed_run_resumes_and_other_flags_are_refused(tmp_path, any_dir, capsys):
+  """Into a local folder or a bucket (each shard staged locally, then uploaded whole)."""
   src = _manifest(tmp_path)
   prepare.prepare(src, str(tmp_path / "ref"), **FLAGS)
-  out = tmp_path / "out"
+  out = storage.path(any_dir)
   p = _cli(src, out, *CLI_FLAGS, GMAIL_KILL_AT="shard:2")
   _, stderr = p.communicate(timeout=60)
   assert p.returncode == -signal.SIGKILL, stderr
   done = [f"pairs-0000{s}-of-00004.{ext}" for s in (0, 1) for ext in ("array_record", "index.npz")]
   rejects = "pairs-00001-of-00004.rejects.jsonl"  # the corrupt image of row 4
-  assert sorted(p.name for p in out.glob("pairs-*")) == sorted([*done, rejects])
+  assert sorted(q.name for q in out.iterdir() if q.name.startswith("pairs-")) == sorted(
+    [*done, rejects]
+  )
   assert not (out / "meta.json").exists() and not (out / "index.npz").exists()
-  # what a kill while writing would leave: a temp file, a shard (and rejects) without its index
-  (out / f"{SHARDS[2]}.tmp-otherhost-1").write_bytes(b"partial")
-  (out / SHARDS[3]).write_bytes(b"partial")
-  (out / "pairs-00003-of-00004.rejects.jsonl").write_text('{"path": "x", "reason": "stale"}\n')
-  (out / "pairs-00000-of-00007.array_record").write_bytes(b"an older run's")  # not of this plan
-  stats = {n: (out / n).stat() for n in done}
+  # what a kill while writing would leave: a temp file (beside the shards, or in a bucket's local
+  # staging folder), a shard (and rejects) without its index
+  stage = prepare._OutDir(out).stage if storage.is_remote(out) else str(out)
+  temp = pathlib.Path(stage, f"{SHARDS[2]}.tmp-otherhost-1")
+  temp.parent.mkdir(exist_ok=True)
+  temp.write_bytes(b"partial")
+  storage.write_bytes(out / SHARDS[3], b"partial")
+  storage.write_text(out / "pairs-00003-of-00004.rejects.jsonl", '{"path": "x", "reason": "s"}\n')
+  storage.write_bytes(out / "pairs-00000-of-00007.array_record", b"an older run's")  # other plan
+  versions = {n: _version(storage.join(out, n)) for n in done}
 
-  meta = prepare.prepare(src, str(out), **FLAGS)
+  meta = prepare.prepare(src, os.fspath(out), **FLAGS)
   assert meta["num_records"] == 9
-  for n, st in stats.items():  # kept, not rewritten
-    assert ((out / n).stat().st_ino, (out / n).stat().st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+  assert {n: _version(storage.join(out, n)) for n in done} == versions  # kept, not rewritten
+  assert not temp.exists()
   _assert_same(tmp_path / "ref", out)
 
   # the plan is created once: a second create changes nothing
@@ -208,7 +188,7 @@ def test_killed_run_resumes_and_other_flags_are_refused(tmp_path, capsys):
   pathlib.Path(src).write_text("\n".join(rows + rows[:1]) + "\n")
   changed = r"the inputs in --src=\S+ changed .*\(output shard 3: rows=1 then, rows=2 now\)"
   with pytest.raises(InputError, match=changed):
-    prepare.prepare(src, str(out), **FLAGS)
+    prepare.prepare(src, os.fspath(out), **FLAGS)
   _assert_same(tmp_path / "ref", out)
 
 

@@ -17,11 +17,14 @@ def default_data_config() -> ml_collections.ConfigDict:
   manifest:          CSV / JSONL / Parquet with ``caption, real_path, gen_path[, group]``
   root:              base dir: class-folder root (``real/<cls>``, ``generated/<cls>``), ArrayRecord
                      dir written by ``gmail_jax.data.prepare``, or the base of relative manifest
-                     paths (default: the manifest's own directory)
+                     paths (default: the manifest's own directory). Manifest, images, class
+                     folders and shards may be in a bucket (``gs://…``; data/sources.py)
   on_bad_input:      skip (log to WORKDIR/rejects.jsonl, go on) | fail (stop, one-line error)
   num_workers:       grain worker processes (0 = decode in the main process with threads)
   read_threads:      threads per process that read + decode (PIL decodes and resizes without the
-                     GIL: threads use several cores; workers also cost a process and a hand-over)
+                     GIL: threads use several cores; workers also cost a process and a hand-over).
+                     From a bucket every record or image is one request, so more threads hide
+                     its latency
   prefetch:          batches buffered per worker (or elements per thread without workers)
   image_size:        side of the uint8 center crops shipped to the device
   gens_per_caption:  generated images used per (real image, caption) item and epoch; the others

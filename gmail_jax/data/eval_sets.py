@@ -8,7 +8,9 @@ Images are decoded to RGB PIL, or to uint8 ``[size, size, 3]`` crops when ``imag
 (the same resize as training: the tower's ``resize`` mode, CLIP's centre crop by default). Bad files
 are an error naming the file. :class:`LazyImages` is the same images decoded only when indexed (an
 embedding batch at a time), for sets too large to hold decoded; :func:`coco_captions`,
-:func:`karpathy_captions` and :func:`class_set_index` list a set without decoding it.
+:func:`karpathy_captions` and :func:`class_set_index` list a set without decoding it. Every path
+may also be a bucket's (``gs://``): files are read through :mod:`gmail_jax.storage`, folders
+listed once.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from gmail_jax import storage
 from gmail_jax.data import preprocess
 from gmail_jax.data.images import decode_image
 from gmail_jax.data.rejects import BadInput
-from gmail_jax.data.sources import IMAGE_EXTS
+from gmail_jax.data.sources import IMAGE_EXTS, list_files, read_bytes
 from gmail_jax.errors import InputError
 
 
@@ -60,10 +63,42 @@ def _load(data: bytes, name: str, image_size: int | None, resize: preprocess.Res
 
 
 def _read(path: str) -> bytes:
+  if storage.is_remote(path):
+    try:
+      return read_bytes(path)
+    except BadInput as e:
+      raise InputError(f"eval set: cannot read {path}: {e.reason}") from None
   try:
     return pathlib.Path(path).read_bytes()
   except OSError as e:
     raise InputError(f"eval set: cannot read {path}: {e.strerror or e}") from None
+
+
+def _read_json(path: str | os.PathLike, what: str):
+  """A JSON file (or object), or InputError naming it and ``what`` it should be."""
+  try:
+    return json.loads(storage.path(path).read_text())
+  except (OSError, ValueError) as e:
+    raise InputError(f"eval set: cannot read {what} {path}: {e}") from None
+
+
+class _ObjectZip(zipfile.ZipFile):
+  """A bucket's zip object read in place (members fetched by range); closing it closes the
+  object too (a ZipFile leaves a file object it was given open)."""
+
+  def __init__(self, url: str):
+    self._object = storage.path(url).open("rb")
+    super().__init__(self._object)
+
+  def close(self) -> None:
+    try:
+      super().close()
+    finally:
+      self._object.close()
+
+
+def _zip(archive: str) -> zipfile.ZipFile:
+  return _ObjectZip(archive) if storage.is_remote(archive) else zipfile.ZipFile(archive)
 
 
 Source = str | tuple[str, str]  # an image file, or (zip archive, member)
@@ -100,7 +135,7 @@ def _decode_all(sources: Sequence[Source], image_size, resize) -> list:
       if isinstance(src, tuple):
         archive, member = src
         if archive not in zips:
-          zips[archive] = zipfile.ZipFile(archive)
+          zips[archive] = _zip(archive)
         out.append(_load(zips[archive].read(member), f"{archive}:{member}", image_size, resize))
       else:
         out.append(_load(_read(src), src, image_size, resize))
@@ -145,17 +180,22 @@ def coco_captions(
   """(image paths, captions, text_to_image) without decoding: images sorted by id (those present
   in ``images_dir`` if ``only_present``) that have a caption, the first ``max_images`` of them;
   each image's captions by annotation id, whitespace collapsed."""
+  data = _read_json(captions_json, "COCO captions")
   try:
-    data = json.loads(pathlib.Path(captions_json).read_text())
     images, anns = data["images"], data["annotations"]
-  except (OSError, ValueError, KeyError) as e:
+  except (KeyError, TypeError) as e:
     raise InputError(f"eval set: cannot read COCO captions {captions_json}: {e}") from None
   caps: dict[int, list[str]] = {}
   for a in sorted(anns, key=lambda a: a["id"]):
     caps.setdefault(a["image_id"], []).append(" ".join(a["caption"].split()))
   images = sorted(images, key=lambda im: im["id"])
   if only_present:
-    images = [im for im in images if os.path.exists(os.path.join(images_dir, im["file_name"]))]
+    if storage.is_remote(images_dir):  # one listing, not a request per image
+      base = os.fspath(images_dir).rstrip("/") + "/"
+      present = {f.removeprefix(base) for f in list_files(images_dir)}
+      images = [im for im in images if im["file_name"] in present]
+    else:
+      images = [im for im in images if os.path.exists(os.path.join(images_dir, im["file_name"]))]
   entries = [(im["file_name"], caps.get(im["id"], [])) for im in images]
   return _caption_index(entries, str(images_dir), max_images)
 
@@ -186,8 +226,8 @@ def karpathy_captions(
   """(image paths, captions, text_to_image) of one split of a Karpathy-split JSON
   (``dataset_coco.json`` / ``dataset_flickr30k.json``), in file order, without decoding."""
   try:
-    data = json.loads(pathlib.Path(karpathy_json).read_text())["images"]
-  except (OSError, ValueError, KeyError) as e:
+    data = _read_json(karpathy_json, "Karpathy JSON")["images"]
+  except (KeyError, TypeError) as e:
     raise InputError(f"eval set: cannot read Karpathy JSON {karpathy_json}: {e}") from None
   entries = []
   for im in data:
@@ -240,13 +280,19 @@ def class_set_index(
   a source is a file or (zip, member), for :class:`LazyImages`; names as ``ClassSet.paths``."""
   path = str(path)
   by_class: dict[str, list[str]] = {}
-  zf = zipfile.ZipFile(path) if os.path.isfile(path) and zipfile.is_zipfile(path) else None
+  where = storage.path(path)
+  zf = _zip(path) if where.is_file() and _is_zip(path) else None
   try:
     if zf is not None:
       for n in zf.namelist():
         parts = n.split("/")
         if len(parts) >= 2 and os.path.splitext(parts[-1])[1].lower() in IMAGE_EXTS:
           by_class.setdefault(parts[-2], []).append(n)
+    elif storage.is_remote(path) and where.is_dir():
+      for f in list_files(path):  # one listing; <class>/<file> only, as below
+        parts = f.removeprefix(path.rstrip("/") + "/").split("/")
+        if len(parts) == 2 and os.path.splitext(parts[1])[1].lower() in IMAGE_EXTS:
+          by_class.setdefault(parts[0], []).append(f)
     elif os.path.isdir(path):
       for d in sorted(pathlib.Path(path).iterdir()):
         files = (
@@ -256,7 +302,7 @@ def class_set_index(
         )
         if files:
           by_class[d.name] = files
-    elif not os.path.exists(path):
+    elif not where.exists():
       raise InputError(f"eval set: class-folder dataset not found: {path}")
     else:
       raise InputError(f"eval set: {path} is neither a class-folder directory nor a zip")
@@ -275,6 +321,13 @@ def class_set_index(
     if zf is not None:
       zf.close()
   return sources, np.asarray(labels, np.int64), classnames, names
+
+
+def _is_zip(path: str) -> bool:
+  if not storage.is_remote(path):
+    return zipfile.is_zipfile(path)
+  with storage.path(path).open("rb") as f:
+    return zipfile.is_zipfile(f)
 
 
 def class_prompts(classnames: list[str], template: str = "a photo of a {class}.") -> list[str]:

@@ -6,6 +6,10 @@ epoch). Process ``p`` of ``P`` reads positions ``p, p+P, p+2P, ...``, so within 
 goes to exactly one process. A bad pair is dropped where it stands: the other pairs keep their
 positions (determinism, exactly-once).
 
+Sources may be local or in a bucket (``gs://``: ArrayRecord shards read by array_record's own GCS
+reader, manifests and images through :mod:`gmail_jax.storage`; see data/sources.py), in the main
+process and in the worker processes alike.
+
 Per element: read bytes -> decode -> ``preprocess.resize`` in the tower's mode (generated images:
 optional random resized crop + flip, drawn from hash(seed, g)) -> uint8. Shards written by
 ``prepare --store=train`` hold the crops themselves: decode only (the random resized crop, when on,
@@ -40,7 +44,7 @@ from gmail_jax.data.images import decode_image, random_resized_crop_flip
 from gmail_jax.data.pairing import mix64
 from gmail_jax.data.rejects import BadInput, RejectLog
 from gmail_jax.data.sources import make_source
-from gmail_jax.errors import ConfigError
+from gmail_jax.errors import ConfigError, UserError
 
 BATCH_KEYS = ("gen_image", "real_image", "text", "group", "real_id")
 IMAGE_KEYS = ("gen_image", "real_image")
@@ -159,6 +163,8 @@ class LoadPair:
     except BadInput as e:
       self.log.reject(e.path, e.reason, slot=int(slot), epoch=int(epoch))
       return None
+    except UserError:
+      raise  # a source that cannot be read at all (a bucket's shards): one line, not N rejects
     except (OSError, ValueError, EOFError) as e:  # a decoded image that cannot be cropped
       self.log.reject(
         name, f"preprocess failed: {type(e).__name__}: {e}", slot=int(slot), epoch=int(epoch)

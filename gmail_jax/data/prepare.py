@@ -54,23 +54,37 @@ default to JAX_NUM_PROCESSES/JAX_PROCESS_ID, else SLURM_NTASKS/SLURM_PROCID, els
   # or one command per host, the same flags except the index:
   python -m gmail_jax.data.prepare --src=... --out=... --num_shards=16 --shard_index=3
 
-``--out`` must be a directory every process sees (a shared file system). ``--num_workers`` is the
-number of writer processes within each host.
+``--out`` must be a directory every process sees: a shared file system, or a bucket
+(``--out=gs://BUCKET/pairs``, what a TPU pod trains from with ``config.data.root=gs://…``).
+``--num_workers`` is the number of writer processes within each host. ``--src`` (a manifest and
+the images it names, class folders, tars) and ``--gen_dir`` may be in a bucket too.
+
+Into a bucket: ArrayRecord's writer writes local files only and a bucket has no rename, so each
+shard is written in a local staging folder (``$TMPDIR/gmail_prepare-<hash of --out>``, one shard
+per writer at a time) and uploaded whole, then its rejects and its index, each one upload: an
+object appears only when complete, so the index still marks a complete shard. ``prepare.json`` is
+created with a generation precondition (only if absent), as the local hard link does. Under
+``--on_bad_input=fail`` the reject is appended to ``OUT/rejects.jsonl`` (the object rewritten
+whole) as the run stops. A killed run leaves at most its writers' partial shards in the staging
+folder; the rerun on that host removes them. Credentials: gcsfs' (Application Default
+Credentials).
 
 Resuming: a rerun (with any ``--num_shards``) skips the shards already complete and rewrites
 partial ones, so an interrupted run is finished by running the same command again.
 ``OUT/prepare.json`` records the plan (the flags that decide the records, and the number and input
 sizes of the shards); a rerun with other values is refused, naming the flag: use a new ``--out``.
 Files in ``--out`` beside the ones above, each written under a temporary name and renamed when
-complete: ``prepare.json``; per shard, ``pairs-…index.npz`` (its records' index; written last, it
-marks the shard complete) and ``pairs-…rejects.jsonl``. ``rejects.jsonl`` is the manifest rows
-rejected while planning (the same in every process), then each shard's rejects, in shard order.
+complete (in a bucket: uploaded whole): ``prepare.json``; per shard, ``pairs-…index.npz`` (its
+records' index; written last, it marks the shard complete) and ``pairs-…rejects.jsonl``.
+``rejects.jsonl`` is the manifest rows rejected while planning (the same in every process), then
+each shard's rejects, in shard order.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -88,6 +102,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import PIL.Image
 
+from gmail_jax import storage
 from gmail_jax.data.images import decode_image
 from gmail_jax.data.preprocess import resize as preprocess_resize
 from gmail_jax.data.preprocess import resize_output_size
@@ -100,6 +115,7 @@ from gmail_jax.data.sources import (
   META_FILE,
   ClassFolderSource,
   ManifestSource,
+  list_sizes,
   read_bytes,
 )
 from gmail_jax.errors import ConfigError, InputError
@@ -216,8 +232,13 @@ def _is_image(suffix: str) -> bool:
 
 
 def _wds_examples(tar_path: str, gen_dir: str | None):
-  """(key, {suffix: bytes}) per example of one tar, in tar order."""
-  with tarfile.open(tar_path, "r|*") as tar:
+  """(key, {suffix: bytes}) per example of one tar (a file or an object, streamed), in tar order."""
+  with contextlib.ExitStack() as stack:
+    if storage.is_remote(tar_path):
+      f = stack.enter_context(storage.path(tar_path).open("rb"))
+      tar = stack.enter_context(tarfile.open(fileobj=f, mode="r|*"))
+    else:
+      tar = stack.enter_context(tarfile.open(tar_path, "r|*"))
     key, members = None, {}
     for info in tar:
       if not info.isfile():
@@ -252,12 +273,13 @@ def _wds_pairs(key: str, members: dict, gen_dir: str | None, where: str):
   gens = sorted((s, members[s]) for s in members if _is_image(s) and s.startswith("gen."))
   gens = [(f"{where}.{s}", b) for s, b in gens]
   if not gens and gen_dir:
-    base = os.path.join(gen_dir, os.path.basename(key))
+    base = storage.join(gen_dir, os.path.basename(key))
+    exists = os.path.exists if not storage.is_remote(base) else lambda p: storage.path(p).exists()
     for ext in IMAGE_EXTS:
-      if os.path.exists(base + ext):
+      if exists(base + ext):
         gens.append((base + ext, read_bytes(base + ext)))
     for n in range(1024):
-      found = [base + f".{n}{ext}" for ext in IMAGE_EXTS if os.path.exists(base + f".{n}{ext}")]
+      found = [base + f".{n}{ext}" for ext in IMAGE_EXTS if exists(base + f".{n}{ext}")]
       if not found:
         break
       gens.append((found[0], read_bytes(found[0])))
@@ -307,12 +329,12 @@ def _write_tar(path: str, log: RejectLog, tar_path: str, gen_dir, store: _Store)
 
 
 def _detect(src: str) -> str:
-  p = pathlib.Path(src.split(",")[0])
+  p = storage.path(src.split(",")[0])
   if p.is_file() and p.suffix.lower() in (".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".parquet"):
     return "manifest"
   if p.is_dir() and (p / "real").is_dir() and (p / "generated").is_dir():
     return "class_folders"
-  if p.suffix == ".tar" or (p.is_dir() and any(p.glob("*.tar"))):
+  if p.suffix == ".tar" or (p.is_dir() and _tars(p)):
     return "wds"
   raise InputError(
     f"prepare: cannot tell what {src} is (manifest file, class-folder root, or tars)"
@@ -349,60 +371,93 @@ def resolve_shard(
 
 
 class _OutDir:
-  """Every file operation on ``--out``, in these few methods, so that a path layer (buckets) can
-  replace them. Names are relative to the folder; whole files appear atomically (temp + rename).
-  Picklable (travels into the ``--num_workers`` processes)."""
+  """Every file operation on ``--out``, a local folder or a bucket's prefix (``gs://b/pairs``).
+  Names are relative to it; a file appears whole or not at all. Local: filled under a temporary
+  name beside it, then renamed. Bucket (no rename; ArrayRecord's writer writes local files only):
+  filled in a local staging folder, then uploaded in one piece (an object appears when its upload
+  completes). Picklable (travels into the ``--num_workers`` processes on this host)."""
 
   def __init__(self, root: str | os.PathLike):
-    self.root = pathlib.Path(root)
+    self.remote = storage.is_remote(root)
+    self.root = os.fspath(root).rstrip("/") if self.remote else pathlib.Path(root)
     # per process: two writers never share a temp file, whatever else goes wrong
     self.tag = f"{socket.gethostname()}-{os.getpid()}"
+    # one per --out and host, left in place (empty) after a run: the processes on a host share it
+    # (removing it would race with one still writing) and a rerun removes what a killed one left
+    digest = hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
+    self.stage = os.path.join(tempfile.gettempdir(), f"gmail_prepare-{digest}")
 
   def make(self) -> None:
-    self.root.mkdir(parents=True, exist_ok=True)
+    if self.remote:
+      storage.check_writable(self.root, "--out")  # one line before any input is read
+      os.makedirs(self.stage, exist_ok=True)
+    else:
+      self.root.mkdir(parents=True, exist_ok=True)
 
   def path(self, name: str) -> str:
-    return str(self.root / name)
+    return storage.join(self.root, name) if self.remote else str(self.root / name)
 
   def names(self) -> set[str]:
+    if self.remote:
+      return set(list_sizes(self.root))
     return set(os.listdir(self.root))
 
   def read(self, name: str) -> bytes | None:
     try:
-      return (self.root / name).read_bytes()
+      return storage.path(self.path(name)).read_bytes()
     except FileNotFoundError:
       return None
 
   def temp(self, name: str) -> str:
     """A local path to fill before :meth:`commit` publishes it as ``name``."""
-    return self.path(f"{name}.tmp-{self.tag}")
+    folder = self.stage if self.remote else str(self.root)
+    return os.path.join(folder, f"{name}.tmp-{self.tag}")
+
+  def temps(self) -> list[str]:
+    """The temporary files there are (this run's or a killed one's), as paths."""
+    folder = self.stage if self.remote else str(self.root)
+    try:
+      return [os.path.join(folder, n) for n in os.listdir(folder) if ".tmp-" in n]
+    except FileNotFoundError:
+      return []
 
   def commit(self, temp: str, name: str) -> None:
-    os.replace(temp, self.path(name))
+    if self.remote:
+      _upload(temp, self.path(name))
+      os.unlink(temp)
+    else:
+      os.replace(temp, self.path(name))
 
   def drop(self, temp: str) -> None:
     pathlib.Path(temp).unlink(missing_ok=True)
 
   def write(self, name: str, data: bytes) -> None:
+    if self.remote:
+      storage.write_bytes(self.path(name), data)
+      return
     temp = self.temp(name)
     pathlib.Path(temp).write_bytes(data)
     self.commit(temp, name)
 
   def create(self, name: str, data: bytes) -> bool:
     """Write ``name`` unless it exists (False then): of processes creating it together, exactly
-    one succeeds, and nobody sees it partly written (a hard link of a complete temp file)."""
-    temp = self.temp(name)
-    pathlib.Path(temp).write_bytes(data)
-    try:
-      os.link(temp, self.path(name))
-      return True
-    except FileExistsError:
-      return False
-    finally:
-      self.drop(temp)
+    one succeeds, and nobody sees it partly written."""
+    return storage.create_exclusive(self.path(name), data)
 
   def remove(self, name: str) -> None:
-    (self.root / name).unlink(missing_ok=True)
+    if self.remote:
+      storage.path(self.path(name)).unlink(missing_ok=True)
+    else:
+      (self.root / name).unlink(missing_ok=True)
+
+
+def _upload(local: str, url: str) -> None:
+  """Local file -> object ``url``, streamed (a shard can be GBs; storage.write_bytes takes bytes):
+  one upload, so the object appears only when it is whole."""
+  import fsspec
+
+  fs, key = fsspec.core.url_to_fs(url)
+  fs.put_file(local, key)
 
 
 def _npz_bytes(**arrays) -> bytes:
@@ -518,8 +573,8 @@ class _Inputs:
       self.sizes = [{"rows": len(range(*self._bounds(s)))} for s in range(n)]
     elif kind == "wds":
       for part in src.split(","):
-        p = pathlib.Path(part)
-        self.tars += sorted(str(t) for t in p.glob("*.tar")) if p.is_dir() else [str(p)]
+        p = storage.path(part)
+        self.tars += _tars(p) if p.is_dir() else [os.fspath(p)]
       if not self.tars:
         raise InputError(f"prepare: no .tar shards in {src}")
       # a rewritten tar of another size would mix old and new records
@@ -552,9 +607,14 @@ def _class_folder_row(source: ClassFolderSource) -> Callable[[int], dict]:
   return row
 
 
+def _tars(folder: storage.Path) -> list[str]:
+  """The .tar files directly in ``folder``, sorted (a bucket's from one listing)."""
+  return [storage.join(folder, n) for n in sorted(list_sizes(folder)) if n.endswith(".tar")]
+
+
 def _size(path: str) -> int | None:
   try:
-    return os.path.getsize(path)
+    return storage.path(path).stat().length if storage.is_remote(path) else os.path.getsize(path)
   except OSError:
     return None  # a missing tar is reported (rejected) when its shard is written
 
@@ -668,6 +728,24 @@ def _merge(out: _OutDir, plan: dict, plan_id: str, plan_rejects: bytes) -> tuple
 # ----------------------------------------------------------------------------------------- prepare
 
 
+@dataclasses.dataclass(frozen=True)
+class _BucketFailLog(RejectLog):
+  """``--on_bad_input=fail`` into a bucket, which has no append: the reject is logged in a local
+  file of ``stage`` (RejectLog's own format), which is then appended to ``path`` (OUT/rejects.jsonl)
+  whole before the error goes on. Picklable, like RejectLog."""
+
+  stage: str = ""
+
+  def reject(self, path: str, reason: str, **extra) -> None:
+    local = os.path.join(self.stage, f"{REJECTS_FILE}.tmp-{socket.gethostname()}-{os.getpid()}")
+    try:
+      RejectLog(local, self.policy).reject(path, reason, **extra)
+    finally:
+      if os.path.exists(local):
+        storage.append_text(self.path, pathlib.Path(local).read_text())
+        os.unlink(local)
+
+
 def prepare(
   src: str,
   out: str,
@@ -689,7 +767,8 @@ def prepare(
   image_size: int = DEFAULT_IMAGE_SIZE,
   resize: str = "shortest_edge_crop",
 ) -> dict:
-  """Write ``src`` as ArrayRecord shards under ``out``; returns the meta dict (also meta.json).
+  """Write ``src`` as ArrayRecord shards under ``out`` (a local folder or a bucket's ``gs://``
+  prefix; ``src`` either too); returns the meta dict (also meta.json).
 
   ``resize_short``: short side of the stored images (larger ones are resized and re-encoded as
   JPEG at ``quality``, default 90); 0 or None keeps every image's original bytes.
@@ -725,6 +804,8 @@ def prepare(
   # under 'fail' the one reject goes straight to rejects.jsonl (as a one-process run always did);
   # under 'skip' each shard logs to its own file, merged at the end: no two writers share a file
   def reject_log(temp: str) -> RejectLog:
+    if on_bad_input == "fail" and outd.remote:
+      return _BucketFailLog(outd.path(REJECTS_FILE), "fail", stage=outd.stage)
     if on_bad_input == "fail":
       return RejectLog(outd.path(REJECTS_FILE), "fail")
     outd.drop(temp)
@@ -772,9 +853,9 @@ def prepare(
   mine = [s for s in range(n) if s % num_shards == shard_index]
   todo = [s for s in mine if _shard_index(outd, names, _base(s, n), plan_id) is None]
   bases = {_base(s, n) for s in todo}
-  for name in names:  # a killed run's partial files of the shards this process redoes
-    if ".tmp-" in name and name.split(".", 1)[0] in bases:
-      outd.remove(name)
+  for temp in outd.temps():  # a killed run's partial files of the shards this process redoes
+    if os.path.basename(temp).split(".", 1)[0] in bases:
+      outd.drop(temp)
   how = _Store(
     plan["verify"], resize_short, quality, int(image_size) if train else 0, resize if train else ""
   )
@@ -825,7 +906,9 @@ def prepare(
 
 
 HELP_EPILOG = """On N hosts: every process reads the inputs and writes the output shards s with
-s % N == shard_index; the last to finish merges index.npz and meta.json. --out must be shared.
+s % N == shard_index; the last to finish merges index.npz and meta.json. --out must be shared
+(a shared file system, or a bucket: --out=gs://BUCKET/pairs, each shard staged locally and
+uploaded whole).
   srun --ntasks=N python -m gmail_jax.data.prepare --src=... --out=...   (SLURM_NTASKS/PROCID)
   python -m gmail_jax.data.prepare ... --num_shards=N --shard_index=i    (one command per host)
 Rerun the same command to finish an interrupted run: complete shards are kept, partial ones are
@@ -842,7 +925,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument(
     "--src", required=True, help="manifest file, class-folder root, .tar / dir of .tar"
   )
-  p.add_argument("--out", required=True, help="output directory for the ArrayRecord shards")
+  p.add_argument(
+    "--out", required=True, help="output directory for the ArrayRecord shards (or gs://BUCKET/…)"
+  )
   p.add_argument("--kind", default="auto", choices=["auto", "manifest", "class_folders", "wds"])
   p.add_argument("--root", default=None, help="base dir of relative manifest paths")
   p.add_argument("--gen_dir", default=None, help="wds: generated images as GEN_DIR/KEY[.N].jpg")

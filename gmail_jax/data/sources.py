@@ -9,23 +9,34 @@ and raises :class:`~gmail_jax.data.rejects.BadInput` naming the file and reason 
 * :class:`ArrayRecordSource`  shards written by ``python -m gmail_jax.data.prepare``
 * :class:`TfdsSource`  ``tfds.data_source`` (optional extra, read without TensorFlow)
 * :class:`SyntheticSource`  deterministic random images (tests, benchmarks)
+
+Every path may be a local file or folder or a bucket's ``gs://`` URL (manifests, the images they
+name, class folders, ArrayRecord shards): files are read through :mod:`gmail_jax.storage`, shards
+by array_record's own GCS reader.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import pathlib
+import posixpath
+import re
 import struct
+import threading
+from collections.abc import Iterable
 
 import numpy as np
 
+from gmail_jax import storage
 from gmail_jax.data.pairing import PairIndex, same_class_draw
 from gmail_jax.data.records import unpack_pair
 from gmail_jax.data.rejects import BadInput, BadInputError, RejectLog
-from gmail_jax.errors import ConfigError, InputError
+from gmail_jax.errors import ConfigError, InputError, first_line
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_COLUMNS = ("caption", "real_path", "gen_path")
@@ -47,7 +58,9 @@ class Pair:
 
 
 def read_bytes(path: str) -> bytes:
-  """File contents, or :class:`BadInput` ('missing file', 'unreadable: ...')."""
+  """File or object contents, or :class:`BadInput` ('missing file', 'unreadable: ...')."""
+  if storage.is_remote(path):
+    return _read_object(path)
   try:
     with open(path, "rb") as f:
       return f.read()
@@ -59,6 +72,52 @@ def read_bytes(path: str) -> bytes:
     raise BadInput(path, f"unreadable: {e.strerror or e}") from None
 
 
+def _read_object(url: str) -> bytes:
+  fs, key = _fs(url)
+  try:
+    return fs.cat_file(key)  # one GET (opening a file first costs a metadata request more)
+  except FileNotFoundError:
+    raise BadInput(url, "missing file") from None
+  except Exception as e:  # noqa: BLE001 - whatever the client raised (after its retries): one reject
+    raise BadInput(url, f"unreadable: {type(e).__name__}: {e}") from None
+
+
+# ----------------------------------------------------------------------- listings (local or bucket)
+# Helpers storage.py does not have (yet): a bucket has no folders, so a folder's files come from one
+# listing of its prefix (epath's glob('**') / rglob are not implemented there, walk() drops gs://).
+
+
+def _fs(url: str | os.PathLike):
+  """(fsspec filesystem, key) of a bucket URL."""
+  import fsspec
+
+  return fsspec.core.url_to_fs(os.fspath(url))
+
+
+def list_files(root: str | os.PathLike) -> list[str]:
+  """Every file below ``root`` (any depth), sorted, as paths or URLs; none when it is missing."""
+  if not storage.is_remote(root):
+    return sorted(str(p) for p in pathlib.Path(root).rglob("*") if p.is_file())
+  fs, key = _fs(root)
+  base, key = os.fspath(root).rstrip("/"), key.rstrip("/")
+  return sorted(base + name[len(key) :] for name in fs.find(key))
+
+
+def list_sizes(folder: str | os.PathLike) -> dict[str, int]:
+  """``{name: size}`` of the files directly in ``folder`` (one listing); {} when it is missing."""
+  if not storage.is_remote(folder):
+    try:
+      return {e.name: e.stat().st_size for e in os.scandir(folder) if e.is_file()}
+    except FileNotFoundError:
+      return {}
+  fs, key = _fs(folder)
+  try:
+    entries = fs.ls(key.rstrip("/"), detail=True)
+  except FileNotFoundError:
+    return {}
+  return {posixpath.basename(e["name"]): int(e["size"]) for e in entries if e["type"] == "file"}
+
+
 # ----------------------------------------------------------------------------------------- manifest
 
 
@@ -68,31 +127,15 @@ def read_manifest_table(path: str | os.PathLike, columns: tuple[str, ...] = MANI
   import pyarrow as pa
   import pyarrow.compute as pc
 
-  path = pathlib.Path(path)
+  path = storage.path(path)
   if not path.exists():
     raise FileNotFoundError(f"manifest not found: {path}")
   suffix = path.suffix.lower()
-  try:
-    if suffix in (".csv", ".tsv"):
-      import pyarrow.csv as pacsv
-
-      table = pacsv.read_csv(
-        path,
-        parse_options=pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ","),
-        convert_options=pacsv.ConvertOptions(strings_can_be_null=True),
-      )
-    elif suffix in (".jsonl", ".ndjson", ".json"):
-      import pyarrow.json as pajson
-
-      table = pajson.read_json(path)
-    elif suffix in (".parquet", ".pq"):
-      import pyarrow.parquet as pq
-
-      table = pq.read_table(path)
-    else:
-      raise InputError(f"manifest {path}: unknown format {suffix!r} (use .csv, .jsonl or .parquet)")
-  except (pa.ArrowInvalid, OSError) as e:
-    raise InputError(f"manifest {path}: cannot parse: {' '.join(str(e).split())}") from None
+  # pyarrow gets a file object: given a gs:// string it would use its own GCS client (which waits
+  # on default credentials); every manifest is read through the one path layer instead
+  with contextlib.ExitStack() as stack:
+    f = stack.enter_context(path.open("rb")) if storage.is_remote(path) else os.fspath(path)
+    table = _read_table(f, path, suffix)
   missing = [c for c in columns if c not in table.column_names]
   if missing:
     raise InputError(
@@ -105,6 +148,32 @@ def read_manifest_table(path: str | os.PathLike, columns: tuple[str, ...] = MANI
       col = table.column(name)
       cols[name] = col if col.type == pa.string() else pc.cast(col, pa.string())
   return pa.table(cols)
+
+
+def _read_table(f, path: storage.Path, suffix: str):
+  """``f`` (a local path or an open file) read as the manifest format ``suffix`` names."""
+  import pyarrow as pa
+
+  try:
+    if suffix in (".csv", ".tsv"):
+      import pyarrow.csv as pacsv
+
+      return pacsv.read_csv(
+        f,
+        parse_options=pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ","),
+        convert_options=pacsv.ConvertOptions(strings_can_be_null=True),
+      )
+    if suffix in (".jsonl", ".ndjson", ".json"):
+      import pyarrow.json as pajson
+
+      return pajson.read_json(f)
+    if suffix in (".parquet", ".pq"):
+      import pyarrow.parquet as pq
+
+      return pq.read_table(f)
+  except (pa.ArrowInvalid, OSError) as e:
+    raise InputError(f"manifest {path}: cannot parse: {' '.join(str(e).split())}") from None
+  raise InputError(f"manifest {path}: unknown format {suffix!r} (use .csv, .jsonl or .parquet)")
 
 
 def _codes(column) -> np.ndarray:
@@ -130,10 +199,11 @@ def ids_fingerprint(keys) -> str:
 class ManifestSource:
   """Rows ``caption, real_path, gen_path[, group]``; one row per generated image.
 
-  Paths are absolute or relative to ``root`` (default: the manifest's directory). ``group``
-  defaults to ``real_path``. Rows with a missing field are rejected (logged) at load; a manifest
-  with no usable row is an error. ``real_id`` numbers distinct real paths in order of first
-  appearance; rows sharing (real_path, caption) form one item for ``gens_per_caption``.
+  Paths are absolute (or ``gs://`` URLs) or relative to ``root`` (default: the manifest's
+  directory, or its bucket prefix). ``group`` defaults to ``real_path``. Rows with a missing field
+  are rejected (logged) at load; a manifest with no usable row is an error. ``real_id`` numbers
+  distinct real paths in order of first appearance; rows sharing (real_path, caption) form one item
+  for ``gens_per_caption``.
   """
 
   def __init__(
@@ -149,7 +219,12 @@ class ManifestSource:
     import pyarrow.compute as pc
 
     self.manifest = str(manifest)
-    self.root = str(root) if root else str(pathlib.Path(manifest).resolve().parent)
+    if root:
+      self.root = str(root)
+    elif storage.is_remote(manifest):
+      self.root = os.fspath(storage.path(manifest).parent)
+    else:
+      self.root = str(pathlib.Path(manifest).resolve().parent)
     log = log or RejectLog(None)
     table = read_manifest_table(manifest)
     n = table.num_rows
@@ -194,7 +269,11 @@ class ManifestSource:
     return ids_fingerprint(self.resolve(k.as_py()) for k in self._real_keys)
 
   def resolve(self, rel: str) -> str:
-    return rel if os.path.isabs(rel) else os.path.join(self.root, rel)
+    if os.path.isabs(rel) or storage.is_remote(rel):
+      return rel
+    if storage.is_remote(self.root):
+      return posixpath.join(self.root, rel)  # a bucket's names always join with '/'
+    return os.path.join(self.root, rel)
 
   def row_fields(self, row: int) -> dict:
     """Caption, absolute paths, group and real_id of kept row ``row`` (no file access)."""
@@ -229,6 +308,22 @@ def _image_files(folder: pathlib.Path) -> list[str]:
   )
 
 
+def _class_images(folder: str) -> dict[str, list[str]]:
+  """``{class: its image files at any depth, sorted}`` of ``folder/<class>/`` (a bucket's from one
+  listing; it has no empty folders, so a class there is a prefix holding some object)."""
+  if not storage.is_remote(folder):
+    return {p.name: _image_files(p) for p in pathlib.Path(folder).iterdir() if p.is_dir()}
+  out: dict[str, list[str]] = {}
+  prefix = folder.rstrip("/") + "/"
+  for f in list_files(folder):
+    name, sep, rest = f[len(prefix) :].partition("/")
+    if sep:  # files directly in folder/ belong to no class
+      files = out.setdefault(name, [])
+      if posixpath.splitext(rest)[1].lower() in IMAGE_EXTS:
+        files.append(f)
+  return out
+
+
 class ClassFolderSource:
   """``root/real/<class>/…`` and ``root/generated/<class>/…``; one pair per generated image.
 
@@ -247,26 +342,27 @@ class ClassFolderSource:
     real_dir: str = "real",
     gen_dir: str = "generated",
   ):
-    root = pathlib.Path(root)
-    self.root, self.seed, self.template = str(root), int(seed), template
-    if not (root / real_dir).is_dir() or not (root / gen_dir).is_dir():
-      raise FileNotFoundError(
-        f"class folders: need {root / real_dir}/<class>/ and {root / gen_dir}/<class>/"
-      )
-    gen_classes = sorted(p.name for p in (root / gen_dir).iterdir() if p.is_dir())
-    real_classes = sorted(p.name for p in (root / real_dir).iterdir() if p.is_dir())
-    self.classes = sorted(set(gen_classes) | set(real_classes))
+    if storage.is_remote(root):
+      self.root = os.fspath(root).rstrip("/")
+      real_root, gen_root = storage.join(self.root, real_dir), storage.join(self.root, gen_dir)
+    else:
+      self.root = str(pathlib.Path(root))
+      real_root, gen_root = str(pathlib.Path(root, real_dir)), str(pathlib.Path(root, gen_dir))
+    self.seed, self.template = int(seed), template
+    if not storage.path(real_root).is_dir() or not storage.path(gen_root).is_dir():
+      raise FileNotFoundError(f"class folders: need {real_root}/<class>/ and {gen_root}/<class>/")
+    real_by_class, gen_by_class = _class_images(real_root), _class_images(gen_root)
+    self.classes = sorted(set(gen_by_class) | set(real_by_class))
     self.real_files: list[str] = []
     self.real_start: list[int] = []  # per class: first index in real_files
     self.real_count: list[int] = []
     gen_files, gen_class = [], []
     for c, name in enumerate(self.classes):
-      reals = _image_files(root / real_dir / name)
-      gens = _image_files(root / gen_dir / name)
+      reals, gens = real_by_class.get(name, []), gen_by_class.get(name, [])
       if gens and not reals:
         raise InputError(
           f"class folders: class {name!r} has generated images but no real images"
-          f" in {root / real_dir / name}"
+          f" in {storage.join(real_root, name)}"
         )
       self.real_start.append(len(self.real_files))
       self.real_count.append(len(reals))
@@ -274,7 +370,7 @@ class ClassFolderSource:
       gen_files += gens
       gen_class += [c] * len(gens)
     if not gen_files:
-      raise InputError(f"class folders: no generated images under {root / gen_dir}/<class>/")
+      raise InputError(f"class folders: no generated images under {gen_root}/<class>/")
     self.gen_files = gen_files
     self.gen_class = np.asarray(gen_class, np.int32)
 
@@ -309,48 +405,159 @@ class ClassFolderSource:
 # ------------------------------------------------------------------------------------- ArrayRecord
 
 
+# prepare's shard names: with every name of a set known, a missing shard is named, not miscounted
+_SHARD_NAME = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.array_record")
+# Opening a gs:// shard takes well under a second; a reader still waiting after this cannot reach
+# the bucket (google-cloud-cpp would go on retrying for minutes).
+OPEN_TIMEOUT_S = 120
+FUSE_HINT = (
+  "or mount the bucket with Cloud Storage FUSE (gcsfuse BUCKET /gcs/BUCKET) and set"
+  " config.data.root=/gcs/BUCKET/..."
+)
+
+
+def missing_shards(names: Iterable[str]) -> list[str]:
+  """The names of ``prepare``'s ``PREFIX-SSSSS-of-NNNNN.array_record`` shards absent from
+  ``names`` (a set is complete when all N are there)."""
+  have: dict[tuple[str, int], set[int]] = {}
+  for name in names:
+    m = _SHARD_NAME.fullmatch(name)
+    if m:
+      have.setdefault((m[1], int(m[3])), set()).add(int(m[2]))
+  return [
+    f"{prefix}-{s:05d}-of-{n:05d}.array_record"
+    for (prefix, n), got in sorted(have.items())
+    for s in range(n)
+    if s not in got
+  ]
+
+
 class ArrayRecordSource:
   """Shards ``*.array_record`` + ``index.npz`` (item, group, real_id per record), by ``prepare``.
 
-  ``stored_crop``: ``(image_size, resize mode)`` when ``prepare --store=train`` stored every image
-  as its training crop (from meta.json), else None (images to resize at train time).
+  ``root`` is a local folder or a ``gs://`` prefix: array_record reads gs:// objects itself
+  (google-cloud-cpp, Application Default Credentials); a bucket's shards are opened here, so a
+  reader that cannot read them fails in one line naming the object and the alternative (a Cloud
+  Storage FUSE mount) before anything is built. ``stored_crop``: ``(image_size, resize mode)``
+  when ``prepare --store=train`` stored every image as its training crop (from meta.json), else
+  None (images to resize at train time).
   """
 
   def __init__(self, root: str | os.PathLike, *, gens_per_caption: int = 1):
-    root = pathlib.Path(root)
-    self.root = str(root)
-    self.shards = sorted(str(p) for p in root.glob("*.array_record"))
+    self._sizes: dict[str, int] | None = None  # a bucket's shard sizes, from its one listing
+    if storage.is_remote(root):
+      self.root = os.fspath(root).rstrip("/")
+      if not self.root.startswith("gs://"):
+        raise InputError(
+          f"config.data.root={self.root}: array_record reads local files and gs:// only: copy"
+          " the shards to a local disk, or mount the store with FUSE and set config.data.root"
+          " to the mounted folder"
+        )
+      listing = list_sizes(self.root)
+      self._sizes = {n: b for n, b in listing.items() if n.endswith(".array_record")}
+      self.shards = [storage.join(self.root, n) for n in sorted(self._sizes)]
+      has_index = INDEX_FILE in listing
+    else:
+      local = pathlib.Path(root)
+      self.root = str(local)
+      self.shards = sorted(str(p) for p in local.glob("*.array_record"))
+      has_index = (local / INDEX_FILE).exists()
     if not self.shards:
       raise FileNotFoundError(
-        f"array_record: no *.array_record shards in {root} (run gmail_jax.data.prepare)"
+        f"array_record: no *.array_record shards in {self.root} (run gmail_jax.data.prepare)"
       )
-    if not (root / INDEX_FILE).exists():
+    missing = missing_shards(os.path.basename(p) for p in self.shards)
+    if missing:
+      n = int(_SHARD_NAME.fullmatch(missing[0])[3])
       raise FileNotFoundError(
-        f"array_record: {root / INDEX_FILE} missing (written by gmail_jax.data.prepare)"
+        f"array_record: {storage.join(self.root, missing[0])} missing ({len(missing)} of the {n}"
+        " shards prepare wrote): rerun gmail_jax.data.prepare with the same --out to finish it"
       )
-    with np.load(root / INDEX_FILE) as z:
+    index_path = storage.join(self.root, INDEX_FILE)
+    if not has_index:
+      raise FileNotFoundError(
+        f"array_record: {index_path} missing (written by gmail_jax.data.prepare)"
+      )
+    remote = self._sizes is not None
+    index = io.BytesIO(storage.path(index_path).read_bytes()) if remote else index_path
+    with np.load(index) as z:
       self.item, self.group, self.real_id = z["item"], z["group"], z["real_id"]
     self.index = PairIndex(self.item, gens_per_caption)
     self.stored_crop: tuple[int, str] | None = None
     try:
-      meta = json.loads((root / META_FILE).read_text())
+      meta = json.loads(storage.path(storage.join(self.root, META_FILE)).read_text())
     except (OSError, ValueError):
       meta = {}  # shards of a run that wrote no meta.json: resized at train time, as always
     if isinstance(meta, dict) and meta.get("store") == "train":
       self.stored_crop = (int(meta["image_size"]), str(meta["resize"]))
     self._reader = None
+    if remote:  # a bucket the reader cannot read: say so now, not in a grain worker
+      self._probe()
+      self._records()
 
   def _records(self):
     if self._reader is None:
       import grain
 
-      self._reader = grain.sources.ArrayRecordDataSource(self.shards)
-      if len(self._reader) != len(self.item):
+      try:
+        reader = grain.sources.ArrayRecordDataSource(self.shards)
+      except (RuntimeError, OSError, ValueError) as e:
+        self._check_each()  # names the shard (the reader's message may not)
+        raise self._unreadable(e) from None
+      if len(reader) != len(self.item):
+        if self._sizes is not None:
+          self._check_each()  # a shard the reader saw as empty is one it could not read
         raise InputError(
-          f"array_record {self.root}: {len(self._reader)} records but {INDEX_FILE}"
-          f" lists {len(self.item)}"
+          f"array_record {self.root}: {len(reader)} records but {INDEX_FILE} lists {len(self.item)}"
         )
+      self._reader = reader
     return self._reader
+
+  def _unreadable(self, e: BaseException, shard: str | None = None) -> InputError:
+    """The one-line error for shards the reader cannot open: the shard, and for a bucket what to
+    do (credentials, or a FUSE mount that makes the shards local files)."""
+    why = first_line(e)
+    shard = shard or next((s for s in self.shards if s in why), self.root)
+    msg = f"array_record: cannot read {shard} ({why})"
+    if self._sizes is not None:
+      msg += (
+        f"; array_record {_array_record_version()} reads gs:// with Application Default"
+        f" Credentials (gcloud auth application-default login, or the VM's service account): give"
+        f" them read access to the bucket, {FUSE_HINT}"
+      )
+    return InputError(msg)
+
+  def _probe(self) -> None:
+    """Opens one shard, giving up after ``OPEN_TIMEOUT_S``: array_record's GCS client retries an
+    endpoint it cannot reach (or credentials it cannot get) for many minutes. In a daemon thread
+    of its own, so a reader still waiting never keeps the process from exiting (grain's opening
+    pool would: its threads are joined at exit)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    def open_one() -> None:
+      with contextlib.suppress(Exception):  # reported by _records, which opens it again
+        ArrayRecordReader(self.shards[0]).close()
+
+    probe = threading.Thread(target=open_one, name="array_record-probe", daemon=True)
+    probe.start()
+    probe.join(OPEN_TIMEOUT_S)
+    if probe.is_alive():
+      raise self._unreadable(TimeoutError(f"no answer in {OPEN_TIMEOUT_S} s"), self.shards[0])
+
+  def _check_each(self) -> None:
+    """Opens every shard alone; the first one the reader cannot read raises :meth:`_unreadable`
+    (some readers report a missing or unreadable object as empty instead of raising)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    for shard in self.shards:
+      try:
+        reader = ArrayRecordReader(shard)
+        ok = reader.ok()
+        reader.close()  # where this reader raises for what it could not open
+      except (RuntimeError, OSError, ValueError) as e:
+        raise self._unreadable(e, shard) from None
+      if not ok:
+        raise self._unreadable(RuntimeError("the reader reports an error, no records"), shard)
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -362,15 +569,19 @@ class ArrayRecordSource:
 
   def real_ids_fingerprint(self) -> str:
     """The index prepare wrote (real_id per record) and the shards it describes."""
-    index = (pathlib.Path(self.root) / INDEX_FILE).read_bytes()
-    shards = (f"{os.path.basename(p)}:{os.path.getsize(p)}" for p in self.shards)
+    index = storage.path(storage.join(self.root, INDEX_FILE)).read_bytes()
+    if self._sizes is not None:
+      shards = (f"{n}:{b}" for n, b in sorted(self._sizes.items()))
+    else:
+      shards = (f"{os.path.basename(p)}:{os.path.getsize(p)}" for p in self.shards)
     return ids_fingerprint([hashlib.sha256(index).hexdigest(), *shards])
 
   def get(self, index: int, epoch: int) -> Pair:
     row = self.index.row(index, epoch)
     name = f"{self.root}#{row}"
+    records = self._records()  # outside the try: a source that cannot be read is no bad record
     try:
-      rec = unpack_pair(self._records()[row])
+      rec = unpack_pair(records[row])
     except BadInputError:
       raise
     except (ValueError, KeyError, TypeError, struct.error) as e:  # what a damaged record raises
@@ -384,6 +595,15 @@ class ArrayRecordSource:
       gen_name=f"{name}:{rec['gen_name']}",
       real_name=f"{name}:{rec['real_name']}",
     )
+
+
+def _array_record_version() -> str:
+  from importlib import metadata
+
+  try:
+    return metadata.version("array_record")
+  except metadata.PackageNotFoundError:
+    return "(version unknown)"
 
 
 # -------------------------------------------------------------------------------------------- TFDS
@@ -524,4 +744,4 @@ def make_source(data, *, seed: int = 0, log: RejectLog | None = None, primary: b
 
 
 def write_meta(out: str | os.PathLike, meta: dict) -> None:
-  pathlib.Path(out, META_FILE).write_text(json.dumps(meta, indent=2))
+  storage.write_text(storage.join(out, META_FILE), json.dumps(meta, indent=2))
