@@ -5,8 +5,9 @@ Command (TPU pod; see launch/tpu_pod.sh; the evaluation, ClipCap and export stag
       --config.data.root=gs://BUCKET/cc3m_pairs
 Data: the real images as webdataset tars (img2dataset), one generated image per caption
 (``python -m gmail_jax.generate`` on the captions, or mode='import'), then ArrayRecord shards:
-``python -m gmail_jax.data.prepare --src=TARS --gen_dir=GEN --out=/data/cc3m_pairs`` (the README's
-"Reproduce GMAIL" section); evaluations as configs/coco.py (configs/common.py DATASETS).
+``python -m gmail_jax.data.prepare --src=TARS --gen_dir=GEN --out=gs://BUCKET/cc3m_pairs`` (the
+README's "Reproduce GMAIL" and "Running on a pod" sections; a local --out works the same);
+evaluations as configs/coco.py (configs/common.py DATASETS).
 Hardware: TPU v4-64 (or 4 nodes x 8 A100 via launch/slurm_multinode.sbatch); ~1 day for 100k steps.
 Expected: larger retrieval/captioning gains than COCO-only alignment (paper scaling table:
 CC3M > COCO, CC12M > CC3M). Not run here (no accelerator, no weights).
