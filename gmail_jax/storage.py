@@ -335,8 +335,55 @@ def check_writable(p: PathLike, flag: str = "--workdir") -> None:
     raise InputError(f"{flag}={os.fspath(p)}: cannot write there ({type(e).__name__}: {e})") from e
 
 
-def _fs(p: PathLike) -> tuple[Any, str]:
-  """(fsspec filesystem, key) of a remote path."""
+def filesystem(p: PathLike) -> tuple[Any, str]:
+  """(fsspec filesystem, key) of a bucket URL, for what epath does not offer (one-GET reads,
+  recursive listings with sizes, streamed uploads)."""
   import fsspec
 
   return fsspec.core.url_to_fs(os.fspath(p))
+
+
+_fs = filesystem
+
+
+def list_files(root: PathLike) -> list[str]:
+  """Every file below ``root`` (any depth), sorted, as paths or URLs; none when it is missing (a
+  bucket's from one recursive listing: epath has no recursive glob there and its walk() drops the
+  scheme)."""
+  if not is_remote(root):
+    return sorted(str(q) for q in pathlib.Path(os.fspath(root)).rglob("*") if q.is_file())
+  fs, key = filesystem(root)
+  base, key = os.fspath(root).rstrip("/"), key.rstrip("/")
+  return sorted(base + name[len(key) :] for name in fs.find(key))
+
+
+def list_sizes(folder: PathLike) -> dict[str, int]:
+  """``{name: size}`` of the files directly in ``folder`` (one listing); {} when it is missing."""
+  if not is_remote(folder):
+    try:
+      return {e.name: e.stat().st_size for e in os.scandir(os.fspath(folder)) if e.is_file()}
+    except FileNotFoundError:
+      return {}
+  fs, key = filesystem(folder)
+  try:
+    entries = fs.ls(key.rstrip("/"), detail=True)
+  except FileNotFoundError:
+    return {}
+  return {e["name"].rsplit("/", 1)[-1]: int(e["size"]) for e in entries if e["type"] == "file"}
+
+
+def upload_file(local: PathLike, dst: PathLike) -> None:
+  """Local file -> ``dst``, streamed (shards can be GBs; write_bytes takes bytes): one upload to a
+  bucket, so the object appears only whole; a local ``dst`` is a whole write as write_bytes."""
+  if not is_remote(dst):
+    target = pathlib.Path(os.fspath(dst))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / _tmp_name(target.name)
+    try:
+      shutil.copyfile(os.fspath(local), tmp)
+      os.replace(tmp, target)
+    finally:
+      tmp.unlink(missing_ok=True)
+    return
+  fs, key = filesystem(dst)
+  fs.put_file(os.fspath(local), key)

@@ -28,7 +28,7 @@ from gmail_jax import storage
 from gmail_jax.data import preprocess
 from gmail_jax.data.images import decode_image
 from gmail_jax.data.rejects import BadInput
-from gmail_jax.data.sources import IMAGE_EXTS, list_files, read_bytes
+from gmail_jax.data.sources import IMAGE_EXTS, read_bytes
 from gmail_jax.errors import InputError
 
 
@@ -192,7 +192,7 @@ def coco_captions(
   if only_present:
     if storage.is_remote(images_dir):  # one listing, not a request per image
       base = os.fspath(images_dir).rstrip("/") + "/"
-      present = {f.removeprefix(base) for f in list_files(images_dir)}
+      present = {f.removeprefix(base) for f in storage.list_files(images_dir)}
       images = [im for im in images if im["file_name"] in present]
     else:
       images = [im for im in images if os.path.exists(os.path.join(images_dir, im["file_name"]))]
@@ -289,7 +289,7 @@ def class_set_index(
         if len(parts) >= 2 and os.path.splitext(parts[-1])[1].lower() in IMAGE_EXTS:
           by_class.setdefault(parts[-2], []).append(n)
     elif storage.is_remote(path) and where.is_dir():
-      for f in list_files(path):  # one listing; <class>/<file> only, as below
+      for f in storage.list_files(path):  # one listing; <class>/<file> only, as below
         parts = f.removeprefix(path.rstrip("/") + "/").split("/")
         if len(parts) == 2 and os.path.splitext(parts[1])[1].lower() in IMAGE_EXTS:
           by_class.setdefault(parts[0], []).append(f)

@@ -115,7 +115,6 @@ from gmail_jax.data.sources import (
   META_FILE,
   ClassFolderSource,
   ManifestSource,
-  list_sizes,
   read_bytes,
 )
 from gmail_jax.errors import ConfigError, InputError
@@ -399,7 +398,7 @@ class _OutDir:
 
   def names(self) -> set[str]:
     if self.remote:
-      return set(list_sizes(self.root))
+      return set(storage.list_sizes(self.root))
     return set(os.listdir(self.root))
 
   def read(self, name: str) -> bytes | None:
@@ -423,7 +422,7 @@ class _OutDir:
 
   def commit(self, temp: str, name: str) -> None:
     if self.remote:
-      _upload(temp, self.path(name))
+      storage.upload_file(temp, self.path(name))
       os.unlink(temp)
     else:
       os.replace(temp, self.path(name))
@@ -449,15 +448,6 @@ class _OutDir:
       storage.path(self.path(name)).unlink(missing_ok=True)
     else:
       (self.root / name).unlink(missing_ok=True)
-
-
-def _upload(local: str, url: str) -> None:
-  """Local file -> object ``url``, streamed (a shard can be GBs; storage.write_bytes takes bytes):
-  one upload, so the object appears only when it is whole."""
-  import fsspec
-
-  fs, key = fsspec.core.url_to_fs(url)
-  fs.put_file(local, key)
 
 
 def _npz_bytes(**arrays) -> bytes:
@@ -609,7 +599,7 @@ def _class_folder_row(source: ClassFolderSource) -> Callable[[int], dict]:
 
 def _tars(folder: storage.Path) -> list[str]:
   """The .tar files directly in ``folder``, sorted (a bucket's from one listing)."""
-  return [storage.join(folder, n) for n in sorted(list_sizes(folder)) if n.endswith(".tar")]
+  return [storage.join(folder, n) for n in sorted(storage.list_sizes(folder)) if n.endswith(".tar")]
 
 
 def _size(path: str) -> int | None:

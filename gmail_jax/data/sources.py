@@ -73,49 +73,13 @@ def read_bytes(path: str) -> bytes:
 
 
 def _read_object(url: str) -> bytes:
-  fs, key = _fs(url)
+  fs, key = storage.filesystem(url)
   try:
     return fs.cat_file(key)  # one GET (opening a file first costs a metadata request more)
   except FileNotFoundError:
     raise BadInput(url, "missing file") from None
   except Exception as e:  # noqa: BLE001 - whatever the client raised (after its retries): one reject
     raise BadInput(url, f"unreadable: {type(e).__name__}: {e}") from None
-
-
-# ----------------------------------------------------------------------- listings (local or bucket)
-# Helpers storage.py does not have (yet): a bucket has no folders, so a folder's files come from one
-# listing of its prefix (epath's glob('**') / rglob are not implemented there, walk() drops gs://).
-
-
-def _fs(url: str | os.PathLike):
-  """(fsspec filesystem, key) of a bucket URL."""
-  import fsspec
-
-  return fsspec.core.url_to_fs(os.fspath(url))
-
-
-def list_files(root: str | os.PathLike) -> list[str]:
-  """Every file below ``root`` (any depth), sorted, as paths or URLs; none when it is missing."""
-  if not storage.is_remote(root):
-    return sorted(str(p) for p in pathlib.Path(root).rglob("*") if p.is_file())
-  fs, key = _fs(root)
-  base, key = os.fspath(root).rstrip("/"), key.rstrip("/")
-  return sorted(base + name[len(key) :] for name in fs.find(key))
-
-
-def list_sizes(folder: str | os.PathLike) -> dict[str, int]:
-  """``{name: size}`` of the files directly in ``folder`` (one listing); {} when it is missing."""
-  if not storage.is_remote(folder):
-    try:
-      return {e.name: e.stat().st_size for e in os.scandir(folder) if e.is_file()}
-    except FileNotFoundError:
-      return {}
-  fs, key = _fs(folder)
-  try:
-    entries = fs.ls(key.rstrip("/"), detail=True)
-  except FileNotFoundError:
-    return {}
-  return {posixpath.basename(e["name"]): int(e["size"]) for e in entries if e["type"] == "file"}
 
 
 # ----------------------------------------------------------------------------------------- manifest
@@ -315,7 +279,7 @@ def _class_images(folder: str) -> dict[str, list[str]]:
     return {p.name: _image_files(p) for p in pathlib.Path(folder).iterdir() if p.is_dir()}
   out: dict[str, list[str]] = {}
   prefix = folder.rstrip("/") + "/"
-  for f in list_files(folder):
+  for f in storage.list_files(folder):
     name, sep, rest = f[len(prefix) :].partition("/")
     if sep:  # files directly in folder/ belong to no class
       files = out.setdefault(name, [])
@@ -453,7 +417,7 @@ class ArrayRecordSource:
           " the shards to a local disk, or mount the store with FUSE and set config.data.root"
           " to the mounted folder"
         )
-      listing = list_sizes(self.root)
+      listing = storage.list_sizes(self.root)
       self._sizes = {n: b for n, b in listing.items() if n.endswith(".array_record")}
       self.shards = [storage.join(self.root, n) for n in sorted(self._sizes)]
       has_index = INDEX_FILE in listing

@@ -122,14 +122,10 @@ def import_images(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
 
 
 def _files(root: storage.Path) -> list[os.PathLike]:
-  """The files below ``root``, sorted by path (a bucket's from one recursive listing: it has no
-  recursive glob, and epath's walk() drops the gs:// scheme)."""
+  """The files below ``root``, sorted by path (local: by path parts, as always)."""
   if not storage.is_remote(root):
     return [f for f in sorted(pathlib.Path(root).rglob("*")) if f.is_file()]
-  import fsspec
-
-  fs, key = fsspec.core.url_to_fs(os.fspath(root))
-  return sorted(storage.path(fs.unstrip_protocol(name)) for name in fs.find(key))
+  return [storage.path(f) for f in storage.list_files(root)]
 
 
 def _read(url: str) -> bytes:
