@@ -1,7 +1,9 @@
 """Resume refuses what it cannot honour: a changed meaning, another teacher; it falls back over a
-corrupt newest checkpoint and finishes bitwise equal to an uninterrupted run."""
+corrupt newest checkpoint and finishes bitwise equal to an uninterrupted run. The corrupt-checkpoint
+tests run in a local workdir and in a ``gs://`` one (the GCS emulator of tests/conftest.py)."""
 
 import json
+import os
 import pathlib
 
 import jax
@@ -11,7 +13,7 @@ import pytest
 from config_helpers import load_config
 from flax import nnx
 
-from gmail_jax import api
+from gmail_jax import api, storage
 from gmail_jax.errors import ResumeError
 from gmail_jax.export import hf_dir
 from gmail_jax.models import clip as clip_lib
@@ -40,6 +42,22 @@ def final_params(workdir, step=STEPS) -> list[np.ndarray]:
   r = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   mgr.close()
   return [np.asarray(x) for x in jax.tree.leaves(r["state"]["params"])]
+
+
+@pytest.fixture(params=["local", pytest.param("gs", marks=pytest.mark.slow)])
+def any_dir(request, tmp_path) -> str:
+  """A fresh workdir, local and in a bucket (the emulator)."""
+  return str(tmp_path / "run") if request.param == "local" else request.getfixturevalue("gcs_dir")
+
+
+def files(folder) -> list[storage.Path]:
+  """Every file under a local or bucket folder (epath's rglob does not list buckets)."""
+  if not storage.is_remote(folder):
+    return sorted(storage.path(p) for p in pathlib.Path(folder).rglob("*") if p.is_file())
+  import fsspec
+
+  fs, key = fsspec.core.url_to_fs(os.fspath(folder))
+  return [storage.path(fs.unstrip_protocol(name)) for name in sorted(fs.find(key))]
 
 
 def snapshot(workdir: pathlib.Path) -> dict:
@@ -76,20 +94,20 @@ def test_changed_meaning_is_refused_by_name_and_nothing_is_touched(tmp_path):
   assert history[1]["changes"] == {"log_every_steps": [1, 2], "total_steps": [4, STEPS]}
 
 
-def test_corrupt_newest_checkpoint_falls_back_and_ends_bitwise_equal(reference, tmp_path):
-  workdir = tmp_path / "run"
+def test_corrupt_newest_checkpoint_falls_back_and_ends_bitwise_equal(reference, any_dir):
+  workdir = storage.path(any_dir)
   train.train_and_evaluate(config(), str(workdir))
-  for f in (workdir / "checkpoints" / str(STEPS)).rglob("*"):
-    if f.is_file():
-      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated, as by a full disk
+  for f in files(workdir / "checkpoints" / str(STEPS)):
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])  # truncated, as by a full disk
   train.train_and_evaluate(config(), str(workdir))  # resumes from step 4, trains 5 and 6 again
   assert (workdir / checkpointing.UNUSABLE_DIR / str(STEPS)).is_dir()  # kept, set aside
   for a, b in zip(final_params(reference), final_params(workdir), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
-def test_every_checkpoint_corrupt_is_one_line_naming_the_directory(tmp_path):
-  workdir = tmp_path / "run"
+def test_every_checkpoint_corrupt_is_one_line_naming_the_directory(any_dir):
+  workdir = storage.path(any_dir)
   train.train_and_evaluate(config(total_steps=4), str(workdir))
   for step in checkpointing.saved_steps(workdir):
     (workdir / "checkpoints" / str(step) / "meta" / "metadata").write_text("{truncated")
@@ -99,10 +117,15 @@ def test_every_checkpoint_corrupt_is_one_line_naming_the_directory(tmp_path):
   assert checkpointing.saved_steps(workdir) == [2, 4]  # nothing moved
 
 
-def test_perturbed_teacher_in_the_init_directory_is_refused(tmp_path):
-  teacher_dir = tmp_path / "teacher"
+@pytest.mark.parametrize("any_dir", ["local", "gs"], indirect=True)
+def test_perturbed_teacher_in_the_init_directory_is_refused(tmp_path, any_dir, monkeypatch):
+  """config.init in a local folder or a bucket one (read from a local copy, fetched again when
+  its objects change)."""
+  monkeypatch.setenv("GMAIL_JAX_CACHE", str(tmp_path / "cache_root"))
+  saved, teacher_dir = tmp_path / "saved", storage.path(any_dir) / "teacher"
   model = clip_lib.CLIP(clip_lib.clip_config("mu"), rngs=nnx.Rngs(0))
-  hf_dir.save_pretrained(model, str(teacher_dir))
+  hf_dir.save_pretrained(model, str(saved))
+  storage.upload_tree(saved, teacher_dir)
   workdir = tmp_path / "run"
   train.train_and_evaluate(config(total_steps=2, init=str(teacher_dir)), str(workdir))
   # 1 % noise on every weight: a float checksum with a tolerance would accept this teacher.
@@ -112,7 +135,8 @@ def test_perturbed_teacher_in_the_init_directory_is_refused(tmp_path):
     lambda w: w * (1 + 0.01 * rng.standard_normal(w.shape)).astype(w.dtype), state
   )
   nnx.update(model, noisy)
-  hf_dir.save_pretrained(model, str(teacher_dir), overwrite=True)
+  hf_dir.save_pretrained(model, str(saved), overwrite=True)
+  storage.upload_tree(saved, teacher_dir)
   with pytest.raises(ResumeError, match=r"the teacher differs") as e:
     train.train_and_evaluate(config(total_steps=4, init=str(teacher_dir)), str(workdir))
   assert str(teacher_dir) in str(e.value)

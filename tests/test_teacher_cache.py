@@ -1,7 +1,10 @@
-"""Teacher-embedding cache: same losses with and without it; stale caches refused; exact key."""
+"""Teacher-embedding cache: same losses with and without it; stale caches refused; exact key.
 
+The cache tests run with the cache and workdir in a local folder and in a bucket (the GCS emulator
+of tests/conftest.py; the arrays are then mapped from a local copy and uploaded whole)."""
+
+import io
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,13 @@ from config_helpers import load_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gmail_jax import storage
 from gmail_jax.training import build, fingerprint, sharding, teacher_cache, train
+
+
+@pytest.fixture(autouse=True)
+def _local_cache_root(tmp_path, monkeypatch):
+  monkeypatch.setenv("GMAIL_JAX_CACHE", str(tmp_path / "cache_root"))  # a bucket cache's copies
 
 
 def tiny_config(**overrides):
@@ -30,27 +39,34 @@ def tiny_config(**overrides):
 
 
 def losses(workdir):
-  rows = [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
+  text = (storage.path(workdir) / "metrics.jsonl").read_text()
+  rows = [json.loads(line) for line in text.splitlines()]
   return np.array([r["train/loss"] for r in rows if "train/loss" in r])
 
 
-def test_cached_and_uncached_training_give_the_same_losses(tmp_path):
+@pytest.mark.parametrize(
+  "any_dir", ["local", pytest.param("gs", marks=pytest.mark.slow)], indirect=True
+)
+def test_cached_and_uncached_training_give_the_same_losses(tmp_path, any_dir):
   plain = tiny_config()
   train.train_and_evaluate(plain, str(tmp_path / "plain"))
 
+  root = storage.path(any_dir)
   cached = tiny_config()
   cached.teacher_cache.enabled = True
-  cached.teacher_cache.path = str(tmp_path / "cache")
-  train.train_and_evaluate(cached, str(tmp_path / "cached"))
+  cached.teacher_cache.path = str(root / "cache")
+  train.train_and_evaluate(cached, str(root / "cached"))
 
-  a, b = losses(tmp_path / "plain"), losses(tmp_path / "cached")
+  a, b = losses(tmp_path / "plain"), losses(root / "cached")
   assert len(a) == len(b) == 4
   np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
   # The precompute pass filled one row per real image (synthetic: real_id = 0..31).
-  filled = np.load(tmp_path / "cache" / teacher_cache.FILLED)
+  filled = np.load(io.BytesIO((root / "cache" / teacher_cache.FILLED).read_bytes()))
   assert filled[:32].all() and not filled[32:].any()
-  meta = json.loads((tmp_path / "cache" / teacher_cache.META).read_text())
+  meta = json.loads((root / "cache" / teacher_cache.META).read_text())
   assert meta["dim"] == 32 and meta["data"]["source"] == "synthetic"
+  staged = tmp_path / "cache_root" / "teacher_cache"  # a bucket cache's local copy: gone at close
+  assert not staged.exists() or not any(staged.iterdir())
 
 
 def _teacher(config, mesh, tmp_path):
@@ -58,14 +74,15 @@ def _teacher(config, mesh, tmp_path):
   return built["models"], built["frozen"]
 
 
-def test_stale_cache_is_refused_and_rebuild_replaces_it(tmp_path):
+def test_stale_cache_is_refused_and_rebuild_replaces_it(any_dir):
+  root = storage.path(any_dir)
   config = tiny_config()
   config.teacher_cache.enabled = True
-  config.teacher_cache.path = str(tmp_path / "cache")
+  config.teacher_cache.path = str(root / "cache")
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
-    models, frozen = _teacher(config, mesh, tmp_path / "w")
-    kw = dict(mesh=mesh, workdir=str(tmp_path / "w"), model_config=build.model_config(config))
+    models, frozen = _teacher(config, mesh, root / "w")
+    kw = dict(mesh=mesh, workdir=str(root / "w"), model_config=build.model_config(config))
     cache, _ = teacher_cache.from_config(config, models=models, frozen=frozen, **kw)
     assert cache.num_filled == 32
 
@@ -88,6 +105,34 @@ def test_stale_cache_is_refused_and_rebuild_replaces_it(tmp_path):
     cache2, _ = teacher_cache.from_config(config, models=models, frozen=other, **kw)
     new_rows, hit = cache2.lookup(np.arange(32))
     assert hit.all() and not np.allclose(old_rows, new_rows, atol=1e-6)
+
+
+def test_a_reopened_cache_has_the_rows_it_stored(any_dir):
+  """What one run stored (in a bucket: uploaded at close) is what the next run opens."""
+  root = storage.path(any_dir)
+  config = tiny_config()
+  config.teacher_cache.update(enabled=True, path=str(root / "cache"))
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    models, frozen = _teacher(config, mesh, root / "w")
+    kw = dict(mesh=mesh, workdir=str(root / "w"), model_config=build.model_config(config))
+    first, _ = teacher_cache.from_config(config, models=models, frozen=frozen, **kw)
+    rows = first.lookup(np.arange(32))[0].copy()
+    first.put(np.array([40, 41]), np.ones((2, 32), np.float32))  # a row filled on first sight
+    first.close()
+
+    def reopen():
+      return teacher_cache.TeacherCache.open(
+        root / "cache", key=first.key, data=first.data, dim=first.dim
+      )
+
+    again = reopen()
+    got, hit = again.lookup(np.arange(32))
+    assert hit.all() and again.num_filled == 34
+    np.testing.assert_array_equal(got, rows)
+    again.put(np.array([5000]), np.zeros((1, 32), np.float32))  # grows the arrays
+    again.close()
+    assert reopen().capacity > 5000 and reopen().num_filled == 35
 
 
 def test_attach_fills_misses_and_drops_real_images(tmp_path):

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gmail_jax import objectives
+from gmail_jax import objectives, storage
 from gmail_jax.errors import ConfigError
 from gmail_jax.models import lora as lora_lib
 from gmail_jax.models import towers
@@ -57,6 +57,14 @@ def model_config(config: ml_collections.ConfigDict):
   return tower(config).arch_config(config.model.variant, **config.model.overrides.to_dict())
 
 
+def init_path(config: ml_collections.ConfigDict) -> str:
+  """``config.init`` as the loaders take it: a bucket folder (``gs://``) is read from a local copy
+  (``storage.fetch_dir``, copied once and again only when its objects change); a local path or a
+  hub id as given."""
+  init = config.init
+  return os.fspath(storage.fetch_dir(init)) if init and storage.is_remote(init) else init
+
+
 def teacher_source(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Where the frozen weights come from (informational; the identity is the fingerprint)."""
   if config.init:
@@ -76,7 +84,7 @@ def build_teacher(
   kw = model_kwargs(config)
   t = tower(config)
   if config.init:
-    model = t.load_pretrained(config.init, **kw)
+    model = t.load_pretrained(init_path(config), **kw)
     if config.model.text_context:
       from gmail_jax.models import longclip  # CLIP only: a text positional table to stretch
 
@@ -236,7 +244,7 @@ def tokenizer(config: ml_collections.ConfigDict, context_length: int) -> Tokeniz
   """The teacher checkpoint's own vocabulary when ``config.init`` is a directory that has one
   (vocab.json + merges.txt), else the CLIP BPE of the openai-clip package. SigLIP: the
   SentencePiece model (spiece.model) of ``config.init``."""
-  init = config.init
+  init = init_path(config)
   if config.model.name == "siglip":
     from gmail_jax.models.siglip_tokenizer import SPIECE, SiglipTokenizer
 

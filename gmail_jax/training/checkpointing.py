@@ -16,6 +16,13 @@ older step restores, the unusable newer ones are moved to WORKDIR/checkpoints.un
 out of the way of the steps the resumed run saves again). With no intact step the run stops with
 one line naming the directory, and nothing is moved.
 
+WORKDIR may be a bucket URL (``gs://bucket/run``). Orbax then marks a finished step by the object
+``<step>/commit_success.txt`` instead of renaming a temp folder (a step without it is unfinished
+and removed at the next start); a bucket has no rename either, so an unusable step is set aside
+by copying its objects and then deleting the original, its commit marker first: a kill part-way
+leaves either a step Orbax still lists (set aside again at the next start) or an unfinished one
+(removed by Orbax), never a half-deleted step that reads as finished.
+
 Initialisation order of a run (train.py implements it in this order):
   1. the latest committed checkpoint in WORKDIR/checkpoints (auto-resume; also after SIGKILL:
      uncommitted async saves are ignored by Orbax);
@@ -35,20 +42,37 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
+from gmail_jax import storage
 from gmail_jax.errors import ResumeError
 
 CHECKPOINT_DIR = "checkpoints"
 UNUSABLE_DIR = "checkpoints.unusable"
+# What Orbax writes last into a step on a bucket (its CommitFileTemporaryPath); local steps are
+# renamed into place instead.
+COMMIT_FILE = "commit_success.txt"
+
+
+def resolve_workdir(workdir: str | os.PathLike) -> str:
+  """``workdir`` as a string: a local path made absolute, a bucket URL as given (no trailing /)."""
+  workdir = os.fspath(workdir)
+  return workdir.rstrip("/") if storage.is_remote(workdir) else os.path.abspath(workdir)
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
-  return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_DIR)
+  return storage.join(resolve_workdir(workdir), CHECKPOINT_DIR)
 
 
 def saved_steps(workdir: str | os.PathLike) -> list[int]:
-  """Step directories under WORKDIR/checkpoints (read-only: creates nothing)."""
+  """Finished step directories under WORKDIR/checkpoints (read-only: creates nothing)."""
   d = checkpoint_dir(workdir)
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+  if not storage.is_remote(d):
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+  try:
+    names = [p.name for p in storage.path(d).iterdir()]
+  except FileNotFoundError:  # nothing under the prefix yet
+    return []
+  root = storage.path(d)
+  return sorted(int(n) for n in names if n.isdigit() and (root / n / COMMIT_FILE).exists())
 
 
 def check_teacher(saved: dict, current: dict, where: str) -> None:
@@ -162,13 +186,17 @@ class Checkpointer:
   def _set_aside(self, steps: list[int]) -> None:
     """Moves step directories to WORKDIR/checkpoints.unusable/ (process 0), then re-reads."""
     if jax.process_index() == 0:
-      dest = os.path.join(os.path.dirname(self.directory), UNUSABLE_DIR)
-      os.makedirs(dest, exist_ok=True)
+      dest = storage.join(os.path.dirname(self.directory), UNUSABLE_DIR)
+      storage.makedirs(dest)
       for step in steps:
-        target = os.path.join(dest, str(step))
+        target = storage.join(dest, str(step))
+        source = storage.join(self.directory, str(step))
+        if storage.is_remote(source):
+          _move_remote(source, target)
+          continue
         if os.path.exists(target):
           shutil.rmtree(target)
-        os.replace(os.path.join(self.directory, str(step)), target)
+        os.replace(source, target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
@@ -182,6 +210,24 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _move_remote(source: str, target: str) -> None:
+  """Step folder ``source`` to ``target`` in a bucket: copies every object, then deletes the
+  original, the commit marker first (so the step stops counting as finished before any of its
+  other objects goes)."""
+  import fsspec
+
+  fs, src = fsspec.core.url_to_fs(source)
+  _, dst = fsspec.core.url_to_fs(target)
+  storage.rmtree(target)
+  names = fs.find(src)
+  for name in names:
+    fs.copy(name, dst + name[len(src) :])  # a server-side copy, object by object
+  marker = f"{src}/{COMMIT_FILE}"
+  if marker in names:
+    fs.rm(marker)
+  storage.rmtree(source)
 
 
 def _persisted(state: dict[str, Any]) -> dict[str, Any]:

@@ -4,14 +4,23 @@ progress/ETA line.
 ``WORKDIR/metrics.jsonl`` gets one JSON object per logged step: ``{"step": s, "train/loss": ...}``.
 Values are fetched from the device only on log steps (the loop hands over device arrays).
 ``config.wandb.enabled`` also logs them to Weights & Biases (``wandb`` is imported only then).
+
+WORKDIR may be a bucket URL (``gs://bucket/run``), which has no append: there metrics.jsonl is
+kept in memory and rewritten whole (``sync``: before every checkpoint save, after evals, every
+``SYNC_SECONDS`` and at ``close``), so every row up to a checkpoint's step is in the bucket before
+the checkpoint is, and a resume from it loses none; TensorBoard writes to a local folder whose
+event files are uploaded at the same moments.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Mapping
@@ -22,9 +31,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from gmail_jax import storage
 from gmail_jax.errors import ConfigError
 
 WANDB_PIN = "wandb==0.29.0"  # the tested lock (requirements-test.txt), in pyproject's range
+SYNC_SECONDS = 30.0  # bucket workdir: the longest that logged rows stay only in memory
 
 
 def write_config(
@@ -38,28 +49,24 @@ def write_config(
   is appended to ``WORKDIR/config_history.jsonl`` (time, resumed step, changed keys, config)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
+  storage.makedirs(workdir)
   text = config.to_json_best_effort(indent=2, sort_keys=True)
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
+  storage.write_text(storage.join(workdir, "config.json"), text)
   entry = {
     "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     "resumed_from": resumed_from,
     "changes": {k: list(v) for k, v in (changes or {}).items()},
     "config": json.loads(text),
   }
-  with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
-    f.write(json.dumps(entry, sort_keys=True) + "\n")
+  history = storage.join(workdir, "config_history.jsonl")
+  storage.append_text(history, json.dumps(entry, sort_keys=True) + "\n")  # one writer: process 0
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = storage.path(workdir) / "config.json"
+  if not path.exists():
     raise FileNotFoundError(f"{path}: missing (not a gmail_jax training workdir?)")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
   if "wandb" not in config:  # written before the group existed; logging only, so its defaults
     from gmail_jax import schema
 
@@ -86,15 +93,17 @@ def _start_wandb(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
   import wandb
 
   w = config.wandb
-  id_path = os.path.join(workdir, "wandb_run_id")
-  if os.path.exists(id_path):
-    with open(id_path) as f:
-      run_id = f.read().strip()
+  id_path = storage.path(workdir) / "wandb_run_id"
+  if id_path.exists():
+    run_id = id_path.read_text().strip()
   else:
     run_id = uuid.uuid4().hex[:8]
-    with open(id_path, "w") as f:
-      f.write(run_id + "\n")
-  root = os.path.abspath(w.dir or workdir)
+    storage.write_text(id_path, run_id + "\n")
+  if w.dir or not storage.is_remote(workdir):
+    root = os.path.abspath(w.dir or workdir)
+  else:  # W&B writes local files: a bucket workdir's go to the local cache, by workdir
+    digest = hashlib.sha256(os.fspath(workdir).encode()).hexdigest()[:20]
+    root = os.fspath(storage.cache_root() / "wandb" / digest)
   os.makedirs(root, exist_ok=True)
   return wandb.init(
     project=w.project,
@@ -109,13 +118,14 @@ def _start_wandb(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
   )
 
 
-def drop_rows_after(path: str, step: int) -> None:
+def drop_rows_after(path: str | os.PathLike, step: int) -> str:
   """Keeps the rows of ``path`` up to ``step``: a run resumed from a checkpoint at ``step`` (or
-  restarted from 0) trains the later steps again, so their rows from the killed attempt go."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.read().splitlines()
+  restarted from 0) trains the later steps again, so their rows from the killed attempt go.
+  Returns the text kept ('' when there is no file)."""
+  path = storage.path(path)
+  if not path.exists():
+    return ""
+  lines = path.read_text().splitlines()
   keep = []
   for line in lines:
     try:
@@ -123,10 +133,10 @@ def drop_rows_after(path: str, step: int) -> None:
         keep.append(line)
     except (ValueError, KeyError, TypeError):
       continue  # a line torn by the kill
+  text = "".join(line + "\n" for line in keep)
   if len(keep) != len(lines):
-    with open(path + ".tmp", "w") as f:
-      f.write("".join(line + "\n" for line in keep))
-    os.replace(path + ".tmp", path)
+    storage.write_text(path, text)  # whole or not at all
+  return text
 
 
 class MetricWriter:
@@ -145,18 +155,27 @@ class MetricWriter:
     self.total_steps = total_steps
     self._t0, self._s0 = time.monotonic(), first_step
     self._jsonl = self._tb = self._wandb = None
+    self._remote = storage.is_remote(workdir)
+    self._text = ""  # bucket: metrics.jsonl's text, rewritten whole at each sync
+    self._dirty, self._synced = False, time.monotonic()
     use_wandb = config is not None and "wandb" in config and bool(config.wandb.enabled)
     # Checked on every process so that all of them stop, not only the one that would log.
     if use_wandb and importlib.util.find_spec("wandb") is None:
       raise ConfigError(f"config.wandb.enabled: pip install {WANDB_PIN} (or gmail_jax[wandb])")
     if self.main:
-      os.makedirs(workdir, exist_ok=True)
-      path = os.path.join(workdir, "metrics.jsonl")
-      drop_rows_after(path, first_step)
-      self._jsonl = open(path, "a")
+      storage.makedirs(workdir)
+      self._path = storage.join(workdir, "metrics.jsonl")
+      kept = drop_rows_after(self._path, first_step)
+      if self._remote:
+        self._text = kept
+        self._tb_dir = tempfile.mkdtemp(prefix="gmail_jax-tb-")
+        self._tb_remote = storage.join(workdir, "tb")
+      else:
+        self._jsonl = open(self._path, "a")
+        self._tb_dir = os.path.join(workdir, "tb")
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self._tb = SummaryWriter(self._tb_dir)
       if use_wandb:
         self._wandb = _start_wandb(config, workdir)
 
@@ -172,12 +191,19 @@ class MetricWriter:
     values = {k: _scalar(v) for k, v in jax.device_get(dict(metrics)).items()}
     if not self.main:
       return values
-    self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
-    self._jsonl.flush()
+    row = json.dumps({"step": int(step), **values}) + "\n"
+    if self._remote:
+      self._text += row
+      self._dirty = True
+    else:
+      self._jsonl.write(row)
+      self._jsonl.flush()
     for k, v in values.items():
       if math.isfinite(v):
         self._tb.add_scalar(k, v, step)
     self._tb.flush()
+    if self._remote and time.monotonic() - self._synced > SYNC_SECONDS:
+      self.sync()
     if self._wandb is not None:
       self._wandb.log(values, step=int(step))
     if console:
@@ -191,11 +217,28 @@ class MetricWriter:
       )
     return values
 
+  def sync(self) -> None:
+    """Bucket workdir: every row written so far is in the bucket when this returns (metrics.jsonl
+    rewritten whole, TensorBoard's event files uploaded). Local: nothing to do, rows are flushed
+    as they are written."""
+    if self.main and self._remote and self._dirty:
+      self._tb.flush()
+      self._upload()
+
+  def _upload(self) -> None:
+    storage.write_text(self._path, self._text)
+    storage.upload_tree(self._tb_dir, self._tb_remote)
+    self._dirty, self._synced = False, time.monotonic()
+
   def close(self) -> None:
     if self._jsonl:
       self._jsonl.close()
     if self._tb:
       self._tb.close()
+      if self._remote:
+        self._upload()  # the last rows, and the events that close wrote
+        shutil.rmtree(self._tb_dir, ignore_errors=True)
+      self._tb = None
     if self._wandb is not None:
       self._wandb.finish()
       self._wandb = None

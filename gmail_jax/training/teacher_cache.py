@@ -25,6 +25,12 @@ all, so a filled cache halves the images decoded per pair. Process 0 owns the fi
 (the data dir is assumed shared by all processes); the others keep copy-on-write views and fill
 them from the same all-gathered rows, so every process holds the same cache.
 
+DIR may be in a bucket (``gs://``; ``config.teacher_cache.path``, or the default beside data or a
+workdir there). A memmap cannot live in a bucket, so each process keeps the two arrays in a local
+folder under ``storage.cache_root()/teacher_cache`` (downloaded at open) and process 0 uploads them
+whole at ``flush`` (embeddings first: rows marked filled are always stored); meta.json is read
+and written in the bucket itself, so the staleness check sees what is there.
+
 Key: the teacher's exact weights fingerprint (training/fingerprint.py, the identity checkpoints
 use too) with its architecture, dtype and crop size; the data description includes what the ids
 mean (the source's ordered real-image keys), so a reordered manifest is never reused silently.
@@ -36,6 +42,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import pathlib
+import posixpath
+import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +53,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from gmail_jax import storage
 from gmail_jax.errors import UserError
 from gmail_jax.models import towers
 from gmail_jax.training import fingerprint
@@ -76,13 +87,18 @@ def teacher_key(frozen: nnx.State, *, model_config: Any, dtype: str, image_size:
   return hashlib.sha256(desc.encode()).hexdigest()
 
 
+def _absolute(p: str) -> str:
+  """A local path made absolute; a bucket URL as given."""
+  return p if storage.is_remote(p) else os.path.abspath(p)
+
+
 def data_description(data) -> dict[str, Any]:
   """What ``real_id`` refers to: the source and where it lives (absolute paths), and crop size."""
   out: dict[str, Any] = {"source": data.source, "image_size": int(data.image_size)}
   for key in ("manifest", "root", "tfds_name", "tfds_split", "tfds_data_dir", "tfds_real_key"):
     value = data.get(key)
     if value:
-      out[key] = os.path.abspath(value) if key in ("manifest", "root", "tfds_data_dir") else value
+      out[key] = _absolute(value) if key in ("manifest", "root", "tfds_data_dir") else value
   if data.source == "synthetic":
     out["synthetic"] = [int(data.synthetic_size), int(data.synthetic_image_size)]
   return out
@@ -100,15 +116,15 @@ def default_directory(config, workdir: str | os.PathLike) -> str:
   """``<data dir>/teacher_cache/<variant>-<dtype>-<size>`` (synthetic data: under the workdir)."""
   data = config.data
   if data.source == "manifest" and data.get("manifest") and not data.get("root"):
-    base = os.path.dirname(os.path.abspath(data.manifest))
+    base = posixpath.dirname(_absolute(data.manifest))
   elif data.get("root"):
-    base = os.path.abspath(data.root)
+    base = _absolute(data.root)
   elif data.source == "tfds" and data.get("tfds_data_dir"):
-    base = os.path.abspath(data.tfds_data_dir)
+    base = _absolute(data.tfds_data_dir)
   else:
-    base = os.path.abspath(workdir)
+    base = _absolute(os.fspath(workdir))
   tag = f"{config.model.variant.replace('/', '')}-{config.model.dtype}-{int(data.image_size)}"
-  return os.path.join(base, "teacher_cache", tag)
+  return storage.join(base, "teacher_cache", tag)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,13 +133,20 @@ def default_directory(config, workdir: str | os.PathLike) -> str:
 
 
 class TeacherCache:
-  """Rows of teacher embeddings by ``real_id`` (memory-mapped; grows on demand)."""
+  """Rows of teacher embeddings by ``real_id`` (memory-mapped; grows on demand).
 
-  def __init__(self, directory: str, *, key: str, data: dict, dim: int, writer: bool):
+  ``directory``: where the cache is (a local folder or a bucket URL); ``local``: the folder the
+  arrays are mapped from (``directory`` itself when it is local)."""
+
+  def __init__(
+    self, directory: str, *, key: str, data: dict, dim: int, writer: bool, local: str | None = None
+  ):
     self.directory, self.key, self.data, self.dim, self.writer = directory, key, data, dim, writer
+    self.local = directory if local is None else local
     self.hits = self.misses = 0
     self._emb = self._filled = None
-    if os.path.exists(os.path.join(directory, EMB)):
+    self._dirty = False  # bucket: rows put since the last upload
+    if os.path.exists(os.path.join(self.local, EMB)):
       self._map()
 
   # --------------------------------------------------------------------------------- open/create
@@ -145,11 +168,10 @@ class TeacherCache:
     """
     directory = os.fspath(directory)
     writer = jax.process_index() == 0 if writer is None else writer
-    meta_path = os.path.join(directory, META)
-    if os.path.exists(meta_path):
+    meta_path = storage.path(directory) / META
+    if meta_path.exists():
       try:
-        with open(meta_path) as f:
-          meta = json.load(f)
+        meta = json.loads(meta_path.read_text())
       except (OSError, ValueError) as e:
         raise StaleCacheError(f"teacher cache {meta_path}: unreadable ({e}); delete it") from None
       problem = None
@@ -171,8 +193,8 @@ class TeacherCache:
         cls._wipe(directory, writer)
     if writer:
       try:
-        os.makedirs(directory, exist_ok=True)
-        if not os.path.exists(meta_path):
+        storage.makedirs(directory)
+        if not meta_path.exists():
           _write_json(meta_path, {"version": VERSION, "key": key, "data": data, "dim": dim})
       except OSError as e:
         raise OSError(
@@ -183,20 +205,21 @@ class TeacherCache:
       from jax.experimental import multihost_utils
 
       multihost_utils.sync_global_devices(f"teacher_cache_open:{directory}")
-    return cls(directory, key=key, data=data, dim=dim, writer=writer)
+    local = _download(directory) if storage.is_remote(directory) else None
+    return cls(directory, key=key, data=data, dim=dim, writer=writer, local=local)
 
   @staticmethod
   def _wipe(directory: str, writer: bool) -> None:
     if writer:
       for name in (EMB, FILLED, META):
-        path = os.path.join(directory, name)
-        if os.path.exists(path):
-          os.remove(path)
+        path = storage.path(directory) / name
+        if path.exists():
+          path.unlink()
 
   def _map(self) -> None:
     mode = "r+" if self.writer else "c"  # non-writers: private copy-on-write view
-    self._emb = np.load(os.path.join(self.directory, EMB), mmap_mode=mode)
-    self._filled = np.load(os.path.join(self.directory, FILLED), mmap_mode=mode)
+    self._emb = np.load(os.path.join(self.local, EMB), mmap_mode=mode)
+    self._filled = np.load(os.path.join(self.local, FILLED), mmap_mode=mode)
 
   @property
   def capacity(self) -> int:
@@ -218,8 +241,8 @@ class TeacherCache:
       filled[: self.capacity] = self._filled
     if self.writer:
       self._emb = self._filled = None
-      _save_npy(os.path.join(self.directory, EMB), emb)
-      _save_npy(os.path.join(self.directory, FILLED), filled)
+      _save_npy(os.path.join(self.local, EMB), emb)
+      _save_npy(os.path.join(self.local, FILLED), filled)
       self._map()
     else:
       self._emb, self._filled = emb, filled
@@ -246,15 +269,29 @@ class TeacherCache:
     self._grow(int(ids.max()) + 1 if ids.size else 0)
     self._emb[ids] = emb
     self._filled[ids] = True
+    self._dirty = True
 
   def filled_mask(self) -> np.ndarray:
     """bool [capacity], a plain copy (picklable into input workers): True where a row is cached."""
     return np.zeros((0,), bool) if self._filled is None else np.array(self._filled, bool)
 
   def flush(self) -> None:
+    """The rows put so far, on disk (a bucket cache: uploaded, each array whole)."""
     if self.writer and self._emb is not None:
       self._emb.flush()
       self._filled.flush()
+      if self.local != self.directory and self._dirty:
+        # Embeddings first: a kill between the two uploads leaves filled marks that are all stored.
+        for name in (EMB, FILLED):
+          _upload(os.path.join(self.local, name), storage.join(self.directory, name))
+        self._dirty = False
+
+  def close(self) -> None:
+    """``flush``, then (a bucket cache) the local copy goes."""
+    self.flush()
+    if self.local != self.directory:
+      self._emb = self._filled = None
+      shutil.rmtree(self.local, ignore_errors=True)
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
@@ -263,11 +300,38 @@ def _save_npy(path: str, array: np.ndarray) -> None:
   os.replace(tmp, path)
 
 
-def _write_json(path: str, obj: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+def _write_json(path: storage.Path, obj: dict) -> None:
+  storage.write_text(path, json.dumps(obj, indent=1, sort_keys=True))  # whole or not at all
+
+
+def _download(directory: str) -> str:
+  """A fresh local folder (``storage.cache_root()/teacher_cache``, one per open) with the
+  arrays of bucket cache ``directory``, when it has both."""
+  import fsspec
+
+  root = storage.cache_root() / "teacher_cache"
+  root.mkdir(parents=True, exist_ok=True)
+  digest = hashlib.sha256(directory.encode()).hexdigest()[:12]
+  local = pathlib.Path(tempfile.mkdtemp(prefix=f"{digest}-", dir=root))
+  fs, key = fsspec.core.url_to_fs(directory)
+  if all(fs.exists(f"{key}/{name}") for name in (EMB, FILLED)):
+    for name in (EMB, FILLED):
+      fs.get_file(f"{key}/{name}", os.fspath(local / name))
+    emb = np.load(local / EMB, mmap_mode="r")
+    filled = np.load(local / FILLED, mmap_mode="r")
+    if emb.shape[0] != filled.shape[0]:  # a kill between the two uploads of a doubling: refill
+      del emb, filled
+      for name in (EMB, FILLED):
+        (local / name).unlink()
+  return os.fspath(local)
+
+
+def _upload(local: str, url: str) -> None:
+  """A local file to ``url``, streamed; the object appears whole when the upload ends."""
+  import fsspec
+
+  fs, key = fsspec.core.url_to_fs(url)
+  fs.put_file(local, key)
 
 
 # ---------------------------------------------------------------------------------------------

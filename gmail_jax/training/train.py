@@ -8,19 +8,21 @@ loop. Outputs under WORKDIR: config.json, metrics.jsonl, tb/, checkpoints/ (Orba
 
 Init order (see checkpointing.py): 1. resume from WORKDIR/checkpoints, 2. frozen weights from
 ``config.init``, 3. random init from ``config.model`` and ``config.seed`` (build.py).
+
+WORKDIR may be a bucket URL (``gs://bucket/run``): every file goes through gmail_jax/storage.py
+(metrics.py for the logs, Orbax for the checkpoints, teacher_cache.py for a cache there).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import jax
 import ml_collections
 from absl import logging
 from flax import nnx
 
-from gmail_jax import faults, objectives, preemption, schema
+from gmail_jax import faults, objectives, preemption, schema, storage
 from gmail_jax.errors import ConfigError, ResumeError
 from gmail_jax.models import lora as lora_lib
 from gmail_jax.models import towers
@@ -52,16 +54,20 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) the GMAIL student; returns the last logged metrics."""
-  workdir = os.path.abspath(workdir)
+  """Trains (or resumes) the GMAIL student in ``workdir`` (a local folder or a bucket URL);
+  returns the last logged metrics."""
+  workdir = checkpointing.resolve_workdir(workdir)
 
   # ---------------------------------------------------------------------------- config checks
   check(config)
+  # One line before anything is built or compiled (the driver checks too; this is the library
+  # entry point).
+  storage.check_writable(workdir)
   objective = objectives.make(config)
   # A resume may not change what the saved state means: compared before anything is written.
   resumed_from, allowed = None, {}
   saved_steps = checkpointing.saved_steps(workdir)
-  if saved_steps and os.path.exists(os.path.join(workdir, "config.json")):
+  if saved_steps and (storage.path(workdir) / "config.json").exists():
     refused, allowed = schema.resume_changes(metrics_lib.read_config(workdir), config)
     if refused:
       listed = ", ".join(f"config.{k} {old!r} -> {new!r}" for k, (old, new) in refused.items())
@@ -203,14 +209,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               f" {ckpt.directory} (rerun with a lower config.optim.lr or check the data)"
             )
         if ckpt_now:
+          writer.sync()  # a bucket's rows up to this step are stored before the checkpoint is
           ckpt.save(step, state, data_iter=data_iter, teacher=teacher_id)
           faults.kill_point("async_save", step)
           faults.kill_point("checkpoint", step, before=ckpt.wait)
         ev = run_evals(step)
         if ev:
           last.update(writer.write(step, ev))
+          writer.sync()  # rows of a step that may already be checkpointed
         if preemption.sync_point(step):  # every process agrees on this step: save and stop
           if not ckpt_now:
+            writer.sync()
             ckpt.save(step, state, data_iter=data_iter, teacher=teacher_id)
           ckpt.wait()
           raise preemption.Preempted(
@@ -219,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           )
     finally:
       if cache is not None:
-        cache[0].flush()
+        cache[0].close()
       ckpt.close()
       writer.close()
       close = getattr(data_iter, "close", None)
