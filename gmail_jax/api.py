@@ -3,6 +3,7 @@
     from gmail_jax import api
     clip = api.load_clip("openai/clip-vit-base-patch32")      # HF CLIP directory or hub id
     student = api.load_clip("/tmp/gmail_run")                  # a training workdir: the student
+    student = api.load_clip("gs://bucket/run")                 # ... or one in a bucket
     img = clip.encode_images(pil_images)                       # [N, D] L2-normalised (numpy fp32)
     txt = clip.encode_texts(["a photo of a cat", "a dog"])     # [N, D] L2-normalised
     sims = img @ txt.T                                         # cosine similarities
@@ -19,7 +20,8 @@ import os
 
 import jax
 
-from gmail_jax.errors import ConfigError
+from gmail_jax import storage
+from gmail_jax.errors import ConfigError, InputError
 from gmail_jax.models import towers
 from gmail_jax.models.tokenizer import Tokenizer
 from gmail_jax.training import sharding as shd
@@ -40,7 +42,8 @@ def load_clip(
 ) -> ClipEncoder:
   """A :class:`ClipEncoder` from a HF CLIP directory (safetensors or .bin), a hub id, an OpenAI /
   OpenCLIP ViT checkpoint file or OpenCLIP directory, or a training workdir (then the trained
-  student, LoRA merged: ``load_student(src)``).
+  student, LoRA merged: ``load_student(src)``). A bucket URL (``gs://``) may name a workdir or a
+  checkpoint directory (read from a local copy, ``storage.fetch_dir``).
 
   ``model_name``: for an OpenCLIP file, its model name (``ViT-B-32``: GELU; ``...-quickgelu``);
   None = an OpenAI checkpoint (QuickGELU). ``text_context``: stretch the text positions to this
@@ -56,6 +59,10 @@ def load_clip(
     if text_context:
       raise ConfigError(f"{src}: text_context is for checkpoints; a run keeps its own context")
     return load_student(src, batch_size=batch_size)
+  if storage.is_remote(src):  # the importers and tokenizers read local files
+    if not storage.path(src).is_dir():
+      raise InputError(f"{src}: not a training workdir or checkpoint directory in the bucket")
+    src = os.fspath(storage.fetch_dir(src))
   if openai_ckpt.is_openai_source(src):
     model = openai_ckpt.load_pretrained(src, model_name=model_name, dtype=dtype)
     if text_context:

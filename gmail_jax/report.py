@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import sys
 from collections.abc import Sequence
 
+from gmail_jax import storage
 from gmail_jax.experiments import report
 
 
@@ -28,9 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(md)
-  if args.out:
-    pathlib.Path(args.out).write_text(json.dumps(agg, indent=2))
-    pathlib.Path(args.out).with_suffix(".md").write_text(md)
+  if args.out:  # a local path or a bucket URL
+    storage.write_text(args.out, json.dumps(agg, indent=2))
+    storage.write_text(storage.path(args.out).with_suffix(".md"), md)
   return 0
 
 

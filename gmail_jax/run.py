@@ -11,20 +11,22 @@ WORKDIR/checkpoints, checks that the checkpoint was trained on this teacher, and
 (and a trained projection) into a plain model whose ``logit_scale`` / ``logit_bias`` are the ones
 the run trained its image-text logits with (``objectives.trained_logit_head``; else the
 teacher's). The only loader used by ``gmail_jax.evaluate``, ``api.load_student`` /
-``api.load_clip(WORKDIR)``, ``gmail_jax.sweep`` and the exporters.
+``api.load_clip(WORKDIR)``, ``gmail_jax.sweep`` and the exporters. WORKDIR may be a bucket URL
+(``gs://bucket/run``): config.json is read through ``storage``, the checkpoints by Orbax.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from typing import Any
 
 import jax
 import ml_collections
 from flax import nnx
 
-from gmail_jax import schema
+from gmail_jax import schema, storage
 from gmail_jax.models import towers
 from gmail_jax.models.tokenizer import Tokenizer
 from gmail_jax.training import build, checkpointing, encoders
@@ -68,12 +70,30 @@ class Run:
     )
 
 
+def resolve_dir(path: str | os.PathLike) -> str:
+  """``path`` as a string: a local path made absolute, a bucket URL as given (no trailing /)."""
+  path = os.fspath(path)
+  return path.rstrip("/") if storage.is_remote(path) else os.path.abspath(path)
+
+
 def is_run(path: str | os.PathLike) -> bool:
   """A training workdir (config.json + checkpoints/), as opposed to a model directory."""
-  path = os.fspath(path)
-  return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
-    checkpointing.checkpoint_dir(path)
-  )
+  p = storage.path(path)
+  return (p / "config.json").is_file() and (p / checkpointing.CHECKPOINT_DIR).is_dir()
+
+
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """WORKDIR/config.json (what training wrote, with ``metrics.read_config``'s upgrades of older
+  files); WORKDIR local or in a bucket."""
+  if not storage.is_remote(workdir):
+    return metrics_lib.read_config(workdir)
+  path = storage.path(workdir) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: missing (not a gmail_jax training workdir?)")
+  # metrics.read_config reads local files: it reads a local copy, so the upgrades stay in one place.
+  with tempfile.TemporaryDirectory(prefix="gmail_jax-config-") as tmp:
+    storage.write_bytes(os.path.join(tmp, "config.json"), path.read_bytes())
+    return metrics_lib.read_config(tmp)
 
 
 def load_run(
@@ -85,8 +105,8 @@ def load_run(
 ) -> Run:
   """The run in ``workdir`` at ``step`` (default: latest). ``config`` defaults to the run's
   config.json; ``mesh`` to ``config.mesh`` over all devices."""
-  workdir = os.path.abspath(os.fspath(workdir))
-  config = config if config is not None else metrics_lib.read_config(workdir)
+  workdir = resolve_dir(workdir)
+  config = config if config is not None else read_config(workdir)
   schema.validate(config)
   mesh = mesh if mesh is not None else shd.make_mesh(config.mesh)
   ckpt = checkpointing.Checkpointer(workdir, async_save=False)

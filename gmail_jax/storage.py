@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import pathlib
+import posixpath
 import shutil
 import socket
 import tempfile
@@ -253,11 +254,19 @@ def remove_shared(p: PathLike) -> None:
 
 
 def upload_tree(local: PathLike, dst: PathLike) -> None:
-  """Copies local folder ``local`` to ``dst`` (any path), file by file, each written whole."""
+  """Copies local folder ``local`` to ``dst`` (any path), file by file, each written whole (links
+  are followed: their files are copied). A bucket gets the files concurrently (one request each,
+  batched by fsspec), so thousands of small images take seconds, not minutes."""
   local = pathlib.Path(local)
-  for src in sorted(local.rglob("*")):
-    if src.is_file():
+  files = [src for src in sorted(local.rglob("*")) if src.is_file()]
+  if not is_remote(dst):
+    for src in files:
       write_bytes(path(dst).joinpath(*src.relative_to(local).parts), src.read_bytes())
+    return
+  fs, root = filesystem(dst)
+  targets = [posixpath.join(root, *src.relative_to(local).parts) for src in files]
+  if files:
+    fs.put([os.fspath(src) for src in files], targets)
 
 
 def download_tree(src: PathLike, local: PathLike) -> None:

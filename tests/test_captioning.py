@@ -328,7 +328,7 @@ def test_clipcap_mini_config_runs_end_to_end(tmp_path):
   assert summary["train_steps"] == 30 and cached.stat().st_mtime_ns == stamp
 
 
-def test_embedding_cache_recomputes_when_the_key_changes(tmp_path):
+def test_embedding_cache_recomputes_when_the_key_changes(any_dir):
   from gmail_jax.captioning.evaluator import _cached
 
   calls = []
@@ -337,10 +337,27 @@ def test_embedding_cache_recomputes_when_the_key_changes(tmp_path):
     calls.append(v)
     return np.full((2, 3), v, np.float32)
 
-  assert _cached(str(tmp_path), "test", "a", lambda: compute(1))[0, 0] == 1
-  assert _cached(str(tmp_path), "test", "a", lambda: compute(2))[0, 0] == 1  # read back
-  assert _cached(str(tmp_path), "test", "b", lambda: compute(3))[0, 0] == 3  # other encoder
+  assert _cached(str(any_dir), "test", "a", lambda: compute(1))[0, 0] == 1
+  assert _cached(str(any_dir), "test", "a", lambda: compute(2))[0, 0] == 1  # read back
+  assert _cached(str(any_dir), "test", "b", lambda: compute(3))[0, 0] == 3  # other encoder
   assert calls == [1, 3]
+
+
+def test_results_are_written_whole_to_a_bucket(gcs_dir):
+  from gmail_jax import storage
+  from gmail_jax.captioning import evaluator as captioning
+
+  result = captioning.CaptioningResult(
+    {"CIDEr": 0.5}, {"a.png": "a cat"}, {"a.png": ["a cat", "a small cat"]}, None, [2.0, 1.0], {}
+  )
+  paths = captioning.write_results(f"{gcs_dir}/eval", {"teacher": result})
+  assert paths == captioning.result_paths(f"{gcs_dir}/eval")
+  assert paths["metrics"] == f"{gcs_dir}/eval/captioning.json"
+  assert storage.read_json(paths["metrics"])["teacher"]["metrics"] == {"CIDEr": 0.5}
+  rows = [json.loads(line) for line in storage.path(paths["captions"]).read_text().splitlines()]
+  assert rows == [
+    {"view": "teacher", "id": "a.png", "caption": "a cat", "references": ["a cat", "a small cat"]}
+  ]
 
 
 def test_class_named_counts_captions_naming_only_their_class():

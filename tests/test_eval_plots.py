@@ -59,3 +59,21 @@ def test_training_curves_png(tmp_path):
   path.write_text(json.dumps({"step": 1, "foo": 2}) + "\n")
   with pytest.raises(ValueError, match="no loss"):
     plots.plot_training_curves(str(path), str(tmp_path / "c3.png"))
+
+
+def test_figures_read_and_write_a_bucket(gcs_dir, tmp_path):
+  """metrics.jsonl read from a bucket and PNGs written there: the bytes of the local figures."""
+  from gmail_jax import storage
+
+  rows = [{"step": s, "train/loss": 2.0 / (s + 1), "train/lr": 1e-4} for s in range(10)]
+  text = "".join(json.dumps(r) + "\n" for r in rows)
+  storage.write_text(f"{gcs_dir}/metrics.jsonl", text)
+  (tmp_path / "metrics.jsonl").write_text(text)
+  out = plots.plot_training_curves(f"{gcs_dir}/metrics.jsonl", f"{gcs_dir}/eval/curves.png")
+  assert out == f"{gcs_dir}/eval/curves.png"
+  local = plots.plot_training_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "c.png"))
+  assert storage.path(out).read_bytes() == open(local, "rb").read()
+  rng = np.random.default_rng(0)
+  real, gen = rng.normal(size=(20, 8)), rng.normal(size=(20, 8)) + 3
+  out = plots.plot_alignment_tsne(f"{gcs_dir}/tsne.png", real, gen, real, gen, method="pca")
+  assert storage.path(out).read_bytes().startswith(PNG)

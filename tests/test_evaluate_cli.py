@@ -64,11 +64,18 @@ def run(tmp_path_factory):
   return c, workdir
 
 
-def test_cli_writes_metrics_and_plots(run):
+@pytest.fixture(scope="module")
+def cli_metrics(run) -> dict:
+  """DIR/eval/metrics.json as the CLI wrote it on the local run (config read from config.json)."""
   _, workdir = run
-  res = _cli(f"--workdir={workdir}", "--tsne_points=12")  # config read back from config.json
+  res = _cli(f"--workdir={workdir}", "--tsne_points=12")
   assert res.returncode == 0, res.stderr[-2000:]
-  out = json.loads((workdir / "eval" / "metrics.json").read_text())
+  return json.loads((workdir / "eval" / "metrics.json").read_text())
+
+
+def test_cli_writes_metrics_and_plots(run, cli_metrics):
+  _, workdir = run
+  out = cli_metrics
   assert out["step"] == 4
   assert set(out["encoders"]) == set(evaluate.ENCODERS)
   keys = {f"z/pairs/{k}" for k in ("raw", "centroid", "distribution", "frechet", "paired_cosine")}
@@ -110,3 +117,52 @@ def test_cli_errors_are_one_line(tmp_path):
   res = _cli("--config=configs/tiny.py", f"--workdir={tmp_path}")
   assert res.returncode == 1
   assert "config.evals: empty" in res.stderr.strip().splitlines()[-1]
+
+
+def _upload_run(workdir: pathlib.Path, dst: str) -> None:
+  """The run's config, metrics and checkpoints (not eval/) copied to ``dst`` (a bucket)."""
+  from gmail_jax import storage
+
+  for name in ("checkpoints", "config.json", "metrics.jsonl"):
+    if (workdir / name).is_dir():
+      storage.upload_tree(workdir / name, f"{dst}/{name}")
+    else:
+      storage.write_bytes(f"{dst}/{name}", (workdir / name).read_bytes())
+
+
+def test_load_run_and_api_on_a_bucket_workdir(run, gcs_dir):
+  """The run in a bucket: a run (config.json read there), and ``api.load_clip`` (``load_run``:
+  Orbax restores from the bucket) gives the student it gives locally."""
+  from gmail_jax import api
+
+  c, workdir = run
+  _upload_run(workdir, gcs_dir)
+  assert run_lib.is_run(gcs_dir) and not run_lib.is_run(f"{gcs_dir}/checkpoints")
+  assert run_lib.read_config(gcs_dir) == run_lib.read_config(str(workdir))
+  images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(
+    api.load_clip(gcs_dir).encode_images(images), api.load_clip(str(workdir)).encode_images(images)
+  )
+
+
+def test_cli_on_a_bucket_workdir_writes_there_what_it_writes_locally(run, cli_metrics, gcs_dir):
+  from gmail_jax import storage
+
+  _, workdir = run
+  _upload_run(workdir, gcs_dir)
+  res = _cli(f"--workdir={gcs_dir}", "--tsne_points=12")
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert f"wrote {gcs_dir}/eval/metrics.json" in res.stdout
+  out = storage.read_json(f"{gcs_dir}/eval/metrics.json")
+  assert out["workdir"] == gcs_dir and out["step"] == cli_metrics["step"] == 4
+  assert out["plots"] == [
+    f"{gcs_dir}/eval/tsne_gen_real.png",
+    f"{gcs_dir}/eval/training_curves.png",
+  ]
+  for p in out["plots"]:
+    local = workdir / "eval" / storage.path(p).name
+    assert storage.path(p).read_bytes() == local.read_bytes(), p
+  assert out["encoders"] == cli_metrics["encoders"]
+  assert out["gap_reduction"] == cli_metrics["gap_reduction"]
+  # Nothing went to a local folder named after the URL (what os.path makes of gs://).
+  assert not (REPO / "gs:").exists()

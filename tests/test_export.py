@@ -444,3 +444,46 @@ def test_cli_refusal_exits_1_with_one_error_line(attn_run, tmp_path):
   assert errors == [res.stderr.strip().splitlines()[-1]], res.stderr[-2000:]
   assert errors[0].startswith("error: ConfigError: --format: unknown 'onnx'")
   assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()
+
+
+def _files(root: str | pathlib.Path, tmp: pathlib.Path) -> dict[str, bytes]:
+  """{relative path: bytes} of the files under ``root`` (a folder, or a bucket URL: copied to
+  ``tmp`` first)."""
+  from gmail_jax import storage
+
+  if storage.is_remote(root):
+    storage.download_tree(root, tmp)
+    root = tmp
+  root = pathlib.Path(root)
+  return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_export_from_a_bucket_workdir_equals_the_local_export(attn_run, gcs_dir, tmp_path):
+  """The run in a bucket exports, to a local folder and to the bucket, the bytes its local copy
+  exports (hf and peft); a non-empty bucket OUT is refused in one line, and --force replaces it."""
+  from gmail_jax import storage
+
+  run_dir = f"{gcs_dir}/run"
+  storage.upload_tree(attn_run / "checkpoints", f"{run_dir}/checkpoints")
+  storage.write_bytes(f"{run_dir}/config.json", (attn_run / "config.json").read_bytes())
+  local, remote = export_lib.load(attn_run), export_lib.load(run_dir)
+  assert remote.workdir == run_dir
+  for fmt in export_lib.FORMATS:
+    want = _files(export_lib.write(local, tmp_path / "ref" / fmt, format=fmt), tmp_path)
+    assert want and (fmt != "peft" or "base" not in {k.split("/")[0] for k in want})
+    got = export_lib.write(remote, tmp_path / "local" / fmt, format=fmt)
+    assert _files(got, tmp_path) == want, fmt
+    out = export_lib.write(remote, f"{gcs_dir}/out/{fmt}", format=fmt)
+    assert out == f"{gcs_dir}/out/{fmt}"
+    assert _files(out, tmp_path / "dl" / fmt) == want, fmt
+  # export(): refused before loading (one line), then --force replaces every object of OUT.
+  out = f"{gcs_dir}/out/hf"
+  storage.write_text(f"{out}/stray/old.txt", "from an earlier export")
+  with pytest.raises(InputError, match="exists and is not empty") as e:
+    export_lib.export(run_dir, out, format="hf")
+  _one_line(e)
+  with pytest.raises(InputError, match="would replace the run") as e:
+    export_lib.export(run_dir, gcs_dir, format="hf", force=True)
+  _one_line(e)
+  assert export_lib.export(run_dir, out, format="hf", force=True) == out
+  assert _files(out, tmp_path / "forced") == _files(tmp_path / "ref" / "hf", tmp_path)

@@ -110,9 +110,17 @@ def test_aggregate_mean_and_sample_std():
   assert agg["seeds"] == [0, 1]
 
 
-def test_quickstart_smoke_runs_main_and_alignment_raises_paired_cosine(tmp_path):
-  workdir = tmp_path / "qs"
-  r = run_main("configs/quickstart.py:smoke", workdir, cache_dir=tmp_path / "jax_cache")
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
+  """(workdir, compilation cache) of the quickstart smoke run, trained once (locally)."""
+  root = tmp_path_factory.mktemp("quickstart")
+  run_main("configs/quickstart.py:smoke", root / "qs", cache_dir=root / "jax_cache")
+  return root / "qs", root / "jax_cache"
+
+
+def test_quickstart_smoke_runs_main_and_alignment_raises_paired_cosine(quickstart, tmp_path):
+  workdir, cache_dir = quickstart
+  r = json.loads((workdir / "report.json").read_text())
   for stage in ("before", "after"):
     for key in report_fields():
       assert math.isfinite(r[stage][key]), (stage, key)
@@ -140,7 +148,7 @@ def test_quickstart_smoke_runs_main_and_alignment_raises_paired_cosine(tmp_path)
 
   # Rerun: every stage's outputs are complete and match the config -> all skipped, same bytes.
   before = (workdir / "report.json").read_bytes()
-  proc = run_cli("configs/quickstart.py:smoke", workdir, cache_dir=tmp_path / "jax_cache")
+  proc = run_cli("configs/quickstart.py:smoke", workdir, cache_dir=cache_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for stage in ("splits", "teacher", "align", "report"):
     assert f"stage {stage}: complete, skipped" in proc.stderr
@@ -150,8 +158,63 @@ def test_quickstart_smoke_runs_main_and_alignment_raises_paired_cosine(tmp_path)
     "configs/quickstart.py:smoke",
     workdir,
     "--config.teacher_pretrain.steps=7",
-    cache_dir=tmp_path / "jax_cache",
+    cache_dir=cache_dir,
   )
   assert proc.returncode == 1
   last = proc.stderr.strip().splitlines()[-1]
   assert "stage 'teacher' was run with other values of config.teacher_pretrain.steps" in last
+
+
+@pytest.mark.slow
+def test_report_stage_and_stage_records_in_a_bucket(quickstart, gcs_dir, tmp_path):
+  """The quickstart run in a bucket (uploaded: training a gs:// workdir is the trainer's test):
+  the report stage run there writes what it wrote locally, byte for byte; a rerun skips every
+  stage; a changed teacher value is refused in one line; the aggregation reads the bucket."""
+  from gmail_jax import report, storage
+
+  workdir, cache_dir = quickstart
+  # The run without its split images (thousands of small objects): the splits record keeps naming
+  # the local folders, as a dataset outside the workdir; every other record names the bucket.
+  for entry in workdir.iterdir():
+    dst = f"{gcs_dir}/{entry.name}"
+    if entry.is_dir() and entry.name not in ("data", "tb"):
+      storage.upload_tree(entry, dst)
+    elif entry.is_file():
+      storage.write_bytes(dst, entry.read_bytes())
+  bucket = storage.path(gcs_dir)
+  for record in (bucket / "stages").iterdir():
+    if record.name != "splits.json":
+      storage.write_text(record, record.read_text().replace(str(workdir), gcs_dir))
+  outputs = ("report.json", "report.md", "tsne.png", "curves.png")
+  for name in ("stages/report.json", *outputs):
+    (bucket / name).unlink()
+  proc = run_cli("configs/quickstart.py:smoke", gcs_dir, cache_dir=cache_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for stage in ("splits", "teacher", "align"):
+    assert f"stage {stage}: complete, skipped" in proc.stderr
+  assert "stage report: done" in proc.stderr
+  for name in outputs:
+    assert (bucket / name).read_bytes() == (workdir / name).read_bytes(), name
+  assert storage.read_json(bucket / "stages" / "report.json")["outputs"] == {
+    "report": f"{gcs_dir}/report.json"
+  }
+  # Rerun: every stage skipped, same bytes.
+  before = (bucket / "report.json").read_bytes()
+  proc = run_cli("configs/quickstart.py:smoke", gcs_dir, cache_dir=cache_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for stage in ("splits", "teacher", "align", "report"):
+    assert f"stage {stage}: complete, skipped" in proc.stderr
+  assert (bucket / "report.json").read_bytes() == before
+  # A teacher that no longer matches its recorded config is refused, in one line.
+  proc = run_cli(
+    "configs/quickstart.py:smoke", gcs_dir, "--config.teacher_pretrain.steps=7", cache_dir=cache_dir
+  )
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()[-1]
+  assert "stage 'teacher' was run with other values of config.teacher_pretrain.steps" in last
+  # Aggregation CLI over bucket runs, written to the bucket.
+  out = f"{gcs_dir}/agg/a.json"
+  assert report.main(["--aggregate", gcs_dir, str(workdir), "--out", out]) == 0
+  agg = storage.read_json(out)
+  assert agg["after"]["paired_cosine"]["std"] == 0.0
+  assert (bucket / "agg" / "a.md").read_text().startswith("# GMAIL small-scale reproduction")

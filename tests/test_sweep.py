@@ -250,6 +250,21 @@ def test_write_outputs_is_atomic(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path)) == ["sweep.json", "sweep.md", "sweep_r2.png"]
 
 
+def test_write_outputs_to_a_bucket(gcs_dir):
+  from gmail_jax import storage
+
+  table = sweep.add_stats(_table(_seed_shifted_rows()), n_resamples=50)
+  sweep.write_outputs(table, gcs_dir)
+  assert sorted(p.name for p in storage.path(gcs_dir).iterdir()) == [
+    "sweep.json",
+    "sweep.md",
+    "sweep_r2.png",
+  ]
+  assert storage.path(f"{gcs_dir}/sweep.md").read_text() == sweep.markdown(table)
+  again = sweep.stats_from_sweep_json(f"{gcs_dir}/sweep.json", n_resamples=50)
+  assert _same(again["stats"], table["stats"])
+
+
 def _same(a, b) -> bool:
   """Equal nested JSON values, nan equal to nan (json writes both as NaN)."""
   return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)

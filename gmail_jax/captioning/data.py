@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from gmail_jax import storage
 from gmail_jax.data import eval_sets, sources
 from gmail_jax.errors import ConfigError
 
@@ -90,7 +91,9 @@ def load(
     return CaptionedImages(ids, lazy(files), refs, [names[y] for y in labels])
   column = spec.get("column", "gen_path")
   table = sources.read_manifest_table(spec["path"], ("caption", column)).to_pydict()
-  base = os.path.dirname(os.path.abspath(spec["path"]))
+  manifest = spec["path"]
+  base = os.fspath(storage.path(manifest).parent) if storage.is_remote(manifest) else None
+  base = base or os.path.dirname(os.path.abspath(manifest))  # image paths are relative to it
   order: dict[str, list[str]] = {}
   for caption, path in zip(table["caption"], table[column], strict=True):
     order.setdefault(os.path.join(base, path), []).append(caption)

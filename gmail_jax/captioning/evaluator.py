@@ -18,9 +18,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import io
 import json
 import os
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from gmail_jax import storage
 from gmail_jax.captioning import clipcap, decap
 from gmail_jax.captioning import data as cap_data
 from gmail_jax.errors import ConfigError
@@ -60,8 +61,6 @@ class CaptioningResult:
 def write_results(out_dir: str | os.PathLike, results: Mapping[str, CaptioningResult]) -> dict:
   """out_dir/captions.jsonl (view, id, caption[, projected], references) and
   out_dir/captioning.json ({view: summary}) for the results of several encoders ("views")."""
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
   rows = []
   for view, r in results.items():
     for key, caption in r.candidates.items():
@@ -69,23 +68,20 @@ def write_results(out_dir: str | os.PathLike, results: Mapping[str, CaptioningRe
       if r.projected is not None:
         row["projected"] = r.projected[key]
       rows.append({**row, "references": r.references[key]})
-  paths = result_paths(out)
-  _atomic_write(paths["captions"], "".join(json.dumps(r) + "\n" for r in rows))
+  paths = result_paths(out_dir)
+  storage.write_text(paths["captions"], "".join(json.dumps(r) + "\n" for r in rows))
   summary = {view: r.summary() for view, r in results.items()}
-  _atomic_write(paths["metrics"], json.dumps(summary, indent=2, sort_keys=True))
+  storage.write_text(paths["metrics"], json.dumps(summary, indent=2, sort_keys=True))
   return paths
 
 
 def result_paths(out_dir: str | os.PathLike) -> dict[str, str]:
-  """{'captions', 'metrics'}: where ``write_results`` writes."""
-  out = pathlib.Path(out_dir)
-  return {"captions": str(out / "captions.jsonl"), "metrics": str(out / "captioning.json")}
-
-
-def _atomic_write(path: str, text: str) -> None:
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
+  """{'captions', 'metrics'}: where ``write_results`` writes (local paths or bucket URLs)."""
+  out = storage.path(out_dir)
+  return {
+    "captions": os.fspath(out / "captions.jsonl"),
+    "metrics": os.fspath(out / "captioning.json"),
+  }
 
 
 class CaptioningEvaluator(common.Evaluator):
@@ -279,10 +275,10 @@ def _cached(cache_dir: str | None, role: str, key: str, compute: Any) -> np.ndar
   found the cache (they agree first), and process 0 alone writes it."""
   if cache_dir is None:
     return compute()
-  path = pathlib.Path(cache_dir) / f"{role}.npz"
+  path = storage.path(cache_dir) / f"{role}.npz"
   x = None
   if path.exists():
-    with np.load(path) as saved:
+    with np.load(io.BytesIO(path.read_bytes())) as saved:
       if str(saved["key"]) == key:
         x = saved["x"]
   if jax.process_count() > 1:
@@ -292,8 +288,7 @@ def _cached(cache_dir: str | None, role: str, key: str, compute: Any) -> np.ndar
     return x
   x = np.asarray(compute())
   if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, x=x, key=np.asarray(key))
-    os.replace(tmp, path)
+    buf = io.BytesIO()  # saved whole: a bucket has no rename, a reader never sees a partial file
+    np.savez(buf, x=x, key=np.asarray(key))
+    storage.write_bytes(path, buf.getvalue())
   return x

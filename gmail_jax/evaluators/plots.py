@@ -2,18 +2,20 @@
 quality against each modality gap with its least-squares line (the sweep's R² figure).
 
 matplotlib with the Agg backend (no display needed); every function writes one PNG and returns
-its path.
+its path, a local path or a bucket URL (``gs://``): the figure is rendered in memory and written
+whole (storage.write_bytes).
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
 
+from gmail_jax import storage
 from gmail_jax.errors import InputError
 
 matplotlib.use("Agg")
@@ -89,10 +91,17 @@ def plot_embeddings(
     ax.set_yticks([])
     ax.legend(loc="best", markerscale=3)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, path, dpi=120)
   return path
+
+
+def _save(fig: Any, path: str, *, dpi: int) -> None:
+  """``fig`` at ``path`` (any storage path; the format from its suffix, as savefig does), written
+  whole; the figure is closed."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format=storage.path(path).suffix.lstrip(".") or "png", dpi=dpi)
+  plt.close(fig)
+  storage.write_bytes(path, buf.getvalue())
 
 
 def plot_alignment_tsne(
@@ -117,24 +126,29 @@ def plot_alignment_tsne(
 
 
 def read_metrics_jsonl(path: str) -> list[dict]:
-  """Rows of a metrics.jsonl; a malformed line raises naming the file and line number."""
+  """Rows of a metrics.jsonl (any storage path); a malformed line raises naming the file and line
+  number."""
   rows = []
-  with open(path) as f:
-    for i, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          rows.append(json.loads(line))
-        except ValueError as e:
-          raise InputError(f"{path}:{i}: not JSON: {e}") from None
+  for i, line in enumerate(storage.path(path).read_text().split("\n"), 1):
+    if line.strip():
+      try:
+        rows.append(json.loads(line))
+      except ValueError as e:
+        raise InputError(f"{path}:{i}: not JSON: {e}") from None
   return rows
 
 
 def plot_training_curves(metrics_jsonl: str, path: str, step_key: str = "step") -> str:
-  """Training curves PNG: loss, pair accuracy, lr, and any α / gap / cma keys found.
+  """Training curves PNG of a metrics.jsonl (``plot_curves``)."""
+  return plot_curves(read_metrics_jsonl(metrics_jsonl), path, step_key, source=metrics_jsonl)
 
-  Panels without a matching numeric key are omitted; a key goes in the first panel it matches.
-  """
-  rows = read_metrics_jsonl(metrics_jsonl)
+
+def plot_curves(
+  rows: Sequence[dict], path: str, step_key: str = "step", *, source: str = "metrics"
+) -> str:
+  """Training curves PNG of metric rows: loss, pair accuracy, lr, and any α / gap / cma keys
+  found. Panels without a matching numeric key are omitted; a key goes in the first panel it
+  matches; ``source`` names the rows in the error when none can be plotted."""
   keys = sorted(
     {k for r in rows for k, v in r.items() if k != step_key and isinstance(v, int | float)}
   )
@@ -146,7 +160,7 @@ def plot_training_curves(metrics_jsonl: str, path: str, step_key: str = "step") 
     if ks:
       panels.append((title, ks))
   if not panels:
-    raise InputError(f"{metrics_jsonl}: no loss/accuracy/lr/alpha/gap metrics to plot")
+    raise InputError(f"{source}: no loss/accuracy/lr/alpha/gap metrics to plot")
   fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
   for ax, (title, ks) in zip(axes[0], panels, strict=True):
     for k in ks:
@@ -159,9 +173,7 @@ def plot_training_curves(metrics_jsonl: str, path: str, step_key: str = "step") 
     ax.set_xlabel(step_key)
     ax.legend(fontsize=7)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path, dpi=110)
   return path
 
 
@@ -264,7 +276,5 @@ def plot_task_vs_gap(
       ax.set_xlabel(gk, fontsize=8)
       ax.set_ylabel(labels[i], fontsize=8)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path, dpi=110)
   return path

@@ -24,6 +24,12 @@ from, and writes its outputs to, the workdir, and provides:
 The driver records each finished stage in WORKDIR/stages/<name>.json (the values of its KEYS and
 its outputs) and skips the stage when the record matches the config and ``complete`` holds.
 
+WORKDIR may be a bucket URL (``gs://bucket/run``): stages then get an ``epath.Path`` (a local
+WORKDIR stays a ``pathlib.Path``, absolute; both have pathlib's API, so never wrap it in
+``pathlib.Path``, which mangles ``gs://``) and write through ``gmail_jax.storage``; recorded
+outputs are ``gs://`` URLs. A WORKDIR that cannot be written stops the run in one line before any
+stage builds anything (``storage.check_writable``).
+
 Several processes (a pod, or ``--num_processes``; WORKDIR on a filesystem they all share): every
 process decides to skip or run a stage from the same record, and they must agree (else one would
 wait in a collective the others never join: a StageError names the stage). Process 0 alone writes
@@ -47,7 +53,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from gmail_jax import faults, schema
+from gmail_jax import faults, schema, storage
 from gmail_jax.errors import ConfigError, InputError, StageError
 
 STAGES: dict[str, str] = {
@@ -56,6 +62,7 @@ STAGES: dict[str, str] = {
   "prepare": "gmail_jax.experiments.stages.prepare",
   "splits": "gmail_jax.experiments.stages.splits",
   "teacher": "gmail_jax.experiments.stages.teacher",
+  "diffusion": "gmail_jax.experiments.stages.diffusion",
   "align": "gmail_jax.experiments.stages.align",
   "evaluate": "gmail_jax.experiments.stages.evaluate",
   "report": "gmail_jax.experiments.stages.report",
@@ -82,7 +89,7 @@ def require_paths(config: ml_collections.ConfigDict, paths: dict[str, str]) -> N
   naming the key, the path and how to get it: ``config.downloads``, (path prefix, instructions)
   pairs, the longest matching prefix."""
   for key, path in paths.items():
-    if path and not os.path.exists(path):
+    if path and not storage.path(path).exists():
       hints = [(p, how) for p, how in config.downloads if str(path).startswith(p)]
       how = max(hints, key=lambda h: len(h[0]))[1] if hints else None
       raise InputError(f"config.{key}: {path} not found" + (f"; {how}" if how else ""))
@@ -118,19 +125,26 @@ def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
   return out
 
 
-def _record_path(workdir: pathlib.Path, name: str) -> pathlib.Path:
+def workdir_path(workdir: str | os.PathLike) -> storage.Path | pathlib.Path:
+  """What stages get as WORKDIR: a local folder as an absolute ``pathlib.Path``, a bucket URL as
+  an ``epath.Path``."""
+  if storage.is_remote(workdir):
+    return storage.path(os.fspath(workdir).rstrip("/"))
+  return pathlib.Path(os.path.abspath(os.fspath(workdir)))
+
+
+def _record_path(workdir: storage.Path | pathlib.Path, name: str) -> storage.Path | pathlib.Path:
   return workdir / RECORDS / f"{name}.json"
 
 
-def _write_record(path: pathlib.Path, record: dict) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-  os.replace(tmp, path)
+def _write_record(path: storage.Path | pathlib.Path, record: dict) -> None:
+  # Whole or not at all (a bucket object appears when its upload ends): a crash never leaves a
+  # truncated record that would read as a finished stage.
+  storage.write_text(path, json.dumps(record, indent=2, sort_keys=True))
 
 
 def _run_one(
-  name: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, inputs: dict
+  name: str, config: ml_collections.ConfigDict, workdir: storage.Path | pathlib.Path, inputs: dict
 ) -> dict[str, Any]:
   mod = stage(name)
   values = _values(config, mod.KEYS)
@@ -171,7 +185,7 @@ def _run_one(
   return outputs
 
 
-def _agree(name: str, skip: bool, path: pathlib.Path) -> None:
+def _agree(name: str, skip: bool, path: storage.Path | pathlib.Path) -> None:
   """StageError unless every process decided the same (to skip stage ``name`` or to run it)."""
   if jax.process_count() == 1:
     return
@@ -196,9 +210,11 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-  """Runs ``config.stages`` in order in ``workdir``; returns every stage's outputs, merged."""
+  """Runs ``config.stages`` in order in ``workdir`` (a local folder or a bucket URL); returns every
+  stage's outputs, merged."""
   check(config)
-  workdir = pathlib.Path(os.path.abspath(os.fspath(workdir)))
+  workdir = workdir_path(workdir)
+  storage.check_writable(workdir)  # one line, before any stage builds or compiles anything
   inputs: dict[str, Any] = {}
   for name in config.stages:
     inputs.update(_run_one(name, config, workdir, inputs))

@@ -15,18 +15,19 @@ Encoders (the evaluators.common interface):
                (GMAIL Algorithm 1 inference path; what 'gen_real' gaps measure)
   student_all  f_g for every image (the documented variant, and TPC-CMA's image-text setting)
 ``gap_reduction[enc][eval]`` = 100·(1 − G_enc / G_teacher) per gap kind (gap evaluators only).
+DIR may be a bucket URL (``gs://``): every file is read and written through ``gmail_jax.storage``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import ml_collections
 
 from gmail_jax import run as run_lib
+from gmail_jax import storage
 from gmail_jax.errors import ConfigError
 from gmail_jax.training import encoders
 
@@ -53,7 +54,7 @@ def evaluate(
   unknown = [w for w in which if w not in ENCODERS]
   if unknown:
     raise ConfigError(f"--encoders: unknown {unknown}; choose from {list(ENCODERS)}")
-  workdir = os.path.abspath(workdir)
+  workdir = run_lib.resolve_dir(workdir)
   from gmail_jax.models import towers
 
   # Pre-cropped eval images follow the run's tower resize (evaluators that take ``resize``).
@@ -87,7 +88,7 @@ def evaluate(
     "gap_reduction": reduction,
     "plots": [],
   }
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = storage.join(workdir, "eval")
   gen_real = [ev for ev in gap_evs if ev.pairs in ("gen_real", "class_gen_real")]
   points = None
   if plots and gen_real:  # embedded on every process (collectives), plotted by process 0
@@ -96,20 +97,18 @@ def evaluate(
         gen_real[0], encs["teacher"], encs["student"], max_points=tsne_points
       )
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     if plots:
       if points is not None:
         real_t, gen_t, gen_s = points
         p = plots_lib.plot_alignment_tsne(
-          os.path.join(out_dir, "tsne_gen_real.png"), real_t, gen_t, real_t, gen_s
+          storage.join(out_dir, "tsne_gen_real.png"), real_t, gen_t, real_t, gen_s
         )
         report["plots"].append(p)
-      curves = os.path.join(workdir, "metrics.jsonl")
-      if os.path.exists(curves):
-        p = plots_lib.plot_training_curves(curves, os.path.join(out_dir, "training_curves.png"))
+      curves = storage.join(workdir, "metrics.jsonl")
+      if storage.path(curves).exists():
+        p = plots_lib.plot_training_curves(curves, storage.join(out_dir, "training_curves.png"))
         report["plots"].append(p)
-    path = os.path.join(out_dir, "metrics.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(report, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    path = storage.join(out_dir, "metrics.json")
+    storage.write_text(path, json.dumps(report, indent=2, sort_keys=True))
   return report

@@ -11,6 +11,8 @@ The report stage (experiments/stages/report.py) measures every number with the e
                GMAIL; trainable_params, lora_targets), real_real_reference (two real images of a
                class under f_r)
     variants   after_student_real: f_g on both paths (paper §3.2)
+    generator  (after a 'diffusion' stage) accuracy, per_class, real_accuracy, ...: a real-image
+               probe on the generated images (evaluators/generator.py)
 
 Gap fields: paired_cosine, raw_gap, centroid_gap, distribution_gap (evaluators/gap.py, held-out
 pairs matched by class); transfer_accuracy: linear probe fitted on generated train-split embeddings,
@@ -25,10 +27,11 @@ encoder).
 from __future__ import annotations
 
 import json
-import pathlib
 from collections.abc import Sequence
 
 import numpy as np
+
+from gmail_jax import storage
 
 GAP_FIELDS = ("paired_cosine", "raw_gap", "centroid_gap", "distribution_gap")
 STAGE_FIELDS = GAP_FIELDS + ("transfer_accuracy",)
@@ -89,6 +92,16 @@ def markdown(report: dict, title: str = "GMAIL small-scale reproduction") -> str
       "",
       "Teacher zero-shot accuracy (class prompts): "
       + ", ".join(f"{k.split('_')[-1]} {fmt(val)}" for k, val in extra.items()),
+    ]
+  gen = report.get("generator")  # stage 'diffusion': the generator's own numbers
+  if gen:
+    per_class = ", ".join(f"{k} {fmt(v)}" for k, v in gen.get("per_class", {}).items())
+    lines += [
+      "",
+      "Generator: a probe on f_r of the real train images labels the held-out generated images"
+      f" {fmt(gen.get('accuracy'))} (train-split generated {fmt(gen.get('train_split_accuracy'))},"
+      f" held-out images of its training data {fmt(gen.get('source_accuracy'))}, held-out real"
+      f" {fmt(gen.get('real_accuracy'))}); per class: {per_class}.",
     ]
   for key in ("test_pairs", "seeds", "runs"):
     if key in report:
@@ -156,7 +169,7 @@ def aggregate_workdirs(workdirs: Sequence[str], file: str = "report.json") -> tu
   """(mean ± std of every number of WORKDIR/``file`` over ``workdirs``, its Markdown table)."""
   reports = []
   for d in workdirs:
-    path = pathlib.Path(d) / file
+    path = storage.path(d) / file  # a local folder or a bucket URL
     if not path.exists():
       raise FileNotFoundError(f"{path} not found (did the run finish?)")
     reports.append(json.loads(path.read_text()))

@@ -54,17 +54,18 @@ rows that have both values:
 not an independent task}; ``independent_task_metrics`` — task_metrics less those. ``add_stats`` /
 ``stats_from_sweep_json`` re-derive stats, r2 and the notes from a sweep.json's rows.
 Also WORKDIR/sweep.md (the tables, ``markdown``) and WORKDIR/sweep_r2.png
-(plots.plot_task_vs_gap); all three are written to a temporary file and renamed over the old one.
+(plots.plot_task_vs_gap); each is rendered in memory and written whole (``storage.write_*``: a
+temporary file renamed over the old one, or one upload when WORKDIR is a ``gs://`` URL).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -72,7 +73,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gmail_jax import objectives
+from gmail_jax import objectives, storage
 from gmail_jax import run as run_lib
 from gmail_jax.data import eval_sets
 from gmail_jax.errors import ConfigError, InputError
@@ -241,11 +242,10 @@ def _fmt_alpha(a: float) -> str:
 def _share_stages(first: str, wd: str) -> None:
   """Copies the first run's split / teacher stage records into ``wd`` (so its stages reuse them)."""
   for name in SHARED:
-    src = os.path.join(first, driver.RECORDS, f"{name}.json")
-    dst = os.path.join(wd, driver.RECORDS, f"{name}.json")
-    if os.path.exists(src) and not os.path.exists(dst):
-      os.makedirs(os.path.dirname(dst), exist_ok=True)
-      shutil.copyfile(src, dst)
+    src = storage.path(first) / driver.RECORDS / f"{name}.json"
+    dst = storage.path(wd) / driver.RECORDS / f"{name}.json"
+    if src.exists() and not dst.exists():
+      storage.write_bytes(dst, src.read_bytes())
 
 
 def _sweep_seed(
@@ -268,7 +268,7 @@ def _sweep_seed(
       raise ConfigError(f"--config={config_spec}: loss.mode must be 'tpc_cma'")
     if seed is not None:
       config.seed = seed
-    wd = os.path.join(root, f"alpha_{_fmt_alpha(alpha)}")
+    wd = storage.join(root, f"alpha_{_fmt_alpha(alpha)}")
     if first is not None:  # the seed's first run's split and teacher, by their stage records
       _share_stages(first, wd)
     outputs = driver.run(config, wd)
@@ -278,7 +278,9 @@ def _sweep_seed(
     pairs = config.cma.pairs
     with jax.set_mesh(run.mesh):
       if data is None:
-        data = held_out_pairs(config, outputs["test"], max_per_class)
+        # The split's class folders (a gs:// WORKDIR's: read from a local copy).
+        test_root = os.fspath(storage.fetch_dir(outputs["test"]))
+        data = held_out_pairs(config, test_root, max_per_class)
         data["decap_steps"], data["decoders"] = decap_steps, {}
         rows.append(
           {
@@ -349,11 +351,11 @@ def run_sweep(
 ) -> dict:
   """Trains every (seed, α), measures teacher + students on the held-out split; writes and
   returns the sweep dict (module docstring). seeds=None: the config's seed in WORKDIR/alpha_<α>."""
-  workdir = os.path.abspath(workdir)
+  workdir = run_lib.resolve_dir(workdir)
   rows: list[dict[str, Any]] = []
   config = data = None
   for seed in seeds if seeds else [None]:
-    root = workdir if seed is None else os.path.join(workdir, f"seed_{seed}")
+    root = workdir if seed is None else storage.join(workdir, f"seed_{seed}")
     seed_rows, config, data = _sweep_seed(
       config_spec, alphas, root, seed, extra_arg, max_per_class, decap_steps
     )
@@ -423,50 +425,25 @@ def stats_from_sweep_json(path: str, **kw: Any) -> dict:
   """The table of an existing sweep.json with its statistics re-derived from its ``rows``
   (``add_stats``; kw: n_resamples, rng_seed): for files written before ``stats`` existed, or to
   check one. ``markdown`` of the result prints its tables."""
-  with open(path) as f:
-    return add_stats(json.load(f), **kw)
-
-
-def _write_atomic(path: str, write: Callable[[str], Any]) -> None:
-  """write(tmp) on a temporary file beside ``path`` (same suffix: savefig reads the format from
-  it), then os.replace(tmp, path), so a crash mid-write leaves the previous file whole rather than
-  truncated (a rename within one directory is atomic); the temporary file goes on failure."""
-  head, base = os.path.split(path)
-  stem, ext = os.path.splitext(base)
-  tmp = os.path.join(head, f".{stem}.{os.getpid()}.tmp{ext}")
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _write_file(path: str, write: Callable[[Any], Any]) -> None:
-  with open(path, "w") as f:
-    write(f)
-    f.flush()
-    os.fsync(f.fileno())  # on disk before the rename makes it the file
+  return add_stats(json.loads(storage.path(path).read_text()), **kw)
 
 
 def write_outputs(table: dict, workdir: str, *, plot: bool = True) -> None:
-  """WORKDIR/sweep.json, sweep.md and (plot) sweep_r2.png of a sweep table, each atomically."""
+  """WORKDIR/sweep.json, sweep.md and (plot) sweep_r2.png of a sweep table, each whole or not at
+  all (a crash mid-write leaves the previous file as it was)."""
   text = markdown(table)  # before any write: a table that cannot be printed changes no file
-  _write_atomic(
-    os.path.join(workdir, "sweep.json"),
-    lambda p: _write_file(p, lambda f: json.dump(table, f, indent=2)),
-  )
-  _write_atomic(
-    os.path.join(workdir, "sweep.md"), lambda p: _write_file(p, lambda f: f.write(text))
-  )
+  buf = io.StringIO()
+  json.dump(table, buf, indent=2)  # in memory first: a failure here writes nothing
+  storage.write_text(storage.join(workdir, "sweep.json"), buf.getvalue(), durable=True)
+  storage.write_text(storage.join(workdir, "sweep.md"), text, durable=True)
   if plot:
     tasks = table["task_metrics"]
-    _write_atomic(
-      os.path.join(workdir, "sweep_r2.png"),
-      lambda p: plots.plot_task_vs_gap(
-        table["rows"], table["gap_metrics"], tasks, p, task_labels=[task_label(t) for t in tasks]
-      ),
+    plots.plot_task_vs_gap(
+      table["rows"],
+      table["gap_metrics"],
+      tasks,
+      storage.join(workdir, "sweep_r2.png"),
+      task_labels=[task_label(t) for t in tasks],
     )
 
 

@@ -53,14 +53,15 @@ What a user can rely on:
 
 ``--step`` picks a checkpoint (default: the latest). A non-empty OUT is refused unless ``--force``,
 which replaces it; OUT appears atomically (built in a sibling temp directory, then renamed).
+WORKDIR and OUT may be bucket URLs (``gs://``): OUT is then built in a local temp directory and
+uploaded once complete (a bucket has no rename: ``hf_dir.write_dir``), and a base written beside
+the adapter is named by its ``gs://`` URL (download OUT and pass its base/ to load it).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import ml_collections
@@ -68,6 +69,7 @@ from absl import logging
 from flax import nnx
 
 from gmail_jax import run as run_lib
+from gmail_jax import storage
 from gmail_jax.errors import ConfigError, InputError
 from gmail_jax.export import hf_dir, peft_adapter
 from gmail_jax.models import convert, openai_ckpt
@@ -90,8 +92,8 @@ def export(
 ) -> str:
   """Writes the run in ``workdir`` to ``out`` as ``format`` (see module doc); returns ``out``."""
   _check_format(format, which)
-  workdir = os.path.abspath(os.fspath(workdir))
-  out = os.path.abspath(os.fspath(out))
+  workdir = run_lib.resolve_dir(workdir)
+  out = run_lib.resolve_dir(out)
   _check_out(out, workdir, force)  # before loading: a refusal must not cost a model build
   return write(load(workdir, step), out, format=format, which=which, force=force)
 
@@ -113,10 +115,10 @@ def write(
   which: str = "student",
   force: bool = False,
 ) -> str:
-  """Writes a run ``load`` returned to ``out`` as ``format``; returns ``out`` (absolute).
-  Host work on the run's local copy: with several processes one of them calls it."""
+  """Writes a run ``load`` returned to ``out`` as ``format``; returns ``out`` (absolute, or the
+  bucket URL). Host work on the run's local copy: with several processes one of them calls it."""
   _check_format(format, which)
-  out = os.path.abspath(os.fspath(out))
+  out = run_lib.resolve_dir(out)
   _check_out(out, run.workdir, force)
   logging.info(
     "exporting the %s of %s at step %d as %s to %s", which, run.workdir, run.step, format, out
@@ -175,8 +177,8 @@ def base_model(run: run_lib.Run) -> nnx.Module:
 def transformers_reads(init: str) -> bool:
   """Whether ``transformers.*Model.from_pretrained(init)`` reads the checkpoint our importer read:
   a transformers directory or a hub id (ours reads its transformers files), not an OpenAI /
-  OpenCLIP checkpoint file or directory."""
-  if openai_ckpt.is_openai_source(init):
+  OpenCLIP checkpoint file or directory; nor a bucket URL, which transformers does not read)."""
+  if storage.is_remote(init) or openai_ckpt.is_openai_source(init):
     return False
   if os.path.isdir(init):
     return os.path.isfile(os.path.join(init, "config.json"))
@@ -216,20 +218,21 @@ def base_model_name(run: run_lib.Run, base: nnx.Module) -> str | None:
 
 
 def _check_out(out: str, workdir: str, force: bool) -> None:
-  if out == workdir or workdir.startswith(out + os.sep):
+  if out == workdir or workdir.startswith(out + "/"):
     raise InputError(f"--out={out}: would replace the run it exports; choose another directory")
-  if not os.path.exists(out):
+  path = storage.path(out)
+  if not path.exists():
     return
-  if not os.path.isdir(out):
+  if not path.is_dir():
     raise InputError(f"--out={out}: exists and is not a directory")
-  if os.listdir(out) and not force:
+  if any(path.iterdir()) and not force:
     raise InputError(f"--out={out}: exists and is not empty (pass --force to replace it)")
 
 
 def load(workdir: str | os.PathLike, step: int | None = None) -> run_lib.Run:
   """The run ``write`` exports, on one local device. With several processes every one of them
   calls it (Orbax restores collectively) and gets its own full copy."""
-  workdir = os.path.abspath(os.fspath(workdir))
+  workdir = run_lib.resolve_dir(workdir)
   if not run_lib.is_run(workdir):
     raise InputError(
       f"--workdir={workdir}: not a training run (no config.json and checkpoints/; "
@@ -257,20 +260,17 @@ def _save_peft(run: run_lib.Run, out: str) -> str:
       raise ValueError(f"export: {name} has rank {t.shape[0]}, config.lora.rank is {rank}")
   model = base_model(run)
   base = base_model_name(run, model)
-  parent, name = os.path.dirname(out), os.path.basename(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-  try:
-    if base is None:  # the base exists only in the run: ship it with the adapter
+
+  def fill(tmp: str) -> None:
+    name = base
+    if name is None:  # the base exists only in the run: ship it with the adapter
       _save_model(run, model, os.path.join(tmp, BASE_DIR))
-      base = os.path.join(out, BASE_DIR)
-    cfg = peft_adapter.adapter_config(run.config, base, targets, to_save)
+      name = storage.join(out, BASE_DIR)
+    cfg = peft_adapter.adapter_config(run.config, name, targets, to_save)
     with open(os.path.join(tmp, peft_adapter.PEFT_CONFIG), "w", encoding="utf-8") as f:
       json.dump(cfg, f, indent=2)
     # transformers / PEFT refuse safetensors files without format metadata.
     save_file(tensors, os.path.join(tmp, peft_adapter.PEFT_WEIGHTS), metadata={"format": "pt"})
-    hf_dir._replace_dir(tmp, out, parent, name)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+
+  hf_dir.write_dir(out, fill)
   return out

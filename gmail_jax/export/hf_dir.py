@@ -36,6 +36,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from gmail_jax import storage
 from gmail_jax.data.preprocess import CLIP_MEAN, CLIP_STD
 from gmail_jax.models import convert, lora
 from gmail_jax.models import tokenizer as tk
@@ -205,8 +206,9 @@ def save_pretrained(
   ``tokenizer_dir``: a dir with ``vocab.json`` + ``merges.txt``, or a
   ``bpe_simple_vocab_16e6.txt.gz`` (what a run's ``Tokenizer.path`` holds); None uses openai-clip's
   BPE.
-  The directory appears atomically (built in a sibling temp dir, then renamed). An existing
-  non-empty ``out_dir`` is refused unless ``overwrite=True``, which replaces it.
+  The directory appears atomically (built in a sibling temp dir, then renamed; in a bucket: built
+  locally, then uploaded, ``write_dir``). An existing non-empty ``out_dir`` is refused unless
+  ``overwrite=True``, which replaces it.
   """
   out_dir = os.fspath(out_dir)
   _check_out_dir(out_dir, overwrite)
@@ -283,13 +285,37 @@ def save_siglip_pretrained(
 
 
 def _check_out_dir(out_dir: str, overwrite: bool) -> None:
-  if os.path.exists(out_dir):
-    if not os.path.isdir(out_dir):
+  out = storage.path(out_dir)
+  if out.exists():
+    if not out.is_dir():
       raise FileExistsError(f"save_pretrained: {out_dir} exists and is not a directory")
-    if os.listdir(out_dir) and not overwrite:
+    if any(out.iterdir()) and not overwrite:
       raise FileExistsError(
         f"save_pretrained: {out_dir} exists and is not empty (pass overwrite=True to replace it)"
       )
+
+
+def write_dir(out_dir: str, fill: Callable[[str], Any]) -> None:
+  """``fill(d)`` writes the files of ``out_dir`` into the local folder ``d``; then they become
+  ``out_dir``, replacing what was there. Local: ``d`` is a sibling temp folder renamed into place
+  (atomic). Bucket (no rename): ``d`` is a local temp folder; once ``fill`` returns, ``out_dir``'s
+  old objects are removed and ``d``'s uploaded (a crash in between leaves it partial; the export
+  stage records it only after the upload, so a rerun writes it again)."""
+  if storage.is_remote(out_dir):
+    with storage.staged_dir(out_dir) as tmp:
+      fill(os.fspath(tmp))
+      storage.rmtree(out_dir)  # an overwritten directory's files go; staged_dir uploads
+    return
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  base = os.path.basename(os.path.abspath(out_dir))
+  tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+  try:
+    fill(tmp)
+    _replace_dir(tmp, out_dir, parent, base)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
 
 def _write_dir(
@@ -299,14 +325,10 @@ def _write_dir(
   copies: dict[str, str] | None = None,
 ) -> str:
   """``out_dir`` with model.safetensors, the ``texts`` and ``copies`` (name -> source file),
-  built in a sibling temp dir and renamed into place."""
+  as ``write_dir`` writes it."""
   from safetensors.numpy import save_file
 
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  base = os.path.basename(os.path.abspath(out_dir))
-  tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
-  try:
+  def fill(tmp: str) -> None:
     # transformers refuses safetensors files without format metadata.
     save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     for name, text in texts.items():
@@ -314,10 +336,8 @@ def _write_dir(
         f.write(text)
     for name, src in (copies or {}).items():
       shutil.copyfile(src, os.path.join(tmp, name))
-    _replace_dir(tmp, out_dir, parent, base)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+
+  write_dir(out_dir, fill)
   return out_dir
 
 

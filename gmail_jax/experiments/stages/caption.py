@@ -39,6 +39,7 @@ import ml_collections
 from absl import logging
 
 from gmail_jax import run as run_lib
+from gmail_jax import storage
 from gmail_jax.captioning.evaluator import CaptioningEvaluator, result_paths, write_results
 from gmail_jax.data import eval_sets
 from gmail_jax.errors import ConfigError
@@ -54,7 +55,7 @@ VIEWS = (*encoders.VIEWS, "as_if_real")
 
 
 def complete(workdir: pathlib.Path, outputs: dict[str, Any]) -> bool:
-  return all(pathlib.Path(outputs[k]).is_file() for k in ("captions", "captioning"))
+  return all(storage.path(outputs[k]).is_file() for k in ("captions", "captioning"))
 
 
 def _encoders(
@@ -82,7 +83,7 @@ def _encoders(
   out = loaded.encoders(names=tuple(v for v in views if v in encoders.VIEWS))
   if "as_if_real" in views:
     train = eval_sets.load_class_set(
-      pathlib.Path(inputs["train"]) / "generated",
+      storage.fetch_dir(inputs["train"]) / "generated",  # a bucket's: read from a local copy
       image_size=config.data.image_size,
       resize=spec.resize,
     )
@@ -105,7 +106,7 @@ def evaluator(config: ml_collections.ConfigDict, inputs: dict[str, Any]) -> Capt
   for role, split, sub in (("train", "train", "generated"), ("test", "test", "real")):
     spec = dict(cc[role])
     if spec.get("kind") == "classes" and not spec.get("root"):
-      spec["root"] = str(pathlib.Path(inputs[split]) / sub)
+      spec["root"] = str(storage.fetch_dir(inputs[split]) / sub)  # a bucket's: a local copy
     if spec.get("kind") == "manifest" and not spec.get("path"):
       spec["path"] = inputs.get("manifest") or config.data.manifest  # the pairs aligned on
     cc[role] = spec

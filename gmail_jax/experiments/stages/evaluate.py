@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from gmail_jax import storage
 from gmail_jax.errors import ConfigError
 from gmail_jax.evaluators import common
 from gmail_jax.experiments import driver, evaluation
@@ -40,7 +41,7 @@ def metrics_path(workdir: pathlib.Path) -> pathlib.Path:
 
 
 def complete(workdir: pathlib.Path, outputs: dict[str, Any]) -> bool:
-  path = pathlib.Path(outputs["metrics"])
+  path = storage.path(outputs["metrics"])
   return path.is_file() and json.loads(path.read_text())["step"] == outputs["step"]
 
 

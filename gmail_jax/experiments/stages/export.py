@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from gmail_jax import storage
 from gmail_jax.errors import ConfigError
 from gmail_jax.export import exporter
 
@@ -38,7 +39,9 @@ def out_dir(workdir: pathlib.Path, fmt: str) -> pathlib.Path:
 
 
 def complete(workdir: pathlib.Path, outputs: dict[str, Any]) -> bool:
-  return all(any(pathlib.Path(d).iterdir()) for d in outputs["dirs"].values() if d)
+  dirs = [storage.path(d) for d in outputs["dirs"].values() if d]
+  # is_dir first: iterating a missing folder raises (and a bucket has no empty folders).
+  return all(d.is_dir() and any(d.iterdir()) for d in dirs)
 
 
 def run(

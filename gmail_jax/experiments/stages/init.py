@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
 from typing import Any
 
 import ml_collections
 
+from gmail_jax import storage
 from gmail_jax.errors import ConfigError
 from gmail_jax.export import hf_dir
 from gmail_jax.models import tokenizer as tk
@@ -39,7 +39,7 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 def complete(workdir: pathlib.Path, outputs: dict[str, Any]) -> bool:
-  d = pathlib.Path(outputs["model_dir"])
+  d = storage.path(outputs["model_dir"])
   return (d / "config.json").is_file() and (d / "model.safetensors").is_file()
 
 
@@ -61,15 +61,16 @@ def run(
   hf_config = transformers.CLIPConfig(**hf_dir.hf_config(arch, bos_token_id=vocab[tk.SOT]))
   model = transformers.CLIPModel(hf_config)
   out = model_dir(workdir)
-  tmp = out.with_name(out.name + ".tmp")
-  shutil.rmtree(tmp, ignore_errors=True)
-  model.save_pretrained(tmp, safe_serialization=True)
   files = {
     **hf_dir.tokenizer_files(vocab, merges, arch.text.context_length),
     "preprocessor_config.json": json.dumps(hf_dir.preprocessor_config(arch.vision.image_size)),
   }
-  for name, text in files.items():
-    (tmp / name).write_text(text, encoding="utf-8")
-  shutil.rmtree(out, ignore_errors=True)  # an interrupted earlier attempt
-  tmp.rename(out)
+
+  def fill(tmp: str) -> None:
+    model.save_pretrained(tmp, safe_serialization=True)
+    for name, text in files.items():
+      (pathlib.Path(tmp) / name).write_text(text, encoding="utf-8")
+
+  # Built in a local folder, then renamed (or uploaded) over an interrupted earlier attempt.
+  hf_dir.write_dir(str(out), fill)
   return {"model_dir": str(out)}

@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from gmail_jax import storage
 from gmail_jax.data import prepare
 from gmail_jax.errors import StageError
 
@@ -27,7 +28,7 @@ def shards_dir(workdir: pathlib.Path) -> pathlib.Path:
 
 
 def complete(workdir: pathlib.Path, outputs: dict[str, Any]) -> bool:
-  meta = pathlib.Path(outputs["shards"]) / "meta.json"
+  meta = storage.path(outputs["shards"]) / "meta.json"
   return meta.is_file() and json.loads(meta.read_text()).get("num_records") == outputs["records"]
 
 

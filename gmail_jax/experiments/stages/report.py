@@ -25,7 +25,8 @@ import jax
 import ml_collections
 
 from gmail_jax import run as run_lib
-from gmail_jax.evaluators import gap, plots, probe, zeroshot
+from gmail_jax import storage
+from gmail_jax.evaluators import gap, generator, plots, probe, zeroshot
 from gmail_jax.experiments import report
 from gmail_jax.experiments.baselines import synthetic_finetune
 from gmail_jax.models import lora as lora_lib
@@ -37,7 +38,7 @@ ALL_PROCESSES = True  # load_run and the encoders are collectives; process 0 wri
 
 
 def complete(workdir: pathlib.Path, outputs: dict[str, Any]) -> bool:
-  return pathlib.Path(outputs["report"]).is_file()
+  return storage.path(outputs["report"]).is_file()
 
 
 def _curves(workdir: pathlib.Path) -> None:
@@ -50,10 +51,7 @@ def _curves(workdir: pathlib.Path) -> None:
     return
   offset = max((r.get("step", 0) for r in rows if "pretrain_loss" in r), default=0)
   merged = [{**r, "step": r.get("step", 0) + (0 if "pretrain_loss" in r else offset)} for r in rows]
-  tmp = workdir / "curves_metrics.jsonl"
-  tmp.write_text("".join(json.dumps(r) + "\n" for r in merged))
-  plots.plot_training_curves(str(tmp), str(workdir / "curves.png"))
-  tmp.unlink()
+  plots.plot_curves(merged, str(workdir / "curves.png"), source=str(workdir / "metrics.jsonl"))
 
 
 def run(
@@ -61,7 +59,8 @@ def run(
 ) -> dict[str, Any]:
   t0 = time.time()
   rc = config.report
-  train_root, test_root = pathlib.Path(inputs["train"]), pathlib.Path(inputs["test"])
+  # The splits' class folders (in a gs:// WORKDIR: read from local copies, storage.fetch_dir).
+  train_root, test_root = storage.fetch_dir(inputs["train"]), storage.fetch_dir(inputs["test"])
   loaded = run_lib.load_run(workdir)
   views = loaded.encoders(batch_size=rc.batch_size)
   kw = {"image_size": config.data.image_size, "batch_size": rc.batch_size}
@@ -130,14 +129,17 @@ def run(
     "classes": list(transfer.train.classnames),
     "seed": int(config.seed),
   }
+  if "generator" in inputs:  # stage 'diffusion' made the generator: its own numbers, samples.png
+    teacher = views["teacher"]
+    out["generator"] = generator.measure(teacher, train_root, test_root, workdir, **probe_kw)
   path = workdir / "report.json"
   # Every process embeds the t-SNE points (collectives); process 0 projects and writes.
   points = plots.gap_tsne_points(
     pairs, views["teacher"], views["student"], max_points=rc.tsne_points, seed=rc.probe_seed
   )
   if jax.process_index() == 0:
-    path.write_text(json.dumps(out, indent=2))
-    (workdir / "report.md").write_text(report.markdown(out, rc.title))
+    storage.write_text(path, json.dumps(out, indent=2))
+    storage.write_text(workdir / "report.md", report.markdown(out, rc.title))
     real_t, gen_t, gen_s = points
     plots.plot_alignment_tsne(
       str(workdir / "tsne.png"),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
 import time
 import zipfile
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ import numpy as np
 import PIL.Image
 from flax import nnx
 
+from gmail_jax import storage
 from gmail_jax.data import preprocess
 from gmail_jax.errors import ConfigError, InputError
 from gmail_jax.export import hf_dir
@@ -172,7 +172,8 @@ def teacher_data(
       raise ConfigError(
         "config.teacher_pretrain.path: empty and no 'splits' stage before 'teacher'"
       )
-    root = tp.path or pathlib.Path(train_root) / "real"
+    # A folder in a bucket (the train split of a gs:// WORKDIR) is read from a local copy.
+    root = storage.fetch_dir(tp.path) if tp.path else storage.fetch_dir(train_root) / "real"
     paths, classes = list_class_folder(root)
     images = load_images(paths, size)
   elif tp.source == "zip":
@@ -204,7 +205,7 @@ def model_dir(workdir: pathlib.Path) -> pathlib.Path:
 
 
 def complete(workdir: pathlib.Path, outputs: dict[str, Any]) -> bool:
-  d = pathlib.Path(outputs["model_dir"])
+  d = storage.path(outputs["model_dir"])
   return (d / "config.json").is_file() and (d / "model.safetensors").is_file()
 
 
@@ -224,33 +225,31 @@ def run(
   ids = np.asarray(Tokenizer(context_length=cfg.text.context_length)(captions), np.int32)
   groups = np.asarray([names.index(c) for c in classes], np.int32)
   out = workdir / "teacher"
-  out.mkdir(parents=True, exist_ok=True)
   log_every = max(1, tp.steps // 20)
-  with open(out / "metrics.jsonl", "w") as f:
+  metrics = out / "metrics.jsonl"
+  storage.write_text(metrics, "")  # an interrupted earlier attempt's lines go
 
-    def log(step, loss):
-      if step % log_every == 0 or step == tp.steps:
-        f.write(json.dumps({"step": step, "pretrain_loss": loss}) + "\n")
-        f.flush()
+  def log(step, loss):
+    if step % log_every == 0 or step == tp.steps:  # ~20 lines: a bucket rewrites the object
+      storage.append_text(metrics, json.dumps({"step": step, "pretrain_loss": loss}) + "\n")
 
-    losses = contrastive.contrastive_finetune(
-      model,
-      images,
-      ids,
-      groups,
-      wrt=nnx.Param,
-      steps=tp.steps,
-      batch_size=tp.batch_size,
-      lr=tp.lr,
-      weight_decay=tp.weight_decay,
-      warmup_steps=tp.warmup_steps,
-      seed=config.seed,
-      log=log,
-      log_every=log_every,
-    )
-  if model_dir(workdir).exists():  # an interrupted earlier attempt
-    shutil.rmtree(model_dir(workdir))
-  hf_dir.save_pretrained(model, str(model_dir(workdir)))
+  losses = contrastive.contrastive_finetune(
+    model,
+    images,
+    ids,
+    groups,
+    wrt=nnx.Param,
+    steps=tp.steps,
+    batch_size=tp.batch_size,
+    lr=tp.lr,
+    weight_decay=tp.weight_decay,
+    warmup_steps=tp.warmup_steps,
+    seed=config.seed,
+    log=log,
+    log_every=log_every,
+  )
+  # overwrite: replaces an interrupted earlier attempt's directory.
+  hf_dir.save_pretrained(model, str(model_dir(workdir)), overwrite=True)
   info = {
     "images": len(images),
     "classes": names,
@@ -259,7 +258,7 @@ def run(
     "final_loss": float(np.mean(losses[-max(1, len(losses) // 10) :])),
     "seconds": round(time.time() - t0, 1),
   }
-  (out / "info.json").write_text(json.dumps(info, indent=2))
+  storage.write_text(out / "info.json", json.dumps(info, indent=2))
   print(
     f"teacher pretrained on {len(images)} real images: loss {losses[0]:.3f} -> "
     f"{info['final_loss']:.3f} in {info['seconds']}s",
