@@ -9,7 +9,8 @@ arguments) and ``model.overrides`` (architecture fields of the tower, e.g. ``vis
 Groups (defaults and their meaning in the comments below):
   seed, total_steps, batch_size (GLOBAL), log_every_steps, checkpoint_every_steps, keep_checkpoints,
   async_checkpoints, init (HF CLIP dir / hub id; empty = random init), stages, mesh, model, lora,
-  loss, cma (TPC-CMA), optim, data, teacher_cache, splits, teacher_pretrain, report, evals, wandb.
+  loss, cma (TPC-CMA), optim, data, teacher_cache, splits, teacher_pretrain, diffusion, report,
+  evals, wandb.
 """
 
 from __future__ import annotations
@@ -146,6 +147,35 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher_pretrain.lr = 2e-3
   c.teacher_pretrain.weight_decay = 0.05
   c.teacher_pretrain.max_per_class = 0  # 0 = all
+
+  # Stage 'diffusion' (experiments/stages/diffusion.py): a small pixel-space text-to-image model
+  # (our UNet2DConditionModel, epsilon-prediction DDPM, conditioned through cross-attention on the
+  # teacher's frozen CLIP text tower) trained on class folders, written as a diffusers folder that
+  # the 'generate' stage samples (configs/quickstart.py:diffusion).
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.source = ""  # class folders it trains on; "" = the train split's generated/
+  c.diffusion.templates = ("a photo of a {name}.",)  # captions; {name} = class, {index}
+  c.diffusion.resolution = 8  # pixels (no VAE); generate.resolution must equal it
+  c.diffusion.channels = 1  # 1 = grayscale (sampled images repeat it to RGB) | 3 = RGB
+  c.diffusion.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D")  # up blocks mirror them
+  c.diffusion.block_out_channels = (32, 64)
+  c.diffusion.layers_per_block = 1
+  c.diffusion.heads = 4  # attention heads of every block (diffusers' attention_head_dim)
+  c.diffusion.norm_num_groups = 8
+  c.diffusion.train_timesteps = 1000
+  # linear | scaled_linear | squaredcos_cap_v2. Not the cosine one with the default sampler: its
+  # alpha_bar(T - 1) ~ 1e-9 makes DDIM's first x_0 estimate blow up (no clip_sample in JAX).
+  c.diffusion.beta_schedule = "linear"
+  c.diffusion.scheduler = "DDIMScheduler"  # the sampler written to scheduler_config.json
+  c.diffusion.steps = 1000
+  c.diffusion.batch_size = 128
+  c.diffusion.lr = 5e-3  # AdamW, warmup + cosine to 0.1 lr, global-norm clip 1
+  c.diffusion.warmup_steps = 50
+  c.diffusion.uncond_prob = 0.1  # caption -> empty prompt (classifier-free guidance)
+  c.diffusion.ema_decay = 0.995  # EMA of the weights that are written; 0 = the last step's
+  c.diffusion.checkpoint_every_steps = 250
+  # Captions for 'generate': one per real image of each split; > 0: the first N per class (smoke)
+  c.diffusion.prompts_per_class = 0
 
   # Stage 'prepare' (experiments/stages/prepare.py): the generated manifest as ArrayRecord shards.
   c.prepare = ml_collections.ConfigDict()
@@ -335,6 +365,7 @@ RESUMABLE = (
   "report",
   "caption",
   "generate",
+  "diffusion",
   "prepare",
   "export",
   "downloads",

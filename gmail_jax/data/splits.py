@@ -146,3 +146,35 @@ def materialize(
       marker.write_text(json.dumps(meta, indent=2))
   train, test = split_root(workdir, "train"), split_root(workdir, "test")
   return {"train": str(train), "test": str(test), "meta": meta}
+
+
+def generated_views(manifest: str | pathlib.Path, out: str | pathlib.Path) -> dict[str, str]:
+  """Train / test views like ``materialize``'s whose generated/ sets are a generation manifest's
+  images (the quickstart's 'diffusion' variant: one image per caption of each real image).
+
+  A row belongs to its real image's split (``.../<split>/real/<class>/<file>``, this module's
+  layout): OUT/<split>/generated/<group>/<image name> links to the row's image and OUT/<split>/real/
+  to every file of that split's real/ folder. Rebuilt whole; returns {split: OUT/<split>}.
+  """
+  import pyarrow.parquet as pq
+
+  manifest, out = pathlib.Path(manifest), pathlib.Path(out)
+  rows = pq.read_table(manifest, columns=["gen_path", "real_path", "group"]).to_pylist()
+  shutil.rmtree(out, ignore_errors=True)
+  roots: dict[str, pathlib.Path] = {}
+  for row in rows:
+    real = pathlib.Path(row["real_path"] or "")
+    split = real.parents[2].name if len(real.parents) > 2 else ""
+    if split not in ("train", "test") or real.parents[1].name != "real" or not row["group"]:
+      raise InputError(
+        f"{manifest}: real_path {row['real_path']!r} (group {row['group']!r}) is not a"
+        " <split>/real/<class>/<file> of the splits' views"
+      )
+    roots[split] = real.parents[2]
+    gen = manifest.parent / row["gen_path"]
+    _place(gen, out / split / "generated" / row["group"] / gen.name)
+  for split, root in roots.items():
+    for f in sorted((root / "real").rglob("*")):
+      if f.is_file():
+        _place(f, out / split / "real" / f.relative_to(root / "real"))
+  return {split: str(out / split) for split in sorted(roots)}

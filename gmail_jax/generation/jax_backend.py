@@ -8,7 +8,9 @@ diffusers backend (runner.py); this module only turns prompts and seeds into ima
   once with diffusers: the one case that needs the ``gen`` extra);
 * one jitted sampler per run (models/diffusion/pipeline.py): the prompt ids of a batch are
   arguments, one caption per row, so the compiled function serves every batch; the text encoder,
-  the whole denoising loop with classifier-free guidance and the VAE decoder run inside it;
+  the whole denoising loop with classifier-free guidance and the VAE decoder run inside it (a
+  pixel-space folder without a VAE, as the quickstart's 'diffusion' stage writes, returns the
+  final sample itself);
 * the batch is split over this process's devices (``jax.local_devices()``: on a pod each process
   owns its chunks, as with diffusers), the weights replicated; a batch is padded to a multiple of
   the devices, so every call has the same shapes;

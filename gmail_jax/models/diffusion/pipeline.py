@@ -9,10 +9,15 @@ batch holds N different captions. Inside the one function: the text encoder on b
 the whole denoising loop (``jax.lax.fori_loop`` over the scheduler's steps, a pure function of
 arrays: schedulers.py), classifier-free guidance ``eps_u + g (eps_c - eps_u)`` (as diffusers for
 g > 1; g <= 1 runs the conditional branch only), the VAE decoder, and diffusers' output transform
-``clip(x / 2 + 0.5, 0, 1)``. ``latents`` are the starting noise ``[N, h, w, 4]`` (NHWC, before
+``clip(x / 2 + 0.5, 0, 1)``. ``latents`` are the starting noise ``[N, h, w, C]`` (NHWC, before
 ``init_noise_sigma``), drawn by the caller: generation/seeds.py draws them per image with numpy,
 so a row depends only on its own caption and seed. Sharding is the caller's (``jax.jit`` in/out
 shardings): rows are independent, so the batch may be split over any mesh axis.
+
+Pixel space: a folder without a VAE (``model_index.json`` has ``"vae": [null, null]`` or no
+``vae`` entry, as the quickstart's diffusion stage writes) samples images directly: the UNet's
+``in_channels`` are the image channels, the final sample goes through the same
+``clip(x / 2 + 0.5, 0, 1)`` (diffusers' ``DDPMPipeline``), and one channel is repeated to RGB.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ class StableDiffusion:
   tokenizer: SDTokenizer
   scheduler_config: dict
   latent_channels: int
-  downscale: int  # pixels per latent
+  downscale: int  # pixels per latent (1: pixel space, no VAE)
   path: str
 
   def latent_shape(self, resolution: int) -> tuple[int, int, int]:
@@ -83,11 +88,12 @@ def load_pipeline(
   ``StableDiffusionPipeline`` folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
   ``tokenizer/``, ``scheduler/``; safetensors or .bin). ``dtype``: compute dtype of the UNet and
   text encoder (None: fp32); the VAE decodes in fp32 (in bf16 it is ~3 % off, as diffusers'
-  ``force_upcast`` knows). ``scheduler``: a scheduler class name to swap in (schedulers.py)."""
+  ``force_upcast`` knows). ``scheduler``: a scheduler class name to swap in (schedulers.py).
+  No VAE in ``model_index.json``: a pixel-space pipeline (module docstring)."""
   path = os.fspath(path)
-  read_model_index(path)
+  index = read_model_index(path)
   unet = load_unet(path, dtype=dtype, variant=variant)
-  vae = load_vae_decoder(path, variant=variant)
+  vae = load_vae_decoder(path, variant=variant) if has_vae(index) else None
   text = load_text_encoder(path, dtype=dtype, variant=variant)
   sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
   try:
@@ -100,16 +106,24 @@ def load_pipeline(
   schedulers.resolve_config(sched, sched.get("_class_name"))  # refuse what we cannot run, now
   graphdefs, params = {}, {}
   for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text)):
-    graphdefs[name], params[name] = nnx.split(module)
+    if module is not None:
+      graphdefs[name], params[name] = nnx.split(module)
   return StableDiffusion(
     graphdefs=graphdefs,
     params=params,
     tokenizer=load_sd_tokenizer(path),
     scheduler_config=sched,
-    latent_channels=vae.config.latent_channels,
-    downscale=vae.config.downscale,
+    latent_channels=vae.config.latent_channels if vae else unet.config.in_channels,
+    downscale=vae.config.downscale if vae else 1,
     path=path,
   )
+
+
+def has_vae(model_index: dict) -> bool:
+  """False for a pixel-space pipeline: ``"vae"`` absent or ``[null, null]`` (diffusers' way of
+  writing a component that is not there)."""
+  entry = model_index.get("vae")
+  return isinstance(entry, list) and bool(entry) and entry[0] is not None
 
 
 def make_sampler(
@@ -124,7 +138,7 @@ def make_sampler(
   def sample(params, ids, neg_ids, latents):
     text = nnx.merge(g["text_encoder"], params["text_encoder"])
     unet = nnx.merge(g["unet"], params["unet"])
-    vae = nnx.merge(g["vae"], params["vae"])
+    vae = nnx.merge(g["vae"], params["vae"]) if "vae" in g else None
     ctx = text(ids)
     if guided:
       ctx = jnp.concatenate([text(neg_ids), ctx])  # [2N, L, D]: unconditional rows first
@@ -143,6 +157,9 @@ def make_sampler(
       return schedulers.step(schedule, state, out, i, x)
 
     x, _ = jax.lax.fori_loop(0, schedule.num_steps, body, (x, state))
-    return to_unit_range(vae.decode_latents(x))
+    images = to_unit_range(vae.decode_latents(x) if vae is not None else x)
+    if images.shape[-1] == 1:  # a grayscale pixel-space model: RGB like every other pipeline
+      images = jnp.repeat(images, 3, axis=-1)
+    return images
 
   return sample

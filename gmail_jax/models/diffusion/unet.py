@@ -204,6 +204,41 @@ class UNetConfig:
         yield (prev if j == 0 else out) + skip, f"up block {i} resnet {j}"
       yield out, f"up block {i}"
 
+  def to_diffusers(self) -> dict[str, Any]:
+    """diffusers' ``unet/config.json`` for this config: :meth:`from_diffusers` maps it back to
+    ``self``, and ``diffusers.UNet2DConditionModel.from_config`` builds the same network."""
+    cross = self.cross_attention_dim
+    size = self.sample_size
+    return {
+      "_class_name": "UNet2DConditionModel",
+      "_diffusers_version": "0.42.1",  # the version this mapping is tested against
+      "sample_size": list(size) if isinstance(size, tuple) else size,
+      "in_channels": self.in_channels,
+      "out_channels": self.out_channels,
+      "center_input_sample": self.center_input_sample,
+      "flip_sin_to_cos": self.flip_sin_to_cos,
+      "freq_shift": self.freq_shift,
+      "down_block_types": list(self.down_block_types),
+      "mid_block_type": "UNetMidBlock2DCrossAttn",
+      "up_block_types": list(self.up_block_types),
+      "block_out_channels": list(self.block_out_channels),
+      "layers_per_block": list(self.layers_per_block),
+      "transformer_layers_per_block": list(self.transformer_layers_per_block),
+      "attention_head_dim": list(self.num_heads),  # diffusers' name for the head count (sic)
+      # One int when every block agrees (the published configs' form).
+      "cross_attention_dim": cross[0] if len(set(cross)) == 1 else list(cross),
+      "downsample_padding": 1,
+      "mid_block_scale_factor": self.mid_block_scale_factor,
+      "act_fn": "silu",
+      "norm_num_groups": self.norm_num_groups,
+      "norm_eps": self.norm_eps,
+      "use_linear_projection": self.use_linear_projection,
+      "upcast_attention": self.upcast_attention,
+      "time_embedding_dim": self.time_embedding_dim,
+      "conv_in_kernel": self.conv_in_kernel,
+      "conv_out_kernel": self.conv_out_kernel,
+    }
+
   @classmethod
   def from_diffusers(cls, d: Mapping[str, Any]) -> UNetConfig:
     """From a diffusers ``UNet2DConditionModel`` ``config.json`` dict; missing keys take diffusers'
@@ -1046,3 +1081,34 @@ def load_unet(
     return key, fn
 
   return convert.load_state_into(make, state_dict, source, key_fn=key_fn)
+
+
+def unet_state_dict(unet: UNet) -> dict[str, np.ndarray]:
+  """The inverse of :func:`load_unet`'s mapping: every parameter as a float32 numpy array under
+  its diffusers key, in diffusers' layout (OIHW convs, [out, in] linears)."""
+  out: dict[str, np.ndarray] = {}
+  linear = unet.config.use_linear_projection
+  for path, var in nnx.to_flat_state(nnx.state(unet, nnx.Param)):
+    key, fn = diffusers_key(path, linear_projection=linear)
+    value = np.asarray(jax.device_get(var[...]), np.float32)
+    out[key] = convert.to_hf_layout(fn, value).copy(order="C")
+  return out
+
+
+def save_unet(unet: UNet, out_dir: str | os.PathLike) -> str:
+  """Writes ``out_dir/config.json`` + ``diffusion_pytorch_model.safetensors`` (float32): a
+  diffusers ``unet/`` folder that :func:`load_unet` and ``UNet2DConditionModel.from_pretrained``
+  both read. Returns ``out_dir``."""
+  from safetensors.numpy import save_file
+
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  # diffusers (like transformers) refuses safetensors files without format metadata.
+  save_file(
+    unet_state_dict(unet),
+    os.path.join(out_dir, f"{_WEIGHTS}.safetensors"),
+    metadata={"format": "pt"},
+  )
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(unet.config.to_diffusers(), f, indent=2)
+  return out_dir
