@@ -1,8 +1,8 @@
 r"""GMAIL Table 1's direction on the quickstart's digits: a captioner trained on *generated* images,
 tested on *real* scans, through the frozen teacher, the GMAIL student and the "as if real" baseline.
 
-Command (the quickstart's stages, then 'caption'; a quickstart WORKDIR is reused: its finished
-stages are skipped):
+Command (the rendered quickstart's stages, then 'caption'; a ``configs/quickstart.py:rendered``
+WORKDIR is reused: its finished stages are skipped):
   python -m gmail_jax.main --config=configs/caption_digits.py --workdir=/tmp/gmail_quickstart
   (``:smoke`` = the quickstart's smoke run and a short captioner, for tests.)
 Captions: the five templates of gmail_jax/data/digits.py per class ("a scan of a handwritten
@@ -32,7 +32,7 @@ from gmail_jax.data import digits
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = quickstart.get_config(arg)
+  c = quickstart.get_config(",".join(["rendered", *([arg] if arg else [])]))  # its measured runs
   smoke = c.total_steps < 100
   c.stages = ("splits", "teacher", "align", "caption")
   cc = c.caption

@@ -1,31 +1,40 @@
-r"""Quickstart: GMAIL end to end on an embedded dataset, no download, a few minutes on 2 CPU cores.
+r"""Quickstart: GMAIL's whole chain on an embedded dataset, no download, ~2 minutes on 2 CPU cores.
 
 Command:
   python -m gmail_jax.main --config=configs/quickstart.py --workdir=/tmp/gmail_quickstart
-  (``configs/quickstart.py:smoke`` = a much shorter run for tests.)
+  ``:rendered``       the rendered digits themselves as the generated modality (no generator);
+  ``:smoke``          a much shorter run for tests (``:rendered,smoke`` for the rendered one).
 
 Data (gmail_jax/data/digits.py, materialised under WORKDIR/data by gmail_jax/data/splits.py):
   real      = sklearn's bundled UCI handwritten digit scans (8x8, 1,797 images);
-  generated = digits rendered from matplotlib's TrueType fonts with affine jitter, stroke width,
-              blur and pixel noise, downsampled like the scans (a documented stand-in for a
-              generator); pairs share the class ("a photo of the digit seven.").
+  rendered  = digits rendered from matplotlib's TrueType fonts with affine jitter, stroke width,
+              blur and pixel noise, downsampled like the scans: the diffusion model's training
+              data ("web data", another domain than the scans);
+  generated = one image per caption of every real scan, drawn by that diffusion model
+              (``:rendered``: the rendered digits); pairs share the class.
   30% of each is held out (WORKDIR/data/test) and never used to train anything.
 Stages (``config.stages``, gmail_jax/experiments/driver.py), in one run:
-  splits   train / held-out views under WORKDIR/data (gmail_jax/experiments/stages/splits.py);
-  teacher  f_r: a tiny CLIP (ViT 16px/4, width 64, 2+2 layers) pretrained with the CLIP loss on
-           the real train-split scans and template captions, saved as a HF CLIP directory
-           WORKDIR/teacher/model (gmail_jax/experiments/stages/teacher.py);
-  align    GMAIL: LoRA (rank 4, attention + MLP) student f_g aligned with L_align on
-           generated->real pairs of the same class (the regular trainer, same-class negatives
-           masked; config.init = the teacher directory);
-  report   WORKDIR/report.json, report.md, tsne.png, curves.png (experiments/stages/report.py).
-Measured (seeds 0, 1, 2, mean ± std; report.md per seed, ``gmail_jax.report --aggregate``):
-paired gen-real cosine 0.468 ± 0.021 -> 0.669 ± 0.014 (ceiling for class-level pairs, two real
-scans of one class under f_r: 0.854); probe transfer accuracy on held-out real scans
-0.798 ± 0.010 (teacher on both) -> 0.965 ± 0.002 (GMAIL: f_g on generated, f_r on real), vs
-0.749 ± 0.036 for fine-tuning the same LoRA (same targets, rank, steps) on generated images as if
-real and 0.966 ± 0.004 for a probe trained on real scans.
-Cost: 102-113 s wall, ~155 CPU-seconds in total (user + sys) on 2 cores.
+  splits    train / held-out views under WORKDIR/data (experiments/stages/splits.py);
+  teacher   f_r: a tiny CLIP (ViT 16px/4, width 64, 2+2 layers) pretrained with the CLIP loss on
+            the real train-split scans and template captions, saved as a HF CLIP directory
+            WORKDIR/teacher/model (experiments/stages/teacher.py);
+  diffusion a pixel-space UNet2DConditionModel (8 px, 16/32 channels, 261k parameters, epsilon
+            DDPM, 800 steps) on the rendered train digits, conditioned on the teacher's frozen
+            text tower, written as a diffusers folder (experiments/stages/diffusion.py);
+  generate  backend jax, DDIM 20 steps, guidance 3: one image per real scan's caption; they become
+            both splits' generated sets (experiments/stages/generate.py);
+  align     GMAIL: LoRA (rank 4, attention + MLP) student f_g aligned with L_align on
+            generated->real pairs of the same class (the regular trainer, same-class negatives
+            masked; config.init = the teacher directory);
+  report    WORKDIR/report.json, report.md, tsne.png, curves.png, samples.png.
+Measured (seeds 0, 1, 2, mean ± std; ``gmail_jax.report --aggregate``; results/quickstart/):
+  default: paired gen-real cosine 0.543 ± 0.007 -> 0.778 ± 0.007; probe transfer accuracy on
+  held-out real scans 0.774 ± 0.016 (teacher on both) -> 0.962 ± 0.003 (GMAIL), vs 0.724 ± 0.028
+  fine-tuning the same LoRA on generated images as if real and 0.964 ± 0.003 for a probe trained
+  on real scans; a real-image probe names the captioned class of 0.565 ± 0.011 of the generated
+  images (chance 0.1). 125-150 s wall on 2 cores.
+  :rendered: cosine 0.468 ± 0.021 -> 0.669 ± 0.014; transfer 0.798 ± 0.010 -> 0.965 ± 0.002, as if
+  real 0.749 ± 0.036, real probe 0.966 ± 0.004. 102-113 s wall, ~155 CPU-seconds.
 """
 
 from __future__ import annotations
@@ -35,11 +44,18 @@ import ml_collections
 from configs import common
 from gmail_jax.data import digits
 
+GENERATORS = ("diffusion", "rendered")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  # ``diffusion`` combines with the mode: ``:diffusion``, ``:diffusion,smoke``.
+  # The generator combines with the mode: ``:rendered``, ``:smoke`` (diffusion, short),
+  # ``:rendered,smoke``; ``diffusion`` is the default.
   parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
-  mode = ",".join(p for p in parts if p != "diffusion") or None
+  generators = [p for p in parts if p in GENERATORS]
+  if len(generators) > 1:
+    raise ValueError(f"configs/quickstart.py:{arg}: one generator of {GENERATORS}")
+  generator = generators[0] if generators else "diffusion"
+  mode = ",".join(p for p in parts if p not in GENERATORS) or None
   c, smoke = common.class_pair_experiment(mode, "quickstart")
   c.total_steps = 40 if smoke else 300
   c.log_every_steps = 10
@@ -67,13 +83,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.report.batch_size = 256
   c.report.synthetic_baseline = not smoke  # (tests/test_cifake.py covers it)
   c.report.tsne_points = 200 if smoke else 300
-  if "diffusion" in parts:
+  if generator == "diffusion":
     with_diffusion(c, smoke)
   return c
 
 
 def with_diffusion(c: ml_collections.ConfigDict, smoke: bool) -> None:
-  """``:diffusion``: the generated modality drawn by a text-to-image model trained here.
+  """The default generator: the generated modality drawn by a text-to-image model trained here.
 
   Stage 'diffusion' trains a pixel-space UNet2DConditionModel (8 px, 16/32 channels, ~260k
   parameters) on the train split's rendered digits (its "web data"), conditioned on the teacher's

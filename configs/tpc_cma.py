@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = cifake.get_config(a.mode)  # its teacher: pretrained on the CIFAR-10 photos not held out
     c.data.root = a.root
   else:
-    c = quickstart.get_config(a.mode)
+    c = quickstart.get_config(f"rendered,{a.mode}")  # the rendered digits: the measured sweeps
     c.log_every_steps = 5
   if a.teacher_steps:  # a longer-trained (stronger) teacher than the dataset's default
     c.teacher_pretrain.steps = a.teacher_steps

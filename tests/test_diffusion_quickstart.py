@@ -37,7 +37,9 @@ def workdir(tmp_path_factory) -> pathlib.Path:
   random tower barely does: 300 steps on one gave samples at 0.23, on this one 0.4)."""
   wd = tmp_path_factory.mktemp("diffusion")
   digits.materialize(wd / "data", generated_per_class=150, test_fraction=0.3, seed=0)
-  teacher_stage.run(quickstart.get_config("smoke"), wd, {"train": str(wd / "data" / "train")})
+  teacher_stage.run(
+    quickstart.get_config("rendered,smoke"), wd, {"train": str(wd / "data" / "train")}
+  )
   return wd
 
 
@@ -164,7 +166,13 @@ def test_config_checks(workdir):
   from gmail_jax.errors import ConfigError
   from gmail_jax.experiments import driver
 
-  driver.check(quickstart.get_config("diffusion,smoke"))
+  driver.check(quickstart.get_config("smoke"))
+  # The default quickstart draws its generated digits with the diffusion model; :rendered keeps
+  # the rendered stand-in.
+  assert "diffusion" in quickstart.get_config().stages
+  assert "diffusion" not in quickstart.get_config("rendered").stages
+  with pytest.raises(ValueError, match="one generator"):
+    quickstart.get_config("rendered,diffusion")
   c = quickstart.get_config("diffusion")
   c.generate.backend = "diffusers"
   with pytest.raises(ConfigError, match="generate.backend"):
@@ -200,10 +208,10 @@ def _env(cache: pathlib.Path, kill_at: str | None = None) -> dict:
 
 
 def test_quickstart_diffusion_smoke_killed_resumed_and_reported(tmp_path):
-  """``configs/quickstart.py:diffusion,smoke``: SIGKILLed in the diffusion stage after its first
+  """``configs/quickstart.py:smoke``: SIGKILLed in the diffusion stage after its first
   checkpoint, rerun to the end (the stage resumes), then rerun once more (every stage skipped)."""
   wd, cache = tmp_path / "qd", tmp_path / "jax_cache"
-  cmd = [sys.executable, "-m", "gmail_jax.main", "--config=configs/quickstart.py:diffusion,smoke"]
+  cmd = [sys.executable, "-m", "gmail_jax.main", "--config=configs/quickstart.py:smoke"]
   cmd.append(f"--workdir={wd}")
 
   def run(kill_at=None):

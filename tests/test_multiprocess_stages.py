@@ -148,7 +148,7 @@ from configs import quickstart
 
 
 def get_config(workdir):
-  c = quickstart.get_config("smoke")
+  c = quickstart.get_config("rendered,smoke")
   c.stages = ("splits", "teacher", "align", "evaluate", "report")
   c.report.synthetic_baseline = True
   gap = dict(type="gap", pairs="class_gen_real", root=f"{workdir}/data/test", max_pairs=100)

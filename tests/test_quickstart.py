@@ -1,5 +1,5 @@
 """Quickstart: the digits dataset, the teacher's contrastive loss, the probe/report maths, and the
-whole `python -m gmail_jax.main --config=configs/quickstart.py:smoke` run (subprocess)."""
+whole `python -m gmail_jax.main --config=configs/quickstart.py:rendered,smoke` run (subprocess)."""
 
 import json
 import math
@@ -114,7 +114,7 @@ def test_aggregate_mean_and_sample_std():
 def quickstart(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
   """(workdir, compilation cache) of the quickstart smoke run, trained once (locally)."""
   root = tmp_path_factory.mktemp("quickstart")
-  run_main("configs/quickstart.py:smoke", root / "qs", cache_dir=root / "jax_cache")
+  run_main("configs/quickstart.py:rendered,smoke", root / "qs", cache_dir=root / "jax_cache")
   return root / "qs", root / "jax_cache"
 
 
@@ -148,14 +148,14 @@ def test_quickstart_smoke_runs_main_and_alignment_raises_paired_cosine(quickstar
 
   # Rerun: every stage's outputs are complete and match the config -> all skipped, same bytes.
   before = (workdir / "report.json").read_bytes()
-  proc = run_cli("configs/quickstart.py:smoke", workdir, cache_dir=cache_dir)
+  proc = run_cli("configs/quickstart.py:rendered,smoke", workdir, cache_dir=cache_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for stage in ("splits", "teacher", "align", "report"):
     assert f"stage {stage}: complete, skipped" in proc.stderr
   assert (workdir / "report.json").read_bytes() == before
   # A teacher that no longer matches its recorded config is refused, in one line.
   proc = run_cli(
-    "configs/quickstart.py:smoke",
+    "configs/quickstart.py:rendered,smoke",
     workdir,
     "--config.teacher_pretrain.steps=7",
     cache_dir=cache_dir,
@@ -188,7 +188,7 @@ def test_report_stage_and_stage_records_in_a_bucket(quickstart, gcs_dir, tmp_pat
   outputs = ("report.json", "report.md", "tsne.png", "curves.png")
   for name in ("stages/report.json", *outputs):
     (bucket / name).unlink()
-  proc = run_cli("configs/quickstart.py:smoke", gcs_dir, cache_dir=cache_dir)
+  proc = run_cli("configs/quickstart.py:rendered,smoke", gcs_dir, cache_dir=cache_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for stage in ("splits", "teacher", "align"):
     assert f"stage {stage}: complete, skipped" in proc.stderr
@@ -200,14 +200,17 @@ def test_report_stage_and_stage_records_in_a_bucket(quickstart, gcs_dir, tmp_pat
   }
   # Rerun: every stage skipped, same bytes.
   before = (bucket / "report.json").read_bytes()
-  proc = run_cli("configs/quickstart.py:smoke", gcs_dir, cache_dir=cache_dir)
+  proc = run_cli("configs/quickstart.py:rendered,smoke", gcs_dir, cache_dir=cache_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for stage in ("splits", "teacher", "align", "report"):
     assert f"stage {stage}: complete, skipped" in proc.stderr
   assert (bucket / "report.json").read_bytes() == before
   # A teacher that no longer matches its recorded config is refused, in one line.
   proc = run_cli(
-    "configs/quickstart.py:smoke", gcs_dir, "--config.teacher_pretrain.steps=7", cache_dir=cache_dir
+    "configs/quickstart.py:rendered,smoke",
+    gcs_dir,
+    "--config.teacher_pretrain.steps=7",
+    cache_dir=cache_dir,
   )
   assert proc.returncode == 1
   last = proc.stderr.strip().splitlines()[-1]

@@ -141,7 +141,7 @@ def test_splits_stage_in_a_bucket_writes_the_local_views(gcs_dir, tmp_path):
       for i in range(5):
         pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
         PIL.Image.fromarray(pixels).save(source / kind / c / f"{i}.png")
-  c = load_config("quickstart", "smoke")
+  c = load_config("quickstart", "rendered,smoke")
   c.stages = ("splits",)
   c.splits.kind = "class_folders"
   c.splits.test_per_class, c.splits.train_per_class = 2, 0
