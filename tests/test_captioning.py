@@ -74,6 +74,7 @@ def test_mappers_give_a_prefix_of_lm_vectors(name):
   assert out.shape == (5, 3, 16) and bool(jnp.isfinite(out).all())
 
 
+@pytest.mark.slow
 def test_dual_projection_routes_each_row_through_its_head_and_logits_are_teacher_forced():
   lm = gpt2.GPT2(
     gpt2.GPT2Config(vocab_size=30, n_positions=16, n_embd=16, n_layer=1, n_head=2), rngs=nnx.Rngs(0)
@@ -97,6 +98,7 @@ def test_dual_projection_routes_each_row_through_its_head_and_logits_are_teacher
 
 
 @pytest.mark.parametrize("mapper", ["mlp", "transformer"])
+@pytest.mark.slow
 def test_clipcap_learns_class_captions_and_decodes_them_for_new_embeddings(mapper):
   labels = np.arange(60) % 3
   feats = class_features(labels, 0)
@@ -180,6 +182,7 @@ def color_encoder(dim: int = 8) -> dict:
   return {"images": images, "texts": texts}
 
 
+@pytest.mark.slow
 def test_captioning_evaluator_clipcap_and_decap_caption_a_known_encoder(tmp_path):
   from gmail_jax.captioning import evaluator as captioning
   from gmail_jax.evaluators import common
@@ -269,6 +272,7 @@ def _mini_test_references(n: int) -> dict[str, list[str]]:
   return refs
 
 
+@pytest.mark.slow
 def test_clipcap_mini_config_runs_end_to_end(tmp_path):
   from gmail_jax.evaluators.captioning import caption_metrics
   from tests.test_quickstart import run_cli
@@ -561,6 +565,7 @@ def test_prefixes_are_the_raw_embeddings_unless_normalize_prefix(tmp_path, monke
   assert np.all(norms[0] > 2.9) and np.allclose(norms[1], 1.0)
 
 
+@pytest.mark.slow
 def test_dropout_is_on_while_training_only(tmp_path):
   labels = np.arange(30) % 3
   gen = (class_features(labels, 0), [f"a {CLASSES[y]} square." for y in labels])

@@ -5,9 +5,11 @@ import json
 import math
 import zipfile
 
+import pytest
 from test_quickstart import ROOT, report_fields, run_main
 
 
+@pytest.mark.slow
 def test_cifake_smoke_is_reproducible_and_leak_free(shared, tmp_path):
   data = shared("cifake-sd14-test-sample")
   zip_path = shared("cifar10-test-jpeg", "cifar10_test_jpeg.zip")

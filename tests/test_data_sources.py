@@ -236,6 +236,7 @@ def test_prepare_resize_short(shared, tmp_path):
         assert np.abs(np.asarray(im, np.int16) - want).mean() < 8
 
 
+@pytest.mark.slow
 def test_train_on_resized_array_record(shared, tmp_path):
   from config_helpers import load_config
 

@@ -76,6 +76,7 @@ def _real_probe(wd: pathlib.Path):
   return LogisticRegression(max_iter=2000).fit(x, y)
 
 
+@pytest.mark.slow
 def test_generator_draws_the_class_its_caption_names(workdir, trained):
   """Samples of the written folder (our pipeline, pixel space: no VAE) for "a photo of the digit
   N." are classified as N by a probe fitted on real scans far above chance (0.1)."""
@@ -101,6 +102,7 @@ def test_generator_draws_the_class_its_caption_names(workdir, trained):
   assert rows[0] == "caption_id,caption,real_path,group" and len(rows) == 1 + 2 * 10 * 2
 
 
+@pytest.mark.slow
 def test_written_unet_loads_in_diffusers_and_predicts_the_same_noise(trained):
   """unet/ is a diffusers UNet2DConditionModel folder: same eps as ours (fp32, 1e-5)."""
   torch = pytest.importorskip("torch")
@@ -122,6 +124,7 @@ def test_written_unet_loads_in_diffusers_and_predicts_the_same_noise(trained):
   assert index["vae"] == [None, None] and index["_class_name"] == "StableDiffusionPipeline"
 
 
+@pytest.mark.slow
 def test_killed_stage_resumes_from_its_checkpoint_bit_for_bit(workdir, tmp_path, monkeypatch):
   """GMAIL_KILL_AT=diffusion_step:5 (checkpoints every 2 steps): the rerun continues from step 4
   and writes the weights of an uninterrupted run. The kill is os.kill made to raise, so the
@@ -207,6 +210,7 @@ def _env(cache: pathlib.Path, kill_at: str | None = None) -> dict:
   return env
 
 
+@pytest.mark.slow
 def test_quickstart_diffusion_smoke_killed_resumed_and_reported(tmp_path):
   """``configs/quickstart.py:smoke``: SIGKILLed in the diffusion stage after its first
   checkpoint, rerun to the end (the stage resumes), then rerun once more (every stage skipped)."""

@@ -80,6 +80,7 @@ needs_java = pytest.mark.skipif(
 
 
 @needs_java
+@pytest.mark.slow
 def test_matches_pycocoevalcap_on_200_images(val2017):
   """METEOR's JVM start (~10 s here) is tested here only, on 200 images."""
   cands, refs = _split(val2017, 200)
@@ -90,6 +91,7 @@ def test_matches_pycocoevalcap_on_200_images(val2017):
 
 
 @needs_java
+@pytest.mark.slow
 def test_matches_pycocoevalcap_on_all_val2017(val2017):
   """5,000 images: CIDEr document frequencies over the whole reference set."""
   cands, refs = _split(val2017)

@@ -73,6 +73,7 @@ def cli_metrics(run) -> dict:
   return json.loads((workdir / "eval" / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_cli_writes_metrics_and_plots(run, cli_metrics):
   _, workdir = run
   out = cli_metrics
@@ -92,6 +93,7 @@ def test_cli_writes_metrics_and_plots(run, cli_metrics):
     assert p.stat().st_size > 1000 and str(p) in out["plots"]
 
 
+@pytest.mark.slow
 def test_in_process_matches_cli_and_restores_checkpoint(run):
   """The CLI (config read back from config.json, checkpoint restored in a fresh process) and an
   in-process call with the original config give the same numbers: compared with the bytes the
@@ -130,6 +132,7 @@ def _upload_run(workdir: pathlib.Path, dst: str) -> None:
       storage.write_bytes(f"{dst}/{name}", (workdir / name).read_bytes())
 
 
+@pytest.mark.slow
 def test_load_run_and_api_on_a_bucket_workdir(run, gcs_dir):
   """The run in a bucket: a run (config.json read there), and ``api.load_clip`` (``load_run``:
   Orbax restores from the bucket) gives the student it gives locally."""
@@ -145,6 +148,7 @@ def test_load_run_and_api_on_a_bucket_workdir(run, gcs_dir):
   )
 
 
+@pytest.mark.slow
 def test_cli_on_a_bucket_workdir_writes_there_what_it_writes_locally(run, cli_metrics, gcs_dir):
   from gmail_jax import storage
 

@@ -188,6 +188,7 @@ def _peft_model(out: pathlib.Path):
 
 
 @pytest.mark.parametrize("run_name", ["attn_run", "proj_run"])
+@pytest.mark.slow
 def test_hf_export_equals_the_student(run_name, request, hf_dir, coco, tmp_path):
   workdir = request.getfixturevalue(run_name)
   photos, captions = coco
@@ -265,6 +266,7 @@ def test_peft_adapter_mlp_and_projection(proj_run, hf_dir, coco, tmp_path):
   _close("attn+mlp+proj peft image", img, api.load_student(proj_run).encode_images(pixels))
 
 
+@pytest.mark.slow
 def test_peft_adapter_of_a_random_teacher_ships_the_base(scratch_run, coco, tmp_path):
   photos, _ = coco
   out = tmp_path / "peft"
@@ -289,6 +291,7 @@ def _long_captions(captions: list[str]) -> list[str]:
   return [" ".join(captions[i : i + 3]) for i in range(len(captions) - 2)]
 
 
+@pytest.mark.slow
 def test_peft_adapter_of_a_stretched_teacher_ships_the_base(
   stretched_run, short_hf_dir, coco, tmp_path
 ):
@@ -316,6 +319,7 @@ def _close_logits(name: str, got: np.ndarray, want: np.ndarray, scale: float) ->
   return _close(name, got / scale, want / scale)
 
 
+@pytest.mark.slow
 def test_learned_temperature_is_the_exported_logit_scale(temperature_run, hf_dir, coco, tmp_path):
   """TPC-CMA image-text alignment trains the student's image-text logits at its learned τ:
   both exports' logits_per_image are cos / τ, not the teacher's scale."""

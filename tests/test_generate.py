@@ -135,6 +135,7 @@ def reference(tmp_path_factory, shared_coco):
   return workdir
 
 
+@pytest.mark.slow
 def test_manifest_joins_back_to_captions_and_real_images(reference, coco):
   manifest = rows(reference)
   images = {im["id"]: im["file_name"] for im in coco["images"]}
@@ -172,6 +173,7 @@ def test_manifest_joins_back_to_captions_and_real_images(reference, coco):
     ("batch:2", 2, 0, ("--config.batch_size=3",)),  # the OOM advice: rerun with a smaller batch
   ],
 )
+@pytest.mark.slow
 def test_sigkill_then_restart_is_complete_and_equal(
   reference, run_dir, kill_at, journaled, parts, rerun
 ):
@@ -202,6 +204,7 @@ def test_sigkill_then_restart_is_complete_and_equal(
       assert diff.max() <= 4 and diff.mean() < 0.1, (diff.max(), diff.mean())
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_batch_journals_it_and_exits_0(reference, run_dir):
   """A preemption notice mid-batch (after its 3rd of 4 images): the batch is finished and
   journaled, the process exits 0 saying how to resume, and the rerun completes equal."""
@@ -217,6 +220,7 @@ def test_sigterm_finishes_the_batch_journals_it_and_exits_0(reference, run_dir):
     np.testing.assert_array_equal(pixels(workdir, a), pixels(reference, b))
 
 
+@pytest.mark.slow
 def test_two_parallel_shards_cover_every_caption_once(reference, run_dir):
   workdir = storage.path(run_dir)
   model = f"--config.model={reference / 'pipeline'}"
@@ -235,6 +239,7 @@ def test_two_parallel_shards_cover_every_caption_once(reference, run_dir):
     np.testing.assert_array_equal(pixels(workdir, a), pixels(reference, b))
 
 
+@pytest.mark.slow
 def test_main_trains_on_the_manifest(reference, tmp_path):
   flags = [
     "--config=configs/tiny.py",
@@ -542,6 +547,7 @@ def test_import_reports_missing_and_corrupt_and_imports_the_rest(tmp_path):
   assert logged[("c4", 0)].startswith(DECODE_ERRORS)
 
 
+@pytest.mark.slow
 def test_stage_outputs_the_manifest_and_align_trains_on_it(reference, tmp_path):
   """config.stages = ('generate', 'align') through the experiment driver: the align stage trains
   on the generated manifest; a rerun skips both stages."""
@@ -768,6 +774,7 @@ def test_import_from_and_into_a_bucket(tmp_path, gcs_dir):
   assert {(r["caption_id"], r["k"]) for r in read_rejects(out)} == {("c0", 1), ("c2", 1)}
 
 
+@pytest.mark.slow
 def test_a_model_folder_in_a_bucket_is_fetched_once(reference, gcs_dir, tmp_path):
   """--config.model=gs://... (a diffusers folder): copied once into the local cache and loaded
   from there; the images equal those of the same weights loaded from a local folder."""

@@ -62,6 +62,7 @@ def _jax_images(sd, prompts, seed_list, *, steps=10, guidance=7.5, mesh=None):
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.slow
 def test_sampler_equals_stable_diffusion_pipeline(tiny, sd, scheduler):
   """10 steps, guidance 7.5, 4 different captions in one batch, the same starting latents:
   decoded pixels equal diffusers' to 1e-3 (measured ~1.5e-6)."""
@@ -97,6 +98,7 @@ def test_row_i_depends_only_on_caption_i(sd):
   assert np.abs(c[0] - a[0]).max() > 0.05
 
 
+@pytest.mark.slow
 def test_batch_split_over_eight_devices_equals_one_device(sd):
   sd.scheduler_config.update(_class_name="DDIMScheduler")
   prompts = PROMPTS * 2

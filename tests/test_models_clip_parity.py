@@ -195,6 +195,7 @@ def _random_params(abstract: nnx.Module, seed: int = 0) -> nnx.State:
   return nnx.from_flat_state(flat)
 
 
+@pytest.mark.slow
 def test_bf16_close_to_fp32_b32():
   cfg = clip_lib.clip_config("B/32")
   make = lambda dtype: nnx.eval_shape(lambda: clip_lib.CLIP(cfg, dtype=dtype, rngs=nnx.Rngs(0)))

@@ -247,6 +247,7 @@ def _assert_trained_and_resumed(workdir, first: int, last: int, run):
   assert [h["resumed_from"] for h in history] == [None, first]
 
 
+@pytest.mark.slow
 def test_tiny_run_from_openai_checkpoint_trains_and_resumes(openai_files, tmp_path):
   _, paths = openai_files
   workdir = tmp_path / "run"
@@ -293,6 +294,7 @@ def _student_logits(student, pixels, ids) -> np.ndarray:
   return np.asarray(logits)
 
 
+@pytest.mark.slow
 def test_openai_checkpoint_run_exports_to_transformers(openai_files, tmp_path):
   """A run from an OpenAI .pt: --format=hf needs no tokenizer files beside the .pt and loads in
   transformers; --format=peft ships the teacher as base/ (transformers cannot read a .pt)."""
@@ -449,6 +451,7 @@ def test_longclip_own_checkpoint_two_position_tables(tmp_path):
   assert err <= 1e-4, err
 
 
+@pytest.mark.slow
 def test_tiny_run_stretched_to_248_trains_and_resumes(tmp_path):
   import hf_tiny
 
@@ -530,6 +533,7 @@ def test_siglip_tokenizer_matches_transformers_on_coco_captions(spiece):
     assert mismatched == 0, f"{mismatched} of {len(captions)} captions differ at context {ctx}"
 
 
+@pytest.mark.slow
 def test_siglip_matches_transformers(siglip_dir, spiece):
   transformers = pytest.importorskip("transformers")
   hf, path = siglip_dir
@@ -599,6 +603,7 @@ def test_sigmoid_loss_matches_transformers(siglip_dir):
   assert float(full) - float(masked) == pytest.approx(dropped, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_tiny_siglip_run_trains_and_resumes(siglip_dir, tmp_path):
   _, path = siglip_dir
   workdir = tmp_path / "run"
@@ -640,6 +645,7 @@ def test_siglip_squash_resize_matches_image_processor(siglip_dir):
     preprocess.resize(photos[0], 32, "bogus")
 
 
+@pytest.mark.slow
 def test_siglip_run_exports_to_transformers(siglip_dir, spiece, tmp_path):
   """A trained SigLIP run exported with --format=hf loads as transformers' SiglipModel (and its
   tokenizer / image processor) and embeds like load_student; --format=peft over the teacher too."""
@@ -702,6 +708,7 @@ def test_siglip_run_exports_to_transformers(siglip_dir, spiece, tmp_path):
   assert err <= 1e-4, err
 
 
+@pytest.mark.slow
 def test_siglip_learned_bias_is_exported(siglip_dir, tmp_path):
   """GMAIL's sigmoid text term (loss.text_loss='sigmoid') learns a bias: both exports' logits are
   exp(teacher logit_scale) * cos + that bias, the logits the term trained."""

@@ -184,6 +184,7 @@ def write_digit_folders(root: pathlib.Path, per_class: int) -> None:
         PIL.Image.fromarray(image, mode="L").save(d / f"{i:04d}.png")
 
 
+@pytest.mark.slow
 def test_colab_notebook_runs_top_to_bottom_on_a_trained_run(trained, tmp_path, monkeypatch):
   import nbclient
   import nbformat

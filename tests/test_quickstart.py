@@ -118,6 +118,7 @@ def quickstart(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
   return root / "qs", root / "jax_cache"
 
 
+@pytest.mark.slow
 def test_quickstart_smoke_runs_main_and_alignment_raises_paired_cosine(quickstart, tmp_path):
   workdir, cache_dir = quickstart
   r = json.loads((workdir / "report.json").read_text())

@@ -112,6 +112,7 @@ def test_reweighted_infonce_matches_its_formula():
   assert abs(float(got) - float(losses.gen_real_infonce(x, y, 1.0 / scale)[0])) > 1e-4
 
 
+@pytest.mark.slow
 def test_image_text_default_temperature_is_the_teachers(tmp_path):
   teacher_scale = 20.0  # not CLIP's init 1/0.07, so the source is visible
   c = _tpc_config(alpha_target=0.5)
@@ -311,6 +312,7 @@ def test_task_vs_gap_figure_fits_the_means_and_labels_retrieval(tmp_path, monkey
   assert (tmp_path / "f.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_sweep_smoke_writes_rows_and_r2(tmp_path):
   table = sweep.run_sweep(
     "configs/tpc_cma.py",

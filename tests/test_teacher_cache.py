@@ -182,6 +182,7 @@ def _manifest(path, shared, rows):
   path.write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.slow
 def test_reordered_manifest_is_refused_or_rebuilt(shared, tmp_path):
   """real_id numbers real images by first appearance in the manifest: reordering the rows in place
   renumbers them, so a cache keyed only on the path would attach other images' embeddings."""

@@ -101,6 +101,7 @@ def test_unknown_cma_key():
     schema.validate(c)
 
 
+@pytest.mark.slow
 def test_tpc_cma_logs_curriculum_and_reduces_gap(tmp_path, monkeypatch):
   alpha_target = 4.0
   rho = 4.0  # at rho = 1 the cap holds alpha_eff near 1 here: too weak to act within 8 steps
@@ -148,6 +149,7 @@ def test_tpc_cma_logs_curriculum_and_reduces_gap(tmp_path, monkeypatch):
   assert tail(cma) < 0.9 * tail(base), (tail(cma), tail(base))
 
 
+@pytest.mark.slow
 def test_image_text_training_evals_follow_the_student(shared, tmp_path):
   """Image-text alignment trains f_g on real images: training-time evals must embed real images
   with the student (not the frozen teacher), so their numbers move as it trains."""

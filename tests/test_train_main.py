@@ -117,6 +117,7 @@ def reference(tmp_path_factory):
     ("checkpoint:6", (6,)),  # right after checkpoint 6 committed
   ],
 )
+@pytest.mark.slow
 def test_sigkill_then_rerun_is_bitwise_equal(reference, any_dir, kill_at, committed):
   """The run SIGKILLs itself at a named point (gmail_jax/faults.py), so a failure replays."""
   workdir = any_dir
@@ -153,6 +154,7 @@ def test_metric_rows_in_a_bucket_are_stored_whole_at_each_sync(gcs_dir):
   assert [(r["step"], r["train/loss"]) for r in rows(gcs_dir)] == [(1, 1.0), (2, 2.5)]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_exits_0_and_resumes_bitwise(reference, any_dir):
   """A preemption notice (SIGTERM at step 5, between checkpoints 4 and 6): the run saves step 5,
   exits 0 saying where to resume, and the rerun continues from step 5 with no step lost."""
@@ -198,6 +200,7 @@ def two_process_reference(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(reference, two_process_reference):
   tmp_path = two_process_reference
   ref, got = losses(reference), losses(tmp_path)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from config_helpers import load_config
 from flax import nnx
 
@@ -149,6 +150,7 @@ def test_student_equals_teacher_at_step0(tmp_path):
     np.testing.assert_array_equal(np.asarray(t), np.asarray(s))
 
 
+@pytest.mark.slow
 def test_one_vs_eight_devices_same_losses(tmp_path):
   config = tiny_config(symmetric=True)
   data = batches(2)
@@ -161,6 +163,7 @@ def test_one_vs_eight_devices_same_losses(tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_is_exact_under_fsdp(tmp_path):
   fsdp = 2
   data = batches(2)
@@ -197,6 +200,7 @@ class ToyObjective(objectives.Objective):
     return jnp.stack([jnp.float32(1.0), jnp.minimum(w, 1.0)]), {"spread_weight": w}
 
 
+@pytest.mark.slow
 def test_registered_toy_loss_trains_and_accumulates_exactly(tmp_path, monkeypatch):
   monkeypatch.setitem(objectives.REGISTRY, "toy", ToyObjective)
   data = batches(3)
