@@ -103,6 +103,7 @@ import numpy as np
 import PIL.Image
 
 from gmail_jax import storage
+from gmail_jax.cli import resolve_shard
 from gmail_jax.data.images import decode_image
 from gmail_jax.data.preprocess import resize as preprocess_resize
 from gmail_jax.data.preprocess import resize_output_size
@@ -338,32 +339,6 @@ def _detect(src: str) -> str:
   raise InputError(
     f"prepare: cannot tell what {src} is (manifest file, class-folder root, or tars)"
   )
-
-
-def resolve_shard(
-  num_shards: int | None = None,
-  shard_index: int | None = None,
-  environ: dict[str, str] | None = None,
-) -> tuple[int, int]:
-  """(shard_index, num_shards) of this process: the flags, else JAX_NUM_PROCESSES/JAX_PROCESS_ID,
-  else SLURM_NTASKS/SLURM_PROCID, else (0, 1).
-
-  The rule of :func:`gmail_jax.generation.runner.resolve_shard`, repeated here because data is
-  the layer below generation (generation may import this one instead).
-  """
-  env = os.environ if environ is None else environ
-  if num_shards is None and shard_index is None:
-    for n_key, i_key in (("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"), ("SLURM_NTASKS", "SLURM_PROCID")):
-      if env.get(n_key) and env.get(i_key):
-        num_shards, shard_index = int(env[n_key]), int(env[i_key])
-        break
-    else:
-      num_shards, shard_index = 1, 0
-  if num_shards is None or shard_index is None:
-    raise ConfigError("--num_shards and --shard_index: give both or neither")
-  if not 0 <= shard_index < num_shards:
-    raise ConfigError(f"--shard_index={shard_index}: must be in [0, --num_shards={num_shards})")
-  return int(shard_index), int(num_shards)
 
 
 # ------------------------------------------------------------------------------ the output folder

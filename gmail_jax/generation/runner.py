@@ -55,8 +55,9 @@ import numpy as np
 from absl import logging
 
 from gmail_jax import faults, preemption, storage
+from gmail_jax.cli import resolve_shard
 from gmail_jax.data.rejects import RejectLog
-from gmail_jax.errors import ConfigError, first_line
+from gmail_jax.errors import first_line
 from gmail_jax.generation import store
 from gmail_jax.generation.captions import Captions, read_captions
 from gmail_jax.generation.config import (
@@ -81,27 +82,6 @@ from gmail_jax.generation.store import (
 def backend(config: ml_collections.ConfigDict) -> ModuleType:
   """The module of ``config.backend`` (generation/config.py BACKENDS)."""
   return importlib.import_module(BACKENDS[config.backend])
-
-
-def resolve_shard(
-  num_shards: int | None = None,
-  shard_index: int | None = None,
-  environ: dict[str, str] | None = None,
-) -> tuple[int, int]:
-  """(shard_index, num_shards): the flags, else JAX_* / SLURM_* process variables, else (0, 1)."""
-  env = os.environ if environ is None else environ
-  if num_shards is None and shard_index is None:
-    for n_key, i_key in (("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"), ("SLURM_NTASKS", "SLURM_PROCID")):
-      if env.get(n_key) and env.get(i_key):
-        num_shards, shard_index = int(env[n_key]), int(env[i_key])
-        break
-    else:
-      num_shards, shard_index = 1, 0
-  if num_shards is None or shard_index is None:
-    raise ConfigError("--num_shards and --shard_index: give both or neither")
-  if not 0 <= shard_index < num_shards:
-    raise ConfigError(f"--shard_index={shard_index}: must be in [0, --num_shards={num_shards})")
-  return int(shard_index), int(num_shards)
 
 
 # ---------------------------------------------------------------------------------- generation
