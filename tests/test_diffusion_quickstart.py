@@ -34,7 +34,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def workdir(tmp_path_factory) -> pathlib.Path:
   """WORKDIR/data (the quickstart digits, 150 rendered per class) and WORKDIR/teacher/model (the
   quickstart smoke run's teacher: its text tower must tell the digits' names apart, which a
-  random tower barely does: 300 steps on one gave samples at 0.23, on this one 0.4)."""
+  random tower barely does: a real-scan pixel probe labelled samples 0.11 after 300 steps on a
+  random tower and 0.23 after 800, 0.31 after 300 on this one)."""
   wd = tmp_path_factory.mktemp("diffusion")
   digits.materialize(wd / "data", generated_per_class=150, test_fraction=0.3, seed=0)
   teacher_stage.run(
@@ -66,11 +67,11 @@ def trained(workdir) -> dict:
   return diffusion.run(c, workdir, _inputs(workdir))
 
 
-def _real_probe(wd: pathlib.Path):
-  """A logistic-regression classifier of raw pixels fitted on the real train scans."""
+def _pixel_probe(folder: pathlib.Path):
+  """A logistic-regression classifier of raw pixels fitted on the class folders ``folder``."""
   from sklearn.linear_model import LogisticRegression
 
-  paths, classes = teacher_stage.list_class_folder(wd / "data" / "train" / "real")
+  paths, classes = teacher_stage.list_class_folder(folder)
   x = teacher_stage.load_images(paths, 8)[..., 0].reshape(len(paths), -1) / 255.0
   y = [digits.CLASS_NAMES.index(c) for c in classes]
   return LogisticRegression(max_iter=2000).fit(x, y)
@@ -79,7 +80,9 @@ def _real_probe(wd: pathlib.Path):
 @pytest.mark.slow
 def test_generator_draws_the_class_its_caption_names(workdir, trained):
   """Samples of the written folder (our pipeline, pixel space: no VAE) for "a photo of the digit
-  N." are classified as N by a probe fitted on real scans far above chance (0.1)."""
+  N." are classified as N far above chance (0.1) by a pixel probe fitted on the rendered digits
+  the model was trained on. (Whether they also pass for real scans is the report's question: the
+  quickstart measures 0.565 with a probe on real scans.)"""
   sd = sd_pipeline.load_pipeline(trained["generator"])
   assert sd.downscale == 1 and "vae" not in sd.params and sd.latent_shape(8) == (1, 8, 8)
   per = 20
@@ -93,9 +96,12 @@ def test_generator_draws_the_class_its_caption_names(workdir, trained):
   assert images.shape == (len(prompts), 8, 8, 3) and 0.0 <= images.min() and images.max() <= 1.0
   np.testing.assert_array_equal(images[..., 0], images[..., 2])  # grayscale, repeated to RGB
   pixels = np.round(images[..., 0] * 255).reshape(len(prompts), -1) / 255.0
-  acc = float(np.mean(_real_probe(workdir).predict(pixels) == np.repeat(np.arange(10), per)))
+  probe = _pixel_probe(workdir / "data" / "train" / "generated")
+  acc = float(np.mean(probe.predict(pixels) == np.repeat(np.arange(10), per)))
   print(f"generator: probe accuracy {acc:.3f} on its samples")
-  assert acc > 0.3, acc  # chance 0.1
+  # Measured 0.515 / 0.545 (two noise seeds; 0.87 after 500 steps); a probe fitted on the real
+  # scans: 0.31 / 0.32. Chance 0.1.
+  assert acc > 0.35, acc
   info = json.loads((workdir / "diffusion" / "info.json").read_text())
   assert info["final_loss"] < 0.5 * info["first_loss"]
   rows = (workdir / "diffusion" / "prompts.csv").read_text().splitlines()
