@@ -214,6 +214,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.caption.templates = ()  # class-folder captions: '{}' = the class name
   c.caption.batch_size = 64  # embedding batch
   c.caption.captioner = ml_collections.ConfigDict()  # captioning/clipcap.py DEFAULTS overrides
+  c.caption.meteor = True  # METEOR where java is (a JVM and its paraphrase table: ~4 s a scoring)
 
   # Stage 'generate' (experiments/stages/generate.py): the generation config family
   # (generation_config below), so a typo there is refused like any other key.

@@ -193,7 +193,9 @@ def test_captioning_evaluator_clipcap_and_decap_caption_a_known_encoder(tmp_path
     "train": {"kind": "classes", "root": str(tmp_path / "train")},
     "test": {"kind": "classes", "root": str(tmp_path / "test")},
   }
-  kw = dict(templates=TEMPLATES, image_size=16, **specs)
+  # meteor=False: three JVM starts (clipcap, decap direct and projected) would double this test;
+  # the stage's METEOR is checked in test_clipcap_mini_config_runs_end_to_end.
+  kw = dict(templates=TEMPLATES, image_size=16, meteor=False, **specs)
   evs = common.from_config(
     {
       "cc": {"type": "captioning", "method": "clipcap", "captioner": tiny_settings(), **kw},
@@ -213,6 +215,7 @@ def test_captioning_evaluator_clipcap_and_decap_caption_a_known_encoder(tmp_path
   assert len(clip.candidates) == 9 and clip.metrics["CIDEr"] > 1.0
   assert all(CLASSES[0] in c for k, c in clip.candidates.items() if k.startswith("red"))
   assert clip.metrics["class_named"] == 1.0
+  assert "METEOR" not in clip.metrics and "METEOR" in clip.scoring["skipped"]
   dc = evs[1].caption(enc)
   assert dc.projected is not None and dc.metrics["proj_CIDEr"] > 1.0  # onto the text memory
   assert dc.metrics["CIDEr"] > 1.0  # this encoder has no modality gap: direct decoding works

@@ -201,11 +201,12 @@ def test_config_checks(workdir):
 
 
 def _env(cache: pathlib.Path, kill_at: str | None = None) -> dict:
+  """One CPU device; the session's compilation cache (conftest.py), else ``cache``."""
   env = dict(os.environ)
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache))
   env.update(
     XLA_FLAGS="--xla_force_host_platform_device_count=1",
     JAX_PLATFORMS="cpu",
-    JAX_COMPILATION_CACHE_DIR=str(cache),
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),

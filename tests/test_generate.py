@@ -164,31 +164,28 @@ def test_manifest_joins_back_to_captions_and_real_images(reference, coco):
   assert rows(reference) == manifest and before
 
 
-@pytest.mark.parametrize(
-  "kill_at, journaled, parts, rerun",
-  [
-    ("image:3", 0, 0, ()),  # mid-batch: 3 of the first batch's 4 images written, none journaled
-    ("batch:2", 2, 0, ()),  # two batches journaled, chunk 0 (4 batches) unfinished
-    ("chunk:0", 0, 1, ()),  # chunk 0's part written, its journal gone
-    ("batch:2", 2, 0, ("--config.batch_size=3",)),  # the OOM advice: rerun with a smaller batch
-  ],
+# Crash points in the order one run meets them (gmail_jax/faults.py), with what each leaves:
+# (kill_at, journaled batches, written parts).
+KILLS = (
+  ("image:3", 0, 0),  # mid-batch: 3 of the first batch's 4 images written, none journaled
+  ("batch:2", 2, 0),  # two batches journaled, chunk 0 (4 batches) unfinished
+  ("chunk:0", 0, 1),  # chunk 0's part written, its journal gone
 )
-@pytest.mark.slow
-def test_sigkill_then_restart_is_complete_and_equal(
-  reference, run_dir, kill_at, journaled, parts, rerun
-):
-  """The generator SIGKILLs itself at a named point (gmail_jax/faults.py), so a failure replays;
-  the rerun's images equal the uninterrupted run's, whatever its batch size, and so does its
-  manifest, byte for byte, in a local folder or a bucket."""
-  workdir = storage.path(run_dir)
-  model = f"--config.model={reference / 'pipeline'}"
-  proc = start(workdir, model, kill_at=kill_at)
+
+
+def killed(workdir, model: str, kill_at: str, journaled: int, parts: int, *flags: str) -> None:
+  """Runs the generator until it SIGKILLs itself at ``kill_at``; checks what it left."""
+  proc = start(workdir, model, *flags, kill_at=kill_at)
   out, _ = proc.communicate(timeout=240)
-  assert proc.returncode == -signal.SIGKILL, out[-3000:]
-  assert not (workdir / "manifest.parquet").exists()
-  assert len(files(workdir / "parts", "*.parquet")) == parts
-  assert len(files(workdir / "parts", "item-*.json")) == journaled
-  finish(start(workdir, model, *rerun))
+  assert proc.returncode == -signal.SIGKILL, (kill_at, out[-3000:])
+  assert not (workdir / "manifest.parquet").exists(), kill_at
+  assert len(files(workdir / "parts", "*.parquet")) == parts, kill_at
+  assert len(files(workdir / "parts", "item-*.json")) == journaled, kill_at
+
+
+def assert_same_generation(workdir, reference, *, bitwise: bool) -> None:
+  """The manifest equals the reference's byte for byte; so do the images (``bitwise``) or they
+  differ by float rounding only (another batch size)."""
   manifest = (workdir / "manifest.parquet").read_bytes()
   assert manifest == (reference / "manifest.parquet").read_bytes()
   got, ref = rows(workdir), rows(reference)
@@ -197,11 +194,36 @@ def test_sigkill_then_restart_is_complete_and_equal(
   assert keys == [(r["caption_id"], r["k"]) for r in ref]
   for a, b in zip(got, ref, strict=True):
     assert a["seed"] == b["seed"]
-    if not rerun:  # the same batches: bit-equal
+    if bitwise:
       np.testing.assert_array_equal(pixels(workdir, a), pixels(reference, b))
     else:  # batches of 3, not 4: float rounding differs (~1e-6), JPEG rounds it to a level or two
       diff = np.abs(pixels(workdir, a).astype(int) - pixels(reference, b).astype(int))
       assert diff.max() <= 4 and diff.mean() < 0.1, (diff.max(), diff.mean())
+
+
+@pytest.mark.slow
+def test_killed_at_every_crash_point_then_restarted_is_complete_and_equal(reference, run_dir):
+  """The generator SIGKILLs itself at a named point (gmail_jax/faults.py), so a failure replays;
+  each rerun resumes what the last one left and is killed at the next point; the run that
+  finishes has the uninterrupted run's images and manifest, bit for bit, in a local folder or a
+  bucket."""
+  workdir = storage.path(run_dir)
+  model = f"--config.model={reference / 'pipeline'}"
+  for kill_at, journaled, parts in KILLS:
+    killed(workdir, model, kill_at, journaled, parts)
+  finish(start(workdir, model))
+  assert_same_generation(workdir, reference, bitwise=True)
+
+
+@pytest.mark.slow
+def test_killed_then_restarted_with_a_smaller_batch_is_complete(reference, run_dir):
+  """The OOM advice: a run killed after two journaled batches of 4, rerun with batches of 3,
+  completes with the same manifest and images equal up to float rounding."""
+  workdir = storage.path(run_dir)
+  model = f"--config.model={reference / 'pipeline'}"
+  killed(workdir, model, "batch:2", 2, 0)
+  finish(start(workdir, model, "--config.batch_size=3"))
+  assert_same_generation(workdir, reference, bitwise=False)
 
 
 @pytest.mark.slow

@@ -15,11 +15,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def smoke_env(cache_dir: pathlib.Path) -> dict:
-  """One CPU device (faster than the 8 simulated ones here) and a shared compilation cache."""
+  """One CPU device (faster than the 8 simulated ones here) and a shared compilation cache: the
+  session's (conftest.py), else ``cache_dir``."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   env["JAX_PLATFORMS"] = "cpu"
-  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir))
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

@@ -109,30 +109,36 @@ def reference(tmp_path_factory):
   return workdir
 
 
-@pytest.mark.parametrize(
-  "kill_at, committed",
-  [
-    ("step:5", (2, 4)),  # mid-run: step 5 computed, nothing logged; checkpoint 4 maybe in flight
-    ("async_save:4", (2, 4)),  # during the async write of checkpoint 4
-    ("checkpoint:6", (6,)),  # right after checkpoint 6 committed
-  ],
+# Crash points in the order one run meets them, with the checkpoints that may be the latest then.
+KILLS = (
+  ("async_save:4", (2, 4)),  # during the async write of checkpoint 4
+  ("step:5", (2, 4)),  # mid-run: step 5 computed, nothing logged; checkpoint 4 maybe in flight
+  ("checkpoint:6", (6,)),  # right after checkpoint 6 committed
 )
+
+
 @pytest.mark.slow
-def test_sigkill_then_rerun_is_bitwise_equal(reference, any_dir, kill_at, committed):
-  """The run SIGKILLs itself at a named point (gmail_jax/faults.py), so a failure replays."""
+def test_sigkill_at_every_crash_point_then_rerun_is_bitwise_equal(reference, any_dir):
+  """The run SIGKILLs itself at a named point (gmail_jax/faults.py), so a failure replays; each
+  rerun resumes from the last checkpoint committed and is killed at the next point; the run that
+  finishes equals the uninterrupted one bit for bit, with one metrics row per step."""
   workdir = any_dir
-  proc = start(workdir, kill_at=kill_at)
-  out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == -signal.SIGKILL, out[-3000:]
-  latest = ocp.CheckpointManager(checkpointing.checkpoint_dir(workdir)).latest_step()
-  assert latest in committed, (kill_at, latest)
+  latest = None
+  for kill_at, committed in KILLS:
+    proc = start(workdir, kill_at=kill_at)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, (kill_at, out[-3000:])
+    if latest is not None:
+      assert f"resumed from step {latest}" in out, kill_at
+    latest = ocp.CheckpointManager(checkpointing.checkpoint_dir(workdir)).latest_step()
+    assert latest in committed, (kill_at, latest)
   out = finish(start(workdir))
   assert f"resumed from step {latest}" in out
-  # metrics.jsonl: one row per step; the killed attempt's rows after the checkpoint are dropped.
+  # metrics.jsonl: one row per step; the killed attempts' rows after their checkpoint are dropped.
   steps = [r["step"] for r in rows(workdir)]
   assert steps == list(range(1, STEPS + 1)), steps
   for a, b in zip(leaves(final_params(reference)), leaves(final_params(workdir)), strict=True):
-    np.testing.assert_array_equal(a, b, err_msg=f"killed at step {kill_at}")
+    np.testing.assert_array_equal(a, b)
   assert storage.read_json(storage.path(workdir) / "config.json")["lora"]["rank"] == 4
   assert not (ROOT / "gs:").exists()  # a bucket workdir never lands in a local folder "gs:"
 

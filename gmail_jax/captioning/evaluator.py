@@ -104,6 +104,7 @@ class CaptioningEvaluator(common.Evaluator):
 
   ``captioner``: settings overrides (captioning/clipcap.py DEFAULTS / decap.py SETTINGS); the
   captioner is fed the encoder's raw embeddings, L2-normalised with ``normalize_prefix``.
+  ``meteor=False`` leaves METEOR out of the scores (recorded as skipped; it starts a JVM).
   """
 
   def __init__(
@@ -122,8 +123,10 @@ class CaptioningEvaluator(common.Evaluator):
     captioner: Mapping[str, Any] | None = None,
     every_steps: int = 0,
     prefix: str | None = None,
+    meteor: bool = True,
   ):
     super().__init__(name, every_steps=every_steps, prefix=prefix)
+    self.meteor = meteor
     if method not in ("clipcap", "decap"):
       raise ConfigError(f"config.evals.{name}.method: 'clipcap' or 'decap', got {method!r}")
     if train_path not in ("generated", "real"):
@@ -226,14 +229,14 @@ class CaptioningEvaluator(common.Evaluator):
     ids = self.test.ids
     references = dict(zip(ids, self.test.references, strict=True))
     candidates = dict(zip(ids, direct, strict=True))
-    metrics, scoring = score_captions(candidates, references)
+    metrics, scoring = score_captions(candidates, references, meteor=self.meteor)
     if self.test.classes is not None:  # class folders: does the caption name the right class?
       metrics["class_named"] = cap_data.class_named(
         direct, self.test.classes, sorted(set(self.test.classes))
       )
     if projected is not None:
       projected = dict(zip(ids, projected, strict=True))
-      proj_metrics, proj_scoring = score_captions(projected, references)
+      proj_metrics, proj_scoring = score_captions(projected, references, meteor=self.meteor)
       metrics.update({f"proj_{k}": v for k, v in proj_metrics.items()})
       if proj_scoring != scoring:  # the same scorer twice; should its record differ, keep both
         scoring = {**scoring, "proj": proj_scoring}

@@ -47,13 +47,19 @@ def _leaf_sums(x: jax.Array) -> jax.Array:
   return jnp.stack(out)
 
 
+# One jitted function, so that fingerprinting the same structure again is a cache hit, not a trace.
+@jax.jit
+def _all_leaf_sums(xs: list[jax.Array]) -> list[jax.Array]:
+  return [_leaf_sums(x) for x in xs]
+
+
 def weights_fingerprint(state: Any) -> str:
   """sha256 hex of (path, shape, dtype, exact integer checksums) of every leaf of ``state``.
 
   Exact (any single bit flip changes it) and the same for any sharding of the same values.
   """
   leaves = jax.tree_util.tree_leaves_with_path(state)
-  sums = jax.jit(lambda xs: [_leaf_sums(x) for x in xs])([x for _, x in leaves])
+  sums = _all_leaf_sums([x for _, x in leaves])
   h = hashlib.sha256()
   for (path, x), s in zip(leaves, sums, strict=True):
     h.update(f"{jax.tree_util.keystr(path)}|{tuple(x.shape)}|{x.dtype}|".encode())

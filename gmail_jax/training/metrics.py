@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -139,6 +140,23 @@ def drop_rows_after(path: str | os.PathLike, step: int) -> str:
   return text
 
 
+def _summary_writer(logdir: str):
+  """tensorboardX's SummaryWriter, imported without torch when torch is not loaded yet.
+
+  tensorboardX imports torch if it is installed (1 s, a quarter of a small run's start) only to
+  accept torch tensors; we log Python floats. A torch imported later is the real one.
+  """
+  if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+    sys.modules["torch"] = None  # makes tensorboardX's `import torch` raise ImportError
+    try:
+      import tensorboardX  # noqa: F401
+    finally:
+      del sys.modules["torch"]
+  from tensorboardX import SummaryWriter
+
+  return SummaryWriter(logdir)
+
+
 class MetricWriter:
   """``write(step, metrics)`` → JSONL line + TensorBoard scalars (+ W&B when
   ``config.wandb.enabled``) + a console progress line."""
@@ -173,9 +191,7 @@ class MetricWriter:
       else:
         self._jsonl = open(self._path, "a")
         self._tb_dir = os.path.join(workdir, "tb")
-      from tensorboardX import SummaryWriter
-
-      self._tb = SummaryWriter(self._tb_dir)
+      self._tb = _summary_writer(self._tb_dir)
       if use_wandb:
         self._wandb = _start_wandb(config, workdir)
 

@@ -123,6 +123,7 @@ def evaluator(config: ml_collections.ConfigDict, inputs: dict[str, Any]) -> Capt
     resize=build.tower(config).preprocess.resize,
     batch_size=cc["batch_size"],
     captioner={"seed": config.seed, **cc["captioner"]},  # seeded like the run unless set
+    meteor=cc["meteor"],
   )
 
 
