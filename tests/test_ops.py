@@ -235,3 +235,27 @@ def test_colab_notebook_runs_top_to_bottom_on_a_trained_run(trained, tmp_path, m
   assert summary["projection"] == "tsne"  # 80 points
   values = [*summary["recall@1"].values(), *summary["class_centroid_cosine"].values()]
   assert len(values) == 4 and all(math.isfinite(v) for v in values)
+
+
+def test_metric_writer_starts_without_torch_and_torch_still_imports_after(tmp_path):
+  """tensorboardX would import torch (~1 s of every training run's start) to accept its tensors;
+  the writer logs floats, so a fresh process that only logs never loads it, and a later
+  ``import torch`` gets the real one."""
+  import subprocess
+
+  code = f"""
+import sys
+from gmail_jax.training import metrics
+w = metrics.MetricWriter({str(tmp_path)!r}, total_steps=1)
+w.write(1, {{"train/loss": 0.5}}, console=False)
+w.close()
+print("torch loaded:", "torch" in sys.modules)
+import torch
+print("torch works:", float(torch.ones(2).sum()))
+"""
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "torch loaded: False" in out.stdout and "torch works: 2.0" in out.stdout, out.stdout
+  assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
