@@ -174,9 +174,9 @@ KILLS = (
 )
 
 
-def killed(workdir, model: str, kill_at: str, journaled: int, parts: int, *flags: str) -> None:
+def killed(workdir, model: str, kill_at: str, journaled: int, parts: int) -> None:
   """Runs the generator until it SIGKILLs itself at ``kill_at``; checks what it left."""
-  proc = start(workdir, model, *flags, kill_at=kill_at)
+  proc = start(workdir, model, kill_at=kill_at)
   out, _ = proc.communicate(timeout=240)
   assert proc.returncode == -signal.SIGKILL, (kill_at, out[-3000:])
   assert not (workdir / "manifest.parquet").exists(), kill_at
