@@ -281,7 +281,7 @@ def test_clipcap_mini_config_runs_end_to_end(tmp_path):
   from tests.test_quickstart import run_cli
 
   workdir = tmp_path / "mini"
-  proc = run_cli("configs/clipcap.py:mini,short=True", workdir, cache_dir=tmp_path / "cache")
+  proc = run_cli("configs/clipcap.py:mini,short=True", workdir)
   assert proc.returncode == 0, proc.stderr[-4000:]
   rows = [
     json.loads(line)
@@ -328,7 +328,6 @@ def test_clipcap_mini_config_runs_end_to_end(tmp_path):
     "configs/clipcap.py:mini,short=True",
     workdir,
     "--config.caption.captioner.steps=30",
-    cache_dir=tmp_path / "cache",
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
   summary = json.loads((workdir / "eval" / "captioning.json").read_text())["teacher"]

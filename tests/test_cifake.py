@@ -14,9 +14,8 @@ def test_cifake_smoke_is_reproducible_and_leak_free(shared, tmp_path):
   data = shared("cifake-sd14-test-sample")
   zip_path = shared("cifar10-test-jpeg", "cifar10_test_jpeg.zip")
   flags = (f"--config.data.root={data}", f"--config.teacher_pretrain.path={zip_path}")
-  cache = tmp_path / "jax_cache"
-  a = run_main("configs/cifake.py:smoke", tmp_path / "a", *flags, cache_dir=cache)
-  run_main("configs/cifake.py:smoke", tmp_path / "b", *flags, cache_dir=cache)
+  a = run_main("configs/cifake.py:smoke", tmp_path / "a", *flags)
+  run_main("configs/cifake.py:smoke", tmp_path / "b", *flags)
   # Same seed -> byte-identical report.json.
   first, second = ((tmp_path / d / "report.json").read_bytes() for d in ("a", "b"))
   assert first == second

@@ -200,15 +200,12 @@ def test_config_checks(workdir):
     driver.check(c)
 
 
-def _env(cache: pathlib.Path, kill_at: str | None = None) -> dict:
-  """One CPU device; the session's compilation cache (conftest.py), else ``cache``."""
+def _env(kill_at: str | None = None) -> dict:
+  """One CPU device; the session's compilation cache (conftest.py) is inherited."""
   env = dict(os.environ)
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache))
   env.update(
     XLA_FLAGS="--xla_force_host_platform_device_count=1",
     JAX_PLATFORMS="cpu",
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
   )
   env.pop(faults.KILL_AT, None)
@@ -221,12 +218,12 @@ def _env(cache: pathlib.Path, kill_at: str | None = None) -> dict:
 def test_quickstart_diffusion_smoke_killed_resumed_and_reported(tmp_path):
   """``configs/quickstart.py:smoke``: SIGKILLed in the diffusion stage after its first
   checkpoint, rerun to the end (the stage resumes), then rerun once more (every stage skipped)."""
-  wd, cache = tmp_path / "qd", tmp_path / "jax_cache"
+  wd = tmp_path / "qd"
   cmd = [sys.executable, "-m", "gmail_jax.main", "--config=configs/quickstart.py:smoke"]
   cmd.append(f"--workdir={wd}")
 
   def run(kill_at=None):
-    env = _env(cache, kill_at)
+    env = _env(kill_at)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
   proc = run("diffusion_step:15")

@@ -14,15 +14,12 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def smoke_env(cache_dir: pathlib.Path) -> dict:
-  """One CPU device (faster than the 8 simulated ones here) and a shared compilation cache: the
-  session's (conftest.py), else ``cache_dir``."""
+def smoke_env() -> dict:
+  """One CPU device (faster than the 8 simulated ones here); the session's compilation cache
+  (conftest.py) is inherited."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   env["JAX_PLATFORMS"] = "cpu"
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir))
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
   return env
 
@@ -33,15 +30,13 @@ def report_fields():
   return STAGE_FIELDS
 
 
-def run_cli(config: str, workdir: pathlib.Path, *flags: str, cache_dir: pathlib.Path):
+def run_cli(config: str, workdir: pathlib.Path, *flags: str):
   cmd = [sys.executable, "-m", "gmail_jax.main", f"--config={config}", f"--workdir={workdir}"]
-  return subprocess.run(
-    [*cmd, *flags], cwd=ROOT, env=smoke_env(cache_dir), capture_output=True, text=True
-  )
+  return subprocess.run([*cmd, *flags], cwd=ROOT, env=smoke_env(), capture_output=True, text=True)
 
 
-def run_main(config: str, workdir: pathlib.Path, *flags: str, cache_dir: pathlib.Path) -> dict:
-  proc = run_cli(config, workdir, *flags, cache_dir=cache_dir)
+def run_main(config: str, workdir: pathlib.Path, *flags: str) -> dict:
+  proc = run_cli(config, workdir, *flags)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads((workdir / "report.json").read_text())
 
@@ -112,16 +107,16 @@ def test_aggregate_mean_and_sample_std():
 
 
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
-  """(workdir, compilation cache) of the quickstart smoke run, trained once (locally)."""
+def quickstart(tmp_path_factory) -> pathlib.Path:
+  """The workdir of the quickstart smoke run, trained once (locally)."""
   root = tmp_path_factory.mktemp("quickstart")
-  run_main("configs/quickstart.py:rendered,smoke", root / "qs", cache_dir=root / "jax_cache")
-  return root / "qs", root / "jax_cache"
+  run_main("configs/quickstart.py:rendered,smoke", root / "qs")
+  return root / "qs"
 
 
 @pytest.mark.slow
 def test_quickstart_smoke_runs_main_and_alignment_raises_paired_cosine(quickstart, tmp_path):
-  workdir, cache_dir = quickstart
+  workdir = quickstart
   r = json.loads((workdir / "report.json").read_text())
   for stage in ("before", "after"):
     for key in report_fields():
@@ -150,7 +145,7 @@ def test_quickstart_smoke_runs_main_and_alignment_raises_paired_cosine(quickstar
 
   # Rerun: every stage's outputs are complete and match the config -> all skipped, same bytes.
   before = (workdir / "report.json").read_bytes()
-  proc = run_cli("configs/quickstart.py:rendered,smoke", workdir, cache_dir=cache_dir)
+  proc = run_cli("configs/quickstart.py:rendered,smoke", workdir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for stage in ("splits", "teacher", "align", "report"):
     assert f"stage {stage}: complete, skipped" in proc.stderr
@@ -160,7 +155,6 @@ def test_quickstart_smoke_runs_main_and_alignment_raises_paired_cosine(quickstar
     "configs/quickstart.py:rendered,smoke",
     workdir,
     "--config.teacher_pretrain.steps=7",
-    cache_dir=cache_dir,
   )
   assert proc.returncode == 1
   last = proc.stderr.strip().splitlines()[-1]
@@ -174,7 +168,7 @@ def test_report_stage_and_stage_records_in_a_bucket(quickstart, gcs_dir, tmp_pat
   stage; a changed teacher value is refused in one line; the aggregation reads the bucket."""
   from gmail_jax import report, storage
 
-  workdir, cache_dir = quickstart
+  workdir = quickstart
   # The run without its split images (thousands of small objects): the splits record keeps naming
   # the local folders, as a dataset outside the workdir; every other record names the bucket.
   for entry in workdir.iterdir():
@@ -190,7 +184,7 @@ def test_report_stage_and_stage_records_in_a_bucket(quickstart, gcs_dir, tmp_pat
   outputs = ("report.json", "report.md", "tsne.png", "curves.png")
   for name in ("stages/report.json", *outputs):
     (bucket / name).unlink()
-  proc = run_cli("configs/quickstart.py:rendered,smoke", gcs_dir, cache_dir=cache_dir)
+  proc = run_cli("configs/quickstart.py:rendered,smoke", gcs_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for stage in ("splits", "teacher", "align"):
     assert f"stage {stage}: complete, skipped" in proc.stderr
@@ -202,7 +196,7 @@ def test_report_stage_and_stage_records_in_a_bucket(quickstart, gcs_dir, tmp_pat
   }
   # Rerun: every stage skipped, same bytes.
   before = (bucket / "report.json").read_bytes()
-  proc = run_cli("configs/quickstart.py:rendered,smoke", gcs_dir, cache_dir=cache_dir)
+  proc = run_cli("configs/quickstart.py:rendered,smoke", gcs_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for stage in ("splits", "teacher", "align", "report"):
     assert f"stage {stage}: complete, skipped" in proc.stderr
@@ -212,7 +206,6 @@ def test_report_stage_and_stage_records_in_a_bucket(quickstart, gcs_dir, tmp_pat
     "configs/quickstart.py:rendered,smoke",
     gcs_dir,
     "--config.teacher_pretrain.steps=7",
-    cache_dir=cache_dir,
   )
   assert proc.returncode == 1
   last = proc.stderr.strip().splitlines()[-1]

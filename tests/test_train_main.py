@@ -109,7 +109,8 @@ def reference(tmp_path_factory):
   return workdir
 
 
-# Crash points in the order one run meets them, with the checkpoints that may be the latest then.
+# Crash points in the order one run meets them over its reruns, with the checkpoints that may be
+# the latest then.
 KILLS = (
   ("async_save:4", (2, 4)),  # during the async write of checkpoint 4
   ("step:5", (2, 4)),  # mid-run: step 5 computed, nothing logged; checkpoint 4 maybe in flight
