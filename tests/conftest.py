@@ -34,6 +34,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
 import uuid  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
@@ -160,6 +161,28 @@ def any_dir(request, tmp_path) -> str:
   if request.param == "local":
     return str(tmp_path / "dir")
   return request.getfixturevalue("gcs_dir")
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[pathlib.Path], None]) -> pathlib.Path:
+  """A read-only artifact of the session (a reference run's workdir), built by ``build(folder)``
+  once even when xdist sends the tests that read it to both workers: the first to get here builds
+  it under a lock in the workers' shared temp folder, the other waits and reuses it. A failed
+  build raises in that test and is tried again by the next."""
+  import fcntl
+  import shutil
+
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # basetemp/popen-gwN: the parent is the workers'
+  folder, done = root / f"once-{name}", root / f"once-{name}.done"
+  with open(root / f"once-{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)  # a failed build's leftovers
+      folder.mkdir()
+      build(folder)
+      done.touch()
+  return folder
 
 
 def pytest_unconfigure(config) -> None:

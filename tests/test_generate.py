@@ -1,7 +1,8 @@
 """Generation (gmail_jax/generation/): the tiny random pipeline on 40 COCO val2017 captions, K=2;
 SIGKILL + restart, two parallel shards, training on the manifest, import mode, per-caption rejects.
-The crash-safety tests run on a local workdir and on a bucket one (``any_dir``: the local GCS
-emulator), where there is no append and no rename, and must give the local run's files.
+The crash-safety tests run on a local workdir (diffusers backend) and on a bucket one (JAX backend;
+the local GCS emulator), where there is no append and no rename, and must give the uninterrupted
+run's files. The module's tests share its reference runs (conftest.built_once).
 
 The pipeline runs in subprocesses with one torch thread: on a shared 2-core machine, torch's
 default thread pool is ~20x slower for these tiny convolutions.
@@ -14,16 +15,19 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import types
+from typing import NamedTuple
 
 import numpy as np
 import PIL.Image
 import pyarrow.parquet as pq
 import pytest
 from config_helpers import CONFIGS
+from conftest import built_once
 
 from gmail_jax import schema, storage
 from gmail_jax.data.rejects import read_rejects
@@ -38,6 +42,7 @@ pytest.importorskip("diffusers")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "--config=configs/generate/tiny.py"
+JAX = "--config.backend=jax"
 K = 2
 DECODE_ERRORS = ("truncated image", "corrupt image", "not an image")  # data/images.decode_image
 
@@ -103,13 +108,26 @@ def files(folder, pattern: str = "*") -> list[str]:
   return sorted(n for n in names if fnmatch.fnmatch(n.rpartition("/")[2], pattern))
 
 
+class Target(NamedTuple):
+  """Where a crash-safety test generates, with which backend, and the uninterrupted run of that
+  backend it must end equal to."""
+
+  workdir: storage.Path
+  flags: tuple[str, ...]  # the model, and the backend
+  reference: pathlib.Path
+
+
 @pytest.fixture(params=["local", pytest.param("gs", marks=pytest.mark.slow)])
-def run_dir(request, tmp_path) -> str:
-  """conftest's ``any_dir`` for the tests that run the generator in subprocesses: its bucket half
-  (~15-45 s each on a busy 2-core machine) is marked slow."""
+def target(request, tmp_path, reference) -> Target:
+  """A local folder with the diffusers backend, or a bucket (conftest's ``gcs_dir``: the GCS
+  emulator) with the JAX one. The journal, parts and manifest are the runner's for either
+  backend, so every crash point meets both storages and both backends: the JAX one loads and
+  samples in a third of the diffusers one's process time (no torch import)."""
+  model = f"--config.model={reference / 'pipeline'}"
   if request.param == "local":
-    return str(tmp_path / "dir")
-  return request.getfixturevalue("gcs_dir")
+    return Target(storage.path(str(tmp_path / "dir")), (model,), reference)
+  jax_run = request.getfixturevalue("jax_reference")
+  return Target(storage.path(request.getfixturevalue("gcs_dir")), (model, JAX), jax_run)
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +147,43 @@ def shared_coco():
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, shared_coco):
   """An uninterrupted run of configs/generate/tiny.py (it builds DIR/pipeline)."""
-  workdir = tmp_path_factory.mktemp("gen_reference")
-  out = finish(start(workdir))
-  assert "images/s" in out and "ETA" in out
-  return workdir
+
+  def build(workdir):
+    out = finish(start(workdir))
+    assert "images/s" in out and "ETA" in out
+
+  return built_once(tmp_path_factory, "gen_reference", build)
+
+
+@pytest.fixture(scope="module")
+def jax_reference(tmp_path_factory, reference):
+  """The same run with the JAX backend on the same weights."""
+  model = f"--config.model={reference / 'pipeline'}"
+  return built_once(tmp_path_factory, "gen_jax_reference", lambda wd: finish(start(wd, model, JAX)))
+
+
+@pytest.mark.slow
+def test_jax_backend_generates_the_diffusers_images_and_continues_its_runs(
+  reference, jax_reference, tmp_path
+):
+  """Backend jax: the manifest is the diffusers backend's, image for image (the same starting
+  noise; JPEG may round a float difference to a level); a workdir of one backend is complete
+  for the other (the plan is the images', not the engine's)."""
+  plan = json.loads((jax_reference / "generate.json").read_text())
+  assert plan["noise"] == seeds.NOISE and plan["config"]["dtype"] == "float32"
+  got, want = rows(jax_reference), rows(reference)
+  assert [(r["caption_id"], r["k"], r["seed"]) for r in got] == [
+    (r["caption_id"], r["k"], r["seed"]) for r in want
+  ]
+  diffs = [
+    np.abs(pixels(jax_reference, a).astype(int) - pixels(reference, b))
+    for a, b in zip(got, want, strict=True)
+  ]
+  assert max(d.max() for d in diffs) <= 4 and np.mean([d.mean() for d in diffs]) < 0.05
+  workdir = tmp_path / "continued"
+  shutil.copytree(jax_reference, workdir)  # the reference stays as it was for the other tests
+  out = finish(start(workdir, f"--config.model={reference / 'pipeline'}"))  # diffusers
+  assert "0 images to go" in out, out[-2000:]
 
 
 @pytest.mark.slow
@@ -174,9 +225,9 @@ KILLS = (
 )
 
 
-def killed(workdir, model: str, kill_at: str, journaled: int, parts: int) -> None:
+def killed(workdir, flags: tuple[str, ...], kill_at: str, journaled: int, parts: int) -> None:
   """Runs the generator until it SIGKILLs itself at ``kill_at``; checks what it left."""
-  proc = start(workdir, model, kill_at=kill_at)
+  proc = start(workdir, *flags, kill_at=kill_at)
   out, _ = proc.communicate(timeout=240)
   assert proc.returncode == -signal.SIGKILL, (kill_at, out[-3000:])
   assert not (workdir / "manifest.parquet").exists(), kill_at
@@ -203,40 +254,37 @@ def assert_same_generation(workdir, reference, *, bitwise: bool) -> None:
 
 
 @pytest.mark.slow
-def test_preempted_then_killed_at_every_crash_point_completes_equal(reference, run_dir):
+def test_preempted_then_killed_at_every_crash_point_completes_equal(target):
   """A preemption notice mid-batch (after its 3rd of 4 images): the batch is finished and
   journaled, the process exits 0 saying how to resume. Then the generator SIGKILLs itself at each
   named point in turn (so a failure replays), every rerun resuming what the last one left. The
   run that finishes has the uninterrupted run's images and manifest, bit for bit, in a local
   folder or a bucket."""
-  workdir = storage.path(run_dir)
-  model = f"--config.model={reference / 'pipeline'}"
-  out = finish(start(workdir, model, term_at="image:3"))  # exit code 0
+  workdir, flags = target.workdir, target.flags
+  out = finish(start(workdir, *flags, term_at="image:3"))  # exit code 0
   assert "preempted: generation stopped after a journaled batch" in out, out[-2000:]
   (entry,) = files(workdir / "parts", "item-*.json")
   assert len(json.loads((workdir / "parts" / entry).read_text())["rows"]) == 4  # the whole batch
   for kill_at, journaled, parts in KILLS:
-    killed(workdir, model, kill_at, journaled, parts)
-  finish(start(workdir, model))
-  assert_same_generation(workdir, reference, bitwise=True)
+    killed(workdir, flags, kill_at, journaled, parts)
+  finish(start(workdir, *flags))
+  assert_same_generation(workdir, target.reference, bitwise=True)
 
 
 @pytest.mark.slow
-def test_killed_then_restarted_with_a_smaller_batch_is_complete(reference, run_dir):
+def test_killed_then_restarted_with_a_smaller_batch_is_complete(target):
   """The OOM advice: a run killed after two journaled batches of 4, rerun with batches of 3,
   completes with the same manifest and images equal up to float rounding."""
-  workdir = storage.path(run_dir)
-  model = f"--config.model={reference / 'pipeline'}"
-  killed(workdir, model, "batch:2", 2, 0)
-  finish(start(workdir, model, "--config.batch_size=3"))
-  assert_same_generation(workdir, reference, bitwise=False)
+  workdir, flags = target.workdir, target.flags
+  killed(workdir, flags, "batch:2", 2, 0)
+  finish(start(workdir, *flags, "--config.batch_size=3"))
+  assert_same_generation(workdir, target.reference, bitwise=False)
 
 
 @pytest.mark.slow
-def test_two_parallel_shards_cover_every_caption_once(reference, run_dir):
-  workdir = storage.path(run_dir)
-  model = f"--config.model={reference / 'pipeline'}"
-  procs = [start(workdir, model, "--num_shards=2", f"--shard_index={i}") for i in range(2)]
+def test_two_parallel_shards_cover_every_caption_once(target):
+  workdir, flags, reference = target
+  procs = [start(workdir, *flags, "--num_shards=2", f"--shard_index={i}") for i in range(2)]
   outs = [finish(p) for p in procs]
   assert all("this shard: 3 chunks" in o or "this shard: 2 chunks" in o for o in outs)
   got = rows(workdir)
