@@ -73,7 +73,11 @@ def env(**extra) -> dict:
 
 def start(workdir, *flags, kill_at: str | None = None, term_at: str | None = None):
   cmd = [sys.executable, "-m", "gmail_jax.generate", TINY, f"--workdir={workdir}", *flags]
-  extra = {KILL_AT: kill_at} if kill_at else {}
+  # One CPU device, as on a laptop: the JAX backend would split each batch of 4 over the
+  # session's 8 simulated devices (test_generate_jax checks that split), at twice the CPU time.
+  extra = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  if kill_at:
+    extra[KILL_AT] = kill_at
   if term_at:
     extra[TERM_AT] = term_at
   return subprocess.Popen(

@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 import portpicker
 import pytest
 from config_helpers import load_config
+from conftest import built_once
 
 from gmail_jax import faults, objectives, storage
 from gmail_jax.objectives.gmail import GMAIL
@@ -104,9 +105,7 @@ def any_dir(request, tmp_path) -> str:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("reference")
-  finish(start(workdir))
-  return workdir
+  return built_once(tmp_path_factory, "train_reference", lambda workdir: finish(start(workdir)))
 
 
 # Crash points in the order one run meets them over its reruns, with the checkpoints that may be
@@ -201,10 +200,11 @@ def start_pair(workdir, *, kill_at=(None, None), term_at=(None, None), extra=(),
 
 @pytest.fixture(scope="module")
 def two_process_reference(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("two_process_reference")
-  for p in start_pair(workdir):
-    finish(p)
-  return workdir
+  def build(workdir):
+    for p in start_pair(workdir):
+      finish(p)
+
+  return built_once(tmp_path_factory, "train_two_process_reference", build)
 
 
 @pytest.mark.slow
