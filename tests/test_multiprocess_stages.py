@@ -106,6 +106,27 @@ def run_experiment(workdir: pathlib.Path, args, *, processes: int, tag: str) -> 
   }
 
 
+def copy_to_redo(src: pathlib.Path, dst: pathlib.Path, redo, outputs) -> None:
+  """``dst``: a copy of finished workdir ``src`` without the records of stages ``redo`` and
+  without ``outputs`` (their files and folders under it), so that a run there redoes those stages
+  and skips the others as complete. Not the probes of a concurrent rerun in ``src`` that it is
+  writable (storage.check_writable)."""
+  shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".write-check-*"))
+  for name in redo:
+    (dst / "stages" / f"{name}.json").unlink()
+  for out in outputs:
+    if (dst / out).is_dir():
+      shutil.rmtree(dst / out)
+    else:
+      (dst / out).unlink()
+
+
+def assert_redid(log: str, stages, redo) -> None:
+  """The run that wrote ``log`` ran the stages ``redo`` and skipped the other ``stages``."""
+  for name in stages:
+    assert (f"stage {name}: complete, skipped" in log) == (name not in redo), name
+
+
 def check_processes(result: dict) -> None:
   """Both processes returned the same outputs and wrote no file in common."""
   first, second = result["outputs"]
@@ -158,6 +179,7 @@ def get_config(workdir):
 """
 
 
+STAGES = ("splits", "teacher", "align", "evaluate", "report")  # QUICKSTART_EVAL's
 REDONE = ("evaluate", "report")  # the stages the 1-process reference redoes
 
 
@@ -172,12 +194,7 @@ def quickstart(tmp_path_factory):
   args = [f"--config={root / 'quickstart_eval.py'}:{two}"]  # the data of p2 for both
   runs = {2: run_experiment(two, args, processes=2, tag="p2"), "args": args}
   ref = root / "p1"
-  shutil.copytree(two, ref)
-  for name in REDONE:
-    (ref / "stages" / f"{name}.json").unlink()
-  shutil.rmtree(ref / "eval")
-  for name in ("report.json", "report.md", "tsne.png", "curves.png"):
-    (ref / name).unlink()
+  copy_to_redo(two, ref, REDONE, ("eval", "report.json", "report.md", "tsne.png", "curves.png"))
   runs[1] = run_experiment(ref, args, processes=1, tag="p1")
   runs["ref"] = ref
   return runs
@@ -189,9 +206,7 @@ def test_quickstart_on_two_processes_reports_what_one_does(quickstart):
   the teacher (on its own default device), both align, evaluate and report (load_run, embeddings,
   the baseline), and process 0 writes. A rerun skips every stage on both processes."""
   check_processes(quickstart[2])
-  for name in ("splits", "teacher", "align", "evaluate", "report"):
-    skipped = f"stage {name}: complete, skipped" in quickstart[1]["logs"][0]
-    assert skipped == (name not in REDONE), name
+  assert_redid(quickstart[1]["logs"][0], STAGES, REDONE)
   one, two = (quickstart[n]["outputs"][0] for n in (1, 2))
   assert set(one) == set(two) == {"train", "test", "model_dir", "run", "step", "metrics", "report"}
   wd1, wd2 = quickstart["ref"], pathlib.Path(two["run"])
@@ -219,7 +234,6 @@ def test_quickstart_on_two_processes_reports_what_one_does(quickstart):
   rerun = run_experiment(wd2, quickstart["args"], processes=2, tag="rerun")
   check_processes(rerun)
   for log in rerun["logs"]:
-    for name in ("splits", "teacher", "align", "evaluate", "report"):
-      assert f"stage {name}: complete, skipped" in log, name
+    assert_redid(log, STAGES, redo=())
   assert rerun["outputs"][0] == two
   assert not rerun["writes"][1], sorted(rerun["writes"][1])[:20]

@@ -9,7 +9,6 @@ evaluates, captions and exports its checkpoint as the 1-process run did. The tes
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,13 @@ import PIL.Image
 import pyarrow.parquet as pq
 import pytest
 from conftest import built_once, shared_path
-from test_multiprocess_stages import assert_close, check_processes, run_experiment
+from test_multiprocess_stages import (
+  assert_close,
+  assert_redid,
+  check_processes,
+  copy_to_redo,
+  run_experiment,
+)
 
 from gmail_jax.data import sources
 from gmail_jax.faults import KILL_AT
@@ -145,8 +150,7 @@ def test_a_rerun_of_the_finished_recipe_is_a_no_op(recipe):
   before = {p: p.stat().st_mtime_ns for p in recipe.rglob("*") if p.is_file()}
   res = run(recipe)
   assert res.returncode == 0, res.stderr[-3000:]
-  for stage in STAGES:
-    assert f"stage {stage}: complete, skipped" in res.stderr, stage
+  assert_redid(res.stderr, STAGES, redo=())
   after = {p: p.stat().st_mtime_ns for p in recipe.rglob("*") if p.is_file()}
   assert after == before  # nothing rewritten
 
@@ -165,17 +169,11 @@ def test_recipe_on_two_processes_generates_evaluates_captions_and_exports_the_sa
   file written by both, process 0 writing: the same images, retrieval and captions as the
   1-process run."""
   wd = tmp_path / "p2"
-  # Not the probes of a concurrent no-op rerun that the workdir is writable (storage.py).
-  shutil.copytree(recipe, wd, ignore=shutil.ignore_patterns(".write-check-*"))
-  for name in REDONE:
-    (wd / "stages" / f"{name}.json").unlink()
-  for out in ("generate", "shards", "eval", "export"):  # eval: the caption embedding cache too
-    shutil.rmtree(wd / out)
+  # eval: the caption stage's embedding cache too.
+  copy_to_redo(recipe, wd, REDONE, ("generate", "shards", "eval", "export"))
   two = run_experiment(wd, ["--config=configs/coco.py:mini"], processes=2, tag="p2")
   check_processes(two)
-  for name in STAGES:
-    skipped = f"stage {name}: complete, skipped" in two["logs"][0]
-    assert skipped == (name not in REDONE), name
+  assert_redid(two["logs"][0], STAGES, REDONE)
   # Sharded generation: the manifest and every image of the 1-process run, byte for byte.
   manifest = (wd / "generate" / "manifest.parquet").read_bytes()
   assert manifest == (recipe / "generate" / "manifest.parquet").read_bytes()
