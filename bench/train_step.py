@@ -135,9 +135,12 @@ class Runner:
     return dt
 
 
-def gmail_runners(args, workdir: str, feed=None) -> tuple[list[Runner], dict]:
+def gmail_runners(
+  args, workdir: str, feed=None, keep_hlo: bool = False
+) -> tuple[list[Runner], dict]:
   """The gmail_jax step (and its cached-teacher variant) built as train.py builds it, warmed up.
-  ``feed``: an input-pipeline iterator of this config; adds the step fed by it."""
+  ``feed``: an input-pipeline iterator of this config; adds the step fed by it. ``keep_hlo``:
+  ``info["hlo_text"]`` maps each runner to its compiled HLO (bench/step_profile.py)."""
   import jax
   import numpy as np
 
@@ -211,6 +214,12 @@ def gmail_runners(args, workdir: str, feed=None) -> tuple[list[Runner], dict]:
       | {"teacher_emb": put(embed(np.asarray(jax.device_get(b["real_image"]))))}
       for b in batches
     ]
+  if keep_hlo:
+    compile_for = lambda b: step.lower(state, frozen, rng, b).compile()
+    info["hlo_text"] = {
+      name: (compiled if bl is batches else compile_for(bl[0])).as_text()
+      for name, bl in variants.items()
+    }
   runners = []
   for name, bl in variants.items():
     for _ in range(args.warmup):
