@@ -18,9 +18,10 @@ side by side on its threads, so the step's wall time is split by what was runnin
 
 ``matmul_ideal_ms`` is the step's dot FLOPs at ``--peak`` (or the measured n x n matmul peak):
 what the step would take if it were nothing but dots at that rate. ``matmuls`` groups dots by
-shape (calls per step, ms per step, median rate); ``other_ops`` sums the rest by op kind (the
-HLO name without its number). Prints one JSON object; ``--trace DIR`` keeps the trace for
-TensorBoard / Perfetto.
+shape (calls per step, ms per step, median rate); ``other_ops``: the 12 other op kinds (the HLO
+name without its number) with the most op time per step. Ops side by side each count their own
+time, so these sums can exceed the wall time. Prints one JSON object; ``--trace DIR`` keeps the
+trace for TensorBoard / Perfetto.
 """
 
 from __future__ import annotations
