@@ -17,11 +17,11 @@ side by side on its threads, so the step's wall time is split by what was runnin
   idle_ms             nothing traced (dispatch, synchronisation, the OS taking the core)
 
 ``matmul_ideal_ms`` is the step's dot FLOPs at ``--peak`` (or the measured n x n matmul peak):
-what the step would take if it were nothing but dots at that rate. ``matmuls`` groups dots by
-shape (calls per step, ms per step, median rate); ``other_ops``: the 12 other op kinds (the HLO
-name without its number) with the most op time per step. Ops side by side each count their own
-time, so these sums can exceed the wall time. Prints one JSON object; ``--trace DIR`` keeps the
-trace for TensorBoard / Perfetto.
+what the step would take if it were nothing but dots at that rate (``mfu``: ideal / step).
+``matmuls`` groups dots by shape (calls per step, ms per step, median rate); ``other_ops``: the
+12 other op kinds (the HLO name without its number) with the most op time per step. Ops side by
+side each count their own time, so these sums can exceed the wall time. Prints one JSON object;
+``--trace DIR`` keeps the trace for TensorBoard / Perfetto.
 """
 
 from __future__ import annotations
@@ -123,6 +123,7 @@ def breakdown(
     last = t
   per_step = lambda us: us / 1e3 / steps  # µs in the window -> ms per step
   total_flops = sum(flops.get(n, 0.0) for _, _, n in ops) / steps
+  step_ms = per_step(max(b for _, b, _ in ops) - min(a for a, _, _ in ops))
   by_shape: dict[float, list[float]] = collections.defaultdict(list)
   other: collections.Counter[str] = collections.Counter()
   for a, b, n in ops:
@@ -140,9 +141,10 @@ def breakdown(
     for f, ds in sorted(by_shape.items(), key=lambda kv: -sum(kv[1]))
   ]
   return {
-    "step_ms": per_step(max(b for _, b, _ in ops) - min(a for a, _, _ in ops)),
+    "step_ms": step_ms,
     "matmul_gflop_per_step": total_flops / 1e9,
     "matmul_ideal_ms": total_flops / peak * 1e3,
+    "mfu": total_flops / peak * 1e3 / step_ms,  # the dots' FLOPs at the traced rate, over the peak
     **{f"{k}_ms": per_step(spans[k]) for k in _SPANS},
     "matmuls": matmuls,
     "other_ops": {k: per_step(v) for k, v in other.most_common(12)},
@@ -196,7 +198,6 @@ def main(argv=None) -> None:
     "cpu_count": common.cpu_count(),
     "load_average_1m": common.load_average(),
     "s_per_step_traced": seconds,
-    "xla_flops_per_pair": info["xla_flops_per_pair"],
     "matmul_peak_flops": peak,
     "trace_dir": args.trace or None,
     **breakdown(events, matmul_flops(hlo), hlo_instructions(hlo), args.iters, peak),

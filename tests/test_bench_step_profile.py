@@ -108,6 +108,7 @@ def test_wall_time_is_split_by_what_ran_at_each_instant():
   assert got["step_ms"] == ms(35)
   assert got["matmul_gflop_per_step"] == 4e6 / 2 / 1e9
   assert got["matmul_ideal_ms"] == 2e6 / 1e12 * 1e3
+  assert got["mfu"] == got["matmul_ideal_ms"] / ms(35)
   assert [(r["gflop"], r["calls_per_step"], r["ms_per_step"]) for r in got["matmuls"]] == [
     (1e-3, 1.0, ms(15)),  # D and E: 1 MFLOP each, 5 + 10 µs
     (2e-3, 0.5, ms(10)),
