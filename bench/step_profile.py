@@ -21,7 +21,9 @@ what the step would take if it were nothing but dots at that rate (``mfu``: idea
 ``matmuls`` groups dots by shape (calls per step, ms per step, median rate); ``other_ops``: the
 12 other op kinds (the HLO name without its number) with the most op time per step. Ops side by
 side each count their own time, so these sums can exceed the wall time. Prints one JSON object;
-``--trace DIR`` keeps the trace for TensorBoard / Perfetto.
+``--trace DIR`` keeps the trace for TensorBoard / Perfetto. Written for XLA:CPU, whose trace names
+each op by its HLO instruction (checked there only); a GPU trace may name kernels instead, and then
+the join finds no op and says so.
 """
 
 from __future__ import annotations
