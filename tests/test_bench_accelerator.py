@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import shared_path
+from conftest import XLA_TEST_FLAGS, shared_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # bench.accelerator.PARTS (bench/ is not a package the tests import): every part of the issue.
@@ -38,8 +38,10 @@ def finite(x) -> bool:
 def smoke(tmp_path_factory):
   shared_path("coco-mini")  # the input-pipeline part reads its photos
   out = tmp_path_factory.mktemp("bench_out")
-  # Each part chooses its own devices: not the 8 simulated CPU devices of this test session.
+  # Each part chooses its own devices: not the 8 simulated CPU devices of this test session (its
+  # LLVM level, conftest.py, stays).
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env["XLA_FLAGS"] = XLA_TEST_FLAGS
   env["OUT"] = str(out)
   proc = subprocess.run(
     [sys.executable, "-m", "bench.accelerator", "--smoke", "--parts=all"],

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from configs import quickstart
 from gmail_jax import faults
@@ -204,7 +205,7 @@ def _env(kill_at: str | None = None) -> dict:
   """One CPU device; the session's compilation cache (conftest.py) is inherited."""
   env = dict(os.environ)
   env.update(
-    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    XLA_FLAGS=xla_flags(1),
     JAX_PLATFORMS="cpu",
     PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
   )

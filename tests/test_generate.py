@@ -27,7 +27,7 @@ import PIL.Image
 import pyarrow.parquet as pq
 import pytest
 from config_helpers import CONFIGS
-from conftest import built_once
+from conftest import built_once, xla_flags
 
 from gmail_jax import schema, storage
 from gmail_jax.data.rejects import read_rejects
@@ -75,7 +75,7 @@ def start(workdir, *flags, kill_at: str | None = None, term_at: str | None = Non
   cmd = [sys.executable, "-m", "gmail_jax.generate", TINY, f"--workdir={workdir}", *flags]
   # One CPU device, as on a laptop: the JAX backend would split each batch of 4 over the
   # session's 8 simulated devices (test_generate_jax checks that split), at 5x the CPU time.
-  extra = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  extra = {"XLA_FLAGS": xla_flags(1)}
   if kill_at:
     extra[KILL_AT] = kill_at
   if term_at:
@@ -317,7 +317,7 @@ def test_main_trains_on_the_manifest(reference, tmp_path):
     "--config.checkpoint_every_steps=3",
     f"--workdir={tmp_path}",
   ]
-  e = env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  e = env(XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
   proc = subprocess.run(
     [sys.executable, "-m", "gmail_jax.main", *flags],
     cwd=ROOT, env=e, capture_output=True, text=True, timeout=300,

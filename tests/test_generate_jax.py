@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -112,7 +113,7 @@ def test_batch_split_over_eight_devices_equals_one_device(sd):
 def _env():
   # One CPU device (the split over 8 is test_batch_split_over_eight_devices_equals_one_device's).
   e = dict(os.environ, GMAIL_TRACEBACK="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-  e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  e["XLA_FLAGS"] = xla_flags(1)
   for key in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS", "SLURM_PROCID", KILL_AT):
     e.pop(key, None)
   return e

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import portpicker
 import pytest
+from conftest import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WRITES = "GMAIL_TEST_WRITES"  # where the hook lists this process's writes under WORKDIR
@@ -55,7 +56,7 @@ runpy.run_module("gmail_jax.main", run_name="__main__", alter_sys=True)
 def start(workdir, args, *, devices: int, log: pathlib.Path) -> subprocess.Popen:
   env = dict(os.environ)
   env.update(
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    XLA_FLAGS=xla_flags(devices),
     JAX_PLATFORMS="cpu",
     OMP_NUM_THREADS="1",
     GMAIL_TRACEBACK="1",

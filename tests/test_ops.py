@@ -14,6 +14,7 @@ import numpy as np
 import PIL.Image
 import pytest
 from config_helpers import load_config
+from conftest import xla_flags
 
 from gmail_jax import schema
 from gmail_jax.errors import ConfigError
@@ -203,7 +204,7 @@ def test_colab_notebook_runs_top_to_bottom_on_a_trained_run(trained, tmp_path, m
     "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter_runtime"),
     "IPYTHONDIR": str(tmp_path / "ipython"),
     "MPLCONFIGDIR": str(tmp_path / "mpl"),
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=1",  # the kernel: one CPU device
+    "XLA_FLAGS": xla_flags(1),  # the kernel: one CPU device
     "GMAIL_WORKDIR": str(workdir),
     "GMAIL_IMAGES": str(tmp_path / "images"),
     "GMAIL_PER_CLASS": "4",

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -18,7 +19,7 @@ def smoke_env() -> dict:
   """One CPU device (faster than the 8 simulated ones here); the session's compilation cache
   (conftest.py) is inherited."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["XLA_FLAGS"] = xla_flags(1)
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
   return env

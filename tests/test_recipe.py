@@ -17,7 +17,7 @@ import numpy as np
 import PIL.Image
 import pyarrow.parquet as pq
 import pytest
-from conftest import built_once, shared_path
+from conftest import built_once, shared_path, xla_flags
 from test_multiprocess_stages import (
   assert_close,
   assert_redid,
@@ -46,7 +46,7 @@ KILLS = (
 def run(workdir, kill_at=None) -> subprocess.CompletedProcess:
   env = {k: v for k, v in os.environ.items() if k != KILL_AT}
   env.update(JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", GMAIL_TRACEBACK="1", HF_HUB_OFFLINE="1")
-  env.pop("XLA_FLAGS", None)  # one CPU device, as on a laptop
+  env["XLA_FLAGS"] = xla_flags(1)  # one CPU device, as on a laptop
   if kill_at:
     env[KILL_AT] = kill_at
   cmd = [sys.executable, "-m", "gmail_jax.main", "--config=configs/coco.py:mini"]

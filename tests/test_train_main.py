@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import portpicker
 import pytest
 from config_helpers import load_config
-from conftest import built_once
+from conftest import built_once, xla_flags
 
 from gmail_jax import faults, objectives, storage
 from gmail_jax.objectives.gmail import GMAIL
@@ -42,7 +42,7 @@ def env(devices: int, kill_at=None, term_at=None, pause_s: float | None = None) 
   drop = (faults.KILL_AT, faults.TERM_AT, faults.PAUSE)
   e = {k: v for k, v in os.environ.items() if k not in drop}
   e.update(
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    XLA_FLAGS=xla_flags(devices),
     JAX_PLATFORMS="cpu",
     GMAIL_TRACEBACK="1",
   )
