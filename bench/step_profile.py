@@ -185,7 +185,8 @@ def main(argv=None) -> None:
     runners, info = ts.gmail_runners(step_args, wd, keep_hlo=True)
   runner = {r.name: r for r in runners}["gmail_jax_cached" if args.cached else "gmail_jax"]
   runner.window(args.iters)  # warm: the trace should hold steady-state steps only
-  peak = args.peak or matmul_peak.jax_matmul_peak("float32", (1024, 2048))["peak_flops"]
+  sizes = tuple(int(n) for n in step_args.peak_sizes.split(","))  # bench.train_step's
+  peak = args.peak or matmul_peak.jax_matmul_peak(step_args.dtype, sizes)["peak_flops"]
   trace_dir = args.trace or tempfile.mkdtemp(prefix="step_profile-")
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     seconds = runner.window(args.iters)

@@ -1,6 +1,5 @@
 """bench/step_profile.py: a real jax.profiler trace of a compiled program, joined with its HLO."""
 
-import pathlib
 import subprocess
 import sys
 
@@ -44,7 +43,7 @@ def test_breakdown_finds_each_matmul_with_its_flops_and_accounts_for_the_wall_ti
     [sys.executable, "-c", PROFILED, str(tmp_path)], capture_output=True, text=True, timeout=120
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  hlo = pathlib.Path(tmp_path / "hlo.txt").read_text()
+  hlo = (tmp_path / "hlo.txt").read_text()
   flops = step_profile.matmul_flops(hlo)
   assert sorted(flops.values()) == [2.0 * BATCH * HEADS * Q * Q * D, 2.0 * M * K * N]
 

@@ -112,6 +112,11 @@ def files(folder, pattern: str = "*") -> list[str]:
   return sorted(n for n in names if fnmatch.fnmatch(n.rpartition("/")[2], pattern))
 
 
+def model_flag(reference: pathlib.Path) -> str:
+  """The random pipeline the reference run built, as the generator's model."""
+  return f"--config.model={reference / 'pipeline'}"
+
+
 class Target(NamedTuple):
   """Where a crash-safety test generates, with which backend, and the uninterrupted run of that
   backend it must end equal to."""
@@ -127,7 +132,7 @@ def target(request, tmp_path, reference) -> Target:
   emulator) with the JAX one. The journal, parts and manifest are the runner's for either
   backend, so every crash point meets both storages and both backends. A JAX run imports no
   torch: 3.3 s instead of 7.7 for a whole tiny run on one CPU device."""
-  model = f"--config.model={reference / 'pipeline'}"
+  model = model_flag(reference)
   if request.param == "local":
     return Target(storage.path(str(tmp_path / "dir")), (model,), reference)
   jax_run = request.getfixturevalue("jax_reference")
@@ -162,7 +167,7 @@ def reference(tmp_path_factory, shared_coco):
 @pytest.fixture(scope="module")
 def jax_reference(tmp_path_factory, reference):
   """The same run with the JAX backend on the same weights."""
-  model = f"--config.model={reference / 'pipeline'}"
+  model = model_flag(reference)
   return built_once(tmp_path_factory, "gen_jax_reference", lambda wd: finish(start(wd, model, JAX)))
 
 
@@ -186,7 +191,7 @@ def test_jax_backend_generates_the_diffusers_images_and_continues_its_runs(
   assert max(d.max() for d in diffs) <= 4 and np.mean([d.mean() for d in diffs]) < 0.05
   workdir = tmp_path / "continued"
   shutil.copytree(jax_reference, workdir)  # the reference stays as it was for the other tests
-  out = finish(start(workdir, f"--config.model={reference / 'pipeline'}"))  # diffusers
+  out = finish(start(workdir, model_flag(reference)))  # diffusers
   assert "0 images to go" in out, out[-2000:]
 
 
