@@ -209,6 +209,14 @@ class CaptioningEvaluator(common.Evaluator):
   ) -> CaptioningResult:
     """The second half of ``caption``, on ``embed``'s arrays: trains the captioner (on this
     process's own default device), captions the test images and scores them; no collective."""
+    # Not over an enclosing jax.set_mesh (evaluation's): there every array the captioner makes
+    # would be replicated on all of the mesh's devices, its training run once per device.
+    with jax.set_mesh(None):
+      return self._caption_embedded(feats, log, log_every)
+
+  def _caption_embedded(
+    self, feats: Mapping[str, np.ndarray], log: Any, log_every: int
+  ) -> CaptioningResult:
     test_feats = feats["test"]
     projected = None
     if self.method == "decap":

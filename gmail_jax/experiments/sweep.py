@@ -276,30 +276,29 @@ def _sweep_seed(
     run = run_lib.load_run(wd)
     views = run.encoders()
     pairs = config.cma.pairs
-    with jax.set_mesh(run.mesh):
-      if data is None:
-        # The split's class folders (a gs:// WORKDIR's: read from a local copy).
-        test_root = os.fspath(storage.fetch_dir(outputs["test"]))
-        data = held_out_pairs(config, test_root, max_per_class)
-        data["decap_steps"], data["decoders"] = decap_steps, {}
-        rows.append(
-          {
-            "run": "teacher",
-            "seed": int(config.seed),
-            "alpha_target": None,
-            **trained_with(run, student=False),
-            **measure(views, pairs, data, student=False),
-          }
-        )
+    if data is None:
+      # The split's class folders (a gs:// WORKDIR's: read from a local copy).
+      test_root = os.fspath(storage.fetch_dir(outputs["test"]))
+      data = held_out_pairs(config, test_root, max_per_class)
+      data["decap_steps"], data["decoders"] = decap_steps, {}
       rows.append(
         {
-          "run": os.path.relpath(wd, os.path.dirname(root) if seed is not None else root),
+          "run": "teacher",
           "seed": int(config.seed),
-          "alpha_target": float(alpha),
-          **trained_with(run, student=True),
-          **measure(views, pairs, data, student=True),
+          "alpha_target": None,
+          **trained_with(run, student=False),
+          **measure(views, pairs, data, student=False),
         }
       )
+    rows.append(
+      {
+        "run": os.path.relpath(wd, os.path.dirname(root) if seed is not None else root),
+        "seed": int(config.seed),
+        "alpha_target": float(alpha),
+        **trained_with(run, student=True),
+        **measure(views, pairs, data, student=True),
+      }
+    )
   teacher = rows[0]
   base = next((r for r in rows if r["alpha_target"] == 0.0), None)
   for r in rows:
