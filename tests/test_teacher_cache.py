@@ -207,3 +207,42 @@ def test_reordered_manifest_is_refused_or_rebuilt(shared, tmp_path):
   a, b = losses(tmp_path / "rebuilt"), losses(tmp_path / "uncached")
   assert len(a) == 3
   np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def nested_collectives(hlo: str) -> list[str]:
+  """The computations other than ENTRY of compiled HLO text that hold a collective."""
+  computation, nested = None, []
+  for line in hlo.splitlines():
+    if line.startswith(("%", "ENTRY")):
+      computation = line.split()[0]
+    elif computation != "ENTRY" and any(
+      f" {op}(" in line for op in ("all-gather", "all-reduce", "all-to-all", "reduce-scatter")
+    ):
+      nested.append(computation)
+  return nested
+
+
+def test_cached_step_keeps_every_collective_at_the_top_level():
+  """The cached step on 8 devices: no collective inside a nested computation. XLA:CPU may run a
+  nested computation's collectives beside the top level's, and with as many busy threads as
+  devices that deadlocked: jnp.diagonal's gradient (a scatter in a ``conditional``) aborted
+  test_reordered_manifest_is_refused_or_rebuilt about once in 8 runs (XLA's 40 s rendezvous
+  timeout); losses.diagonal is element-wise."""
+  from gmail_jax import objectives
+
+  c = tiny_config(batch_size=16)
+  mesh = sharding.make_mesh(c.mesh)
+  n, s = c.batch_size, c.data.image_size
+  put = lambda v: sharding.put_global(v, sharding.batch_sharding(mesh))
+  with jax.set_mesh(mesh):
+    built = build.build(c, mesh)
+    step = build.make_step(c, built, mesh, objectives.make(c))
+    batch = {
+      "gen_image": put(np.zeros((n, s, s, 3), np.uint8)),
+      "group": put(np.arange(n, dtype=np.int32)),
+      "real_id": put(np.arange(n, dtype=np.int32)),
+      "teacher_emb": put(np.ones((n, built["model_config"].embed_dim), np.float32)),
+    }
+    hlo = step.lower(built["state"], built["frozen"], built["rng"], batch).compile().as_text()
+  assert mesh.size == 8 and " all-reduce(" in hlo  # data parallel: the step communicates
+  assert " conditional(" not in hlo and not nested_collectives(hlo), nested_collectives(hlo)

@@ -35,11 +35,21 @@ def false_negative_mask(group: jax.Array | None, n: int) -> jax.Array | None:
   return same & ~jnp.eye(n, dtype=bool)
 
 
+def diagonal(x: jax.Array) -> jax.Array:
+  """x[i, i] of a square matrix, as an element-wise select and a row sum (exact: the rest are 0).
+
+  Not ``jnp.diagonal``: over a batch-sharded matrix its gradient is a scatter inside a
+  ``conditional`` whose all-gathers XLA:CPU may run beside the step's top-level collectives, and
+  with as many busy threads as devices that deadlocks (a 40 s rendezvous timeout, then abort).
+  """
+  return jnp.sum(jnp.where(jnp.eye(x.shape[0], dtype=bool), x, 0.0), axis=-1)
+
+
 def _row_infonce(logits: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
   """Per-row -log softmax(logits)[i, i] with masked columns removed, and row accuracy."""
   if mask is not None:
     logits = jnp.where(mask, -jnp.inf, logits)
-  diag = jnp.diagonal(logits)
+  diag = diagonal(logits)
   nll = jax.nn.logsumexp(logits, axis=-1) - diag
   acc = (jnp.argmax(logits, axis=-1) == jnp.arange(logits.shape[0])).astype(jnp.float32)
   return nll, acc
@@ -113,7 +123,7 @@ def gen_real_infonce(
   if symmetric:
     nll_t, _ = _nce_rows(logits.T, sim.T, None if mask is None else mask.T, neg_beta)
     loss = 0.5 * (loss + jnp.mean(nll_t))
-  return loss, {"pair_acc": jnp.mean(acc), "pos_cos": jnp.mean(jnp.diagonal(sim))}
+  return loss, {"pair_acc": jnp.mean(acc), "pos_cos": jnp.mean(diagonal(sim))}
 
 
 def clip_loss(
