@@ -108,6 +108,26 @@ def shared():
 GCS_BUCKET = "test-bucket"
 
 
+@pytest.fixture
+def fit_devices(monkeypatch) -> list[set]:
+  """The devices of every model ``training.fit.fit_arrays`` trains during the test, in order (one
+  set per call): small models should train on one device, not replicated over a mesh."""
+  import jax
+  from flax import nnx
+
+  from gmail_jax.training import fit as fit_lib
+
+  seen: list[set] = []
+  fit = fit_lib.fit_arrays
+
+  def spy(model, *args, **kwargs):
+    seen.append({d for x in jax.tree.leaves(nnx.state(model)) for d in x.devices()})
+    return fit(model, *args, **kwargs)
+
+  monkeypatch.setattr(fit_lib, "fit_arrays", spy)
+  return seen
+
+
 @pytest.fixture(scope="session")
 def gcs():
   """A local Cloud Storage server (tests/gcs_emulator.py) on 127.0.0.1, and this process's and its

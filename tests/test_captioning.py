@@ -182,15 +182,10 @@ def color_encoder(dim: int = 8) -> dict:
   return {"images": images, "texts": texts}
 
 
-def devices(model: nnx.Module) -> set:
-  return {d for x in jax.tree.leaves(nnx.state(model)) for d in x.devices()}
-
-
 @pytest.mark.slow
-def test_captioning_evaluator_clipcap_and_decap_caption_a_known_encoder(tmp_path, monkeypatch):
+def test_captioning_evaluator_clipcap_and_decap_caption_a_known_encoder(tmp_path, fit_devices):
   from gmail_jax.captioning import evaluator as captioning
   from gmail_jax.evaluators import common
-  from gmail_jax.training import fit as fit_lib
 
   write_color_folders(tmp_path / "train", 10, 0)
   write_color_folders(tmp_path / "test", 3, 1)
@@ -216,15 +211,11 @@ def test_captioning_evaluator_clipcap_and_decap_caption_a_known_encoder(tmp_path
     }
   )
   enc = color_encoder()
-  trained_on = []  # the devices of each captioner fit_arrays trains
-  fit = fit_lib.fit_arrays
-  spy = lambda model, *a, **k: trained_on.append(devices(model)) or fit(model, *a, **k)
-  monkeypatch.setattr(fit_lib, "fit_arrays", spy)
   # As evaluation runs its evaluators: under the run's mesh (8 devices); the captioner still
   # trains on one device, not replicated 8 times.
   with jax.set_mesh(jax.make_mesh((jax.device_count(),), ("data",))):
     clip = evs[0].caption(enc)
-  assert jax.device_count() == 8 and trained_on == [{jax.devices()[0]}]
+  assert jax.device_count() == 8 and fit_devices == [{jax.devices()[0]}]
   assert len(clip.candidates) == 9 and clip.metrics["CIDEr"] > 1.0
   assert all(CLASSES[0] in c for k, c in clip.candidates.items() if k.startswith("red"))
   assert clip.metrics["class_named"] == 1.0

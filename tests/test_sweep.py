@@ -313,15 +313,7 @@ def test_task_vs_gap_figure_fits_the_means_and_labels_retrieval(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_sweep_smoke_writes_rows_and_r2(tmp_path, monkeypatch):
-  from test_captioning import devices
-
-  from gmail_jax.training import fit as fit_lib
-
-  trained_on = []  # the teacher's pretraining, then the seed's DeCap decoder
-  fit = fit_lib.fit_arrays
-  spy = lambda model, *a, **k: trained_on.append(devices(model)) or fit(model, *a, **k)
-  monkeypatch.setattr(fit_lib, "fit_arrays", spy)
+def test_sweep_smoke_writes_rows_and_r2(tmp_path, fit_devices):
   table = sweep.run_sweep(
     "configs/tpc_cma.py",
     [0.0, 1.0],
@@ -331,8 +323,9 @@ def test_sweep_smoke_writes_rows_and_r2(tmp_path, monkeypatch):
     seeds=[0],
     decap_steps=40,
   )
-  # Small models on one device, not replicated over the 8 of the runs' mesh.
-  assert jax.device_count() == 8 and trained_on == [{jax.devices()[0]}] * 2
+  # The teacher's pretraining, then the seed's DeCap decoder: each on one device, not replicated
+  # over the 8 of the runs' mesh.
+  assert jax.device_count() == 8 and fit_devices == [{jax.devices()[0]}] * 2
   saved = json.loads((tmp_path / "sweep.json").read_text())
   for gk, by_task in table["r2"].items():
     assert saved["r2"][gk] == pytest.approx(by_task, nan_ok=True)
