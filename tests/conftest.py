@@ -8,14 +8,24 @@ test is marked ``optional_extra`` (it needs an extra that the test environment d
 import os
 
 # The suite is compile-bound: about half of an in-process test's time is XLA compiling small
-# programs that then run for milliseconds. LLVM at -O0 compiles them a third faster (four of the
-# heaviest modules: 136 -> 90 s of backend compile); the few execution-heavy tests run slower, and
-# the whole suite (`pytest -q -n 2`, 2 cores) took 13:48 against 16:04 and 14:46 with XLA's default
-# in the runs just before and after. Element-wise code may round differently in the last bit
-# (configs/tiny.py, 8 steps: losses within 2.4e-7 of -O2's); dots run in YNNPACK/Eigen either way.
-# So that runs compared with each other match bit for bit, the test processes and every process a
-# test starts use the same flags: ``xla_flags``.
-XLA_TEST_FLAGS = "--xla_backend_optimization_level=0"
+# programs that then run for milliseconds. So its processes compile for compile time:
+# - LLVM at -O0: four of the heaviest modules' backend compile 136 -> 90 s; the whole suite
+#   (`pytest -q -n 2`, 2 cores) 13:48 against 16:04 and 14:46 with XLA's default -O2 in the runs
+#   just before and after.
+# - XLA:CPU's older LLVM IR emitters for loop and reduction fusions, not the MLIR fusion emitters
+#   (`xla_cpu_use_fusion_emitters=false`), and one LLVM module per program, not split for parallel
+#   codegen (`xla_cpu_parallel_codegen_split_count=1`; the split buys nothing when both cores are
+#   busy with two workers): five in-process modules (train step, resume, teacher cache, TPC-CMA,
+#   towers) 185 -> 134 CPU-s at -O0, the quickstart UNet's step compiles 5.7 -> 4.3 s and runs
+#   0.117 -> 0.103 s.
+# Element-wise code may round differently in the last bit (configs/tiny.py, 8 steps: losses within
+# 2.4e-7 of -O2's); dots run in YNNPACK/Eigen either way. So that runs compared with each other
+# match bit for bit, the test processes and every process a test starts use the same flags:
+# ``xla_flags``.
+XLA_TEST_FLAGS = (
+  "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+  " --xla_cpu_parallel_codegen_split_count=1"
+)
 
 
 def xla_flags(devices: int) -> str:
