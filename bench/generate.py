@@ -4,6 +4,7 @@
   python -m bench.generate --gpu                      # GPU: SD 2.1 base, or its shapes (see below)
   python -m bench.generate --gpu --model=/path/to/stable-diffusion-2-1-base
   python -m bench.generate --backend=jax              # one backend: jax | diffusers
+  python -m bench.generate --backend=jax --model=DIR  # no torch needed (a TPU VM, say)
   python -m bench.generate --gpu --batch_sizes=4 --dtypes=bfloat16 --attention=sdpa --no_compile
                                                       # GPU, one row per backend (bench.accelerator)
 
@@ -27,6 +28,7 @@ pool oversubscribes the cores (tiny pipeline on 2 loaded cores: 0.5-1.7 images/s
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import pathlib
 import sys
@@ -75,6 +77,15 @@ def pipeline_dir(shapes: str, workdir: str) -> pathlib.Path:
   from gmail_jax.generation import diffusers_backend
 
   return diffusers_backend.ensure_random_pipeline(pathlib.Path(workdir) / shapes, shapes, 0)
+
+
+def device_name(torch, gpu: bool) -> str:
+  """The accelerator's name (torch's CUDA device, else JAX's first device), or the CPU's threads."""
+  if torch is None:
+    import jax
+
+    return jax.devices()[0].device_kind
+  return torch.cuda.get_device_name() if gpu else f"cpu x{torch.get_num_threads()} threads"
 
 
 def jax_version() -> str:
@@ -162,10 +173,12 @@ def main(argv=None) -> None:
   p.add_argument("--attention", default="sdpa,classic", help="GPU diffusers rows: sdpa,classic")
   a = p.parse_args(argv)
 
-  import torch
-
+  backends = [b.strip() for b in a.backend.split(",") if b.strip()]
+  # torch only for the diffusers rows: the JAX backend alone (a TPU host, say) runs without it
+  # when --model names a folder (a random pipeline is written with diffusers, hence torch).
+  torch = importlib.import_module("torch") if "diffusers" in backends or not a.model else None
   gpu = a.gpu
-  if gpu and not torch.cuda.is_available():
+  if gpu and torch is not None and not torch.cuda.is_available():
     raise SystemExit("--gpu: no CUDA device visible to torch")
   steps = a.steps or (50 if gpu else 10)
   resolution = a.resolution or (512 if gpu else 32)
@@ -174,11 +187,10 @@ def main(argv=None) -> None:
   model = a.model or (cached_sd21() if gpu else None)
   shapes = "sd21" if gpu else "tiny"
   device = "cuda" if gpu else "cpu"
-  sync = torch.cuda.synchronize if gpu else (lambda: None)
+  sync = torch.cuda.synchronize if gpu and torch is not None else (lambda: None)
   dtypes = [d for d in a.dtypes.split(",") if d] or ["bfloat16", "float16"]
   attentions = [x for x in a.attention.split(",") if x]
   rows = []
-  backends = [b.strip() for b in a.backend.split(",") if b.strip()]
   with tempfile.TemporaryDirectory() as tmp:
     if "jax" in backends:
       path = model or str(pipeline_dir(shapes, tmp))
@@ -232,11 +244,11 @@ def main(argv=None) -> None:
   common.emit(
     {
       "bench": "generate",
-      "device": torch.cuda.get_device_name() if gpu else f"cpu x{torch.get_num_threads()} threads",
+      "device": device_name(torch, gpu),
       "pipeline": model or f"random ({shapes} shapes)",
       "steps": steps,
       "resolution": resolution,
-      "torch": torch.__version__,
+      "torch": torch.__version__ if torch is not None else None,
       "jax": jax_version(),
       "load_average": common.load_average(),
       "cpu_count": common.cpu_count(),

@@ -5,6 +5,7 @@ half), which also compares a whole run with the diffusers backend's.
 
 The tiny pipeline is diffusers' (built offline once per session); the JAX side loads its folder."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -149,3 +150,24 @@ def test_jax_backend_generates_into_a_bucket(gcs_dir, tmp_path, monkeypatch):
   assert (pipeline / "model_index.json").is_file()
   res = _generate(gcs_dir, *flags)  # a rerun finds every chunk done in the bucket
   assert res.returncode == 0 and "0 images to go" in res.stdout, res.stderr[-2000:]
+
+
+def test_generation_bench_runs_the_jax_backend_without_torch(tiny):
+  """``python -m bench.generate --backend=jax --model=DIR`` on a host without torch (a TPU VM):
+  torch made unimportable, it times the JAX sampler and reports no torch."""
+  code = "import sys; sys.modules['torch'] = None; from bench import generate; "
+  code += "generate.main(sys.argv[1:])"
+  flags = [f"--model={tiny}", "--backend=jax", "--batch_sizes=1", "--steps=2", "--repeats=1"]
+  proc = subprocess.run(
+    [sys.executable, "-c", code, *flags],
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["torch"] is None and out["device"] == "cpu"
+  (row,) = out["results"]
+  assert row["backend"] == "jax" and row["images_per_s"] > 0
