@@ -77,8 +77,10 @@ def test_smoke_writes_every_part_with_versions_and_sane_numbers(smoke):
   for name in jax_parts + ("gen_jax", "input_pipeline"):
     v = recs[name]["versions"]
     assert v["jax"] and v["jaxlib"] and v["device_kind"] == "cpu", (name, v)
-  for name in ("peer_eager", "peer_compile", "gen_diffusers", "gen_jax", "gen_prep"):
+  for name in ("peer_eager", "peer_compile", "gen_diffusers", "gen_prep"):
     assert recs[name]["versions"]["torch"], name
+  # The JAX backend on gen_prep's folder needs no torch (bench.generate), so it reports none.
+  assert "torch" not in recs["gen_jax"]["versions"], recs["gen_jax"]["versions"]
   for name in ("peer_eager", "peer_compile"):
     assert recs[name]["versions"]["transformers"] and recs[name]["versions"]["peft"], name
   for name in ("gen_prep", "gen_diffusers"):
