@@ -34,6 +34,7 @@ import pathlib
 import sys
 import tempfile
 import time
+import types
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -79,7 +80,7 @@ def pipeline_dir(shapes: str, workdir: str) -> pathlib.Path:
   return diffusers_backend.ensure_random_pipeline(pathlib.Path(workdir) / shapes, shapes, 0)
 
 
-def device_name(torch, gpu: bool) -> str:
+def device_name(torch: types.ModuleType | None, gpu: bool) -> str:
   """The accelerator's name (torch's CUDA device, else JAX's first device), or the CPU's threads."""
   if torch is None:
     import jax
