@@ -89,10 +89,16 @@ def device_name(torch: types.ModuleType | None, gpu: bool) -> str:
   return torch.cuda.get_device_name() if gpu else f"cpu x{torch.get_num_threads()} threads"
 
 
+def jax_backend_name() -> str:
+  import jax
+
+  return jax.default_backend()
+
+
 def jax_version() -> str:
   import jax
 
-  return f"{jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices)"
+  return f"{jax.__version__} ({jax_backend_name()}, {jax.device_count()} devices)"
 
 
 def measure_jax(path: str, dtype: str, *, batch: int, steps: int, resolution: int, repeats: int):
@@ -181,6 +187,8 @@ def main(argv=None) -> None:
   gpu = a.gpu
   if gpu and torch is not None and not torch.cuda.is_available():
     raise SystemExit("--gpu: no CUDA device visible to torch")
+  if gpu and torch is None and jax_backend_name() != "gpu":  # not 512 px, 50 steps on a CPU
+    raise SystemExit("--gpu: no GPU visible to JAX")
   steps = a.steps or (50 if gpu else 10)
   resolution = a.resolution or (512 if gpu else 32)
   default_bs = "1,4,8,16" if gpu else "1,4,16"

@@ -158,14 +158,18 @@ def test_generation_bench_runs_the_jax_backend_without_torch(tiny):
   code = "import sys; sys.modules['torch'] = None; from bench import generate; "
   code += "generate.main(sys.argv[1:])"
   flags = [f"--model={tiny}", "--backend=jax", "--batch_sizes=1", "--steps=2", "--repeats=1"]
-  proc = subprocess.run(
-    [sys.executable, "-c", code, *flags],
+  run = lambda *extra: subprocess.run(
+    [sys.executable, "-c", code, *flags, *extra],
     cwd=ROOT,
     env=_env(),
     capture_output=True,
     text=True,
     timeout=300,
   )
+  # --gpu with JAX on the CPU is refused, not timed at 512 px and 50 steps there.
+  refused = run("--gpu")
+  assert refused.returncode == 1 and "--gpu: no GPU visible to JAX" in refused.stderr
+  proc = run()
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["torch"] is None and out["device"] == "cpu"
