@@ -73,6 +73,21 @@ def time_windows(
   return Timing(out)
 
 
+def best_call_seconds(
+  run: Callable[[], Any], sync: Callable[[Any], Any], *, window_s: float, repeats: int
+) -> float:
+  """Best seconds per call of ``run`` over ``repeats`` windows of about ``window_s`` each.
+
+  Warms ``run`` up, times one call to size the windows (enough calls that dispatch is negligible),
+  then returns ``time_windows(...).best``: on a shared machine the least-disturbed window.
+  """
+  sync(run())
+  t0 = time.perf_counter()
+  sync(run())
+  iters = max(1, int(window_s / max(time.perf_counter() - t0, 1e-6)))
+  return time_windows(run, sync, iters=iters, repeats=repeats).best
+
+
 # ---------------------------------------------------------------------------------------------
 # Analytic FLOPs (multiply-add = 2 FLOPs) of the CLIP ViT image tower and the GMAIL step.
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ Prints JSON: {"jax": {"float32": {"peak_flops": ..., "by_size": {...}}, ...}, "t
 from __future__ import annotations
 
 import argparse
-import time
 
 from bench import common
 
@@ -29,17 +28,10 @@ def jax_matmul_peak(
     ka, kb = jax.random.split(jax.random.key(n))
     a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
-    f(a, b).block_until_ready()
-    # Enough calls per window that dispatch is negligible (~0.2 s windows).
-    flops = 2.0 * n**3
-    t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    one = time.perf_counter() - t0
-    iters = max(1, int(0.2 / max(one, 1e-6)))
-    t = common.time_windows(
-      lambda a=a, b=b: f(a, b), lambda r: r.block_until_ready(), iters=iters, repeats=repeats
+    best = common.best_call_seconds(
+      lambda a=a, b=b: f(a, b), lambda r: r.block_until_ready(), window_s=0.2, repeats=repeats
     )
-    by_size[str(n)] = flops / t.best
+    by_size[str(n)] = 2.0 * n**3 / best
   return {"peak_flops": max(by_size.values()), "by_size": by_size, "device": str(jax.devices()[0])}
 
 
@@ -55,15 +47,10 @@ def torch_matmul_peak(
     g = torch.Generator().manual_seed(n)
     a = torch.randn(n, n, generator=g).to(tdtype)
     b = torch.randn(n, n, generator=g).to(tdtype)
-    torch.mm(a, b)
-    t0 = time.perf_counter()
-    torch.mm(a, b)
-    one = time.perf_counter() - t0
-    iters = max(1, int(0.2 / max(one, 1e-6)))
-    t = common.time_windows(
-      lambda a=a, b=b: torch.mm(a, b), lambda r: r, iters=iters, repeats=repeats
+    best = common.best_call_seconds(
+      lambda a=a, b=b: torch.mm(a, b), lambda r: r, window_s=0.2, repeats=repeats
     )
-    by_size[str(n)] = 2.0 * n**3 / t.best
+    by_size[str(n)] = 2.0 * n**3 / best
   return {
     "peak_flops": max(by_size.values()),
     "by_size": by_size,

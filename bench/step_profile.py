@@ -18,6 +18,10 @@ side by side on its threads, so the step's wall time is split by what was runnin
 
 ``matmul_ideal_ms`` is the step's dot FLOPs at ``--peak`` (or the measured n x n matmul peak):
 what the step would take if it were nothing but dots at that rate (``mfu``: ideal / step).
+``dot_floor_ms``: every dot of the compiled step timed on its own (same shapes and dimension
+numbers, a jitted ``lax.dot_general`` each) and summed: the step if it were nothing but its dots,
+each as fast as it runs alone; ``dot_floor_mfu`` (ideal / floor) is the MFU of a step that ran
+these dots one after another at that speed and nothing else; ``dots_alone`` lists the 12 dearest.
 ``matmuls`` groups dots by shape (calls per step, ms per step, median rate); ``other_ops``: the
 12 other op kinds (the HLO name without its number) with the most op time per step. Ops side by
 side each count their own time, so these sums can exceed the wall time. Prints one JSON object;
@@ -30,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import gzip
 import json
+import math
 import os
 import pathlib
 import re
@@ -44,6 +50,8 @@ _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+)\[([\d,]*)\]\S*\s+
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_DOT_DIMS = re.compile(r"([lr]hs_(?:batch|contracting)_dims)=\{([\d,]*)\}")
+_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
 _SPANS = ("matmul_alone", "matmul_overlap", "other_only", "idle")
 
 
@@ -91,6 +99,108 @@ def matmul_flops(hlo_text: str) -> dict[str, float]:
     if per_computation[called]:
       flops[name] = float(per_computation[called])
   return flops
+
+
+@dataclasses.dataclass(frozen=True)
+class Dot:
+  """One dot of an HLO module: operand shapes and dtypes, dimension numbers, result dtype."""
+
+  lhs: tuple[int, ...]
+  rhs: tuple[int, ...]
+  lhs_dtype: str
+  rhs_dtype: str
+  out_dtype: str
+  lhs_contracting: tuple[int, ...]
+  rhs_contracting: tuple[int, ...]
+  lhs_batch: tuple[int, ...] = ()
+  rhs_batch: tuple[int, ...] = ()
+
+  @property
+  def flops(self) -> float:
+    k = math.prod(self.lhs[d] for d in self.lhs_contracting)
+    out = math.prod(self.lhs) * math.prod(self.rhs) // k // k
+    out //= max(1, math.prod(self.lhs[d] for d in self.lhs_batch))
+    return 2.0 * out * k
+
+
+def _operands(rest: str) -> list[str]:
+  inner = rest[: rest.index(")")]
+  if "%" in inner:
+    return re.findall(r"%([\w.\-]+)", inner)
+  return [t.strip() for t in inner.split(",")]
+
+
+def hlo_dots(hlo_text: str) -> collections.Counter[Dot]:
+  """Every dot of an HLO module's text (bare or inside a fusion's computation), with how many
+  times one run of the module executes it (a fused dot: once per fusion calling it; a dot inside a
+  loop body counts once, so loops over microbatches are undercounted)."""
+  shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+  found: list[tuple[str, Dot]] = []  # (computation, dot)
+  callers: collections.Counter[str] = collections.Counter()
+  computation = ""
+  for line in hlo_text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      computation = m.group(1)
+      continue
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    name, dtype, dims, op, rest = m.groups()
+    shapes[name] = (tuple(_dims(dims)), dtype)
+    if op == "fusion" and (c := _CALLS.search(rest)):
+      callers[c.group(1)] += 1
+    elif op == "dot":
+      lhs, rhs = _operands(rest)[:2]
+      numbers = {k: tuple(_dims(v)) for k, v in _DOT_DIMS.findall(rest)}
+      found.append((computation, (lhs, rhs, dtype, numbers)))
+  dots: collections.Counter[Dot] = collections.Counter()
+  for computation, (lhs, rhs, dtype, numbers) in found:
+    dot = Dot(
+      lhs=shapes[lhs][0],
+      rhs=shapes[rhs][0],
+      lhs_dtype=shapes[lhs][1],
+      rhs_dtype=shapes[rhs][1],
+      out_dtype=dtype,
+      lhs_contracting=numbers.get("lhs_contracting_dims", ()),
+      rhs_contracting=numbers.get("rhs_contracting_dims", ()),
+      lhs_batch=numbers.get("lhs_batch_dims", ()),
+      rhs_batch=numbers.get("rhs_batch_dims", ()),
+    )
+    dots[dot] += callers.get(computation, 1)
+  return dots
+
+
+def dot_floor(dots: collections.Counter[Dot], window_s: float = 0.05, repeats: int = 3) -> dict:
+  """Times each distinct dot on its own (a jitted ``lax.dot_general`` of its shapes and dimension
+  numbers on random operands, best of ``repeats`` windows) and sums them by their counts: what a
+  step made of nothing but its dots, each as fast as it runs alone, would take."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from bench import common
+
+  rng = np.random.default_rng(0)
+  rows = []
+  for dot, count in dots.items():
+    lhs = jnp.asarray(rng.standard_normal(dot.lhs, np.float32), _DTYPES[dot.lhs_dtype])
+    rhs = jnp.asarray(rng.standard_normal(dot.rhs, np.float32), _DTYPES[dot.rhs_dtype])
+    numbers = ((dot.lhs_contracting, dot.rhs_contracting), (dot.lhs_batch, dot.rhs_batch))
+    f = jax.jit(
+      lambda a, b, n=numbers, t=_DTYPES[dot.out_dtype]: jax.lax.dot_general(
+        a, b, n, preferred_element_type=t
+      )
+    )
+    best = common.best_call_seconds(
+      lambda f=f, lhs=lhs, rhs=rhs: f(lhs, rhs),
+      lambda r: r.block_until_ready(),
+      window_s=window_s,
+      repeats=repeats,
+    )
+    rows.append({"gflop": dot.flops / 1e9, "count": count, "ms_alone": best * 1e3})
+  rows.sort(key=lambda r: -r["count"] * r["ms_alone"])
+  return {"dot_floor_ms": sum(r["count"] * r["ms_alone"] for r in rows), "dots_alone": rows}
 
 
 def trace_events(trace_dir: str | os.PathLike) -> list[dict]:
@@ -205,6 +315,10 @@ def main(argv=None) -> None:
     "trace_dir": args.trace or None,
     **breakdown(events, matmul_flops(hlo), hlo_instructions(hlo), args.iters, peak),
   }
+  floor = dot_floor(hlo_dots(hlo))
+  result["dot_floor_ms"] = floor["dot_floor_ms"]
+  result["dot_floor_mfu"] = result["matmul_ideal_ms"] / floor["dot_floor_ms"]
+  result["dots_alone"] = floor["dots_alone"][:12]
   common.emit(result)
 
 

@@ -1,5 +1,6 @@
 """bench/step_profile.py: a real jax.profiler trace of a compiled program, joined with its HLO."""
 
+import collections
 import subprocess
 import sys
 
@@ -53,6 +54,16 @@ def test_breakdown_finds_each_matmul_with_its_flops_and_accounts_for_the_wall_ti
     step_profile.hlo_instructions(hlo),
     STEPS,
     1e11,
+  )
+  dots = step_profile.hlo_dots(hlo)
+  assert sum(n * dot.flops for dot, n in dots.items()) == sum(flops.values())
+  floor = step_profile.dot_floor(dots, window_s=0.01, repeats=1)
+  assert sorted((r["gflop"], r["count"]) for r in floor["dots_alone"]) == sorted(
+    (f / 1e9, 1) for f in flops.values()
+  )
+  assert all(r["ms_alone"] > 0 for r in floor["dots_alone"])
+  np.testing.assert_allclose(
+    floor["dot_floor_ms"], sum(r["ms_alone"] for r in floor["dots_alone"]), rtol=1e-12
   )
   calls = sorted((r["gflop"], r["calls_per_step"]) for r in got["matmuls"])
   assert calls == sorted((f / 1e9, 1.0) for f in flops.values())
@@ -113,3 +124,35 @@ def test_wall_time_is_split_by_what_ran_at_each_instant():
     (2e-3, 0.5, ms(10)),
   ]
   assert got["other_ops"] == {"B": ms(10), "C": ms(5)}
+
+
+def test_each_dot_is_read_with_its_shapes_dimension_numbers_and_how_often_it_runs():
+  """A fused computation called by two fusions runs twice; a bare batched dot once."""
+  hlo = """
+%fused_computation (p0: f32[8,4], p1: f32[4,2]) -> f32[2,8] {
+  %p0 = f32[8,4]{1,0} parameter(0)
+  %p1 = f32[4,2]{1,0} parameter(1)
+  ROOT %dot.2 = f32[2,8]{1,0} dot(%p1, %p0), lhs_contracting_dims={0}, rhs_contracting_dims={1}
+}
+
+ENTRY %main (a: f32[8,4], b: f32[4,2], c: bf16[3,8,5]) -> f32[3,8,8] {
+  %a = f32[8,4]{1,0} parameter(0)
+  %b = f32[4,2]{1,0} parameter(1)
+  %c = bf16[3,8,5]{2,1,0} parameter(2)
+  %ynn_fusion.3 = f32[2,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation
+  %ynn_fusion.4 = f32[2,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation
+  ROOT %dot.1 = f32[3,8,8]{2,1,0} dot(%c, %c), lhs_batch_dims={0}, lhs_contracting_dims={2}, \
+rhs_batch_dims={0}, rhs_contracting_dims={2}
+}
+"""
+  Dot = step_profile.Dot
+  transposed = Dot((4, 2), (8, 4), "f32", "f32", "f32", (0,), (1,))
+  batched = Dot((3, 8, 5), (3, 8, 5), "bf16", "bf16", "f32", (2,), (2,), (0,), (0,))
+  assert step_profile.hlo_dots(hlo) == collections.Counter({transposed: 2, batched: 1})
+  assert (transposed.flops, batched.flops) == (2.0 * 2 * 8 * 4, 2.0 * 3 * 8 * 8 * 5)
+  assert sum(step_profile.matmul_flops(hlo).values()) == 2 * transposed.flops + batched.flops
+  floor = step_profile.dot_floor(step_profile.hlo_dots(hlo), window_s=0.001, repeats=1)
+  assert sorted((r["gflop"], r["count"]) for r in floor["dots_alone"]) == [
+    (transposed.flops / 1e9, 2),
+    (batched.flops / 1e9, 1),
+  ]
