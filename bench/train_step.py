@@ -39,6 +39,10 @@ XLA:CPU notes (jax 0.10.2, jax.profiler traces of the B/32 step, batch 16; s/ste
     barriers (removed by XLA:CPU) and the scheduler/fusion flags changed nothing beyond noise.
   * a stride-p convolution for the patch embedding ran as a YNNPACK fusion at ~13 GFLOP/s;
     models/clip.py patchifies and runs one matmul.
+  * +1-2 % pairs/s (jax 0.10.x, AMD): the LoRA A-gradient stays the row-major [r, in] product
+    (an optimization barrier; folded, XLA made x the dot's transposed lhs, ~8x slower alone).
+    ``bench.step_profile``'s dot floor: the step's dots alone would reach MFU 0.93; the rest is
+    element-wise work and dots slowed by what runs beside them (README, CPU MFU).
 Input pipeline (``--pipeline``, default ``train``; ``none`` skips it): this config's input pipeline
 (its ``data``, the variant's ``image_size``, the step's batch, CLIP tokenizer) over coco-mini
 prepared by ``gmail_jax.data.prepare`` per listed store (``train``: the crops, ``resized``: 256 px
