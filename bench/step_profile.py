@@ -48,7 +48,6 @@ import tempfile
 # `%name = f32[800,768]{1,0} op(...)`; XLA prints the leading % in some versions only.
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+)\[([\d,]*)\]\S*\s+([\w\-]+)\((.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
-_CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _DOT_DIMS = re.compile(r"([lr]hs_(?:batch|contracting)_dims)=\{([\d,]*)\}")
 _DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
@@ -59,42 +58,46 @@ def _dims(text: str) -> list[int]:
   return [int(d) for d in text.split(",") if d]
 
 
+def _instructions(hlo_text: str):
+  """(computation, name, dtype, dims, op, rest) of every instruction line of an HLO module."""
+  computation = ""
+  for line in hlo_text.splitlines():
+    if m := _COMPUTATION.match(line):
+      computation = m.group(1)
+    elif m := _INSTR.match(line):
+      name, dtype, dims, op, rest = m.groups()
+      yield computation, name, dtype, tuple(_dims(dims)), op, rest
+
+
+def _operands(rest: str) -> list[str]:
+  inner = rest[: rest.index(")")]
+  if "%" in inner:
+    return re.findall(r"%([\w.\-]+)", inner)
+  return [t.strip() for t in inner.split(",")]
+
+
 def matmul_flops(hlo_text: str) -> dict[str, float]:
   """FLOPs of every op of an HLO module's text that computes a dot: a bare ``dot`` (2 x output
   elements x contracted size) or a fusion whose computation contains dots."""
-  shapes: dict[str, list[int]] = {}
-  dots: list[tuple[str, str, list[int], str]] = []  # (computation, name, output dims, rest)
+  shapes: dict[str, tuple[int, ...]] = {}
+  dots: list[tuple[str, str, tuple[int, ...], str]] = []  # (computation, name, output dims, rest)
   fusions: list[tuple[str, str]] = []  # (fusion name, called computation)
-  computation = ""
-  for line in hlo_text.splitlines():
-    m = _COMPUTATION.match(line)
-    if m:
-      computation = m.group(1)
-      continue
-    m = _INSTR.match(line)
-    if not m:
-      continue
-    name, _, dims, op, rest = m.groups()
-    shapes[name] = _dims(dims)
+  for computation, name, _, dims, op, rest in _instructions(hlo_text):
+    shapes[name] = dims
     if op == "dot":
-      dots.append((computation, name, _dims(dims), rest))
+      dots.append((computation, name, dims, rest))
     elif op == "fusion" and (c := _CALLS.search(rest)):
       fusions.append((name, c.group(1)))
   per_computation: collections.Counter[str] = collections.Counter()
   flops: dict[str, float] = {}
   fused = {called for _, called in fusions}
   for computation, name, out, rest in dots:
-    lhs = rest.split(",", 1)[0].strip().lstrip("%")
-    contracting = _CONTRACTING.search(rest)
-    k = 1
-    for d in _dims(contracting.group(1)) if contracting else []:
-      k *= shapes[lhs][d]
-    n = 1
-    for d in out:
-      n *= d
-    per_computation[computation] += 2.0 * n * k
+    lhs = _operands(rest)[0]
+    contracting = dict(_DOT_DIMS.findall(rest)).get("lhs_contracting_dims", "")
+    k = math.prod(shapes[lhs][d] for d in _dims(contracting))
+    per_computation[computation] += 2.0 * math.prod(out) * k
     if computation not in fused:  # a dot of its own, not one inside a fusion's computation
-      flops[name] = 2.0 * n * k
+      flops[name] = 2.0 * math.prod(out) * k
   for name, called in fusions:
     if per_computation[called]:
       flops[name] = float(per_computation[called])
@@ -119,15 +122,8 @@ class Dot:
   def flops(self) -> float:
     k = math.prod(self.lhs[d] for d in self.lhs_contracting)
     out = math.prod(self.lhs) * math.prod(self.rhs) // k // k
-    out //= max(1, math.prod(self.lhs[d] for d in self.lhs_batch))
+    out //= math.prod(self.lhs[d] for d in self.lhs_batch)
     return 2.0 * out * k
-
-
-def _operands(rest: str) -> list[str]:
-  inner = rest[: rest.index(")")]
-  if "%" in inner:
-    return re.findall(r"%([\w.\-]+)", inner)
-  return [t.strip() for t in inner.split(",")]
 
 
 def hlo_dots(hlo_text: str) -> collections.Counter[Dot]:
@@ -135,27 +131,18 @@ def hlo_dots(hlo_text: str) -> collections.Counter[Dot]:
   times one run of the module executes it (a fused dot: once per fusion calling it; a dot inside a
   loop body counts once, so loops over microbatches are undercounted)."""
   shapes: dict[str, tuple[tuple[int, ...], str]] = {}
-  found: list[tuple[str, Dot]] = []  # (computation, dot)
+  found: list[tuple[str, str, str, str, dict]] = []  # (computation, lhs, rhs, dtype, dim numbers)
   callers: collections.Counter[str] = collections.Counter()
-  computation = ""
-  for line in hlo_text.splitlines():
-    m = _COMPUTATION.match(line)
-    if m:
-      computation = m.group(1)
-      continue
-    m = _INSTR.match(line)
-    if not m:
-      continue
-    name, dtype, dims, op, rest = m.groups()
-    shapes[name] = (tuple(_dims(dims)), dtype)
+  for computation, name, dtype, dims, op, rest in _instructions(hlo_text):
+    shapes[name] = (dims, dtype)
     if op == "fusion" and (c := _CALLS.search(rest)):
       callers[c.group(1)] += 1
     elif op == "dot":
       lhs, rhs = _operands(rest)[:2]
       numbers = {k: tuple(_dims(v)) for k, v in _DOT_DIMS.findall(rest)}
-      found.append((computation, (lhs, rhs, dtype, numbers)))
+      found.append((computation, lhs, rhs, dtype, numbers))
   dots: collections.Counter[Dot] = collections.Counter()
-  for computation, (lhs, rhs, dtype, numbers) in found:
+  for computation, lhs, rhs, dtype, numbers in found:
     dot = Dot(
       lhs=shapes[lhs][0],
       rhs=shapes[rhs][0],
@@ -265,7 +252,7 @@ def breakdown(
 
 def hlo_instructions(hlo_text: str) -> set[str]:
   """Names of every instruction in an HLO module's text."""
-  return {m.group(1) for line in hlo_text.splitlines() if (m := _INSTR.match(line))}
+  return {name for _, name, *_ in _instructions(hlo_text)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
